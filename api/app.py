@@ -1,0 +1,93 @@
+"""The FastAPI application: quota report, health, metrics. OpenAPI docs at ``/docs``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
+
+from api import quota
+from api.settings import ApiSettings
+from processors.policy import PolicySet
+from processors.usage_store import UsageStore
+from processors.worker import redis_client
+
+_HEALTH_TIMEOUT_S = 2.0
+
+
+def create_app(settings: ApiSettings, policies: PolicySet, *, store: UsageStore | None = None) -> FastAPI:
+    """Build the app. ``store`` is the open ClickHouse store when this process may read it.
+
+    An embedded (chDB) store can be open in one process only; when the sink runs elsewhere the API
+    is given no store and reports ClickHouse as not checked.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.redis = redis_client(settings.redis_url, settings.redis_timeout_s)
+        app.state.kafka = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+        try:
+            await app.state.kafka.start()
+        except KafkaError:
+            pass  # /healthz reports it; the quota report does not need Kafka
+        try:
+            yield
+        finally:
+            await app.state.kafka.close()
+            await app.state.redis.aclose()
+
+    app = FastAPI(
+        title="ThrottleX",
+        summary="Rate limits and usage of your API keys",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.policies = policies
+    app.state.store = store
+    app.include_router(quota.router)
+
+    @app.get("/healthz", tags=["operations"], summary="Status of each dependency")
+    async def healthz(request: Request) -> JSONResponse:
+        checks = await asyncio.gather(
+            _check_redis(request), _check_kafka(request), _check_clickhouse(request)
+        )
+        report = dict(zip(("redis", "kafka", "clickhouse"), checks, strict=True))
+        healthy = all(status in ("ok", "not checked") for status in report.values())
+        return JSONResponse({"status": "ok" if healthy else "degraded", "dependencies": report}, 200 if healthy else 503)
+
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+async def _check_redis(request: Request) -> str:
+    try:
+        await asyncio.wait_for(request.app.state.redis.ping(), _HEALTH_TIMEOUT_S)
+        return "ok"
+    except (RedisError, OSError, TimeoutError) as exc:
+        return f"error: {type(exc).__name__}"
+
+
+async def _check_kafka(request: Request) -> str:
+    try:
+        await asyncio.wait_for(request.app.state.kafka.describe_cluster(), _HEALTH_TIMEOUT_S)
+        return "ok"
+    except (KafkaError, OSError, TimeoutError) as exc:
+        return f"error: {type(exc).__name__}"
+
+
+async def _check_clickhouse(request: Request) -> str:
+    store: UsageStore | None = request.app.state.store
+    if store is None:
+        return "not checked"
+    return "ok" if await store.ping() else "error: query failed"

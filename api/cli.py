@@ -1,0 +1,182 @@
+"""The `throttlex` command line. Configuration comes from ``THROTTLEX_*`` environment variables
+(see the README); options here override the most common ones."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import httpx
+import typer
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings
+from rich.console import Console
+
+from api.logs import configure_logging
+from api.settings import LoadgenSettings, RunSettings
+from processors.policy import PolicyFileError
+from processors.usage_store import StoreError, UsageStore
+
+cli = typer.Typer(
+    name="throttlex",
+    help="ThrottleX: distributed rate limiting and usage accounting on Kafka, Redis and ClickHouse.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+PolicyFile = Annotated[
+    Path | None, typer.Option("--policy-file", help="policy YAML (default: $THROTTLEX_POLICY_FILE or deploy/config/policies.yaml)")
+]
+ApiPort = Annotated[int | None, typer.Option("--api-port", help="HTTP API port (default: $THROTTLEX_API_PORT or 8080)")]
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"throttlex: error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def _settings(cls: type[S], **overrides: Any) -> S:
+    try:
+        return cls(**{name: value for name, value in overrides.items() if value is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        _fail(f"bad setting THROTTLEX_{str(first['loc'][0]).upper()}: {first['msg']}")
+
+
+def _run(coroutine: Coroutine[Any, Any, None]) -> None:
+    try:
+        asyncio.run(coroutine)
+    except PolicyFileError as exc:
+        _fail(f"policy file refused: {exc}")
+    except (StoreError, ValueError, RuntimeError, OSError) as exc:
+        _fail(str(exc))
+
+
+def _serve(roles: set[str], policy_file: Path | None, api_port: int | None) -> None:
+    from api.runner import run_roles
+
+    settings = _settings(RunSettings, policy_file=policy_file, api_port=api_port)
+    configure_logging(settings.log_level, role="+".join(sorted(roles)))
+    _run(run_roles(roles, settings))
+
+
+@cli.command()
+def run(policy_file: PolicyFile = None, api_port: ApiPort = None) -> None:
+    """Run worker, sink and API in one process, on the embedded ClickHouse (chDB) by default."""
+    _serve({"worker", "sink", "api"}, policy_file, api_port)
+
+
+@cli.command()
+def worker(policy_file: PolicyFile = None) -> None:
+    """Run a policy worker (Faust): consume events, publish blocks to Redis. Start one per partition group."""
+    _serve({"worker"}, policy_file, None)
+
+
+@cli.command()
+def sink() -> None:
+    """Run the usage sink: events from Kafka into ClickHouse, offsets committed after each insert."""
+    _serve({"sink"}, None, None)
+
+
+@cli.command()
+def api(policy_file: PolicyFile = None, api_port: ApiPort = None) -> None:
+    """Run the HTTP API alone (quota report, health, metrics)."""
+    _serve({"api"}, policy_file, api_port)
+
+
+@cli.command()
+def migrate() -> None:
+    """Create or upgrade the ClickHouse schema ($THROTTLEX_CLICKHOUSE_DSN); safe to run repeatedly."""
+    settings = _settings(RunSettings)
+
+    async def apply() -> None:
+        store = UsageStore(settings.clickhouse_dsn)
+        await store.open()
+        try:
+            applied = await store.migrate()
+        finally:
+            await store.close()
+        typer.echo(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
+
+    _run(apply())
+
+
+@cli.command()
+def gateway(port: Annotated[int, typer.Option(help="port of the demo gateway")] = 8090) -> None:
+    """Run the demo gateway: a small API behind the ThrottleX middleware."""
+    settings = _settings(LoadgenSettings)
+    configure_logging(settings.log_level, role="gateway")
+
+    async def serve() -> None:
+        import signal
+
+        from api.demo_gateway import create_gateway_app
+        from api.server import HttpServer
+
+        server = HttpServer(create_gateway_app(settings), "127.0.0.1", port)
+        await server.start()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await server.stop()
+
+    _run(serve())
+
+
+@cli.command()
+def loadgen(
+    duration_s: Annotated[float, typer.Option("--duration", min=1, help="seconds of traffic")] = 20,
+    calm_keys: Annotated[int, typer.Option(min=0, help="keys that stay under their limit")] = 4,
+    hot_keys: Annotated[int, typer.Option(min=0, help="keys that go over their limit")] = 2,
+    calm_rate: Annotated[float, typer.Option(min=0.1, help="requests per second per calm key")] = 2,
+    hot_rate: Annotated[float, typer.Option(min=0.1, help="requests per second per hot key")] = 20,
+    gateway_url: Annotated[str | None, typer.Option(help="drive this gateway instead of starting the demo one")] = None,
+    gateway_port: Annotated[int, typer.Option(help="port for the demo gateway started here")] = 8090,
+    api_url: Annotated[str, typer.Option(help="ThrottleX API to ask for quota reports")] = "http://127.0.0.1:8080",
+) -> None:
+    """Drive traffic through a gateway and show which keys got blocked, with a quota report."""
+    from api import loadgen as lg
+
+    settings = _settings(LoadgenSettings)
+    configure_logging("WARNING", role="loadgen")
+    console = Console()
+    keys = lg.plan_keys(secrets.token_hex(3), calm_keys, hot_keys, calm_rate, hot_rate)
+
+    async def go() -> None:
+        server = None
+        url = gateway_url
+        if url is None:
+            from api.demo_gateway import create_gateway_app
+            from api.server import HttpServer
+
+            server = HttpServer(create_gateway_app(settings), "127.0.0.1", gateway_port)
+            await server.start()
+            url = server.url
+        console.print(f"driving {len(keys)} keys through {url} for {duration_s:g}s")
+        try:
+            await lg.drive(url, keys, duration_s, console)
+        finally:
+            if server is not None:
+                await server.stop()
+        console.print(lg.traffic_table(keys))
+        for key in [k for k in keys if k.name.startswith("hot")][:1] + [k for k in keys if k.name.startswith("calm")][:1]:
+            try:
+                report = await lg.fetch_quota(api_url, key.api_key)
+            except httpx.HTTPError as exc:
+                raise RuntimeError(f"no quota report from {api_url} ({exc}); is `throttlex run` up?") from None
+            console.print(lg.quota_table(key.name, report))
+
+    _run(go())
+
+
+def main() -> None:
+    sys.exit(cli())

@@ -1,0 +1,52 @@
+"""A small API behind the ThrottleX middleware, for the demo, the load generator and tests.
+
+It shows the whole gateway integration: build an `EventProducer` and an `EdgeDenylist`, start them in
+the app's lifespan, and add `ThrottleXMiddleware` in front of the routes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from ingest.denylist import EdgeDenylist
+from ingest.middleware import ThrottleXMiddleware
+from ingest.producer import EventProducer
+from ingest.settings import GatewaySettings
+
+
+def create_gateway_app(settings: GatewaySettings) -> FastAPI:
+    producer = EventProducer(settings.kafka_bootstrap, settings.events_topic, linger_ms=settings.producer_linger_ms)
+    denylist = EdgeDenylist(settings.redis_url, settings.redis_prefix)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await producer.start()
+        await denylist.start()
+        try:
+            yield
+        finally:
+            await denylist.stop()
+            await producer.stop()
+
+    app = FastAPI(title="ThrottleX demo gateway", lifespan=lifespan)
+    app.add_middleware(
+        ThrottleXMiddleware,
+        denylist=denylist,
+        producer=producer,
+        key_salt=settings.key_salt_bytes,
+        tenant=settings.tenant,
+        api_key_header=settings.api_key_header,
+    )
+
+    @app.get("/v1/items/{item_id}")
+    async def item(item_id: int) -> dict[str, int | str]:
+        return {"id": item_id, "name": f"item {item_id}"}
+
+    @app.get("/v1/search")
+    async def search(q: str = "") -> dict[str, list[str]]:
+        return {"results": [f"{q} {n}" for n in range(3)]}
+
+    return app

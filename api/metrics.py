@@ -1,0 +1,6 @@
+"""Prometheus metrics of the API role."""
+
+from prometheus_client import Counter
+
+QUOTA_REPORTS = Counter("throttlex_api_quota_reports_total", "Quota reports served")
+AUTH_FAILURES = Counter("throttlex_api_auth_failures_total", "Requests refused for a missing API key")

@@ -1,0 +1,83 @@
+"""``GET /v1/quota``: the calling key's limits, usage, remaining units, reset and block times."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, Field
+from redis.asyncio import Redis
+
+from api import metrics
+from api.auth import CallerKey, caller_key
+from ingest import blocklist
+from ingest.clock import wall_clock_ms
+from processors.live_usage import read_live_usage
+from processors.policy import PolicySet
+
+router = APIRouter(prefix="/v1", tags=["quota"])
+
+
+class PolicyQuota(BaseModel):
+    policy: str
+    algorithm: str
+    limit: int = Field(description="cost units allowed per window")
+    window_s: float
+    used: int = Field(description="cost units counted in the window now")
+    remaining: int = Field(description="cost units left before the key is blocked")
+    resets_at: datetime | None = Field(description="when everything counted now has left the window")
+    blocked_until: datetime | None = Field(description="when this policy admits the key again, if it is over")
+    shadow: bool
+
+
+class QuotaReport(BaseModel):
+    api_key_id: str
+    limit_key: str
+    blocked_until: datetime | None = Field(description="the block the gateways enforce now, if any")
+    blocked_by: str | None = Field(description="the policy that caused that block")
+    policies: list[PolicyQuota]
+
+
+def _instant(ms: int | None) -> datetime | None:
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+@router.get("/quota", response_model=QuotaReport, summary="Quota and usage of the calling API key")
+async def quota(request: Request, caller: Annotated[CallerKey, Depends(caller_key)]) -> QuotaReport:
+    redis: Redis = request.app.state.redis
+    prefix: str = request.app.state.settings.redis_prefix
+    policies: PolicySet = request.app.state.policies
+    now_ms = wall_clock_ms()
+    windows = await read_live_usage(redis, prefix, caller.limit_key, policies)
+
+    reports = []
+    for policy in policies.policies:
+        algorithm = policy.algorithm
+        window = windows.get(policy.name)
+        used = window.used_at(now_ms) if window else 0
+        over = window is not None and used >= algorithm.limit
+        reports.append(
+            PolicyQuota(
+                policy=policy.name,
+                algorithm=algorithm.type,
+                limit=algorithm.limit,
+                window_s=algorithm.window_s,
+                used=used,
+                remaining=max(0, algorithm.limit - used),
+                resets_at=_instant(window.empties_at()) if window and used else None,
+                blocked_until=_instant(window.admits_at(algorithm.limit)) if window and over else None,
+                shadow=policy.shadow,
+            )
+        )
+
+    raw = await redis.get(blocklist.block_key(prefix, caller.limit_key))
+    block = blocklist.decode_block(raw) if raw is not None else None
+    metrics.QUOTA_REPORTS.inc()
+    return QuotaReport(
+        api_key_id=caller.key_id,
+        limit_key=caller.limit_key,
+        blocked_until=_instant(block.until_ms) if block else None,
+        blocked_by=block.policy if block else None,
+        policies=reports,
+    )

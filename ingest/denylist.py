@@ -1,0 +1,118 @@
+"""The edge denylist: a gateway-local cache of blocked limit keys, kept in sync from Redis.
+
+A check (`EdgeDenylist.blocked`) is a dictionary lookup: no Redis call on the request path. The cache
+is filled from a snapshot of the ``{prefix}:block:*`` keys and then follows the ``{prefix}:blocks``
+channel. The subscription is made before the snapshot, so no change published in between is missed.
+When the connection drops, the cache keeps its entries (they still expire on time) and the client
+reconnects, resubscribes and takes a fresh snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import msgspec
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from ingest import blocklist, metrics
+from ingest.blocklist import Block
+from ingest.clock import Clock, wall_clock_ms
+
+log = logging.getLogger(__name__)
+
+_SNAPSHOT_CHUNK = 500
+
+
+class EdgeDenylist:
+    def __init__(
+        self,
+        redis_url: str,
+        prefix: str,
+        *,
+        clock: Clock = wall_clock_ms,
+        reconnect_delay_s: float = 0.5,
+    ) -> None:
+        self._redis: Redis = Redis.from_url(redis_url, socket_connect_timeout=2.0)
+        self._prefix = prefix
+        self._clock = clock
+        self._reconnect_delay_s = reconnect_delay_s
+        self._cache: dict[str, Block] = {}
+        self._synced = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, *, ready_timeout_s: float = 5.0) -> None:
+        """Start following Redis; wait up to ``ready_timeout_s`` for the first snapshot.
+
+        If Redis does not answer in time the gateway still starts, with an empty cache, and the client
+        keeps trying in the background.
+        """
+        self._task = asyncio.create_task(self._follow(), name="edge-denylist")
+        try:
+            await asyncio.wait_for(self._synced.wait(), ready_timeout_s)
+        except TimeoutError:
+            log.warning("edge denylist not synchronised yet; admitting until it is")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._redis.aclose()
+
+    @property
+    def synced(self) -> bool:
+        return self._synced.is_set()
+
+    def blocked(self, limit_key: str) -> Block | None:
+        """The block in force for ``limit_key`` now, or None."""
+        block = self._cache.get(limit_key)
+        if block is None:
+            return None
+        if block.until_ms <= self._clock():
+            del self._cache[limit_key]
+            metrics.EDGE_CACHE_SIZE.set(len(self._cache))
+            return None
+        return block
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(blocklist.channel(self._prefix))
+                    await self._snapshot()
+                    self._synced.set()
+                    while True:
+                        message = await pubsub.get_message(timeout=1.0)
+                        if message is not None:
+                            self._apply(message["data"])
+            except (RedisError, OSError) as exc:
+                self._synced.clear()
+                metrics.EDGE_REDIS_ERRORS.labels(kind=type(exc).__name__).inc()
+                log.warning("edge denylist lost Redis; reconnecting", extra={"error": str(exc)})
+                await asyncio.sleep(self._reconnect_delay_s)
+
+    async def _snapshot(self) -> None:
+        keys = [key async for key in self._redis.scan_iter(match=blocklist.block_key_pattern(self._prefix), count=1000)]
+        fresh: dict[str, Block] = {}
+        for start in range(0, len(keys), _SNAPSHOT_CHUNK):
+            for raw in await self._redis.mget(keys[start : start + _SNAPSHOT_CHUNK]):
+                if raw is not None:
+                    block = blocklist.decode_block(raw)
+                    fresh[block.limit_key] = block
+        self._cache = fresh
+        metrics.EDGE_RESYNCS.inc()
+        metrics.EDGE_CACHE_SIZE.set(len(fresh))
+
+    def _apply(self, raw: bytes) -> None:
+        try:
+            block = blocklist.decode_block(raw)
+        except msgspec.DecodeError as exc:
+            metrics.EDGE_REDIS_ERRORS.labels(kind="bad_message").inc()
+            log.warning("ignoring malformed denylist message", extra={"error": str(exc)})
+            return
+        if block.until_ms > self._clock():
+            self._cache[block.limit_key] = block
+        else:
+            self._cache.pop(block.limit_key, None)
+        metrics.EDGE_CACHE_SIZE.set(len(self._cache))

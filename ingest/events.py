@@ -1,0 +1,95 @@
+"""The usage event contract: one `UsageEvent` per request, JSON on the wire, versioned by the `v` field.
+
+This module is the only place that knows the wire format. Producers call `encode`, every consumer
+calls `decode`; a new schema version is a new tagged struct added to `_Versions`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from typing import Annotated
+
+import msgspec
+
+SCHEMA_VERSION = 1
+
+_Text = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+
+
+class UsageEvent(msgspec.Struct, tag_field="v", tag=SCHEMA_VERSION, frozen=True, kw_only=True):
+    """One request seen by a gateway.
+
+    `event_time_ms` is when the gateway received the request (Unix epoch, milliseconds); windows are
+    computed on it, never on arrival time. `cost` is the weight the request counts for in limits
+    (default 1). `edge_blocked` marks requests the gateway itself refused with 429: they are
+    accounted but never count towards a window, so a blocked client is not kept blocked by its retries.
+    `api_key_id` is a keyed hash of the caller's API key (see `key_id_for`); the plain key never leaves
+    the gateway.
+    """
+
+    event_id: uuid.UUID
+    event_time_ms: Annotated[int, msgspec.Meta(ge=0)]
+    api_key_id: _Text
+    tenant: _Text
+    route: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)]
+    method: Annotated[str, msgspec.Meta(min_length=1, max_length=16)]
+    status: Annotated[int, msgspec.Meta(ge=100, le=599)]
+    latency_ms: Annotated[float, msgspec.Meta(ge=0)]
+    response_bytes: Annotated[int, msgspec.Meta(ge=0)]
+    cost: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 1
+    client_ip: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    edge_blocked: bool = False
+
+    @property
+    def schema_version(self) -> int:
+        return SCHEMA_VERSION
+
+
+class EventError(ValueError):
+    """Raised by `decode` for bytes that are not a valid event.
+
+    `kind` is one of ``malformed``, ``invalid`` or ``unknown_version`` (a metric label); `reason` is a
+    one-line explanation fit for a dead-letter record.
+    """
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(UsageEvent)
+_version_probe = msgspec.json.Decoder(dict[str, object])
+
+
+def encode(event: UsageEvent) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode(raw: bytes) -> UsageEvent:
+    """Decode and validate one event, raising `EventError` with a one-line reason on any defect."""
+    try:
+        return _decoder.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise EventError("malformed", f"malformed JSON: {exc}") from None
+    except msgspec.ValidationError as exc:
+        if "`$.v`" in str(exc):
+            version = _version_probe.decode(raw).get("v")
+            reason = f"unknown schema version {version!r} (this build reads v{SCHEMA_VERSION})"
+            raise EventError("unknown_version", reason) from None
+        raise EventError("invalid", f"invalid event: {exc}") from None
+
+
+def new_event_id() -> uuid.UUID:
+    return uuid.uuid4()
+
+
+def key_id_for(api_key: str, salt: bytes) -> str:
+    """The stable, non-reversible id under which an API key is counted, blocked and stored.
+
+    A keyed BLAKE2b digest: the same key always maps to the same id for one deployment salt, and the id
+    reveals nothing about the key.
+    """
+    return hashlib.blake2b(api_key.encode(), key=salt, digest_size=12).hexdigest()

@@ -1,0 +1,60 @@
+"""The gateway's Kafka producer: durable, batched, compressed, and keyed by limit key."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from ingest import metrics
+from ingest.events import UsageEvent, encode
+
+log = logging.getLogger(__name__)
+
+
+class EventProducer:
+    """Hands events to Kafka without waiting for the broker.
+
+    `emit` appends the event to the client's batch buffer and returns; delivery is confirmed in the
+    background and failures are counted in ``throttlex_gateway_events_failed_total``. Events are keyed
+    by ``api_key_id``, so every event of one key lands in one partition and one worker sees all of them.
+    Delivery is ``acks=all`` with the idempotent producer, so broker retries never duplicate an event.
+    """
+
+    def __init__(self, bootstrap: str, topic: str, *, linger_ms: int = 5) -> None:
+        self._topic = topic
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=linger_ms,
+            compression_type="lz4",
+            max_batch_size=256 * 1024,
+        )
+
+    async def start(self) -> None:
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        """Flush what is buffered, then close."""
+        await self._producer.flush()
+        await self._producer.stop()
+
+    async def emit(self, event: UsageEvent) -> None:
+        try:
+            delivery = await self._producer.send(
+                self._topic, encode(event), key=event.api_key_id.encode()
+            )
+        except KafkaError as exc:
+            metrics.EVENTS_FAILED.labels(reason=type(exc).__name__).inc()
+            log.warning("usage event not accepted by the producer", extra={"error": str(exc)})
+            return
+        metrics.EVENTS_PRODUCED.inc()
+        delivery.add_done_callback(_count_failure)
+
+
+def _count_failure(delivery: asyncio.Future[object]) -> None:
+    if not delivery.cancelled() and delivery.exception() is not None:
+        metrics.EVENTS_FAILED.labels(reason=type(delivery.exception()).__name__).inc()

@@ -1,0 +1,41 @@
+"""Settings shared by every role, read from ``THROTTLEX_*`` environment variables.
+
+Each role has one settings class (`GatewaySettings` here; the worker, sink and API ones in their
+packages), built once by the entry point. Tests construct them with keyword arguments instead of
+patching the environment.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+class ConnectionSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="THROTTLEX_", extra="ignore", frozen=True)
+
+    kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, comma separated")
+    events_topic: str = Field("throttlex.events", description="topic the gateways write usage events to")
+    events_partitions: int = Field(4, ge=1, description="partitions of the events topic when ThrottleX creates it")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the denylist and live usage")
+    redis_prefix: str = Field("throttlex", description="prefix of every Redis key and channel ThrottleX uses")
+    redis_timeout_s: float = Field(1.0, gt=0, description="socket timeout for Redis commands")
+    key_salt: SecretStr = Field(
+        SecretStr("throttlex-dev-salt"),
+        description="secret that turns API keys into key ids; set your own in production",
+    )
+    log_level: LogLevel = "INFO"
+
+    @property
+    def key_salt_bytes(self) -> bytes:
+        return self.key_salt.get_secret_value().encode()
+
+
+class GatewaySettings(ConnectionSettings):
+    tenant: str = Field("default", description="tenant recorded on events from this gateway")
+    api_key_header: str = Field("x-api-key", description="request header carrying the caller's API key")
+    producer_linger_ms: int = Field(5, ge=0, description="how long the producer waits to fill a batch")

@@ -1,0 +1,54 @@
+"""Publishes blocks to Redis: the TTL'd denylist entry and the change notice, in one transaction."""
+
+from __future__ import annotations
+
+import logging
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from ingest import blocklist
+from ingest.blocklist import Block
+from ingest.clock import Clock, wall_clock_ms
+from processors import metrics
+
+log = logging.getLogger(__name__)
+
+
+class DenylistWriter:
+    """Writes each block as ``SET {prefix}:block:{key} PX ttl`` plus ``PUBLISH``, atomically.
+
+    The TTL is the time from now until the block's ``until_ms``, so Redis drops the entry exactly when
+    the policy admits again. A block that Redis refused (after the client's own retries) is kept and
+    sent again by `retry_pending`; only the longest block per key is kept.
+    """
+
+    def __init__(self, redis: Redis, prefix: str, *, clock: Clock = wall_clock_ms) -> None:
+        self._redis = redis
+        self._prefix = prefix
+        self._clock = clock
+        self._pending: dict[str, Block] = {}
+
+    async def publish(self, block: Block) -> bool:
+        ttl_ms = block.until_ms - self._clock()
+        if ttl_ms <= 0:
+            return True
+        encoded = blocklist.encode_block(block)
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.set(blocklist.block_key(self._prefix, block.limit_key), encoded, px=ttl_ms)
+                pipe.publish(blocklist.channel(self._prefix), encoded)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            metrics.REDIS_ERRORS.labels(kind=type(exc).__name__).inc()
+            log.warning("denylist write failed; will retry", extra={"limit_key": block.limit_key, "error": str(exc)})
+            current = self._pending.get(block.limit_key)
+            if current is None or block.until_ms > current.until_ms:
+                self._pending[block.limit_key] = block
+            return False
+        return True
+
+    async def retry_pending(self) -> None:
+        pending, self._pending = self._pending, {}
+        for block in pending.values():
+            await self.publish(block)

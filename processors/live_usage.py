@@ -1,0 +1,67 @@
+"""Live usage: each limit key's current windows, mirrored to Redis for the quota report.
+
+Workers write ``{prefix}:usage:{limit_key}`` as a hash of policy name to encoded window, coalescing
+changes and flushing them every ``live_flush_interval_s``; the entry expires one window after the
+last event. The API decodes the windows with the same code the engine uses and evaluates them at the
+current time, so a report never needs the worker's state.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from processors import metrics
+from processors.engine import Counted, decode_window, encode_window
+from processors.policy import PolicySet
+from processors.windows import SlidingWindow
+
+log = logging.getLogger(__name__)
+
+
+def usage_key(prefix: str, limit_key: str) -> str:
+    return f"{prefix}:usage:{limit_key}"
+
+
+class LiveUsageWriter:
+    def __init__(self, redis: Redis, prefix: str) -> None:
+        self._redis = redis
+        self._prefix = prefix
+        self._dirty: dict[tuple[str, str], Counted] = {}
+
+    def record(self, counted: list[Counted]) -> None:
+        for item in counted:
+            self._dirty[(item.policy.name, item.limit_key)] = item
+
+    async def flush(self) -> None:
+        if not self._dirty:
+            return
+        dirty, self._dirty = self._dirty, {}
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for item in dirty.values():
+                    key = usage_key(self._prefix, item.limit_key)
+                    pipe.hset(key, item.policy.name, encode_window(item.window))
+                    pipe.pexpire(key, item.policy.algorithm.window_ms, gt=True)
+                    pipe.pexpire(key, item.policy.algorithm.window_ms, nx=True)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            metrics.REDIS_ERRORS.labels(kind=type(exc).__name__).inc()
+            log.warning("live usage flush failed; will retry", extra={"error": str(exc)})
+            dirty.update(self._dirty)
+            self._dirty = dirty
+
+
+async def read_live_usage(
+    redis: Redis, prefix: str, limit_key: str, policies: PolicySet
+) -> dict[str, SlidingWindow]:
+    """The stored window of every known policy for ``limit_key`` (policies with no traffic are absent)."""
+    stored: dict[bytes, bytes] = await redis.hgetall(usage_key(prefix, limit_key))
+    windows = {}
+    for name, raw in stored.items():
+        policy = policies.by_name(name.decode())
+        if policy is not None:
+            windows[policy.name] = decode_window(raw, policy)
+    return windows

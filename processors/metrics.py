@@ -1,0 +1,25 @@
+"""Prometheus metrics of the worker and sink roles."""
+
+from prometheus_client import Counter, Histogram
+
+EVENTS_CONSUMED = Counter("throttlex_worker_events_total", "Usage events processed by the policy engine")
+EVENTS_DEAD_LETTERED = Counter(
+    "throttlex_worker_dead_letters_total", "Events sent to the dead-letter topic", ["reason"]
+)
+EVENTS_LATE = Counter(
+    "throttlex_worker_late_events_total", "Event/policy pairs too late to count in their window"
+)
+DECISIONS = Counter(
+    "throttlex_worker_decisions_total", "Blocks decided, by policy and outcome", ["policy", "outcome"]
+)
+PROCESSING_SECONDS = Histogram(
+    "throttlex_worker_processing_seconds",
+    "Time from an event's event time to its block being written to Redis",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+REDIS_ERRORS = Counter("throttlex_worker_redis_errors_total", "Redis errors in the worker", ["kind"])
+
+SINK_ROWS = Counter("throttlex_sink_rows_total", "Rows inserted into ClickHouse by the sink")
+SINK_SKIPPED = Counter("throttlex_sink_skipped_total", "Undecodable events the sink did not store")
+SINK_INSERT_SECONDS = Histogram("throttlex_sink_insert_seconds", "Duration of one ClickHouse insert")
+SINK_ERRORS = Counter("throttlex_sink_errors_total", "Failed sink operations", ["kind"])

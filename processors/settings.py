@@ -1,0 +1,35 @@
+"""Settings of the worker and sink roles, read from ``THROTTLEX_*`` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from ingest.settings import ConnectionSettings
+
+
+def _default_chdb_dsn() -> str:
+    return f"chdb://{Path.cwd() / '.throttlex' / 'chdb'}"
+
+
+class StreamSettings(ConnectionSettings):
+    dead_letter_topic: str = Field("throttlex.events.deadletter", description="where undecodable events go")
+    topic_replication_factor: int = Field(1, ge=1, description="replication of topics ThrottleX creates")
+    metrics_port: int = Field(9101, ge=0, le=65535, description="port of /metrics for roles without the API (0: off)")
+
+
+class WorkerSettings(StreamSettings):
+    worker_app_id: str = Field("throttlex-worker", description="Faust app id: consumer group and table topic prefix")
+    policy_file: Path = Field(Path("deploy/config/policies.yaml"), description="YAML file with the policies")
+    live_flush_interval_s: float = Field(0.2, gt=0, description="how often live usage is written to Redis")
+
+
+class SinkSettings(StreamSettings):
+    clickhouse_dsn: str = Field(
+        default_factory=_default_chdb_dsn,
+        description="chdb:///path for the embedded engine, or http(s)://user:pass@host:8123/db for a server",
+    )
+    sink_group: str = Field("throttlex-sink", description="Kafka consumer group of the usage sink")
+    sink_batch_max_rows: int = Field(50_000, ge=1, description="most rows in one ClickHouse insert")
+    sink_flush_interval_s: float = Field(1.0, gt=0, description="longest wait before a partial batch is inserted")

@@ -1,0 +1,137 @@
+"""ClickHouse access through clickhouse-connect, for the embedded engine and for servers alike.
+
+The store is chosen by DSN: ``chdb:///path`` runs the ClickHouse engine in process (chDB; one process
+may open a directory at a time), ``http(s)://user:password@host:8123/database`` talks to a server.
+Both use clickhouse-connect's synchronous client (chDB has no async one), run on a single dedicated
+thread so the event loop never blocks and calls never interleave. Native errors become `StoreError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+import clickhouse_connect
+from clickhouse_connect.driver.exceptions import ClickHouseError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SCHEMES = ("chdb", "http", "https")
+
+EVENT_COLUMNS = (
+    "event_id", "event_time", "api_key_id", "tenant", "route", "method", "status", "latency_ms",
+    "response_bytes", "cost", "client_ip", "edge_blocked", "schema_version", "kafka_partition", "kafka_offset",
+)  # fmt: skip
+
+_MIGRATIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS throttlex_schema_migrations
+(
+    version    UInt32,
+    name       String,
+    applied_at DateTime64(3, 'UTC') DEFAULT now64(3)
+)
+ENGINE = MergeTree
+ORDER BY version
+"""
+
+
+class StoreError(Exception):
+    """A ClickHouse operation failed. ``retriable`` is True when trying again later may succeed."""
+
+    def __init__(self, message: str, *, retriable: bool) -> None:
+        super().__init__(message)
+        self.retriable = retriable
+
+
+def check_dsn(dsn: str) -> str:
+    """Validate a DSN at start-up; raises ValueError naming the accepted forms."""
+    scheme = urlparse(dsn).scheme
+    if scheme not in SCHEMES:
+        raise ValueError(f"unsupported ClickHouse DSN {dsn!r}: use chdb:///path or http(s)://host:8123/db")
+    return scheme
+
+
+class UsageStore:
+    def __init__(self, dsn: str) -> None:
+        self._scheme = check_dsn(dsn)
+        self._dsn = dsn
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")
+        self._client: Any = None
+
+    @property
+    def embedded(self) -> bool:
+        return self._scheme == "chdb"
+
+    async def open(self) -> None:
+        if self.embedded:
+            Path(urlparse(self._dsn).path).mkdir(parents=True, exist_ok=True)
+        self._client = await self._call(lambda: clickhouse_connect.get_client(dsn=self._dsn))
+
+    async def close(self) -> None:
+        """Close the client; an embedded engine must be closed before the process exits."""
+        if self._client is not None:
+            client, self._client = self._client, None
+            await self._call(client.close)
+        self._thread.shutdown(wait=True)
+
+    async def migrate(self) -> list[str]:
+        """Apply the schema files not applied yet, in order; returns the names applied now."""
+        await self.command(_MIGRATIONS_TABLE)
+        done = {row[0] for row in await self.query("SELECT version FROM throttlex_schema_migrations")}
+        applied = []
+        for version, name, sql in _schema_files():
+            if version in done:
+                continue
+            for statement in _statements(sql):
+                await self.command(statement)
+            await self.insert("throttlex_schema_migrations", [(version, name)], ("version", "name"))
+            log.info("applied migration", extra={"migration": name})
+            applied.append(name)
+        return applied
+
+    async def command(self, sql: str) -> None:
+        await self._call(functools.partial(self._client.command, sql))
+
+    async def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        result = await self._call(functools.partial(self._client.query, sql, parameters=parameters))
+        return [tuple(row) for row in result.result_rows]
+
+    async def insert(self, table: str, rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> None:
+        await self._call(functools.partial(self._client.insert, table, rows, column_names=list(columns)))
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.query("SELECT 1"))
+        except StoreError:
+            return False
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
+        except ClickHouseError as exc:
+            raise StoreError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, retriable=True) from exc
+        except OSError as exc:
+            raise StoreError(f"{type(exc).__name__}: {exc}", retriable=True) from exc
+
+
+def _statements(sql: str) -> list[str]:
+    """The statements of a schema file: ``--`` comment lines dropped, split on ``;``."""
+    code = "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--"))
+    return [statement.strip() for statement in code.split(";") if statement.strip()]
+
+
+def _schema_files() -> list[tuple[int, str, str]]:
+    files = []
+    for entry in resources.files("processors.schema").iterdir():
+        if entry.name.endswith(".sql"):
+            files.append((int(entry.name.split("_", 1)[0]), entry.name, entry.read_text()))
+    return sorted(files)
