@@ -57,6 +57,7 @@ async def run_roles(roles: set[str], settings: RunSettings) -> None:
             sink = UsageSink(settings, store)
             await sink.start()
             stack.push_async_callback(sink.stop)
+            failures.append(asyncio.create_task(sink.crashed(), name="sink-watch"))
             log.info("sink started")
 
         if "api" in roles:
@@ -77,5 +78,5 @@ async def run_roles(roles: set[str], settings: RunSettings) -> None:
         crashed = [task.result() for task in failures if task.done() and not task.cancelled()]
         if crashed:
             log.error("a role crashed; stopping the others", extra={"reason": repr(crashed[0])})
-            raise RuntimeError(f"worker crashed: {crashed[0]!r}")
+            raise RuntimeError(f"a role crashed: {crashed[0]!r}")
         log.info("stopping")

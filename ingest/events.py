@@ -25,7 +25,7 @@ class UsageEvent(msgspec.Struct, tag_field="v", tag=SCHEMA_VERSION, frozen=True,
     (default 1). `edge_blocked` marks requests the gateway itself refused with 429: they are
     accounted but never count towards a window, so a blocked client is not kept blocked by its retries.
     `api_key_id` is a keyed hash of the caller's API key (see `key_id_for`); the plain key never leaves
-    the gateway.
+    the gateway. An event without ``v`` is read as version 1, the first version of the contract.
     """
 
     event_id: uuid.UUID
@@ -72,14 +72,14 @@ def decode(raw: bytes) -> UsageEvent:
     """Decode and validate one event, raising `EventError` with a one-line reason on any defect."""
     try:
         return _decoder.decode(raw)
-    except msgspec.DecodeError as exc:
-        raise EventError("malformed", f"malformed JSON: {exc}") from None
-    except msgspec.ValidationError as exc:
+    except msgspec.ValidationError as exc:  # a subclass of DecodeError: catch it first
         if "`$.v`" in str(exc):
             version = _version_probe.decode(raw).get("v")
             reason = f"unknown schema version {version!r} (this build reads v{SCHEMA_VERSION})"
             raise EventError("unknown_version", reason) from None
         raise EventError("invalid", f"invalid event: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise EventError("malformed", f"malformed JSON: {exc}") from None
 
 
 def new_event_id() -> uuid.UUID:

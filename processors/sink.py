@@ -65,11 +65,21 @@ class UsageSink:
         await self._consumer.start()
         self._task = asyncio.create_task(self._run(), name="usage-sink")
 
+    async def crashed(self) -> BaseException:
+        """Wait until the sink loop fails for good (it retries ClickHouse errors itself); return why."""
+        assert self._task is not None
+        await asyncio.wait([self._task])
+        if self._task.cancelled() or self._task.exception() is None:
+            await asyncio.Event().wait()  # stopped on request: never a crash
+        error = self._task.exception()
+        assert error is not None
+        return error
+
     async def stop(self) -> None:
         """Insert and commit what has been read, then leave the consumer group."""
         self._stopping.set()
         if self._task is not None:
-            await self._task
+            await asyncio.wait([self._task])
         await self._consumer.stop()
 
     async def _run(self) -> None:

@@ -1,0 +1,51 @@
+from pathlib import Path
+
+import pytest
+
+from processors.policy import PolicyFileError, load_policies
+from tests.unit.ingest.test_events import make_event
+
+FILES = Path(__file__).parent / "policy_files"
+SAMPLE = Path(__file__).parents[3] / "deploy" / "config" / "policies.yaml"
+
+
+def test_the_shipped_sample_policy_file_loads() -> None:
+    policies = load_policies(SAMPLE)
+    assert [policy.name for policy in policies.policies] == ["per-key-10s"]
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("window_not_whole_buckets", "policy 'uneven': algorithm.sliding_window: Value error, window_s must be a whole multiple of bucket_s"),
+        ("unknown_algorithm", "policy 'leaky': algorithm: Input tag 'leaky_bucket'"),
+        ("duplicate_names", "policy names must be unique; repeated: twice"),
+        ("zero_limit", "policy 'nothing-allowed': algorithm.sliding_window.limit: Input should be greater than 0"),
+        ("unsupported_key", "policy 'per-ip': key.0: Input should be 'api_key'"),
+        ("not_yaml", "not valid YAML"),
+    ],
+)
+def test_bad_policy_files_are_refused_with_file_policy_and_defect(name: str, message: str) -> None:
+    path = FILES / f"{name}.yaml"
+    with pytest.raises(PolicyFileError) as caught:
+        load_policies(path)
+    assert str(caught.value).startswith(f"{path}: ")
+    assert message in str(caught.value)
+
+
+def test_missing_file_is_named() -> None:
+    with pytest.raises(PolicyFileError, match="nowhere.yaml: cannot read policy file"):
+        load_policies(FILES / "nowhere.yaml")
+
+
+def test_match_on_route_glob_and_method(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "policies:\n"
+        "  - {name: writes, match: {routes: ['/v1/items/*'], methods: [post]}, key: [api_key],\n"
+        "     algorithm: {type: sliding_window, limit: 5, window_s: 1, bucket_s: 0.1}}\n"
+    )
+    policies = load_policies(path)
+    assert policies.matching(make_event(route="/v1/items/{item_id}", method="POST"))
+    assert not policies.matching(make_event(route="/v1/items/{item_id}", method="GET"))
+    assert not policies.matching(make_event(route="/v2/other", method="POST"))
