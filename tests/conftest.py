@@ -1,0 +1,214 @@
+"""Fixtures for tests that use the real services and real ThrottleX processes.
+
+Kafka and Redis are the ones `deploy/local/services.sh up` starts (`make test` does it); their
+addresses come from THROTTLEX_KAFKA_BOOTSTRAP and THROTTLEX_REDIS_URL. A missing service fails the
+test with the command to run; nothing here skips. Each test gets its own topics, consumer groups,
+Redis prefix and chDB directory, so tests never see each other's data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from redis.asyncio import Redis
+
+from ingest.events import UsageEvent, encode
+from ingest.settings import ConnectionSettings
+from processors.topics import ensure_topics
+
+READY_TIMEOUT_S = 30.0
+EVENTS_PARTITIONS = 4
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def eventually(check: Callable[[], object], *, timeout_s: float = 20.0, what: str) -> None:
+    """Poll an async or sync check until it returns a truthy value; fail naming ``what`` otherwise."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+@dataclass
+class Sandbox:
+    """Names and settings private to one test."""
+
+    kafka_bootstrap: str
+    redis_url: str
+    root: Path
+    tag: str = field(default_factory=lambda: secrets.token_hex(4))
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "THROTTLEX_KAFKA_BOOTSTRAP": self.kafka_bootstrap,
+            "THROTTLEX_REDIS_URL": self.redis_url,
+            "THROTTLEX_EVENTS_TOPIC": f"test-{self.tag}.events",
+            "THROTTLEX_DEAD_LETTER_TOPIC": f"test-{self.tag}.deadletter",
+            "THROTTLEX_WORKER_APP_ID": f"test-{self.tag}-worker",
+            "THROTTLEX_SINK_GROUP": f"test-{self.tag}-sink",
+            "THROTTLEX_REDIS_PREFIX": f"test-{self.tag}",
+            "THROTTLEX_CLICKHOUSE_DSN": f"chdb://{self.root / 'chdb'}",
+            "THROTTLEX_KEY_SALT": f"salt-{self.tag}",
+            "THROTTLEX_METRICS_PORT": "0",
+            "THROTTLEX_LOG_LEVEL": "INFO",
+        }
+
+    def settings(self) -> ConnectionSettings:
+        env = self.env
+        return ConnectionSettings(
+            kafka_bootstrap=env["THROTTLEX_KAFKA_BOOTSTRAP"],
+            redis_url=env["THROTTLEX_REDIS_URL"],
+            events_topic=env["THROTTLEX_EVENTS_TOPIC"],
+            redis_prefix=env["THROTTLEX_REDIS_PREFIX"],
+            key_salt=env["THROTTLEX_KEY_SALT"],  # type: ignore[arg-type]
+        )
+
+    def write_policy(self, limit: int, window_s: float, bucket_s: float = 1.0) -> Path:
+        path = self.root / "policies.yaml"
+        path.write_text(
+            "policies:\n"
+            "  - name: test-limit\n"
+            "    key: [api_key]\n"
+            f"    algorithm: {{type: sliding_window, limit: {limit}, window_s: {window_s}, bucket_s: {bucket_s}}}\n"
+        )
+        return path
+
+
+@pytest.fixture(scope="session")
+def service_addresses() -> tuple[str, str]:
+    """Check once that Kafka and Redis answer; fail with the command that starts them if not."""
+    kafka = os.environ.get("THROTTLEX_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+    redis_url = os.environ.get("THROTTLEX_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+    async def probe() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka, request_timeout_ms=5000)
+        await admin.start()
+        try:
+            await admin.describe_cluster()
+        finally:
+            await admin.close()
+        client = Redis.from_url(redis_url, socket_connect_timeout=2)
+        try:
+            await client.ping()
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(asyncio.wait_for(probe(), READY_TIMEOUT_S))
+    except Exception as exc:
+        pytest.fail(
+            f"Kafka ({kafka}) or Redis ({redis_url}) is not answering: {exc!r}. "
+            "Start them with `deploy/local/services.sh up` (or run `make test`, which does)."
+        )
+    return kafka, redis_url
+
+
+@pytest.fixture
+def sandbox(service_addresses: tuple[str, str], tmp_path: Path) -> Sandbox:
+    kafka, redis_url = service_addresses
+    return Sandbox(kafka_bootstrap=kafka, redis_url=redis_url, root=tmp_path)
+
+
+@dataclass
+class RoleProcess:
+    """A `throttlex` command running as its own process, its output captured to a file."""
+
+    args: list[str]
+    log_path: Path
+    process: subprocess.Popen[bytes]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            pytest.fail(f"`throttlex {' '.join(self.args)}` did not stop within {timeout_s}s:\n{self.log()[-3000:]}")
+
+
+@pytest.fixture
+def spawn(sandbox: Sandbox) -> Iterator[Callable[..., RoleProcess]]:
+    """Start `throttlex <args>` with the sandbox's settings; stopped (and its log shown) at teardown."""
+    started: list[RoleProcess] = []
+
+    def start(*args: str, extra_env: dict[str, str] | None = None) -> RoleProcess:
+        log_path = sandbox.root / f"{args[0]}-{len(started)}.log"
+        env = {**os.environ, **sandbox.env, **(extra_env or {})}
+        with log_path.open("wb") as output:  # the child keeps its own descriptor
+            process = subprocess.Popen(
+                [sys.executable, "-c", "from api.cli import main; main()", *args],
+                env=env,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                cwd=sandbox.root,
+            )
+        role = RoleProcess(list(args), log_path, process)
+        started.append(role)
+        return role
+
+    yield start
+    for role in started:
+        role.stop()
+        print(f"--- log of throttlex {' '.join(role.args)} ---\n{role.log()[-5000:]}")
+
+
+@pytest.fixture
+async def producer(sandbox: Sandbox) -> AsyncIterator[Callable[..., Awaitable[None]]]:
+    """Send events to the sandbox's events topic exactly as a gateway would (keyed by key id)."""
+    topic = sandbox.env["THROTTLEX_EVENTS_TOPIC"]
+    await ensure_topics(sandbox.kafka_bootstrap, {topic: EVENTS_PARTITIONS, sandbox.env["THROTTLEX_DEAD_LETTER_TOPIC"]: 1})
+    client = AIOKafkaProducer(bootstrap_servers=sandbox.kafka_bootstrap, acks="all", enable_idempotence=True)
+    await client.start()
+
+    async def send(event: UsageEvent | bytes, key: bytes | None = None) -> None:
+        if isinstance(event, UsageEvent):
+            await client.send_and_wait(topic, encode(event), key=event.api_key_id.encode())
+        else:
+            await client.send_and_wait(topic, event, key=key)
+
+    try:
+        yield send
+    finally:
+        await client.stop()
+
+
+@pytest.fixture
+async def redis(sandbox: Sandbox) -> AsyncIterator[Redis]:
+    client = Redis.from_url(sandbox.redis_url)
+    try:
+        yield client
+    finally:
+        async for key in client.scan_iter(match=f"{sandbox.env['THROTTLEX_REDIS_PREFIX']}:*"):
+            await client.delete(key)
+        await client.aclose()

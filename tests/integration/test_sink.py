@@ -1,0 +1,80 @@
+"""Events on real Kafka → a `throttlex sink` process → rows in ClickHouse (chDB), counted exactly."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from ingest.clock import wall_clock_ms
+from processors.usage_store import UsageStore
+from tests.conftest import EVENTS_PARTITIONS, RoleProcess, Sandbox, eventually
+from tests.unit.ingest.test_events import make_event
+
+pytestmark = pytest.mark.integration
+
+N = 2_500
+
+
+async def end_offsets(sandbox: Sandbox) -> dict[TopicPartition, int]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=sandbox.kafka_bootstrap)
+    await consumer.start()
+    try:
+        topic = sandbox.env["THROTTLEX_EVENTS_TOPIC"]
+        partitions = [TopicPartition(topic, p) for p in range(EVENTS_PARTITIONS)]
+        offsets: dict[TopicPartition, int] = await consumer.end_offsets(partitions)
+        return offsets
+    finally:
+        await consumer.stop()
+
+
+async def committed_offsets(sandbox: Sandbox) -> dict[TopicPartition, int]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=sandbox.kafka_bootstrap)
+    await admin.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(sandbox.env["THROTTLEX_SINK_GROUP"])
+        return {tp: meta.offset for tp, meta in committed.items()}
+    finally:
+        await admin.close()
+
+
+async def test_every_event_lands_in_clickhouse_once(
+    sandbox: Sandbox, spawn: Callable[..., RoleProcess], producer: Callable[..., Awaitable[None]]
+) -> None:
+    sink = spawn("sink")
+    start_ms = wall_clock_ms()
+    events = [
+        make_event(event_id=uuid.uuid4(), api_key_id=f"key-{n % 7}", event_time_ms=start_ms + n, cost=1 + n % 3)
+        for n in range(N)
+    ]
+    await asyncio.gather(*(producer(event) for event in events))
+    await producer(b"\x00 not json", key=b"key-0")  # skipped by the sink, never stored
+
+    expected = await end_offsets(sandbox)
+    assert sum(expected.values()) == N + 1
+
+    async def all_committed() -> bool:
+        committed = await committed_offsets(sandbox)
+        return all(committed.get(tp, -1) == offset for tp, offset in expected.items())
+
+    await eventually(all_committed, timeout_s=60, what="the sink to commit every offset")
+    assert sink.stop() == 0, sink.log()
+
+    store = UsageStore(sandbox.env["THROTTLEX_CLICKHOUSE_DSN"])
+    await store.open()
+    try:
+        [(rows, unique_ids, cost, keys)] = await store.query(
+            "SELECT count(), uniqExact(event_id), sum(cost), uniqExact(api_key_id) FROM usage_events"
+        )
+        per_key = dict(await store.query("SELECT api_key_id, count() FROM usage_events GROUP BY api_key_id"))
+    finally:
+        await store.close()
+    assert rows == N
+    assert unique_ids == N
+    assert cost == sum(event.cost for event in events)
+    assert keys == 7
+    assert per_key == {f"key-{k}": sum(1 for n in range(N) if n % 7 == k) for k in range(7)}

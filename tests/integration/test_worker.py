@@ -1,0 +1,113 @@
+"""Events on real Kafka → a `throttlex worker` process → blocks in real Redis → an edge client's cache."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+
+import pytest
+from aiokafka import AIOKafkaConsumer
+from redis.asyncio import Redis
+
+from ingest import blocklist
+from ingest.blocklist import limit_key
+from ingest.clock import wall_clock_ms
+from ingest.denylist import EdgeDenylist
+from ingest.events import UsageEvent, key_id_for
+from processors.windows import SlidingWindow
+from tests.conftest import RoleProcess, Sandbox, eventually
+from tests.unit.ingest.test_events import make_event
+
+pytestmark = pytest.mark.integration
+
+LIMIT, WINDOW_S = 20, 60
+
+
+def request(key_id: str, t_ms: int) -> UsageEvent:
+    return make_event(event_id=uuid.uuid4(), api_key_id=key_id, event_time_ms=t_ms, cost=1)
+
+
+async def test_over_limit_key_is_blocked_with_exact_ttl_and_reaches_edge_caches(
+    sandbox: Sandbox,
+    spawn: Callable[..., RoleProcess],
+    producer: Callable[..., Awaitable[None]],
+    redis: Redis,
+) -> None:
+    settings = sandbox.settings()
+    prefix = settings.redis_prefix
+    hot = key_id_for("hot-key", settings.key_salt_bytes)
+    calm = key_id_for("calm-key", settings.key_salt_bytes)
+
+    early_edge = EdgeDenylist(sandbox.redis_url, prefix)  # follows the channel from before the block
+    await early_edge.start()
+    assert early_edge.synced
+
+    spawn("worker", "--policy-file", str(sandbox.write_policy(LIMIT, WINDOW_S)))
+    start_ms = wall_clock_ms() - 5_000
+    hot_events = [request(hot, start_ms + 100 * n) for n in range(LIMIT + 10)]
+    calm_events = [request(calm, start_ms + 500 * n) for n in range(LIMIT - 5)]
+    for event in hot_events + calm_events:
+        await producer(event)
+    await producer(b"this is not an event", key=hot.encode())
+
+    # The expected unblock time, computed independently from the events sent.
+    reference = SlidingWindow(WINDOW_S * 1000, 1000)
+    for event in hot_events:
+        reference.add(event.event_time_ms, event.cost)
+    expected_until = reference.admits_at(LIMIT)
+    assert expected_until is not None
+
+    hot_key = blocklist.block_key(prefix, limit_key([("api_key", hot)]))
+    await eventually(lambda: redis.exists(hot_key), what="the hot key's denylist entry")
+    stored = blocklist.decode_block(await redis.get(hot_key))
+    assert stored.until_ms == expected_until
+    assert stored.policy == "test-limit"
+    ttl_ms = await redis.pttl(hot_key)
+    assert expected_until - wall_clock_ms() - 2_000 <= ttl_ms <= expected_until - wall_clock_ms() + 50
+
+    hot_limit_key = limit_key([("api_key", hot)])
+    await eventually(lambda: early_edge.blocked(hot_limit_key) is not None, timeout_s=5, what="the pub/sub update")
+    late_edge = EdgeDenylist(sandbox.redis_url, prefix)  # learns the block from the snapshot
+    await late_edge.start()
+    try:
+        block = late_edge.blocked(hot_limit_key)
+        assert block is not None and block.until_ms == expected_until
+        assert early_edge.blocked(limit_key([("api_key", calm)])) is None
+        assert late_edge.blocked(limit_key([("api_key", calm)])) is None
+    finally:
+        await late_edge.stop()
+        await early_edge.stop()
+    assert not await redis.exists(blocklist.block_key(prefix, limit_key([("api_key", calm)])))
+
+
+async def test_bad_event_goes_to_the_dead_letter_topic_and_processing_continues(
+    sandbox: Sandbox,
+    spawn: Callable[..., RoleProcess],
+    producer: Callable[..., Awaitable[None]],
+    redis: Redis,
+) -> None:
+    settings = sandbox.settings()
+    key = key_id_for("after-the-bad-one", settings.key_salt_bytes)
+    spawn("worker", "--policy-file", str(sandbox.write_policy(limit=3, window_s=60)))
+    await producer(b'{"v": 7, "event_id": "x"}', key=key.encode())
+    start_ms = wall_clock_ms()
+    for n in range(3):
+        await producer(request(key, start_ms + n))
+
+    block_key = blocklist.block_key(settings.redis_prefix, limit_key([("api_key", key)]))
+    await eventually(lambda: redis.exists(block_key), what="the block after the bad event")
+
+    consumer = AIOKafkaConsumer(
+        sandbox.env["THROTTLEX_DEAD_LETTER_TOPIC"],
+        bootstrap_servers=sandbox.kafka_bootstrap,
+        auto_offset_reset="earliest",
+        group_id=None,
+    )
+    await consumer.start()
+    try:
+        record = await consumer.getone()
+    finally:
+        await consumer.stop()
+    assert record.value == b'{"v": 7, "event_id": "x"}'
+    assert record.key == key.encode()
+    assert dict(record.headers)["reason"] == b"unknown schema version 7 (this build reads v1)"
