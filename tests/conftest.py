@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -28,6 +29,8 @@ from redis.asyncio import Redis
 from ingest.events import UsageEvent, encode
 from ingest.settings import ConnectionSettings
 from processors.topics import ensure_topics
+
+S = TypeVar("S", bound=ConnectionSettings)
 
 READY_TIMEOUT_S = 30.0
 EVENTS_PARTITIONS = 4
@@ -79,9 +82,9 @@ class Sandbox:
             "THROTTLEX_LOG_LEVEL": "INFO",
         }
 
-    def settings(self) -> ConnectionSettings:
+    def settings(self, cls: type[S] = ConnectionSettings) -> S:  # type: ignore[assignment]
         env = self.env
-        return ConnectionSettings(
+        return cls(
             kafka_bootstrap=env["THROTTLEX_KAFKA_BOOTSTRAP"],
             redis_url=env["THROTTLEX_REDIS_URL"],
             events_topic=env["THROTTLEX_EVENTS_TOPIC"],
