@@ -10,7 +10,6 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
-import httpx
 import typer
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings
@@ -115,21 +114,10 @@ def gateway(port: Annotated[int, typer.Option(help="port of the demo gateway")] 
     settings = _settings(LoadgenSettings)
     configure_logging(settings.log_level, role="gateway")
 
-    async def serve() -> None:
-        import signal
+    from api.demo_gateway import create_gateway_app
+    from api.server import serve_until_signalled
 
-        from api.demo_gateway import create_gateway_app
-        from api.server import HttpServer
-
-        server = HttpServer(create_gateway_app(settings), "127.0.0.1", port)
-        await server.start()
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-        await stop.wait()
-        await server.stop()
-
-    _run(serve())
+    _run(serve_until_signalled(create_gateway_app(settings), "127.0.0.1", port))
 
 
 @cli.command()
@@ -151,31 +139,7 @@ def loadgen(
     console = Console()
     keys = lg.plan_keys(secrets.token_hex(3), calm_keys, hot_keys, calm_rate, hot_rate)
 
-    async def go() -> None:
-        server = None
-        url = gateway_url
-        if url is None:
-            from api.demo_gateway import create_gateway_app
-            from api.server import HttpServer
-
-            server = HttpServer(create_gateway_app(settings), "127.0.0.1", gateway_port)
-            await server.start()
-            url = server.url
-        console.print(f"driving {len(keys)} keys through {url} for {duration_s:g}s")
-        try:
-            await lg.drive(url, keys, duration_s, console)
-        finally:
-            if server is not None:
-                await server.stop()
-        console.print(lg.traffic_table(keys))
-        for key in [k for k in keys if k.name.startswith("hot")][:1] + [k for k in keys if k.name.startswith("calm")][:1]:
-            try:
-                report = await lg.fetch_quota(api_url, key.api_key)
-            except httpx.HTTPError as exc:
-                raise RuntimeError(f"no quota report from {api_url} ({exc}); is `throttlex run` up?") from None
-            console.print(lg.quota_table(key.name, report))
-
-    _run(go())
+    _run(lg.run(settings, keys, duration_s, console, gateway_url=gateway_url, gateway_port=gateway_port, api_url=api_url))
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -16,6 +17,10 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+
+from api.demo_gateway import create_gateway_app
+from api.server import HttpServer
+from ingest.settings import GatewaySettings
 
 
 @dataclass
@@ -37,7 +42,16 @@ def plan_keys(run_id: str, calm: int, hot: int, calm_rate: float, hot_rate: floa
     return keys
 
 
-async def drive(gateway_url: str, keys: list[KeyTraffic], duration_s: float, console: Console) -> None:
+async def drive(
+    gateway_url: str,
+    keys: list[KeyTraffic],
+    duration_s: float,
+    console: Console,
+    *,
+    on_late_429: Callable[[KeyTraffic], Awaitable[None]] | None = None,
+) -> None:
+    """Send each key's requests at its rate for ``duration_s``. ``on_late_429`` is awaited whenever a key
+    is refused in the last third of the run (the quota report of a key while it is blocked)."""
     limits = httpx.Limits(max_connections=max(8, len(keys) * 2))
     async with httpx.AsyncClient(base_url=gateway_url, timeout=5.0, limits=limits) as client:
         started = time.monotonic()
@@ -56,8 +70,11 @@ async def drive(gateway_url: str, keys: list[KeyTraffic], duration_s: float, con
                 key.statuses[response.status_code] = key.statuses.get(response.status_code, 0) + 1
                 if response.status_code == 429:
                     key.limited += 1
+                    elapsed_s = time.monotonic() - started
                     if key.first_429_s is None:
-                        key.first_429_s = time.monotonic() - started
+                        key.first_429_s = elapsed_s
+                    if on_late_429 is not None and elapsed_s > duration_s * 2 / 3:
+                        await on_late_429(key)
                 elif response.is_success:
                     key.ok += 1
                 else:
@@ -115,3 +132,48 @@ async def fetch_quota(api_url: str, api_key: str) -> dict[str, Any]:
         response.raise_for_status()
         report: dict[str, Any] = response.json()
         return report
+
+
+async def run(
+    settings: GatewaySettings,
+    keys: list[KeyTraffic],
+    duration_s: float,
+    console: Console,
+    *,
+    gateway_url: str | None,
+    gateway_port: int,
+    api_url: str,
+) -> None:
+    """Drive the traffic (through the demo gateway unless ``gateway_url`` is given), then print what
+    each key got and the quota reports of a hot key (taken while it was blocked) and a calm key."""
+    server = None
+    if gateway_url is None:
+        server = HttpServer(create_gateway_app(settings), "127.0.0.1", gateway_port)
+        await server.start()
+        gateway_url = server.url
+    console.print(f"driving {len(keys)} keys through {gateway_url} for {duration_s:g}s")
+    hot = next((key for key in keys if key.name.startswith("hot")), None)
+    calm = next((key for key in keys if key.name.startswith("calm")), None)
+    reports: dict[str, dict[str, Any]] = {}
+
+    async def report(key: KeyTraffic) -> None:
+        try:
+            reports[key.name] = await fetch_quota(api_url, key.api_key)
+        except httpx.HTTPError as exc:
+            raise RuntimeError(f"no quota report from {api_url} ({exc}); is `throttlex run` up?") from None
+
+    async def report_blocked_hot_key(key: KeyTraffic) -> None:
+        if key is hot and key.name not in reports:
+            await report(key)
+
+    try:
+        await drive(gateway_url, keys, duration_s, console, on_late_429=report_blocked_hot_key)
+    finally:
+        if server is not None:
+            await server.stop()
+    console.print(traffic_table(keys))
+    for key in (hot, calm):
+        if key is not None:
+            if key.name not in reports:
+                await report(key)
+            console.print(quota_table(key.name, reports[key.name]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 from collections.abc import Iterator
 
 import uvicorn
@@ -39,3 +40,14 @@ class HttpServer:
         if self._task is not None:
             with contextlib.suppress(SystemExit):
                 await self._task
+
+
+async def serve_until_signalled(app: ASGIApp, host: str, port: int) -> None:
+    """Serve ``app`` until SIGINT or SIGTERM."""
+    server = HttpServer(app, host, port)
+    await server.start()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop()

@@ -29,7 +29,7 @@ def encode_block(block: Block) -> bytes:
     return msgspec.json.encode(block)
 
 
-def decode_block(raw: bytes) -> Block:
+def decode_block(raw: bytes | str) -> Block:
     return _decoder.decode(raw)
 
 

@@ -9,6 +9,7 @@ current time, so a report never needs the worker's state.
 from __future__ import annotations
 
 import logging
+from typing import cast
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -58,7 +59,8 @@ async def read_live_usage(
     redis: Redis, prefix: str, limit_key: str, policies: PolicySet
 ) -> dict[str, SlidingWindow]:
     """The stored window of every known policy for ``limit_key`` (policies with no traffic are absent)."""
-    stored: dict[bytes, bytes] = await redis.hgetall(usage_key(prefix, limit_key))
+    # ThrottleX's Redis clients never decode responses, so names and values are bytes.
+    stored = cast(dict[bytes, bytes], await redis.hgetall(usage_key(prefix, limit_key)))
     windows = {}
     for name, raw in stored.items():
         policy = policies.by_name(name.decode())

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from pydantic import SecretStr
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from redis.asyncio import Redis
@@ -82,14 +83,14 @@ class Sandbox:
             "THROTTLEX_LOG_LEVEL": "INFO",
         }
 
-    def settings(self, cls: type[S] = ConnectionSettings) -> S:  # type: ignore[assignment]
+    def settings(self, cls: type[S]) -> S:
         env = self.env
         return cls(
             kafka_bootstrap=env["THROTTLEX_KAFKA_BOOTSTRAP"],
             redis_url=env["THROTTLEX_REDIS_URL"],
             events_topic=env["THROTTLEX_EVENTS_TOPIC"],
             redis_prefix=env["THROTTLEX_REDIS_PREFIX"],
-            key_salt=env["THROTTLEX_KEY_SALT"],  # type: ignore[arg-type]
+            key_salt=SecretStr(env["THROTTLEX_KEY_SALT"]),
         )
 
     def write_policy(self, limit: int, window_s: float, bucket_s: float = 1.0) -> Path:

@@ -14,6 +14,7 @@ from ingest.blocklist import limit_key
 from ingest.clock import wall_clock_ms
 from ingest.denylist import EdgeDenylist
 from ingest.events import UsageEvent, key_id_for
+from ingest.settings import ConnectionSettings
 from processors.windows import SlidingWindow
 from tests.conftest import RoleProcess, Sandbox, eventually
 from tests.unit.ingest.test_events import make_event
@@ -33,7 +34,7 @@ async def test_over_limit_key_is_blocked_with_exact_ttl_and_reaches_edge_caches(
     producer: Callable[..., Awaitable[None]],
     redis: Redis,
 ) -> None:
-    settings = sandbox.settings()
+    settings = sandbox.settings(ConnectionSettings)
     prefix = settings.redis_prefix
     hot = key_id_for("hot-key", settings.key_salt_bytes)
     calm = key_id_for("calm-key", settings.key_salt_bytes)
@@ -59,7 +60,9 @@ async def test_over_limit_key_is_blocked_with_exact_ttl_and_reaches_edge_caches(
 
     hot_key = blocklist.block_key(prefix, limit_key([("api_key", hot)]))
     await eventually(lambda: redis.exists(hot_key), what="the hot key's denylist entry")
-    stored = blocklist.decode_block(await redis.get(hot_key))
+    raw = await redis.get(hot_key)
+    assert raw is not None
+    stored = blocklist.decode_block(raw)
     assert stored.until_ms == expected_until
     assert stored.policy == "test-limit"
     ttl_ms = await redis.pttl(hot_key)
@@ -86,7 +89,7 @@ async def test_bad_event_goes_to_the_dead_letter_topic_and_processing_continues(
     producer: Callable[..., Awaitable[None]],
     redis: Redis,
 ) -> None:
-    settings = sandbox.settings()
+    settings = sandbox.settings(ConnectionSettings)
     key = key_id_for("after-the-bad-one", settings.key_salt_bytes)
     spawn("worker", "--policy-file", str(sandbox.write_policy(limit=3, window_s=60)))
     await producer(b'{"v": 7, "event_id": "x"}', key=key.encode())

@@ -1,0 +1,45 @@
+# ThrottleX developer entry points. `make demo` and `make test` work on a fresh Debian machine:
+# they create .venv, install ThrottleX, and start Kafka and Redis with deploy/local/services.sh.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+export THROTTLEX_KAFKA_BOOTSTRAP ?= 127.0.0.1:$(or $(THROTTLEX_KAFKA_PORT),9092)
+export THROTTLEX_REDIS_URL       ?= redis://127.0.0.1:$(or $(THROTTLEX_REDIS_PORT),6379)/0
+
+.PHONY: help install services demo test typecheck down clean
+
+help:
+	@echo "make demo      run the whole pipeline locally with traffic; shows blocked keys and a quota report"
+	@echo "make test      type-check and run the whole test suite against local Kafka, Redis and chDB"
+	@echo "make services  start local Kafka and Redis (deploy/local/services.sh up)"
+	@echo "make down      stop them"
+	@echo "make clean     remove .venv and local data (.throttlex/)"
+
+$(BIN)/throttlex: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	@touch $@
+
+install: $(BIN)/throttlex
+
+services:
+	deploy/local/services.sh up
+
+demo: install
+	PATH="$(abspath $(BIN)):$$PATH" deploy/local/demo.sh
+
+typecheck: install
+	$(BIN)/mypy
+
+test: install services typecheck
+	$(BIN)/pytest
+	@echo "Kafka and Redis are still running for the next run; 'make down' stops them."
+
+down:
+	deploy/local/services.sh down
+
+clean: down
+	rm -rf $(VENV) .throttlex
