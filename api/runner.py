@@ -24,8 +24,6 @@ from processors.worker import PolicyWorker
 
 log = logging.getLogger(__name__)
 
-ROLES = ("worker", "sink", "api")
-
 
 async def run_roles(roles: set[str], settings: RunSettings) -> None:
     policies = load_policies(settings.policy_file) if roles & {"worker", "api"} else None
@@ -41,8 +39,9 @@ async def run_roles(roles: set[str], settings: RunSettings) -> None:
             store = UsageStore(settings.clickhouse_dsn)
             await store.open()
             stack.push_async_callback(store.close)
-            applied = await store.migrate()
-            log.info("clickhouse ready", extra={"embedded": store.embedded, "migrations_applied": applied})
+            if "sink" in roles:  # the writer owns the schema; `throttlex migrate` does it ahead of time
+                applied = await store.migrate()
+                log.info("clickhouse schema ready", extra={"embedded": store.embedded, "migrations_applied": applied})
 
         if "worker" in roles:
             assert policies is not None
