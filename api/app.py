@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 
 from aiokafka.admin import AIOKafkaAdminClient
@@ -56,8 +56,11 @@ def create_app(settings: ApiSettings, policies: PolicySet, *, store: UsageStore 
 
     @app.get("/healthz", tags=["operations"], summary="Status of each dependency")
     async def healthz(request: Request) -> JSONResponse:
+        state = request.app.state
         checks = await asyncio.gather(
-            _check_redis(request), _check_kafka(request), _check_clickhouse(request)
+            _probe(state.redis.ping(), RedisError),
+            _probe(state.kafka.describe_cluster(), KafkaError),
+            _check_clickhouse(request),
         )
         report = dict(zip(("redis", "kafka", "clickhouse"), checks, strict=True))
         healthy = all(status in ("ok", "not checked") for status in report.values())
@@ -70,19 +73,11 @@ def create_app(settings: ApiSettings, policies: PolicySet, *, store: UsageStore 
     return app
 
 
-async def _check_redis(request: Request) -> str:
+async def _probe(check: Awaitable[object], error: type[Exception]) -> str:
     try:
-        await asyncio.wait_for(request.app.state.redis.ping(), _HEALTH_TIMEOUT_S)
+        await asyncio.wait_for(check, _HEALTH_TIMEOUT_S)
         return "ok"
-    except (RedisError, OSError, TimeoutError) as exc:
-        return f"error: {type(exc).__name__}"
-
-
-async def _check_kafka(request: Request) -> str:
-    try:
-        await asyncio.wait_for(request.app.state.kafka.describe_cluster(), _HEALTH_TIMEOUT_S)
-        return "ok"
-    except (KafkaError, OSError, TimeoutError) as exc:
+    except (error, OSError, TimeoutError) as exc:
         return f"error: {type(exc).__name__}"
 
 

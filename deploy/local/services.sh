@@ -51,8 +51,8 @@ resolve_kafka() {
   command -v java >/dev/null || die "Java 17+ is needed to run the Kafka broker: apt-get install openjdk-17-jre-headless"
   say "resolving Apache Kafka $kafka_version from Maven Central into $libs"
   mkdir -p "$libs"
-  mvn -q -B -f "$pom" dependency:copy-dependencies -DoutputDirectory="$libs" \
-    || die "Maven could not resolve the Kafka broker (see the output above)"
+  mvn -B -f "$pom" dependency:copy-dependencies -DoutputDirectory="$libs" >"$state/maven.log" 2>&1 \
+    || { tail -n 40 "$state/maven.log" >&2; die "Maven could not resolve the Kafka broker (full log: $state/maven.log)"; }
   touch "$libs/.complete"
 }
 

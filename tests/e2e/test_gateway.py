@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from api.demo_gateway import create_gateway_app
 from api.server import HttpServer
@@ -101,6 +102,30 @@ async def test_over_limit_key_gets_429_within_a_second_and_quota_tells_the_truth
     [calm_policy] = calm_report["policies"]
     assert calm_report["blocked_until"] is None and calm_policy["blocked_until"] is None
     assert calm_policy["remaining"] == LIMIT - 5
+
+
+async def test_metrics_show_the_pipeline_moving(pipeline: tuple[httpx.AsyncClient, httpx.AsyncClient]) -> None:
+    gateway, api = pipeline
+    for _ in range(LIMIT + 5):
+        await gateway.get("/v1/items/2", headers={"x-api-key": "metered-key"})
+
+    async def scraped() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        text = (await api.get("/metrics")).text
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+    async def moving() -> bool:
+        samples = await scraped()
+        return (
+            samples.get(("throttlex_worker_events_total", ()), 0) >= LIMIT
+            and samples.get(("throttlex_worker_decisions_total", (("outcome", "block"), ("policy", "test-limit"))), 0) >= 1
+            and samples.get(("throttlex_sink_rows_total", ()), 0) >= LIMIT
+        )
+
+    await eventually(moving, timeout_s=10, what="worker and sink metrics to count the traffic")
 
 
 async def test_quota_needs_an_api_key(pipeline: tuple[httpx.AsyncClient, httpx.AsyncClient]) -> None:

@@ -1,0 +1,32 @@
+"""`throttlex migrate` on the real ClickHouse engine (chDB): applies the schema once, then nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from processors.usage_store import UsageStore
+from tests.unit.api.test_cli import throttlex
+
+pytestmark = pytest.mark.integration
+
+
+async def test_migrations_apply_once(tmp_path: Path) -> None:
+    env = {"THROTTLEX_CLICKHOUSE_DSN": f"chdb://{tmp_path / 'chdb'}"}
+    first = throttlex("migrate", env=env)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == "applied: 0001_usage_events.sql"
+    again = throttlex("migrate", env=env)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == "schema is up to date"
+
+    store = UsageStore(env["THROTTLEX_CLICKHOUSE_DSN"])
+    await store.open()
+    try:
+        columns = [row[0] for row in await store.query("SELECT name FROM system.columns WHERE table = 'usage_events'")]
+        versions = await store.query("SELECT version FROM throttlex_schema_migrations")
+    finally:
+        await store.close()
+    assert "event_time" in columns and "cost" in columns and "edge_blocked" in columns
+    assert versions == [(1,)]
