@@ -13,7 +13,6 @@ class ApiSettings(WorkerSettings, SinkSettings):
 
     api_host: str = Field("127.0.0.1", description="address the HTTP API listens on")
     api_port: int = Field(8080, ge=1, le=65535, description="port the HTTP API listens on")
-    api_key_header: str = Field("x-api-key", description="request header carrying the caller's API key")
 
 
 class RunSettings(ApiSettings):

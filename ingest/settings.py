@@ -28,6 +28,7 @@ class ConnectionSettings(BaseSettings):
         SecretStr("throttlex-dev-salt"),
         description="secret that turns API keys into key ids; set your own in production",
     )
+    api_key_header: str = Field("x-api-key", description="request header carrying the caller's API key")
     log_level: LogLevel = "INFO"
 
     @property
@@ -37,5 +38,4 @@ class ConnectionSettings(BaseSettings):
 
 class GatewaySettings(ConnectionSettings):
     tenant: str = Field("default", description="tenant recorded on events from this gateway")
-    api_key_header: str = Field("x-api-key", description="request header carrying the caller's API key")
     producer_linger_ms: int = Field(5, ge=0, description="how long the producer waits to fill a batch")

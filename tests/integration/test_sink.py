@@ -13,7 +13,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from ingest.clock import wall_clock_ms
 from processors.usage_store import UsageStore
 from tests.conftest import EVENTS_PARTITIONS, RoleProcess, Sandbox, eventually
-from tests.unit.ingest.test_events import make_event
+from tests.factories import make_event
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ from ingest.events import UsageEvent, key_id_for
 from ingest.settings import ConnectionSettings
 from processors.windows import SlidingWindow
 from tests.conftest import RoleProcess, Sandbox, eventually
-from tests.unit.ingest.test_events import make_event
+from tests.factories import make_event
 
 pytestmark = pytest.mark.integration
 

@@ -4,7 +4,7 @@ from ingest.blocklist import Block, limit_key
 from ingest.events import UsageEvent
 from processors.engine import PolicyEngine
 from processors.policy import PolicySet, load_policies
-from tests.unit.ingest.test_events import make_event
+from tests.factories import make_event
 
 POLICIES = """
 policies:

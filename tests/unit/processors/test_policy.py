@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from processors.policy import PolicyFileError, load_policies
-from tests.unit.ingest.test_events import make_event
+from tests.factories import make_event
 
 FILES = Path(__file__).parent / "policy_files"
 SAMPLE = Path(__file__).parents[3] / "deploy" / "config" / "policies.yaml"
