@@ -105,8 +105,20 @@ class UsageStore:
         result = await self._call(functools.partial(self._client.query, sql, parameters=parameters))
         return [tuple(row) for row in result.result_rows]
 
-    async def insert(self, table: str, rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> None:
-        await self._call(functools.partial(self._client.insert, table, rows, column_names=list(columns)))
+    async def insert(
+        self, table: str, rows: Sequence[Sequence[Any]], columns: Sequence[str], *, dedup_token: str | None = None
+    ) -> None:
+        """Insert synchronously. With ``dedup_token``, a block already inserted under the same token is
+        dropped, in ``table`` and in the materialized views it feeds."""
+        settings: dict[str, Any] = {"async_insert": 0}
+        if dedup_token is not None:
+            settings |= {
+                "insert_deduplicate": 1,
+                "insert_deduplication_token": dedup_token,
+                "deduplicate_blocks_in_dependent_materialized_views": 1,
+            }
+        insert = functools.partial(self._client.insert, table, rows, column_names=list(columns), settings=settings)
+        await self._call(insert)
 
     async def ping(self) -> bool:
         try:

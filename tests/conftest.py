@@ -187,22 +187,35 @@ def spawn(sandbox: Sandbox) -> Iterator[Callable[..., RoleProcess]]:
         print(f"--- log of throttlex {' '.join(role.args)} ---\n{role.log()[-5000:]}")
 
 
+class EventSender:
+    """Sends events to the sandbox's events topic exactly as a gateway does (keyed by key id)."""
+
+    def __init__(self, client: AIOKafkaProducer, topic: str) -> None:
+        self._client = client
+        self._topic = topic
+
+    async def __call__(self, event: UsageEvent | bytes, key: bytes | None = None) -> None:
+        if isinstance(event, UsageEvent):
+            key = event.api_key_id.encode()
+            event = encode(event)
+        await self._client.send_and_wait(self._topic, event, key=key)
+
+    async def send_all(self, events: list[UsageEvent]) -> None:
+        """Many events at once: queued in order, then all acknowledged."""
+        deliveries = [await self._client.send(self._topic, encode(e), key=e.api_key_id.encode()) for e in events]
+        await asyncio.gather(*deliveries)
+
+
 @pytest.fixture
-async def producer(sandbox: Sandbox) -> AsyncIterator[Callable[..., Awaitable[None]]]:
-    """Send events to the sandbox's events topic exactly as a gateway would (keyed by key id)."""
+async def producer(sandbox: Sandbox) -> AsyncIterator[EventSender]:
     topic = sandbox.env["THROTTLEX_EVENTS_TOPIC"]
     await ensure_topics(sandbox.kafka_bootstrap, {topic: EVENTS_PARTITIONS, sandbox.env["THROTTLEX_DEAD_LETTER_TOPIC"]: 1})
-    client = AIOKafkaProducer(bootstrap_servers=sandbox.kafka_bootstrap, acks="all", enable_idempotence=True)
+    client = AIOKafkaProducer(
+        bootstrap_servers=sandbox.kafka_bootstrap, acks="all", enable_idempotence=True, linger_ms=5
+    )
     await client.start()
-
-    async def send(event: UsageEvent | bytes, key: bytes | None = None) -> None:
-        if isinstance(event, UsageEvent):
-            await client.send_and_wait(topic, encode(event), key=event.api_key_id.encode())
-        else:
-            await client.send_and_wait(topic, event, key=key)
-
     try:
-        yield send
+        yield EventSender(client, topic)
     finally:
         await client.stop()
 

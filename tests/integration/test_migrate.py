@@ -16,7 +16,7 @@ async def test_migrations_apply_once(tmp_path: Path) -> None:
     env = {"THROTTLEX_CLICKHOUSE_DSN": f"chdb://{tmp_path / 'chdb'}"}
     first = throttlex("migrate", env=env)
     assert first.returncode == 0, first.stderr
-    assert first.stdout.strip() == "applied: 0001_usage_events.sql"
+    assert first.stdout.strip() == "applied: 0001_usage_events.sql, 0002_exactly_once_and_rollups.sql"
     again = throttlex("migrate", env=env)
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip() == "schema is up to date"
@@ -29,4 +29,4 @@ async def test_migrations_apply_once(tmp_path: Path) -> None:
     finally:
         await store.close()
     assert "event_time" in columns and "cost" in columns and "edge_blocked" in columns
-    assert versions == [(1,)]
+    assert sorted(versions) == [(1,), (2,)]

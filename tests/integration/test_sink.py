@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -12,7 +12,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from ingest.clock import wall_clock_ms
 from processors.usage_store import UsageStore
-from tests.conftest import EVENTS_PARTITIONS, RoleProcess, Sandbox, eventually
+from tests.conftest import EventSender, EVENTS_PARTITIONS, RoleProcess, Sandbox, eventually
 from tests.factories import make_event
 
 pytestmark = pytest.mark.integration
@@ -43,7 +43,7 @@ async def committed_offsets(sandbox: Sandbox) -> dict[TopicPartition, int]:
 
 
 async def test_every_event_lands_in_clickhouse_once(
-    sandbox: Sandbox, spawn: Callable[..., RoleProcess], producer: Callable[..., Awaitable[None]]
+    sandbox: Sandbox, spawn: Callable[..., RoleProcess], producer: EventSender
 ) -> None:
     sink = spawn("sink")
     start_ms = wall_clock_ms()
@@ -51,7 +51,7 @@ async def test_every_event_lands_in_clickhouse_once(
         make_event(event_id=uuid.uuid4(), api_key_id=f"key-{n % 7}", event_time_ms=start_ms + n, cost=1 + n % 3)
         for n in range(N)
     ]
-    await asyncio.gather(*(producer(event) for event in events))
+    await producer.send_all(events)
     await producer(b"\x00 not json", key=b"key-0")  # skipped by the sink, never stored
 
     expected = await end_offsets(sandbox)

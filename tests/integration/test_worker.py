@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import pytest
 from aiokafka import AIOKafkaConsumer
@@ -16,7 +16,7 @@ from ingest.denylist import EdgeDenylist
 from ingest.events import UsageEvent, key_id_for
 from ingest.settings import ConnectionSettings
 from processors.windows import SlidingWindow
-from tests.conftest import RoleProcess, Sandbox, eventually
+from tests.conftest import EventSender, RoleProcess, Sandbox, eventually
 from tests.factories import make_event
 
 pytestmark = pytest.mark.integration
@@ -31,7 +31,7 @@ def request(key_id: str, t_ms: int) -> UsageEvent:
 async def test_over_limit_key_is_blocked_with_exact_ttl_and_reaches_edge_caches(
     sandbox: Sandbox,
     spawn: Callable[..., RoleProcess],
-    producer: Callable[..., Awaitable[None]],
+    producer: EventSender,
     redis: Redis,
 ) -> None:
     settings = sandbox.settings(ConnectionSettings)
@@ -86,7 +86,7 @@ async def test_over_limit_key_is_blocked_with_exact_ttl_and_reaches_edge_caches(
 async def test_bad_event_goes_to_the_dead_letter_topic_and_processing_continues(
     sandbox: Sandbox,
     spawn: Callable[..., RoleProcess],
-    producer: Callable[..., Awaitable[None]],
+    producer: EventSender,
     redis: Redis,
 ) -> None:
     settings = sandbox.settings(ConnectionSettings)
