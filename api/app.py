@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 
@@ -13,11 +14,14 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
-from api import quota
+from api import event_ingest, quota, usage
 from api.settings import ApiSettings
+from ingest.producer import EventProducer
 from processors.policy import PolicySet
 from processors.usage_store import UsageStore
 from processors.worker import redis_client
+
+log = logging.getLogger(__name__)
 
 _HEALTH_TIMEOUT_S = 2.0
 
@@ -33,13 +37,18 @@ def create_app(settings: ApiSettings, policies: PolicySet, *, store: UsageStore 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.redis = redis_client(settings.redis_url, settings.redis_timeout_s)
         app.state.kafka = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+        app.state.producer = EventProducer(settings.kafka_bootstrap, settings.events_topic)
         try:
             await app.state.kafka.start()
-        except KafkaError:
-            pass  # /healthz reports it; the quota report does not need Kafka
+            await app.state.producer.start()
+        except KafkaError as exc:  # /healthz reports Kafka; POST /v1/events answers 503
+            log.warning("Kafka not reachable at start-up", extra={"error": str(exc)})
+            app.state.producer = None
         try:
             yield
         finally:
+            if app.state.producer is not None:
+                await app.state.producer.stop()
             await app.state.kafka.close()
             await app.state.redis.aclose()
 
@@ -53,6 +62,8 @@ def create_app(settings: ApiSettings, policies: PolicySet, *, store: UsageStore 
     app.state.policies = policies
     app.state.store = store
     app.include_router(quota.router)
+    app.include_router(usage.router)
+    app.include_router(event_ingest.router)
 
     @app.get("/healthz", tags=["operations"], summary="Status of each dependency")
     async def healthz(request: Request) -> JSONResponse:

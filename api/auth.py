@@ -1,7 +1,13 @@
-"""Who is calling: the API key from the configured header (or ``Authorization: Bearer``)."""
+"""Who is calling: an admin (a configured admin token), a gateway (an ingest token) or an API key.
+
+Credentials come as ``Authorization: Bearer <token-or-key>`` or, for API keys, in the configured
+key header (``x-api-key``). Tokens are compared in constant time; API keys are never compared at
+all, only turned into their key id.
+"""
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass
 
 from fastapi import HTTPException, Request
@@ -17,18 +23,64 @@ class CallerKey:
     limit_key: str
 
 
-def caller_key(request: Request) -> CallerKey:
+@dataclass(frozen=True)
+class Caller:
+    """An admin (``key`` is None) or the holder of one API key."""
+
+    key: CallerKey | None
+
+    @property
+    def admin(self) -> bool:
+        return self.key is None
+
+
+def _bearer(request: Request) -> str | None:
+    scheme, _, credential = request.headers.get("authorization", "").partition(" ")
+    return credential.strip() or None if scheme.lower() == "bearer" else None
+
+
+def _matches(credential: str, tokens: list[str]) -> bool:
+    found = False
+    for token in tokens:  # no early exit: the time taken does not depend on which token matched
+        found |= hmac.compare_digest(credential.encode(), token.encode())
+    return found
+
+
+def _unauthorized(detail: str) -> HTTPException:
+    metrics.AUTH_FAILURES.inc()
+    return HTTPException(status_code=401, detail=detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+def caller(request: Request) -> Caller:
+    """An admin or an API key; 401 if neither is presented."""
     settings = request.app.state.settings
-    api_key = request.headers.get(settings.api_key_header)
-    if api_key is None:
-        scheme, _, credential = request.headers.get("authorization", "").partition(" ")
-        api_key = credential if scheme.lower() == "bearer" and credential else None
+    bearer = _bearer(request)
+    if bearer is not None and _matches(bearer, settings.admin_token_list):
+        return Caller(key=None)
+    api_key = request.headers.get(settings.api_key_header) or bearer
     if not api_key:
-        metrics.AUTH_FAILURES.inc()
-        raise HTTPException(
-            status_code=401,
-            detail=f"missing API key: send it in the {settings.api_key_header} header or as 'Authorization: Bearer <key>'",
-            headers={"WWW-Authenticate": "Bearer"},
+        raise _unauthorized(
+            f"missing credentials: send an API key in the {settings.api_key_header} header "
+            "or as 'Authorization: Bearer <key>'"
         )
     key_id = key_id_for(api_key, settings.key_salt_bytes)
-    return CallerKey(key_id=key_id, limit_key=limit_key([("api_key", key_id)]))
+    return Caller(key=CallerKey(key_id=key_id, limit_key=limit_key([("api_key", key_id)])))
+
+
+def caller_key(request: Request) -> CallerKey:
+    """The calling API key; admins have no quota of their own."""
+    who = caller(request)
+    if who.key is None:
+        raise HTTPException(status_code=400, detail="an admin token has no quota; call with an API key")
+    return who.key
+
+
+def gateway(request: Request) -> None:
+    """A gateway sending events: an ingest token (or an admin token)."""
+    settings = request.app.state.settings
+    bearer = _bearer(request)
+    if bearer is None:
+        raise _unauthorized("missing credentials: send an ingest token as 'Authorization: Bearer <token>'")
+    if not _matches(bearer, settings.ingest_token_list + settings.admin_token_list):
+        metrics.AUTH_FAILURES.inc()
+        raise HTTPException(status_code=403, detail="this token may not send events")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from ingest.settings import GatewaySettings
 from processors.settings import SinkSettings, WorkerSettings
@@ -13,6 +13,23 @@ class ApiSettings(WorkerSettings, SinkSettings):
 
     api_host: str = Field("127.0.0.1", description="address the HTTP API listens on")
     api_port: int = Field(8080, ge=1, le=65535, description="port the HTTP API listens on")
+    admin_tokens: SecretStr = Field(SecretStr(""), description="comma-separated tokens that grant admin access")
+    ingest_tokens: SecretStr = Field(SecretStr(""), description="comma-separated tokens gateways use for POST /v1/events")
+    ingest_max_events: int = Field(1000, ge=1, description="most events in one POST /v1/events")
+    ingest_max_bytes: int = Field(1024 * 1024, ge=1024, description="largest POST /v1/events body")
+    usage_max_buckets: int = Field(10_000, ge=1, description="most time buckets one usage query may span")
+
+    @property
+    def admin_token_list(self) -> list[str]:
+        return _split(self.admin_tokens)
+
+    @property
+    def ingest_token_list(self) -> list[str]:
+        return _split(self.ingest_tokens)
+
+
+def _split(tokens: SecretStr) -> list[str]:
+    return [token.strip() for token in tokens.get_secret_value().split(",") if token.strip()]
 
 
 class RunSettings(ApiSettings):

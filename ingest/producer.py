@@ -55,6 +55,31 @@ class EventProducer:
         delivery.add_done_callback(_count_failure)
 
 
+    async def send_confirmed(self, events: list[UsageEvent]) -> list[BaseException | None]:
+        """Send events and wait until Kafka has each (acks=all); per event, the error or None."""
+        deliveries: list[asyncio.Future[object] | BaseException] = []
+        for event in events:
+            try:
+                deliveries.append(await self._producer.send(self._topic, encode(event), key=event.api_key_id.encode()))
+            except KafkaError as exc:
+                deliveries.append(exc)
+        outcomes: list[BaseException | None] = []
+        for delivery in deliveries:
+            if isinstance(delivery, BaseException):
+                outcomes.append(delivery)
+                continue
+            try:
+                await delivery
+                outcomes.append(None)
+            except KafkaError as exc:
+                outcomes.append(exc)
+        failed = sum(outcome is not None for outcome in outcomes)
+        metrics.EVENTS_PRODUCED.inc(len(events) - failed)
+        if failed:
+            metrics.EVENTS_FAILED.labels(reason="ingest").inc(failed)
+        return outcomes
+
+
 def _count_failure(delivery: asyncio.Future[object]) -> None:
     if not delivery.cancelled() and delivery.exception() is not None:
         metrics.EVENTS_FAILED.labels(reason=type(delivery.exception()).__name__).inc()

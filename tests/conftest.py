@@ -161,30 +161,38 @@ class RoleProcess:
             pytest.fail(f"`throttlex {' '.join(self.args)}` did not stop within {timeout_s}s:\n{self.log()[-3000:]}")
 
 
+def start_role(sandbox: Sandbox, args: list[str], extra_env: dict[str, str] | None = None) -> RoleProcess:
+    """Start `throttlex <args>` as its own process with the sandbox's settings, output to a log file."""
+    log_path = sandbox.root / f"{args[0]}-{secrets.token_hex(3)}.log"
+    env = {**os.environ, **sandbox.env, **(extra_env or {})}
+    with log_path.open("wb") as output:  # the child keeps its own descriptor
+        process = subprocess.Popen(
+            [sys.executable, "-c", "from api.cli import main; main()", *args],
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            cwd=sandbox.root,
+        )
+    return RoleProcess(args, log_path, process)
+
+
+def stop_role(role: RoleProcess) -> None:
+    role.stop()
+    print(f"--- log of throttlex {' '.join(role.args)} ---\n{role.log()[-5000:]}")
+
+
 @pytest.fixture
 def spawn(sandbox: Sandbox) -> Iterator[Callable[..., RoleProcess]]:
-    """Start `throttlex <args>` with the sandbox's settings; stopped (and its log shown) at teardown."""
+    """Start `throttlex <args>` for this test; stopped (and its log shown) at teardown."""
     started: list[RoleProcess] = []
 
     def start(*args: str, extra_env: dict[str, str] | None = None) -> RoleProcess:
-        log_path = sandbox.root / f"{args[0]}-{len(started)}.log"
-        env = {**os.environ, **sandbox.env, **(extra_env or {})}
-        with log_path.open("wb") as output:  # the child keeps its own descriptor
-            process = subprocess.Popen(
-                [sys.executable, "-c", "from api.cli import main; main()", *args],
-                env=env,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                cwd=sandbox.root,
-            )
-        role = RoleProcess(list(args), log_path, process)
-        started.append(role)
-        return role
+        started.append(start_role(sandbox, list(args), extra_env))
+        return started[-1]
 
     yield start
     for role in started:
-        role.stop()
-        print(f"--- log of throttlex {' '.join(role.args)} ---\n{role.log()[-5000:]}")
+        stop_role(role)
 
 
 class EventSender:

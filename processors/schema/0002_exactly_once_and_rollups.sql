@@ -5,6 +5,7 @@ ALTER TABLE usage_events MODIFY SETTING non_replicated_deduplication_window = 10
 
 -- Rollups, kept by materialized views on every insert into usage_events. Query them with sum() and
 -- quantilesMerge() grouped by the columns you need: totals are exact before and after merges.
+-- cost_units counts every request; billable_units leaves out those the gateways refused (429).
 CREATE TABLE IF NOT EXISTS usage_per_minute
 (
     bucket         DateTime('UTC'),
@@ -14,6 +15,7 @@ CREATE TABLE IF NOT EXISTS usage_per_minute
     status         UInt16,
     requests       SimpleAggregateFunction(sum, UInt64),
     cost_units     SimpleAggregateFunction(sum, UInt64),
+    billable_units SimpleAggregateFunction(sum, UInt64),
     response_bytes SimpleAggregateFunction(sum, UInt64),
     errors         SimpleAggregateFunction(sum, UInt64),
     edge_blocked   SimpleAggregateFunction(sum, UInt64),
@@ -27,7 +29,7 @@ SETTINGS non_replicated_deduplication_window = 1000;
 CREATE MATERIALIZED VIEW IF NOT EXISTS usage_per_minute_mv TO usage_per_minute AS
 SELECT
     toStartOfMinute(event_time) AS bucket, tenant, api_key_id, route, status,
-    count() AS requests, sum(cost) AS cost_units, sum(response_bytes) AS response_bytes,
+    count() AS requests, sum(cost) AS cost_units, sumIf(cost, NOT usage_events.edge_blocked) AS billable_units, sum(response_bytes) AS response_bytes,
     countIf(status >= 500) AS errors, countIf(edge_blocked) AS edge_blocked,
     quantilesState(0.5, 0.9, 0.99)(latency_ms) AS latency_ms
 FROM usage_events
@@ -42,7 +44,7 @@ SETTINGS non_replicated_deduplication_window = 1000;
 CREATE MATERIALIZED VIEW IF NOT EXISTS usage_per_hour_mv TO usage_per_hour AS
 SELECT
     toStartOfHour(event_time) AS bucket, tenant, api_key_id, route, status,
-    count() AS requests, sum(cost) AS cost_units, sum(response_bytes) AS response_bytes,
+    count() AS requests, sum(cost) AS cost_units, sumIf(cost, NOT usage_events.edge_blocked) AS billable_units, sum(response_bytes) AS response_bytes,
     countIf(status >= 500) AS errors, countIf(edge_blocked) AS edge_blocked,
     quantilesState(0.5, 0.9, 0.99)(latency_ms) AS latency_ms
 FROM usage_events
@@ -57,7 +59,7 @@ SETTINGS non_replicated_deduplication_window = 1000;
 CREATE MATERIALIZED VIEW IF NOT EXISTS usage_per_day_mv TO usage_per_day AS
 SELECT
     toStartOfDay(event_time) AS bucket, tenant, api_key_id, route, status,
-    count() AS requests, sum(cost) AS cost_units, sum(response_bytes) AS response_bytes,
+    count() AS requests, sum(cost) AS cost_units, sumIf(cost, NOT usage_events.edge_blocked) AS billable_units, sum(response_bytes) AS response_bytes,
     countIf(status >= 500) AS errors, countIf(edge_blocked) AS edge_blocked,
     quantilesState(0.5, 0.9, 0.99)(latency_ms) AS latency_ms
 FROM usage_events

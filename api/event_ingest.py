@@ -1,0 +1,73 @@
+"""``POST /v1/events``: usage events from gateways that are not Python, in batches.
+
+Each event is validated by the same contract as on the stream (`ingest.events.decode`); valid events
+are written to Kafka and acknowledged by it before the answer, so "accepted" means stored. The answer
+lists every rejected event with its index and reason: nothing is half-accepted silently.
+"""
+
+from __future__ import annotations
+
+import msgspec
+from fastapi import APIRouter, Depends, HTTPException, Request
+from pydantic import BaseModel
+
+from api.auth import gateway
+from ingest.events import EventError, UsageEvent, decode
+from ingest.producer import EventProducer
+
+router = APIRouter(prefix="/v1", tags=["ingest"])
+
+class Rejection(BaseModel):
+    index: int
+    reason: str
+
+class IngestResult(BaseModel):
+    accepted: int
+    rejected: int
+    errors: list[Rejection]
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(status_code=413, detail=f"body larger than {limit} bytes; send smaller batches")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(status_code=413, detail=f"body larger than {limit} bytes; send smaller batches")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+@router.post(
+    "/events",
+    status_code=202,
+    response_model=IngestResult,
+    summary="Send a batch of usage events (a JSON array of UsageEvent objects)",
+    dependencies=[Depends(gateway)],
+)
+async def ingest_events(request: Request) -> IngestResult:
+    settings = request.app.state.settings
+    producer: EventProducer | None = request.app.state.producer
+    body = await _read_body(request, settings.ingest_max_bytes)
+    try:
+        items = msgspec.json.decode(body, type=list[msgspec.Raw])
+    except msgspec.DecodeError as exc:
+        raise HTTPException(status_code=400, detail=f"body must be a JSON array of events: {exc}") from None
+    if len(items) > settings.ingest_max_events:
+        raise HTTPException(status_code=422, detail=f"{len(items)} events in one request; at most {settings.ingest_max_events}")
+    if producer is None:
+        raise HTTPException(status_code=503, detail="event ingest unavailable: Kafka was not reachable at start-up")
+
+    valid: list[tuple[int, UsageEvent]] = []
+    errors: list[Rejection] = []
+    for index, raw in enumerate(items):
+        try:
+            valid.append((index, decode(bytes(raw))))
+        except EventError as exc:
+            errors.append(Rejection(index=index, reason=exc.reason))
+    outcomes = await producer.send_confirmed([event for _, event in valid])
+    for (index, _), outcome in zip(valid, outcomes, strict=True):
+        if outcome is not None:
+            errors.append(Rejection(index=index, reason=f"not stored: Kafka error {type(outcome).__name__}"))
+    errors.sort(key=lambda rejection: rejection.index)
+    return IngestResult(accepted=len(items) - len(errors), rejected=len(errors), errors=errors)

@@ -1,0 +1,258 @@
+"""Usage, billing export and event ingest over HTTP, against `throttlex run` on real Kafka and chDB.
+
+Events go in through ``POST /v1/events``; every number the API returns is checked against a
+computation over those same events, made here.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import random
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import msgspec
+import pytest
+
+from ingest.events import UsageEvent, encode, key_id_for
+from tests.conftest import Sandbox, free_port, start_role, stop_role
+from tests.factories import make_event
+
+pytestmark = pytest.mark.e2e
+
+ADMIN, INGEST = "admin-secret-token", "gateway-ingest-token"
+# Three hours across a month boundary: 2026-10-31 22:00 to 2026-11-01 01:00 UTC.
+START = datetime(2026, 10, 31, 22, 0, tzinfo=UTC)
+START_MS = int(START.timestamp() * 1000)
+API_KEYS = {"alice-key": "acme", "bob-key": "acme", "carol-key": "globex"}
+
+
+@dataclass
+class UsageApi:
+    url: str
+    sandbox: Sandbox
+    events: list[UsageEvent]
+    key_ids: dict[str, str]
+
+
+def as_array(events: list[UsageEvent]) -> bytes:
+    return b"[" + b",".join(encode(e) for e in events) + b"]"
+
+
+@pytest.fixture(scope="module")
+def api(service_addresses: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[UsageApi]:
+    kafka, redis_url = service_addresses
+    sandbox = Sandbox(kafka_bootstrap=kafka, redis_url=redis_url, root=Path(tmp_path_factory.mktemp("usage-api")))
+    port = free_port()
+    role = start_role(
+        sandbox,
+        ["run", "--policy-file", str(sandbox.write_policy(limit=1_000_000, window_s=60)), "--api-port", str(port)],
+        {"THROTTLEX_ADMIN_TOKENS": f"{ADMIN},another-admin", "THROTTLEX_INGEST_TOKENS": INGEST},
+    )
+    salt = sandbox.env["THROTTLEX_KEY_SALT"].encode()
+    key_ids = {key: key_id_for(key, salt) for key in API_KEYS}
+    rng = random.Random(11)
+    events = []
+    for _ in range(3_000):
+        key = rng.choice(list(API_KEYS))
+        events.append(
+            make_event(
+                event_id=uuid.uuid4(),
+                api_key_id=key_ids[key],
+                tenant=API_KEYS[key],
+                event_time_ms=START_MS + rng.randrange(3 * 3_600_000),
+                route=rng.choice(["/v1/search", "/v1/items/{item_id}"]),
+                status=rng.choice([200, 200, 429, 500]),
+                cost=rng.randint(1, 4),
+                edge_blocked=rng.random() < 0.1,
+                latency_ms=rng.uniform(1, 50),
+            )
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=url, timeout=10) as client:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if client.get("/healthz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, f"`throttlex run` not healthy:\n{role.log()[-3000:]}"
+                time.sleep(0.2)
+            for start in range(0, len(events), 1_000):
+                response = client.post(
+                    "/v1/events",
+                    content=as_array(events[start : start + 1_000]),
+                    headers={"authorization": f"Bearer {INGEST}"},
+                )
+                assert response.status_code == 202, response.text
+                assert response.json() == {"accepted": 1_000, "rejected": 0, "errors": []}
+            deadline = time.monotonic() + 60
+            while total_requests(client) != len(events):
+                assert time.monotonic() < deadline, "the sink did not store every event"
+                time.sleep(0.3)
+        yield UsageApi(url, sandbox, events, key_ids)
+    finally:
+        stop_role(role)
+
+
+def total_requests(client: httpx.Client) -> int:
+    response = client.get(
+        "/v1/usage",
+        params={"from": "2026-10-31T00:00:00Z", "to": "2026-11-02T00:00:00Z", "granularity": "day"},
+        headers={"authorization": f"Bearer {ADMIN}"},
+    )
+    return sum(row["requests"] for row in response.json()["rows"]) if response.status_code == 200 else -1
+
+
+@pytest.fixture
+async def client(api: UsageApi) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=api.url, timeout=10) as http:
+        yield http
+
+
+def as_admin() -> dict[str, str]:
+    return {"authorization": f"Bearer {ADMIN}"}
+
+
+def as_key(key: str) -> dict[str, str]:
+    return {"x-api-key": key}
+
+
+def bucket_of(event: UsageEvent, seconds: int) -> str:
+    moment = datetime.fromtimestamp((event.event_time_ms // 1000) // seconds * seconds, tz=UTC)
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def normal(bucket: str) -> str:
+    return datetime.fromisoformat(bucket).astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+async def test_admin_usage_by_hour_key_and_status_matches_the_events(api: UsageApi, client: httpx.AsyncClient) -> None:
+    response = await client.get(
+        "/v1/usage",
+        params={"from": "2026-10-31T22:00:00Z", "to": "2026-11-01T01:00:00Z", "granularity": "hour", "group_by": "api_key_id,status"},
+        headers=as_admin(),
+    )
+    assert response.status_code == 200, response.text
+    got = {(normal(r["bucket"]), r["api_key_id"], r["status"]): (r["requests"], r["cost_units"], r["billable_units"], r["errors"], r["edge_blocked"]) for r in response.json()["rows"]}
+    expected: dict[tuple[str, str, int], list[int]] = {}
+    for e in api.events:
+        totals = expected.setdefault((bucket_of(e, 3600), e.api_key_id, e.status), [0, 0, 0, 0, 0])
+        totals[0] += 1
+        totals[1] += e.cost
+        totals[2] += 0 if e.edge_blocked else e.cost
+        totals[3] += e.status >= 500
+        totals[4] += e.edge_blocked
+    assert got == {key: tuple(values) for key, values in expected.items()}
+    assert all(row["latency_ms"]["p50"] is not None for row in response.json()["rows"])
+
+
+async def test_admin_reads_one_tenant_by_minute(api: UsageApi, client: httpx.AsyncClient) -> None:
+    response = await client.get(
+        "/v1/usage",
+        params={"from": "2026-10-31T23:30:00Z", "to": "2026-11-01T00:30:00Z", "granularity": "minute", "tenant": "globex", "group_by": "route"},
+        headers=as_admin(),
+    )
+    assert response.status_code == 200, response.text
+    got = {(normal(r["bucket"]), r["route"]): r["cost_units"] for r in response.json()["rows"]}
+    lo, hi = START_MS + 90 * 60_000, START_MS + 150 * 60_000
+    expected: Counter[tuple[str, str]] = Counter()
+    for e in api.events:
+        if e.tenant == "globex" and lo <= e.event_time_ms < hi:
+            expected[(bucket_of(e, 60), e.route)] += e.cost
+    assert got == expected
+
+
+async def test_a_key_sees_only_its_own_usage_whatever_it_asks(api: UsageApi, client: httpx.AsyncClient) -> None:
+    params = {"from": "2026-10-31T00:00:00Z", "to": "2026-11-02T00:00:00Z", "granularity": "day", "group_by": "api_key_id,tenant"}
+    own = await client.get("/v1/usage", params=params, headers=as_key("alice-key"))
+    widened = await client.get("/v1/usage", params={**params, "tenant": "globex"}, headers=as_key("alice-key"))
+    assert own.status_code == 200 and widened.status_code == 200
+    assert {row["api_key_id"] for row in own.json()["rows"]} == {api.key_ids["alice-key"]}
+    assert sum(r["requests"] for r in own.json()["rows"]) == sum(e.api_key_id == api.key_ids["alice-key"] for e in api.events)
+    assert widened.json()["rows"] == []  # alice's key in globex: nothing, never globex's usage
+    other = await client.get("/v1/usage", params={**params, "api_key_id": api.key_ids["carol-key"]}, headers=as_key("alice-key"))
+    assert other.status_code == 403
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv"])
+async def test_billing_export_per_tenant_and_key(api: UsageApi, client: httpx.AsyncClient, fmt: str) -> None:
+    response = await client.get("/v1/usage/export", params={"period": "2026-11", "format": fmt}, headers=as_admin())
+    assert response.status_code == 200, response.text
+    if fmt == "json":
+        rows = response.json()["rows"]
+    else:
+        assert response.headers["content-type"].startswith("text/csv")
+        rows = [{**row, "billable_units": int(row["billable_units"])} for row in csv.DictReader(io.StringIO(response.text))]
+    got = {(row["tenant"], row["api_key_id"]): row["billable_units"] for row in rows}
+    november_ms = int(datetime(2026, 11, 1, tzinfo=UTC).timestamp() * 1000)
+    expected: Counter[tuple[str, str]] = Counter()
+    for e in api.events:
+        if e.event_time_ms >= november_ms and not e.edge_blocked:
+            expected[(e.tenant, e.api_key_id)] += e.cost
+    assert got == expected
+
+    mine = await client.get("/v1/usage/export", params={"period": "2026-10"}, headers=as_key("bob-key"))
+    assert [(r["tenant"], r["api_key_id"]) for r in mine.json()["rows"]] == [("acme", api.key_ids["bob-key"])]
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "status", "message"),
+    [
+        ("/v1/usage", {"from": "2026-11-02T00:00:00Z", "to": "2026-11-01T00:00:00Z"}, 422, "'to' must be after 'from'"),
+        ("/v1/usage", {"from": "2026-01-01T00:00:00Z", "to": "2026-11-01T00:00:00Z", "granularity": "minute"}, 422, "range too large"),
+        ("/v1/usage", {"from": "2026-11-01T00:00:00Z", "to": "2026-11-02T00:00:00Z", "group_by": "route,password"}, 422, "unknown group_by field(s) password"),
+        ("/v1/usage", {"from": "2026-11-01T00:00:00Z", "to": "2026-11-02T00:00:00Z", "group_by": "route,route"}, 422, "repeats"),
+        ("/v1/usage", {"from": "2026-11-01T00:00:00Z", "to": "2026-11-02T00:00:00Z", "granularity": "week"}, 422, "granularity"),
+        ("/v1/usage", {"from": "yesterday", "to": "2026-11-02T00:00:00Z"}, 422, "from"),
+        ("/v1/usage", {"to": "2026-11-02T00:00:00Z"}, 422, "from"),
+        ("/v1/usage/export", {"period": "2026-13"}, 422, "YYYY-MM"),
+        ("/v1/usage/export", {"period": "nov"}, 422, "YYYY-MM"),
+        ("/v1/usage/export", {"period": "2026-11", "format": "xml"}, 422, "format"),
+    ],
+)
+async def test_bad_parameters_get_a_422_that_says_why(
+    client: httpx.AsyncClient, path: str, params: dict[str, str], status: int, message: str
+) -> None:
+    response = await client.get(path, params=params, headers=as_admin())
+    assert response.status_code == status, response.text
+    assert message in response.text
+
+
+async def test_usage_needs_credentials(client: httpx.AsyncClient) -> None:
+    response = await client.get("/v1/usage", params={"from": "2026-11-01T00:00:00Z", "to": "2026-11-02T00:00:00Z"})
+    assert response.status_code == 401
+
+
+async def test_ingest_validates_each_event_and_enforces_its_limits(api: UsageApi, client: httpx.AsyncClient) -> None:
+    good = make_event(event_id=uuid.uuid4(), api_key_id="ingest-test", event_time_ms=START_MS)
+    bad_cost = msgspec.json.decode(encode(good))
+    bad_cost["cost"] = -3
+    body = b"[" + encode(good) + b"," + msgspec.json.encode(bad_cost) + b',{"v": 9}, "text"]'
+    response = await client.post("/v1/events", content=body, headers={"authorization": f"Bearer {INGEST}"})
+    assert response.status_code == 202, response.text
+    result = response.json()
+    assert (result["accepted"], result["rejected"]) == (1, 3)
+    assert [(e["index"], e["reason"].split(":")[0]) for e in result["errors"]] == [
+        (1, "invalid event"), (2, "unknown schema version 9 (this build reads v1)"), (3, "invalid event"),
+    ]  # fmt: skip
+
+    ingest = {"authorization": f"Bearer {INGEST}"}
+    assert (await client.post("/v1/events", content=b"[]")).status_code == 401
+    assert (await client.post("/v1/events", content=b"[]", headers=as_key("alice-key"))).status_code == 401
+    assert (await client.post("/v1/events", content=b"[]", headers={"authorization": "Bearer alice-key"})).status_code == 403
+    assert (await client.post("/v1/events", content=b"{not json", headers=ingest)).status_code == 400
+    assert (await client.post("/v1/events", content=b'{"v": 1}', headers=ingest)).status_code == 400
+    too_many = as_array([good] * 1_001)
+    assert (await client.post("/v1/events", content=too_many, headers=ingest)).status_code == 422
+    too_big = b"[" + b" " * (1024 * 1024) + b"]"
+    assert (await client.post("/v1/events", content=too_big, headers=ingest)).status_code == 413
