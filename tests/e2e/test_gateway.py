@@ -132,4 +132,4 @@ async def test_quota_needs_an_api_key(pipeline: tuple[httpx.AsyncClient, httpx.A
     _, api = pipeline
     response = await api.get("/v1/quota")
     assert response.status_code == 401
-    assert "missing API key" in response.json()["detail"]
+    assert "missing credentials" in response.json()["detail"]
