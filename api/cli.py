@@ -93,7 +93,8 @@ def api(policy_file: PolicyFile = None, api_port: ApiPort = None) -> None:
 
 @cli.command()
 def migrate() -> None:
-    """Create or upgrade the ClickHouse schema ($THROTTLEX_CLICKHOUSE_DSN); safe to run repeatedly."""
+    """Create or upgrade the ClickHouse schema ($THROTTLEX_CLICKHOUSE_DSN) and apply the raw retention
+    ($THROTTLEX_RAW_RETENTION_DAYS); safe to run repeatedly."""
     settings = _settings(RunSettings)
 
     async def apply() -> None:
@@ -101,6 +102,7 @@ def migrate() -> None:
         await store.open()
         try:
             applied = await store.migrate()
+            await store.apply_retention(settings.raw_retention_days)
         finally:
             await store.close()
         typer.echo(f"applied: {', '.join(applied)}" if applied else "schema is up to date")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
@@ -13,8 +13,10 @@ from api import metrics
 from api.auth import CallerKey, caller_key
 from ingest import blocklist
 from ingest.clock import wall_clock_ms
+from processors import usage_queries
 from processors.live_usage import read_live_usage
 from processors.policy import PolicySet
+from processors.usage_store import StoreError, UsageStore
 
 router = APIRouter(prefix="/v1", tags=["quota"])
 
@@ -31,12 +33,25 @@ class PolicyQuota(BaseModel):
     shadow: bool
 
 
+class PlanQuota(BaseModel):
+    plan: str
+    period_start: datetime
+    period_end: datetime
+    limit_units: int = Field(description="billable cost units in the period")
+    used_units: int = Field(description="billable units stored in ClickHouse so far this period")
+    remaining_units: int
+    runs_out_at: datetime | None = Field(
+        description="when the quota runs out at the last hour's rate: now if it has, null if not this period"
+    )
+
+
 class QuotaReport(BaseModel):
     api_key_id: str
     limit_key: str
     blocked_until: datetime | None = Field(description="the block the gateways enforce now, if any")
     blocked_by: str | None = Field(description="the policy that caused that block")
     policies: list[PolicyQuota]
+    plan: PlanQuota | None = Field(description="the key's plan quota; null without plans or ClickHouse access")
 
 
 def _instant(ms: int | None) -> datetime | None:
@@ -80,4 +95,30 @@ async def quota(request: Request, caller: Annotated[CallerKey, Depends(caller_ke
         blocked_until=_instant(block.until_ms) if block else None,
         blocked_by=block.policy if block else None,
         policies=reports,
+        plan=await _plan_quota(request.app.state.store, policies, caller.key_id, datetime.fromtimestamp(now_ms / 1000, tz=UTC)),
     )
+
+
+async def _plan_quota(store: UsageStore | None, policies: PolicySet, key_id: str, now: datetime) -> PlanQuota | None:
+    """The default plan's monthly quota (keys carry no plan of their own yet), from ClickHouse."""
+    if store is None or policies.default_plan is None:
+        return None
+    plan = policies.plans[policies.default_plan]
+    start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    end = (start + timedelta(days=32)).replace(day=1)
+    try:
+        used = await usage_queries.billable_units(store, key_id, start, end)
+        last_hour = await usage_queries.billable_units(store, key_id, now - timedelta(hours=1), now + timedelta(minutes=1))
+    except StoreError:
+        return None
+    remaining = max(0, plan.monthly_units - used)
+    runs_out_at = None
+    if remaining == 0:
+        runs_out_at = now
+    elif last_hour:
+        forecast = now + timedelta(seconds=remaining / (last_hour / 3600))
+        runs_out_at = forecast if forecast < end else None
+    return PlanQuota(
+        plan=policies.default_plan, period_start=start, period_end=end, limit_units=plan.monthly_units,
+        used_units=used, remaining_units=remaining, runs_out_at=runs_out_at,
+    )  # fmt: skip

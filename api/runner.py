@@ -41,6 +41,7 @@ async def run_roles(roles: set[str], settings: RunSettings) -> None:
             stack.push_async_callback(store.close)
             if "sink" in roles:  # the writer owns the schema; `throttlex migrate` does it ahead of time
                 applied = await store.migrate()
+                await store.apply_retention(settings.raw_retention_days)
                 log.info("clickhouse schema ready", extra={"embedded": store.embedded, "migrations_applied": applied})
 
         if "worker" in roles:

@@ -7,6 +7,9 @@ Example (``deploy/config/policies.yaml``)::
         match: {routes: ["/v1/*"], methods: [GET, POST]}
         key: [api_key]
         algorithm: {type: sliding_window, limit: 100, window_s: 10, bucket_s: 1}
+    plans:
+      free: {monthly_units: 100000}
+    default_plan: free
 """
 
 from __future__ import annotations
@@ -81,8 +84,14 @@ class Policy(_Strict):
         return limit_key([(dim, event.api_key_id) for dim in self.key])
 
 
+class Plan(_Strict):
+    monthly_units: int = Field(gt=0, description="billable cost units per calendar month (UTC)")
+
+
 class PolicySet(_Strict):
     policies: list[Policy]
+    plans: dict[str, Plan] = Field(default_factory=dict, description="plan name to its quotas")
+    default_plan: str | None = Field(None, description="the plan of keys that name none")
 
     @model_validator(mode="after")
     def _unique_names(self) -> PolicySet:
@@ -90,6 +99,8 @@ class PolicySet(_Strict):
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"policy names must be unique; repeated: {', '.join(duplicates)}")
+        if self.default_plan is not None and self.default_plan not in self.plans:
+            raise ValueError(f"default_plan {self.default_plan!r} is not one of the plans: {', '.join(self.plans) or 'none'}")
         return self
 
     def matching(self, event: UsageEvent) -> list[Policy]:

@@ -33,6 +33,7 @@ class SinkSettings(StreamSettings):
     sink_group: str = Field("throttlex-sink", description="Kafka consumer group of the usage sink")
     sink_batch_max_rows: int = Field(50_000, ge=1, description="most rows in one ClickHouse insert")
     sink_flush_interval_s: float = Field(1.0, gt=0, description="longest wait before a partial batch is inserted")
+    raw_retention_days: int = Field(0, ge=0, description="days raw events are kept (0: forever); rollups stay")
     sink_commit_delay_s: float = Field(
         0.0, ge=0, description="pause between an insert and its offset commit; 0 except in crash tests"
     )

@@ -98,6 +98,17 @@ class UsageStore:
             applied.append(name)
         return applied
 
+    async def apply_retention(self, days: int) -> None:
+        """Keep raw events ``days`` days (0: forever). Rollups are kept regardless."""
+        [(create,)] = await self.query(
+            "SELECT create_table_query FROM system.tables WHERE database = currentDatabase() AND name = 'usage_events'"
+        )
+        if days > 0:
+            ttl = f"toDateTime(event_time) + toIntervalDay({int(days)})"
+            await self.command(f"ALTER TABLE usage_events MODIFY TTL {ttl}")
+        elif " TTL " in create:
+            await self.command("ALTER TABLE usage_events REMOVE TTL")
+
     async def command(self, sql: str) -> None:
         await self._call(functools.partial(self._client.command, sql))
 

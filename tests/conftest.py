@@ -93,14 +93,18 @@ class Sandbox:
             key_salt=SecretStr(env["THROTTLEX_KEY_SALT"]),
         )
 
-    def write_policy(self, limit: int, window_s: float, bucket_s: float = 1.0) -> Path:
+    def write_policy(self, limit: int, window_s: float, bucket_s: float = 1.0, *, monthly_units: int | None = None) -> Path:
+        """One sliding-window policy named ``test-limit``; with ``monthly_units``, a default plan too."""
         path = self.root / "policies.yaml"
-        path.write_text(
+        text = (
             "policies:\n"
             "  - name: test-limit\n"
             "    key: [api_key]\n"
             f"    algorithm: {{type: sliding_window, limit: {limit}, window_s: {window_s}, bucket_s: {bucket_s}}}\n"
         )
+        if monthly_units is not None:
+            text += f"plans:\n  test-plan: {{monthly_units: {monthly_units}}}\ndefault_plan: test-plan\n"
+        path.write_text(text)
         return path
 
 

@@ -14,7 +14,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -22,7 +22,7 @@ import msgspec
 import pytest
 
 from ingest.events import UsageEvent, encode, key_id_for
-from tests.conftest import Sandbox, free_port, start_role, stop_role
+from tests.conftest import Sandbox, eventually, free_port, start_role, stop_role
 from tests.factories import make_event
 
 pytestmark = pytest.mark.e2e
@@ -32,6 +32,7 @@ ADMIN, INGEST = "admin-secret-token", "gateway-ingest-token"
 START = datetime(2026, 10, 31, 22, 0, tzinfo=UTC)
 START_MS = int(START.timestamp() * 1000)
 API_KEYS = {"alice-key": "acme", "bob-key": "acme", "carol-key": "globex"}
+PLAN_UNITS = 5_000
 
 
 @dataclass
@@ -53,7 +54,7 @@ def api(service_addresses: tuple[str, str], tmp_path_factory: pytest.TempPathFac
     port = free_port()
     role = start_role(
         sandbox,
-        ["run", "--policy-file", str(sandbox.write_policy(limit=1_000_000, window_s=60)), "--api-port", str(port)],
+        ["run", "--policy-file", str(sandbox.write_policy(1_000_000, 60, monthly_units=PLAN_UNITS)), "--api-port", str(port)],
         {"THROTTLEX_ADMIN_TOKENS": f"{ADMIN},another-admin", "THROTTLEX_INGEST_TOKENS": INGEST},
     )
     salt = sandbox.env["THROTTLEX_KEY_SALT"].encode()
@@ -203,6 +204,39 @@ async def test_billing_export_per_tenant_and_key(api: UsageApi, client: httpx.As
 
     mine = await client.get("/v1/usage/export", params={"period": "2026-10"}, headers=as_key("bob-key"))
     assert [(r["tenant"], r["api_key_id"]) for r in mine.json()["rows"]] == [("acme", api.key_ids["bob-key"])]
+
+
+async def test_quota_reports_the_plan_used_this_month_and_a_forecast(api: UsageApi, client: httpx.AsyncClient) -> None:
+    now = datetime.now(UTC)
+    month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    month_start_ms = int(month_start.timestamp() * 1000)
+    recent = [
+        make_event(event_id=uuid.uuid4(), api_key_id=api.key_ids["alice-key"], tenant="acme", cost=10,
+                   event_time_ms=int((now - timedelta(minutes=50 - n)).timestamp() * 1000))
+        for n in range(45)
+    ]  # fmt: skip
+    ingest = await client.post("/v1/events", content=as_array(recent), headers={"authorization": f"Bearer {INGEST}"})
+    assert ingest.json()["accepted"] == len(recent)
+    history = [e for e in api.events if e.api_key_id == api.key_ids["alice-key"]] + recent
+    used = sum(e.cost for e in history if e.event_time_ms >= month_start_ms and not e.edge_blocked)
+
+    async def stored() -> bool:
+        report = (await client.get("/v1/quota", headers=as_key("alice-key"))).json()
+        return bool(report["plan"]["used_units"] == used)
+
+    await eventually(stored, timeout_s=15, what="the recent events to reach ClickHouse")
+    plan = (await client.get("/v1/quota", headers=as_key("alice-key"))).json()["plan"]
+    assert plan["plan"] == "test-plan" and plan["limit_units"] == PLAN_UNITS
+    assert plan["remaining_units"] == max(0, PLAN_UNITS - used)
+    rate_per_s = 450 / 3600  # the 45 recent events of 10 units, all in the last hour
+    expected = now + timedelta(seconds=plan["remaining_units"] / rate_per_s)
+    next_month = (month_start + timedelta(days=32)).replace(day=1)
+    if plan["remaining_units"] == 0:
+        assert plan["runs_out_at"] is not None
+    elif expected >= next_month:
+        assert plan["runs_out_at"] is None
+    else:
+        assert abs((datetime.fromisoformat(plan["runs_out_at"]) - expected).total_seconds()) < 120
 
 
 @pytest.mark.parametrize(

@@ -30,3 +30,19 @@ async def test_migrations_apply_once(tmp_path: Path) -> None:
         await store.close()
     assert "event_time" in columns and "cost" in columns and "edge_blocked" in columns
     assert sorted(versions) == [(1,), (2,)]
+
+    with_retention = throttlex("migrate", env={**env, "THROTTLEX_RAW_RETENTION_DAYS": "400"})
+    assert with_retention.returncode == 0, with_retention.stderr
+    assert "TTL toDateTime(event_time) + toIntervalDay(400)" in await create_query(env["THROTTLEX_CLICKHOUSE_DSN"])
+    assert throttlex("migrate", env=env).returncode == 0  # back to 0: keep forever
+    assert " TTL " not in await create_query(env["THROTTLEX_CLICKHOUSE_DSN"])
+
+
+async def create_query(dsn: str) -> str:
+    store = UsageStore(dsn)
+    await store.open()
+    try:
+        [(create,)] = await store.query("SELECT create_table_query FROM system.tables WHERE name = 'usage_events'")
+        return str(create)
+    finally:
+        await store.close()

@@ -23,6 +23,7 @@ def test_the_shipped_sample_policy_file_loads() -> None:
         ("zero_limit", "policy 'nothing-allowed': algorithm.sliding_window.limit: Input should be greater than 0"),
         ("unsupported_key", "policy 'per-ip': key.0: Input should be 'api_key'"),
         ("not_yaml", "not valid YAML"),
+        ("unknown_default_plan", "default_plan 'gold' is not one of the plans: free"),
     ],
 )
 def test_bad_policy_files_are_refused_with_file_policy_and_defect(name: str, message: str) -> None:
