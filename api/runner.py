@@ -11,59 +11,44 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Coroutine
+from typing import Any
 
 import prometheus_client
 
 from api.app import create_app
 from api.server import HttpServer
 from api.settings import RunSettings
-from processors.policy import load_policies
+from processors.policy import PolicySet, load_policies
+from processors.reconcile import Reconciler
 from processors.sink import UsageSink
 from processors.usage_store import UsageStore
-from processors.worker import PolicyWorker
+from processors.worker import PolicyWorker, redis_client
 
 log = logging.getLogger(__name__)
 
 
 async def run_roles(roles: set[str], settings: RunSettings) -> None:
-    policies = load_policies(settings.policy_file) if roles & {"worker", "api"} else None
+    policies = load_policies(settings.policy_file)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
     async with contextlib.AsyncExitStack() as stack:
-        failures: list[asyncio.Task[BaseException]] = []
-        store = None
-        if "sink" in roles or ("api" in roles and not settings.clickhouse_dsn.startswith("chdb:")):
-            store = UsageStore(settings.clickhouse_dsn)
-            await store.open()
-            stack.push_async_callback(store.close)
-            if "sink" in roles:  # the writer owns the schema; `throttlex migrate` does it ahead of time
-                applied = await store.migrate()
-                await store.apply_retention(settings.raw_retention_days)
-                log.info("clickhouse schema ready", extra={"embedded": store.embedded, "migrations_applied": applied})
-
+        watches: list[asyncio.Task[BaseException]] = []
+        store = await _open_store(stack, roles, settings)
         if "worker" in roles:
-            assert policies is not None
             worker = PolicyWorker(settings, policies)
             await worker.start()
             stack.push_async_callback(worker.stop)
-            failures.append(asyncio.create_task(worker.crashed(), name="worker-watch"))
+            watches.append(asyncio.create_task(worker.crashed(), name="worker-watch"))
             log.info("worker started", extra={"policies": [p.name for p in policies.policies]})
-
         if "sink" in roles:
             assert store is not None
-            sink = UsageSink(settings, store)
-            await sink.start()
-            stack.push_async_callback(sink.stop)
-            failures.append(asyncio.create_task(sink.crashed(), name="sink-watch"))
-            log.info("sink started")
-
+            watches += await _start_sink(stack, settings, policies, store)
         if "api" in roles:
-            assert policies is not None
-            app = create_app(settings, policies, store=store)
-            server = HttpServer(app, settings.api_host, settings.api_port)
+            server = HttpServer(create_app(settings, policies, store=store), settings.api_host, settings.api_port)
             await server.start()
             stack.push_async_callback(server.stop)
             log.info("api listening", extra={"url": server.url})
@@ -72,11 +57,56 @@ async def run_roles(roles: set[str], settings: RunSettings) -> None:
 
         log.info("running", extra={"roles": sorted(roles)})
         stopping = asyncio.create_task(stop.wait(), name="signal-watch")
-        await asyncio.wait([stopping, *failures], return_when=asyncio.FIRST_COMPLETED)
-        for task in [stopping, *failures]:
+        await asyncio.wait([stopping, *watches], return_when=asyncio.FIRST_COMPLETED)
+        for task in [stopping, *watches]:
             task.cancel()
-        crashed = [task.result() for task in failures if task.done() and not task.cancelled()]
+        crashed = [task.result() for task in watches if task.done() and not task.cancelled()]
         if crashed:
             log.error("a role crashed; stopping the others", extra={"reason": repr(crashed[0])})
             raise RuntimeError(f"a role crashed: {crashed[0]!r}")
         log.info("stopping")
+
+
+async def _open_store(stack: contextlib.AsyncExitStack, roles: set[str], settings: RunSettings) -> UsageStore | None:
+    """The ClickHouse store, when this process writes usage (sink) or may read it (API on a server)."""
+    if "sink" not in roles and ("api" not in roles or settings.clickhouse_dsn.startswith("chdb:")):
+        return None
+    store = UsageStore(settings.clickhouse_dsn)
+    await store.open()
+    stack.push_async_callback(store.close)
+    if "sink" in roles:  # the writer owns the schema; `throttlex migrate` does it ahead of time
+        applied = await store.migrate()
+        await store.apply_retention(settings.raw_retention_days)
+        log.info("clickhouse schema ready", extra={"embedded": store.embedded, "migrations_applied": applied})
+    return store
+
+
+async def _start_sink(
+    stack: contextlib.AsyncExitStack, settings: RunSettings, policies: PolicySet, store: UsageStore
+) -> list[asyncio.Task[BaseException]]:
+    """The sink, and the reconciliation loop that runs where ClickHouse is."""
+    sink = UsageSink(settings, store)
+    await sink.start()
+    stack.push_async_callback(sink.stop)
+    watches = [asyncio.create_task(sink.crashed(), name="sink-watch")]
+    if settings.reconcile_interval_s:
+        redis = redis_client(settings.redis_url, settings.redis_timeout_s)
+        stack.push_async_callback(redis.aclose)
+        reconciler = Reconciler(
+            redis, settings.redis_prefix, policies, store,
+            settle_s=settings.reconcile_settle_s, max_keys=settings.reconcile_max_keys,
+        )  # fmt: skip
+        loop = asyncio.create_task(_failure_of(reconciler.run(settings.reconcile_interval_s)), name="reconcile")
+        stack.callback(loop.cancel)
+        watches.append(loop)
+    log.info("sink started")
+    return watches
+
+
+async def _failure_of(task: Coroutine[Any, Any, None]) -> BaseException:
+    """Run a background loop that never ends on its own; return the error that ended it."""
+    try:
+        await task
+    except Exception as exc:
+        return exc
+    return RuntimeError("background loop ended unexpectedly")

@@ -1,6 +1,6 @@
 """Prometheus metrics of the worker and sink roles."""
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 EVENTS_CONSUMED = Counter("throttlex_worker_events_total", "Usage events processed by the policy engine")
 EVENTS_DEAD_LETTERED = Counter(
@@ -23,3 +23,13 @@ SINK_ROWS = Counter("throttlex_sink_rows_total", "Rows inserted into ClickHouse 
 SINK_SKIPPED = Counter("throttlex_sink_skipped_total", "Undecodable events the sink did not store")
 SINK_INSERT_SECONDS = Histogram("throttlex_sink_insert_seconds", "Duration of one ClickHouse insert")
 SINK_ERRORS = Counter("throttlex_sink_errors_total", "Failed sink operations", ["kind"])
+
+RECONCILE_DRIFT = Gauge(
+    "throttlex_reconciliation_drift_units",
+    "Sum over the windows checked in the last round of |live units - ClickHouse units|",
+)
+RECONCILE_WINDOWS = Counter("throttlex_reconciliation_windows_total", "Live windows compared with ClickHouse")
+RECONCILE_MISMATCHES = Counter(
+    "throttlex_reconciliation_mismatches_total", "Live windows whose units differed from ClickHouse"
+)
+RECONCILE_ERRORS = Counter("throttlex_reconciliation_errors_total", "Reconciliation rounds that failed")

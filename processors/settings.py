@@ -33,6 +33,9 @@ class SinkSettings(StreamSettings):
     sink_group: str = Field("throttlex-sink", description="Kafka consumer group of the usage sink")
     sink_batch_max_rows: int = Field(50_000, ge=1, description="most rows in one ClickHouse insert")
     sink_flush_interval_s: float = Field(1.0, gt=0, description="longest wait before a partial batch is inserted")
+    reconcile_interval_s: float = Field(30.0, ge=0, description="how often live counts are checked against ClickHouse (0: never)")
+    reconcile_settle_s: float = Field(10.0, ge=0, description="only buckets that ended this long ago are compared")
+    reconcile_max_keys: int = Field(500, ge=1, description="most live keys compared per round")
     raw_retention_days: int = Field(0, ge=0, description="days raw events are kept (0: forever); rollups stay")
     sink_commit_delay_s: float = Field(
         0.0, ge=0, description="pause between an insert and its offset commit; 0 except in crash tests"
