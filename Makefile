@@ -8,11 +8,12 @@ BIN    := $(VENV)/bin
 export THROTTLEX_KAFKA_BOOTSTRAP ?= 127.0.0.1:$(or $(THROTTLEX_KAFKA_PORT),9092)
 export THROTTLEX_REDIS_URL       ?= redis://127.0.0.1:$(or $(THROTTLEX_REDIS_PORT),6379)/0
 
-.PHONY: help install services demo test typecheck down clean
+.PHONY: help install services demo test typecheck bench-sink down clean
 
 help:
 	@echo "make demo      run the whole pipeline locally with traffic; shows blocked keys and a quota report"
 	@echo "make test      type-check and run the whole test suite against local Kafka, Redis and chDB"
+	@echo "make bench-sink  measure the sink's rows per second into chDB (writes tests/perf/results.json)"
 	@echo "make services  start local Kafka and Redis (deploy/local/services.sh up)"
 	@echo "make down      stop them"
 	@echo "make clean     remove .venv and local data (.throttlex/)"
@@ -37,6 +38,9 @@ typecheck: install
 test: install services typecheck
 	$(BIN)/pytest
 	@echo "Kafka and Redis are still running for the next run; 'make down' stops them."
+
+bench-sink: install services
+	$(BIN)/python -m tests.perf.bench_sink
 
 down:
 	deploy/local/services.sh down
