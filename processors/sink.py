@@ -14,7 +14,8 @@ holding one Kafka partition's offsets ``first..last``:
 After a crash anywhere in between, the partition's next owner reads the intent, rebuilds exactly the
 same batch (it waits for offset ``last`` and goes no further) and inserts it with the same token: a
 batch that had landed is dropped as a duplicate, one that had not lands now. Inserts that fail are
-retried with backoff and nothing is committed meanwhile, so no event is lost.
+retried with backoff and nothing is committed meanwhile, so no event is lost; an insert ClickHouse refuses as
+such (a schema mismatch) stops the sink with the reason instead.
 """
 
 from __future__ import annotations
@@ -150,19 +151,32 @@ class UsageSink:
             batches = self._take_batches()
             if batches:
                 await self._write(batches)
+            self._consumer.resume(*self._consumer.paused())
 
     async def _collect(self) -> None:
-        """Read until enough rows are pending, the flush interval has passed, or a stop is requested."""
+        """Read until enough rows are pending, the flush interval has passed, or a stop is requested.
+
+        A replayed batch must be read to its recorded end whatever its size: while one is incomplete
+        and the other partitions have filled their share, those partitions are paused.
+        """
         settings = self._settings
         deadline = time.monotonic() + settings.sink_flush_interval_s
         while not self._stopping.is_set():
-            room = settings.sink_batch_max_rows - sum(map(len, self._pending.values()))
+            unfenced = sum(len(records) for tp, records in self._pending.items() if tp not in self._fences)
+            room = settings.sink_batch_max_rows - unfenced
             left_ms = int((deadline - time.monotonic()) * 1000)
-            if room <= 0 or left_ms <= 0:
+            if left_ms <= 0 or (room <= 0 and not self._incomplete_fences()):
                 return
-            fetched = await self._consumer.getmany(timeout_ms=min(left_ms, 200), max_records=room)
+            if room <= 0:
+                self._consumer.pause(*(tp for tp in self._consumer.assignment() if tp not in self._fences))
+            fetched = await self._consumer.getmany(timeout_ms=min(left_ms, 200), max_records=max(room, 1_000))
             for tp, records in fetched.items():
                 self._pending.setdefault(tp, []).extend(records)
+
+    def _incomplete_fences(self) -> bool:
+        return any(
+            not (records := self._pending.get(tp)) or records[-1].offset < fence for tp, fence in self._fences.items()
+        )
 
     def _take_batches(self) -> list[Batch]:
         """Cut each partition's pending records into its next batch.
@@ -217,6 +231,8 @@ class UsageSink:
                     await self._store.insert("usage_events", rows, EVENT_COLUMNS, dedup_token=batch.token)
             except StoreError as exc:
                 metrics.SINK_ERRORS.labels(kind="insert").inc()
+                if not exc.retriable:
+                    raise  # e.g. a schema that does not match: stop the sink and say why
                 log.warning(
                     "insert failed; retrying",
                     extra={"batch": batch.token, "error": str(exc), "retry_in_s": backoff_s},

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -19,13 +20,16 @@ from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import clickhouse_connect
-from clickhouse_connect.driver.exceptions import ClickHouseError
+from clickhouse_connect.driver.exceptions import ClickHouseError, OperationalError
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 SCHEMES = ("chdb", "http", "https")
+
+# Server error codes that pass with time: timeouts, overload, too many parts, a read-only replica.
+_TRANSIENT_CODES = {159, 202, 209, 210, 241, 242, 252}
 
 EVENT_COLUMNS = (
     "event_id", "event_time", "api_key_id", "tenant", "route", "method", "status", "latency_ms",
@@ -140,10 +144,18 @@ class UsageStore:
     async def _call(self, fn: Callable[[], T]) -> T:
         try:
             return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
-        except ClickHouseError as exc:
-            raise StoreError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, retriable=True) from exc
+        except OperationalError as exc:  # connection-level: the server may come back
+            raise StoreError(_first_line(exc), retriable=True) from exc
+        except ClickHouseError as exc:  # refused by the server: retry only what is known to pass
+            code = re.search(r"Code: (\d+)", str(exc))
+            transient = code is not None and int(code[1]) in _TRANSIENT_CODES
+            raise StoreError(_first_line(exc), retriable=transient) from exc
         except OSError as exc:
             raise StoreError(f"{type(exc).__name__}: {exc}", retriable=True) from exc
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _statements(sql: str) -> list[str]:

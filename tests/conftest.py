@@ -81,6 +81,7 @@ class Sandbox:
             "THROTTLEX_KEY_SALT": f"salt-{self.tag}",
             "THROTTLEX_METRICS_PORT": "0",
             "THROTTLEX_LOG_LEVEL": "INFO",
+            "THROTTLEX_POLICY_FILE": str(self.root / "policies.yaml"),
         }
 
     def settings(self, cls: type[S]) -> S:
@@ -140,7 +141,9 @@ def service_addresses() -> tuple[str, str]:
 @pytest.fixture
 def sandbox(service_addresses: tuple[str, str], tmp_path: Path) -> Sandbox:
     kafka, redis_url = service_addresses
-    return Sandbox(kafka_bootstrap=kafka, redis_url=redis_url, root=tmp_path)
+    sandbox = Sandbox(kafka_bootstrap=kafka, redis_url=redis_url, root=tmp_path)
+    sandbox.write_policy(limit=1_000, window_s=60)  # tests that care write their own
+    return sandbox
 
 
 @dataclass
