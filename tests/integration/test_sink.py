@@ -42,6 +42,14 @@ async def committed_offsets(sandbox: Sandbox) -> dict[TopicPartition, int]:
         await admin.close()
 
 
+async def wait_until_all_committed(sandbox: Sandbox, expected: dict[TopicPartition, int], timeout_s: float) -> None:
+    async def all_committed() -> bool:
+        committed = await committed_offsets(sandbox)
+        return all(committed.get(tp, -1) == offset for tp, offset in expected.items())
+
+    await eventually(all_committed, timeout_s=timeout_s, what="the sink to commit every offset")
+
+
 async def test_every_event_lands_in_clickhouse_once(
     sandbox: Sandbox, spawn: Callable[..., RoleProcess], producer: EventSender
 ) -> None:
@@ -57,11 +65,7 @@ async def test_every_event_lands_in_clickhouse_once(
     expected = await end_offsets(sandbox)
     assert sum(expected.values()) == N + 1
 
-    async def all_committed() -> bool:
-        committed = await committed_offsets(sandbox)
-        return all(committed.get(tp, -1) == offset for tp, offset in expected.items())
-
-    await eventually(all_committed, timeout_s=60, what="the sink to commit every offset")
+    await wait_until_all_committed(sandbox, expected, timeout_s=60)
     assert sink.stop() == 0, sink.log()
 
     store = UsageStore(sandbox.env["THROTTLEX_CLICKHOUSE_DSN"])

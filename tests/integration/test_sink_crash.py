@@ -16,7 +16,7 @@ import pytest
 from processors.usage_store import UsageStore
 from tests.conftest import EventSender, RoleProcess, Sandbox, eventually
 from tests.factories import make_event
-from tests.integration.test_sink import committed_offsets, end_offsets
+from tests.integration.test_sink import end_offsets, wait_until_all_committed
 
 pytestmark = pytest.mark.integration
 
@@ -66,13 +66,7 @@ async def test_sigkill_at_any_point_neither_loses_nor_duplicates(
 
     # 4. Run to the end and stop cleanly.
     sink = spawn("sink")
-    expected_offsets = await end_offsets(sandbox)
-
-    async def all_committed() -> bool:
-        committed = await committed_offsets(sandbox)
-        return all(committed.get(tp, -1) == offset for tp, offset in expected_offsets.items())
-
-    await eventually(all_committed, timeout_s=120, what="the sink to commit every offset")
+    await wait_until_all_committed(sandbox, await end_offsets(sandbox), timeout_s=120)
     assert sink.stop() == 0, sink.log()
 
     store = UsageStore(sandbox.env["THROTTLEX_CLICKHOUSE_DSN"])
