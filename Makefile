@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 export THROTTLEX_KAFKA_BOOTSTRAP ?= 127.0.0.1:$(or $(THROTTLEX_KAFKA_PORT),9092)
 export THROTTLEX_REDIS_URL       ?= redis://127.0.0.1:$(or $(THROTTLEX_REDIS_PORT),6379)/0
 
-.PHONY: help install services demo test typecheck bench-sink down clean
+.PHONY: help install services tools demo test typecheck bench-sink down clean
 
 help:
 	@echo "make demo      run the whole pipeline locally with traffic; shows blocked keys and a quota report"
@@ -35,7 +35,10 @@ demo: install
 typecheck: install
 	$(BIN)/mypy
 
-test: install services typecheck
+tools:
+	deploy/local/tools.sh
+
+test: install services tools typecheck
 	$(BIN)/pytest
 	@echo "Kafka and Redis are still running for the next run; 'make down' stops them."
 

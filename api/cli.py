@@ -111,15 +111,20 @@ def migrate() -> None:
 
 
 @cli.command()
-def gateway(port: Annotated[int, typer.Option(help="port of the demo gateway")] = 8090) -> None:
-    """Run the demo gateway: a small API behind the ThrottleX middleware."""
+def gateway(
+    port: Annotated[int, typer.Option(help="port of the demo gateway")] = 8090,
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+) -> None:
+    """Run the demo gateway: a small API behind the ThrottleX middleware (its /metrics included)."""
     settings = _settings(LoadgenSettings)
     configure_logging(settings.log_level, role="gateway")
-
     from api.demo_gateway import create_gateway_app
     from api.server import serve_until_signalled
 
-    _run(serve_until_signalled(create_gateway_app(settings), "127.0.0.1", port))
+    async def serve() -> None:  # the Kafka producer must be made inside the running loop
+        await serve_until_signalled(create_gateway_app(settings), host, port)
+
+    _run(serve())
 
 
 @cli.command()

@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ingest.denylist import EdgeDenylist
 from ingest.middleware import ThrottleXMiddleware
@@ -40,6 +41,10 @@ def create_gateway_app(settings: GatewaySettings) -> FastAPI:
         tenant=settings.tenant,
         api_key_header=settings.api_key_header,
     )
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/items/{item_id}")
     async def item(item_id: int) -> dict[str, int | str]:

@@ -11,6 +11,7 @@ import msgspec
 from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel
 
+from api import metrics
 from api.auth import gateway
 from ingest.events import EventError, UsageEvent, decode
 from ingest.producer import EventProducer
@@ -70,4 +71,6 @@ async def ingest_events(request: Request) -> IngestResult:
         if outcome is not None:
             errors.append(Rejection(index=index, reason=f"not stored: Kafka error {type(outcome).__name__}"))
     errors.sort(key=lambda rejection: rejection.index)
+    metrics.INGESTED_EVENTS.labels(outcome="accepted").inc(len(items) - len(errors))
+    metrics.INGESTED_EVENTS.labels(outcome="rejected").inc(len(errors))
     return IngestResult(accepted=len(items) - len(errors), rejected=len(errors), errors=errors)

@@ -19,6 +19,7 @@ import prometheus_client
 from api.app import create_app
 from api.server import HttpServer
 from api.settings import RunSettings
+from processors.lag import watch_lag
 from processors.policy import PolicySet, load_policies
 from processors.reconcile import Reconciler
 from processors.sink import UsageSink
@@ -43,6 +44,8 @@ async def run_roles(roles: set[str], settings: RunSettings) -> None:
             await worker.start()
             stack.push_async_callback(worker.stop)
             watches.append(asyncio.create_task(worker.crashed(), name="worker-watch"))
+            lag = watch_lag(settings.kafka_bootstrap, settings.worker_app_id, settings.events_topic)
+            watches.append(_background(stack, lag))
             log.info("worker started", extra={"policies": [p.name for p in policies.policies]})
         if "sink" in roles:
             assert store is not None
@@ -88,7 +91,10 @@ async def _start_sink(
     sink = UsageSink(settings, store)
     await sink.start()
     stack.push_async_callback(sink.stop)
-    watches = [asyncio.create_task(sink.crashed(), name="sink-watch")]
+    watches = [
+        asyncio.create_task(sink.crashed(), name="sink-watch"),
+        _background(stack, watch_lag(settings.kafka_bootstrap, settings.sink_group, settings.events_topic)),
+    ]
     if settings.reconcile_interval_s:
         redis = redis_client(settings.redis_url, settings.redis_timeout_s)
         stack.push_async_callback(redis.aclose)
@@ -96,17 +102,21 @@ async def _start_sink(
             redis, settings.redis_prefix, policies, store,
             settle_s=settings.reconcile_settle_s, max_keys=settings.reconcile_max_keys,
         )  # fmt: skip
-        loop = asyncio.create_task(_failure_of(reconciler.run(settings.reconcile_interval_s)), name="reconcile")
-        stack.callback(loop.cancel)
-        watches.append(loop)
+        watches.append(_background(stack, reconciler.run(settings.reconcile_interval_s)))
     log.info("sink started")
     return watches
 
 
-async def _failure_of(task: Coroutine[Any, Any, None]) -> BaseException:
-    """Run a background loop that never ends on its own; return the error that ended it."""
-    try:
-        await task
-    except Exception as exc:
-        return exc
-    return RuntimeError("background loop ended unexpectedly")
+def _background(stack: contextlib.AsyncExitStack, loop: Coroutine[Any, Any, None]) -> asyncio.Task[BaseException]:
+    """Run a loop that never ends on its own, cancelled on exit; the task's result is what ended it."""
+
+    async def failure() -> BaseException:
+        try:
+            await loop
+        except Exception as exc:
+            return exc
+        return RuntimeError("background loop ended unexpectedly")
+
+    task = asyncio.create_task(failure(), name=getattr(loop, "__name__", "background"))
+    stack.callback(task.cancel)
+    return task

@@ -20,6 +20,8 @@ class Block(msgspec.Struct, frozen=True):
     limit_key: str
     until_ms: int
     policy: str
+    published_ms: int = 0
+    """When the worker wrote it (0 if unknown): edges measure their sync lag from it."""
 
 
 _decoder = msgspec.json.Decoder(Block)

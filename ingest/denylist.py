@@ -111,7 +111,10 @@ class EdgeDenylist:
             metrics.EDGE_REDIS_ERRORS.labels(kind="bad_message").inc()
             log.warning("ignoring malformed denylist message", extra={"error": str(exc)})
             return
-        if block.until_ms > self._clock():
+        now_ms = self._clock()
+        if block.published_ms:
+            metrics.EDGE_SYNC_LAG.observe(max(0, now_ms - block.published_ms) / 1000)
+        if block.until_ms > now_ms:
             self._cache[block.limit_key] = block
         else:
             self._cache.pop(block.limit_key, None)

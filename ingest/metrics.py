@@ -1,6 +1,6 @@
 """Prometheus metrics of the gateway role (middleware, producer, edge denylist)."""
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 EVENTS_PRODUCED = Counter(
     "throttlex_gateway_events_produced_total", "Usage events handed to the Kafka producer"
@@ -19,4 +19,9 @@ EDGE_RESYNCS = Counter(
 )
 EDGE_REDIS_ERRORS = Counter(
     "throttlex_edge_redis_errors_total", "Redis errors seen by the edge denylist client", ["kind"]
+)
+EDGE_SYNC_LAG = Histogram(
+    "throttlex_edge_sync_lag_seconds",
+    "Time from a worker writing a block to this gateway's cache holding it",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -30,10 +31,11 @@ class DenylistWriter:
         self._pending: dict[str, Block] = {}
 
     async def publish(self, block: Block) -> bool:
-        ttl_ms = block.until_ms - self._clock()
+        now_ms = self._clock()
+        ttl_ms = block.until_ms - now_ms
         if ttl_ms <= 0:
             return True
-        encoded = blocklist.encode_block(block)
+        encoded = blocklist.encode_block(msgspec.structs.replace(block, published_ms=now_ms))
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.set(blocklist.block_key(self._prefix, block.limit_key), encoded, px=ttl_ms)

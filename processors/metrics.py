@@ -19,6 +19,12 @@ PROCESSING_SECONDS = Histogram(
 )
 REDIS_ERRORS = Counter("throttlex_worker_redis_errors_total", "Redis errors in the worker", ["kind"])
 
+ACTIVE_BLOCKS = Gauge("throttlex_worker_active_blocks", "Blocks this worker wrote that are still in force")
+CONSUMER_LAG = Gauge("throttlex_consumer_lag_events", "Events on the topic the group has not committed yet", ["group"])
+CLICKHOUSE_ERRORS = Counter(
+    "throttlex_clickhouse_errors_total", "Failed ClickHouse calls, by kind: connection, transient or refused", ["kind"]
+)
+
 SINK_ROWS = Counter("throttlex_sink_rows_total", "Rows inserted into ClickHouse by the sink")
 SINK_SKIPPED = Counter("throttlex_sink_skipped_total", "Undecodable events the sink did not store")
 SINK_INSERT_SECONDS = Histogram("throttlex_sink_insert_seconds", "Duration of one ClickHouse insert")

@@ -22,6 +22,8 @@ from urllib.parse import urlparse
 import clickhouse_connect
 from clickhouse_connect.driver.exceptions import ClickHouseError, OperationalError
 
+from processors import metrics
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -145,12 +147,15 @@ class UsageStore:
         try:
             return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
         except OperationalError as exc:  # connection-level: the server may come back
+            metrics.CLICKHOUSE_ERRORS.labels(kind="connection").inc()
             raise StoreError(_first_line(exc), retriable=True) from exc
         except ClickHouseError as exc:  # refused by the server: retry only what is known to pass
             code = re.search(r"Code: (\d+)", str(exc))
             transient = code is not None and int(code[1]) in _TRANSIENT_CODES
+            metrics.CLICKHOUSE_ERRORS.labels(kind="transient" if transient else "refused").inc()
             raise StoreError(_first_line(exc), retriable=transient) from exc
         except OSError as exc:
+            metrics.CLICKHOUSE_ERRORS.labels(kind="connection").inc()
             raise StoreError(f"{type(exc).__name__}: {exc}", retriable=True) from exc
 
 

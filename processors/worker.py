@@ -19,6 +19,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ingest.clock import wall_clock_ms
 from ingest.events import EventError, decode
 from processors import metrics
 from processors.denylist_writer import DenylistWriter
@@ -50,6 +51,7 @@ class PolicyWorker:
         self._redis = redis_client(settings.redis_url, settings.redis_timeout_s)
         self._writer = DenylistWriter(self._redis, settings.redis_prefix)
         self._live = LiveUsageWriter(self._redis, settings.redis_prefix)
+        self._active: dict[str, int] = {}  # limit key -> until_ms of the blocks this worker wrote
         self.app = faust.App(
             settings.worker_app_id,
             broker=f"kafka://{settings.kafka_bootstrap}",
@@ -114,6 +116,7 @@ class PolicyWorker:
         for block in outcome.blocks:
             metrics.DECISIONS.labels(policy=block.policy, outcome="block").inc()
             if await self._writer.publish(block):
+                self._active[block.limit_key] = block.until_ms
                 metrics.PROCESSING_SECONDS.observe(max(0.0, time.time() - usage.event_time_ms / 1000))
                 log.info("blocked", extra={"limit_key": block.limit_key, "policy": block.policy, "until_ms": block.until_ms})
         self._live.record(outcome.counted)
@@ -127,3 +130,6 @@ class PolicyWorker:
     async def _flush(self) -> None:
         await self._writer.retry_pending()
         await self._live.flush()
+        now_ms = wall_clock_ms()
+        self._active = {key: until for key, until in self._active.items() if until > now_ms}
+        metrics.ACTIVE_BLOCKS.set(len(self._active))
