@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -26,7 +27,7 @@ LIMIT, WINDOW_S = 20, 10
 async def pipeline(sandbox: Sandbox, spawn: Callable[..., RoleProcess]) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient]]:
     """(gateway client, API client) with `throttlex run` behind them, ready and processing."""
     api_port = free_port()
-    spawn("run", "--policy-file", str(sandbox.write_policy(LIMIT, WINDOW_S)), "--api-port", str(api_port))
+    role = spawn("run", "--policy-file", str(sandbox.write_policy(LIMIT, WINDOW_S)), "--api-port", str(api_port))
     gateway = HttpServer(create_gateway_app(sandbox.settings(GatewaySettings)), "127.0.0.1", free_port())
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}", timeout=5) as api:
 
@@ -46,6 +47,11 @@ async def pipeline(sandbox: Sandbox, spawn: Callable[..., RoleProcess]) -> Async
                 yield client, api
         finally:
             await gateway.stop()
+    log = role.log()
+    plain_keys = [key for key in ("hot-key", "calm-key", "metered-key", "warm-up") if key in log]
+    assert not plain_keys, "plain API keys appear in the log"
+    for line in log.splitlines():  # every line is a JSON log record
+        assert {"time", "level", "logger", "message", "role"} <= json.loads(line).keys(), line
 
 
 async def quota(api: httpx.AsyncClient, api_key: str) -> dict[str, Any]:
