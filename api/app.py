@@ -19,7 +19,7 @@ from api.settings import ApiSettings
 from ingest.producer import EventProducer
 from processors.policy import PolicySet
 from processors.usage_store import UsageStore
-from processors.worker import redis_client
+from processors.redis_client import redis_client
 
 log = logging.getLogger(__name__)
 

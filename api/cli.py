@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
+from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings
+from redis.exceptions import RedisError
 from rich.console import Console
 
 from api.logs import configure_logging
@@ -55,8 +57,17 @@ def _run(coroutine: Coroutine[Any, Any, None]) -> None:
         asyncio.run(coroutine)
     except PolicyFileError as exc:
         _fail(f"policy file refused: {exc}")
+    except KafkaError as exc:
+        _fail(f"Kafka: {_one_line(exc)}; is the broker running (deploy/local/services.sh up)?")
+    except RedisError as exc:
+        _fail(f"Redis: {_one_line(exc)}; is it running (deploy/local/services.sh up)?")
     except (StoreError, ValueError, RuntimeError, OSError) as exc:
-        _fail(str(exc))
+        _fail(_one_line(exc))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _serve(roles: set[str], policy_file: Path | None, api_port: int | None) -> None:

@@ -24,7 +24,8 @@ from processors.policy import PolicySet, load_policies
 from processors.reconcile import Reconciler
 from processors.sink import UsageSink
 from processors.usage_store import UsageStore
-from processors.worker import PolicyWorker, redis_client
+from processors.redis_client import redis_client
+from processors.worker import PolicyWorker
 
 log = logging.getLogger(__name__)
 

@@ -32,6 +32,11 @@ class UsageReport(BaseModel):
     rows: list[dict[str, Any]]
 
 
+class UsageExport(BaseModel):
+    period: str
+    rows: list[dict[str, Any]]
+
+
 def _store(request: Request) -> UsageStore:
     store: UsageStore | None = request.app.state.store
     if store is None:
@@ -132,8 +137,3 @@ async def export(
         media_type="text/csv",
         headers={"content-disposition": f'attachment; filename="throttlex-usage-{period}.csv"'},
     )
-
-
-class UsageExport(BaseModel):
-    period: str
-    rows: list[dict[str, Any]]

@@ -13,11 +13,6 @@ import logging
 import time
 
 import faust
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ingest.clock import wall_clock_ms
 from ingest.events import EventError, decode
@@ -26,21 +21,11 @@ from processors.denylist_writer import DenylistWriter
 from processors.engine import PolicyEngine
 from processors.live_usage import LiveUsageWriter
 from processors.policy import PolicySet
+from processors.redis_client import redis_client
 from processors.settings import WorkerSettings
 from processors.topics import ensure_topics
 
 log = logging.getLogger(__name__)
-
-
-def redis_client(url: str, timeout_s: float) -> Redis:
-    """A Redis client that retries dropped connections and timeouts with backoff before giving up."""
-    return Redis.from_url(
-        url,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-    )
 
 
 class PolicyWorker:
