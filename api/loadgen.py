@@ -111,7 +111,11 @@ def quota_table(name: str, report: dict[str, Any]) -> Table:
     blocked = report.get("blocked_until")
     title = f"Quota report for {name} (key id {report['api_key_id']})"
     title += f": blocked until {_clock_time(blocked)} by {report['blocked_by']}" if blocked else ": not blocked"
-    table = Table(title=title)
+    plan = report.get("plan")
+    caption = None
+    if plan:
+        caption = f"plan {plan['plan']}: {plan['used_units']:,} of {plan['limit_units']:,} units used this month (stored so far)"
+    table = Table(title=title, caption=caption)
     for column in ("policy", "limit", "window", "used", "remaining", "resets at", "blocked until"):
         table.add_column(column)
     for policy in report["policies"]:
