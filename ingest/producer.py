@@ -44,9 +44,7 @@ class EventProducer:
 
     async def emit(self, event: UsageEvent) -> None:
         try:
-            delivery = await self._producer.send(
-                self._topic, encode(event), key=event.api_key_id.encode()
-            )
+            delivery = await self._send(event)
         except KafkaError as exc:
             metrics.EVENTS_FAILED.labels(reason=type(exc).__name__).inc()
             log.warning("usage event not accepted by the producer", extra={"error": str(exc)})
@@ -55,12 +53,19 @@ class EventProducer:
         delivery.add_done_callback(_count_failure)
 
 
+    async def _send(self, event: UsageEvent) -> asyncio.Future[object]:
+        """Append to the batch buffer (waiting only if it is full); the future resolves on delivery."""
+        delivery: asyncio.Future[object] = await self._producer.send(
+            self._topic, encode(event), key=event.api_key_id.encode()
+        )
+        return delivery
+
     async def send_confirmed(self, events: list[UsageEvent]) -> list[BaseException | None]:
         """Send events and wait until Kafka has each (acks=all); per event, the error or None."""
         deliveries: list[asyncio.Future[object] | BaseException] = []
         for event in events:
             try:
-                deliveries.append(await self._producer.send(self._topic, encode(event), key=event.api_key_id.encode()))
+                deliveries.append(await self._send(event))
             except KafkaError as exc:
                 deliveries.append(exc)
         outcomes: list[BaseException | None] = []

@@ -38,9 +38,8 @@ def encode_window(window: SlidingWindow) -> bytes:
 
 def decode_window(raw: bytes, policy: Policy) -> SlidingWindow:
     """Rebuild a window; if the policy's window shape changed since it was stored, start afresh."""
-    algorithm = policy.algorithm
     state = _state_decoder.decode(raw)
-    window = SlidingWindow(algorithm.window_ms, algorithm.bucket_ms)
+    window = policy.algorithm.new_window()
     if len(state.counts) == window.buckets:
         window.head, window.counts = state.head, state.counts
     return window
@@ -101,7 +100,4 @@ class PolicyEngine:
 
     def _window(self, policy: Policy, key: str) -> SlidingWindow:
         raw = self._state.get(f"w/{policy.name}/{key}")
-        if raw is None:
-            algorithm = policy.algorithm
-            return SlidingWindow(algorithm.window_ms, algorithm.bucket_ms)
-        return decode_window(raw, policy)
+        return policy.algorithm.new_window() if raw is None else decode_window(raw, policy)

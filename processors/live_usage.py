@@ -45,6 +45,7 @@ class LiveUsageWriter:
                 for item in dirty.values():
                     key = usage_key(self._prefix, item.limit_key)
                     pipe.hset(key, item.policy.name, encode_window(item.window))
+                    # gt: never cut short the expiry a longer policy's window set; nx: a new key gets one.
                     pipe.pexpire(key, item.policy.algorithm.window_ms, gt=True)
                     pipe.pexpire(key, item.policy.algorithm.window_ms, nx=True)
                 await pipe.execute()

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ingest.blocklist import limit_key
 from ingest.events import UsageEvent
+from processors.windows import SlidingWindow
 
 # Events are partitioned by api_key_id, so a worker sees every event of an API key. Other key
 # dimensions need the stream repartitioned by that dimension first; until then they are refused.
@@ -62,6 +63,9 @@ class SlidingWindowAlgorithm(_Strict):
     @property
     def bucket_ms(self) -> int:
         return round(self.bucket_s * 1000)
+
+    def new_window(self) -> SlidingWindow:
+        return SlidingWindow(self.window_ms, self.bucket_ms)
 
     @model_validator(mode="after")
     def _whole_buckets(self) -> SlidingWindowAlgorithm:
