@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 from api import event_ingest, quota, usage
 from api.settings import ApiSettings
 from ingest.producer import EventProducer
+from processors.exact_usage import ExactUsage
 from processors.policy import PolicySet
 from processors.usage_store import UsageStore
 from processors.redis_client import redis_client
@@ -38,17 +39,20 @@ def create_app(settings: ApiSettings, policies: PolicySet, *, store: UsageStore 
         app.state.redis = redis_client(settings.redis_url, settings.redis_timeout_s)
         app.state.kafka = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
         app.state.producer = EventProducer(settings.kafka_bootstrap, settings.events_topic)
+        app.state.exact_usage = ExactUsage(settings.kafka_bootstrap, settings.events_topic, settings.sink_group)
         try:
             await app.state.kafka.start()
             await app.state.producer.start()
+            await app.state.exact_usage.start()
         except KafkaError as exc:  # /healthz reports Kafka; POST /v1/events answers 503
             log.warning("Kafka not reachable at start-up", extra={"error": str(exc)})
-            app.state.producer = None
+            app.state.producer = app.state.exact_usage = None
         try:
             yield
         finally:
             if app.state.producer is not None:
                 await app.state.producer.stop()
+                await app.state.exact_usage.stop()
             await app.state.kafka.close()
             await app.state.redis.aclose()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
+from aiokafka.errors import KafkaError
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
@@ -15,6 +16,7 @@ from ingest import blocklist
 from ingest.clock import wall_clock_ms
 from processors import usage_queries
 from processors.live_usage import read_live_usage
+from processors.exact_usage import ExactUsage
 from processors.policy import PolicySet
 from processors.usage_store import StoreError, UsageStore
 
@@ -38,7 +40,7 @@ class PlanQuota(BaseModel):
     period_start: datetime
     period_end: datetime
     limit_units: int = Field(description="billable cost units in the period")
-    used_units: int = Field(description="billable units stored in ClickHouse so far this period")
+    used_units: int = Field(description="billable units this period: in ClickHouse plus on Kafka not stored yet")
     remaining_units: int
     runs_out_at: datetime | None = Field(
         description="when the quota runs out at the last hour's rate: now if it has, null if not this period"
@@ -95,21 +97,25 @@ async def quota(request: Request, caller: Annotated[CallerKey, Depends(caller_ke
         blocked_until=_instant(block.until_ms) if block else None,
         blocked_by=block.policy if block else None,
         policies=reports,
-        plan=await _plan_quota(request.app.state.store, policies, caller.key_id, datetime.fromtimestamp(now_ms / 1000, tz=UTC)),
+        plan=await _plan_quota(request, caller.key_id, datetime.fromtimestamp(now_ms / 1000, tz=UTC)),
     )
 
 
-async def _plan_quota(store: UsageStore | None, policies: PolicySet, key_id: str, now: datetime) -> PlanQuota | None:
-    """The default plan's monthly quota (keys carry no plan of their own yet), from ClickHouse."""
-    if store is None or policies.default_plan is None:
+async def _plan_quota(request: Request, key_id: str, now: datetime) -> PlanQuota | None:
+    """The default plan's monthly quota (keys carry no plan of their own yet): the units ClickHouse
+    holds plus those still on their way to it, so the count is exact and never counted twice."""
+    store: UsageStore | None = request.app.state.store
+    exact: ExactUsage | None = request.app.state.exact_usage
+    policies: PolicySet = request.app.state.policies
+    if store is None or exact is None or policies.default_plan is None:
         return None
     plan = policies.plans[policies.default_plan]
     start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     end = (start + timedelta(days=32)).replace(day=1)
     try:
-        used = await usage_queries.billable_units(store, key_id, start, end)
+        used = await exact.billable_units(store, key_id, start, end)
         last_hour = await usage_queries.billable_units(store, key_id, now - timedelta(hours=1), now + timedelta(minutes=1))
-    except StoreError:
+    except (StoreError, KafkaError):
         return None
     remaining = max(0, plan.monthly_units - used)
     runs_out_at = None

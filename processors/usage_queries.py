@@ -88,3 +88,20 @@ async def billable_units(store: UsageStore, api_key_id: str, start: datetime, en
     )
     [(total,)] = await store.query(sql, {"api_key_id": api_key_id, "start": start, "end": end})
     return int(total or 0)
+
+
+async def stored_billable_units(
+    store: UsageStore, api_key_id: str, start: datetime, end: datetime, *, below_offset: int | None
+) -> int:
+    """Billable units of one key stored in the raw table over ``[start, end)``, optionally only rows
+    below a Kafka offset of the key's partition."""
+    offset_clause = "" if below_offset is None else " AND kafka_offset < {below:UInt64}"
+    sql = (
+        "SELECT sum(cost) FROM usage_events WHERE api_key_id = {api_key_id:String} AND NOT edge_blocked "
+        "AND event_time >= {start:DateTime64(3, 'UTC')} AND event_time < {end:DateTime64(3, 'UTC')}" + offset_clause
+    )
+    parameters: dict[str, Any] = {"api_key_id": api_key_id, "start": start, "end": end}
+    if below_offset is not None:
+        parameters["below"] = below_offset
+    [(total,)] = await store.query(sql, parameters)
+    return int(total or 0)
