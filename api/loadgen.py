@@ -114,7 +114,7 @@ def quota_table(name: str, report: dict[str, Any]) -> Table:
     plan = report.get("plan")
     caption = None
     if plan:
-        caption = f"plan {plan['plan']}: {plan['used_units']:,} of {plan['limit_units']:,} units used this month (stored so far)"
+        caption = f"plan {plan['plan']}: {plan['used_units']:,} of {plan['limit_units']:,} billable units used this month"
     table = Table(title=title, caption=caption)
     for column in ("policy", "limit", "window", "used", "remaining", "resets at", "blocked until"):
         table.add_column(column)
