@@ -19,29 +19,21 @@ import msgspec
 from ingest.blocklist import Block, decode_block, encode_block
 from ingest.events import UsageEvent
 from processors.policy import Policy, PolicySet
-from processors.windows import SlidingWindow
+from processors.windows import FixedWindow, SlidingWindow, TokenBucket
 
 
-class KeyState(msgspec.Struct, array_like=True):
-    """One window, serialised compactly: msgpack ``[head, [counts...]]``."""
-
-    head: int
-    counts: list[int]
+Limiter = SlidingWindow | FixedWindow | TokenBucket
 
 
-_state_decoder = msgspec.msgpack.Decoder(KeyState)
+def encode_window(window: Limiter) -> bytes:
+    """One key's state for one policy, as msgpack: a short list of numbers."""
+    return msgspec.msgpack.encode(window.to_state())
 
 
-def encode_window(window: SlidingWindow) -> bytes:
-    return msgspec.msgpack.encode(KeyState(window.head, window.counts))
-
-
-def decode_window(raw: bytes, policy: Policy) -> SlidingWindow:
-    """Rebuild a window; if the policy's window shape changed since it was stored, start afresh."""
-    state = _state_decoder.decode(raw)
+def decode_window(raw: bytes, policy: Policy) -> Limiter:
+    """Rebuild a policy's state; one stored under another algorithm or shape starts afresh."""
     window = policy.algorithm.new_window()
-    if len(state.counts) == window.buckets:
-        window.head, window.counts = state.head, state.counts
+    window.restore(msgspec.msgpack.decode(raw))
     return window
 
 
@@ -51,7 +43,7 @@ class Counted:
 
     policy: Policy
     limit_key: str
-    window: SlidingWindow
+    window: Limiter
 
 
 @dataclass
@@ -98,6 +90,6 @@ class PolicyEngine:
                 outcome.blocks.append(block)
         return outcome
 
-    def _window(self, policy: Policy, key: str) -> SlidingWindow:
+    def _window(self, policy: Policy, key: str) -> Limiter:
         raw = self._state.get(f"w/{policy.name}/{key}")
         return policy.algorithm.new_window() if raw is None else decode_window(raw, policy)

@@ -15,9 +15,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from processors import metrics
-from processors.engine import Counted, decode_window, encode_window
+from processors.engine import Counted, Limiter, decode_window, encode_window
 from processors.policy import PolicySet
-from processors.windows import SlidingWindow
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +45,9 @@ class LiveUsageWriter:
                     key = usage_key(self._prefix, item.limit_key)
                     pipe.hset(key, item.policy.name, encode_window(item.window))
                     # gt: never cut short the expiry a longer policy's window set; nx: a new key gets one.
-                    pipe.pexpire(key, item.policy.algorithm.window_ms, gt=True)
-                    pipe.pexpire(key, item.policy.algorithm.window_ms, nx=True)
+                    expiry_ms = round(item.policy.algorithm.window_s * 1000)
+                    pipe.pexpire(key, expiry_ms, gt=True)
+                    pipe.pexpire(key, expiry_ms, nx=True)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             metrics.REDIS_ERRORS.labels(kind=type(exc).__name__).inc()
@@ -58,7 +58,7 @@ class LiveUsageWriter:
 
 async def read_live_usage(
     redis: Redis, prefix: str, limit_key: str, policies: PolicySet
-) -> dict[str, SlidingWindow]:
+) -> dict[str, Limiter]:
     """The stored window of every known policy for ``limit_key`` (policies with no traffic are absent)."""
     # ThrottleX's Redis clients never decode responses, so names and values are bytes.
     stored = cast(dict[bytes, bytes], await redis.hgetall(usage_key(prefix, limit_key)))

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ingest.blocklist import limit_key
 from ingest.events import UsageEvent
-from processors.windows import SlidingWindow
+from processors.windows import FixedWindow, SlidingWindow, TokenBucket
 
 # Events are partitioned by api_key_id, so a worker sees every event of an API key. Other key
 # dimensions need the stream repartitioned by that dimension first; until then they are refused.
@@ -74,7 +74,37 @@ class SlidingWindowAlgorithm(_Strict):
         return self
 
 
-Algorithm = Annotated[SlidingWindowAlgorithm, Field(discriminator="type")]
+class FixedWindowAlgorithm(_Strict):
+    type: Literal["fixed_window"]
+    limit: int = Field(gt=0, description="cost units allowed per window")
+    window_s: float = Field(gt=0, description="window length in seconds")
+    origin_s: float = Field(0, description="windows start at origin + k * window (Unix seconds)")
+
+    def new_window(self) -> FixedWindow:
+        return FixedWindow(round(self.window_s * 1000), round(self.origin_s * 1000))
+
+
+class TokenBucketAlgorithm(_Strict):
+    type: Literal["token_bucket"]
+    rate_per_s: float = Field(gt=0, description="tokens (cost units) refilled per second")
+    burst: int = Field(gt=0, description="bucket size: units a full bucket admits at once")
+
+    @property
+    def limit(self) -> int:
+        return self.burst
+
+    @property
+    def window_s(self) -> float:
+        """The time an empty bucket takes to fill."""
+        return self.burst / self.rate_per_s
+
+    def new_window(self) -> TokenBucket:
+        return TokenBucket(self.rate_per_s, self.burst)
+
+
+Algorithm = Annotated[
+    SlidingWindowAlgorithm | FixedWindowAlgorithm | TokenBucketAlgorithm, Field(discriminator="type")
+]
 
 
 class Policy(_Strict):

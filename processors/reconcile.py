@@ -6,7 +6,8 @@ the units ClickHouse holds for the same key, policy match and time range. Differ
 events the window refused as too late, from a worker that counted an event twice after a crash, or
 from a fault; ``throttlex_reconciliation_drift_units`` says how large they are.
 
-Buckets count as settled by event time, so events that reach Kafka long after their event time
+Sliding-window policies are compared (they keep per-bucket counts); fixed windows and token buckets
+are not. Buckets count as settled by event time, so events that reach Kafka long after their event time
 (backfills) show as drift until the sink has stored them; the next rounds clear it.
 """
 
@@ -111,6 +112,8 @@ class Reconciler:
             if dimension != "api_key":
                 continue
             for name, window in (await read_live_usage(self._redis, self._prefix, limit_key, self._policies)).items():
+                if not isinstance(window, SlidingWindow):  # only sliding windows keep per-bucket counts
+                    continue
                 policy = self._policies.by_name(name)
                 settled = settled_range(window, now_ms, self._settle_ms)
                 if policy is None or settled is None:

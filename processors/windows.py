@@ -1,4 +1,8 @@
-"""Sliding-window arithmetic over event time. Pure: no clock, no I/O; every instant is passed in.
+"""Window arithmetic over event time: sliding window, fixed window, token bucket. Pure: no clock, no
+I/O; every instant is passed in. Each keeps ``add``, ``used_at``, ``admits_at``, ``empties_at`` and a
+compact ``to_state``/``restore``.
+
+Sliding window:
 
 Time is cut into buckets of ``bucket_ms``; bucket ``b`` holds the events with
 ``b * bucket_ms <= event_time_ms < (b + 1) * bucket_ms``. At instant ``t`` the window holds the last
@@ -12,6 +16,7 @@ bucket boundary at which the window holds fewer than ``limit``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -79,6 +84,14 @@ class SlidingWindow:
                 return (self.head + 1 + index) * self.bucket_ms
         return None
 
+    def to_state(self) -> list[int]:
+        return [self.head, *self.counts]
+
+    def restore(self, state: list[int]) -> None:
+        """Take a stored state; one of another window shape (the policy changed) is ignored."""
+        if len(state) == self.buckets + 1:
+            self.head, self.counts = state[0], list(state[1:])
+
     def _advance(self, bucket: int) -> None:
         shift = bucket - self.head
         if shift >= self.buckets:
@@ -86,3 +99,90 @@ class SlidingWindow:
         else:
             self.counts = self.counts[shift:] + [0] * shift
         self.head = bucket
+
+
+@dataclass(slots=True)
+class FixedWindow:
+    """Cost units per fixed window: ``[origin_ms + k * window_ms, origin_ms + (k + 1) * window_ms)``.
+
+    A key is blocked once the current window holds ``limit`` units, until the next window starts.
+    Events of an earlier window than the newest seen are refused (too late to matter).
+    """
+
+    window_ms: int
+    origin_ms: int = 0
+    index: int | None = None
+    used: int = 0
+
+    def add(self, event_time_ms: int, cost: int) -> bool:
+        index = (event_time_ms - self.origin_ms) // self.window_ms
+        if self.index is None or index > self.index:
+            self.index, self.used = index, 0
+        elif index < self.index:
+            return False
+        self.used += cost
+        return True
+
+    def used_at(self, now_ms: int) -> int:
+        if self.index is None:
+            return 0
+        return self.used if (now_ms - self.origin_ms) // self.window_ms <= self.index else 0
+
+    def admits_at(self, limit: int) -> int | None:
+        if self.index is None or self.used < limit:
+            return None
+        return self.origin_ms + (self.index + 1) * self.window_ms
+
+    def empties_at(self) -> int | None:
+        return None if self.index is None or not self.used else self.origin_ms + (self.index + 1) * self.window_ms
+
+    def to_state(self) -> list[int]:
+        return [] if self.index is None else [self.index, self.used]
+
+    def restore(self, state: list[int]) -> None:
+        if len(state) == 2:
+            self.index, self.used = state
+
+
+@dataclass(slots=True)
+class TokenBucket:
+    """A bucket of ``burst`` tokens refilled at ``rate_per_s``; each cost unit takes one (GCRA form).
+
+    The state is one number, ``tat_ms``: the instant the bucket is full again. An event at ``t``
+    moves it to ``max(tat_ms, t) + cost * interval``. A key is blocked while the bucket holds less than
+    one token, and admitted at the instant it holds one again.
+    """
+
+    rate_per_s: float
+    burst: int
+    tat_ms: float = 0.0
+    head_ms: int = -1
+
+    @property
+    def interval_ms(self) -> float:
+        return 1000.0 / self.rate_per_s
+
+    def add(self, event_time_ms: int, cost: int) -> bool:
+        self.tat_ms = max(self.tat_ms, float(event_time_ms)) + cost * self.interval_ms
+        self.head_ms = max(self.head_ms, event_time_ms)
+        return True
+
+    def used_at(self, now_ms: int) -> int:
+        """Tokens taken and not yet refilled at ``now_ms``."""
+        owed_ms = self.tat_ms - max(now_ms, self.head_ms)
+        return math.ceil(owed_ms / self.interval_ms - 1e-9) if owed_ms > 0 else 0
+
+    def admits_at(self, limit: int) -> int | None:
+        """``limit`` is the burst: blocked while fewer than one of ``limit`` tokens is left."""
+        admit_ms = self.tat_ms - (limit - 1) * self.interval_ms
+        return math.ceil(admit_ms) if admit_ms > self.head_ms else None
+
+    def empties_at(self) -> int | None:
+        return math.ceil(self.tat_ms) if self.tat_ms > self.head_ms else None
+
+    def to_state(self) -> list[float]:
+        return [self.tat_ms, self.head_ms]
+
+    def restore(self, state: list[float]) -> None:
+        if len(state) == 2:
+            self.tat_ms, self.head_ms = state[0], int(state[1])

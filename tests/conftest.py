@@ -25,6 +25,7 @@ import pytest
 from pydantic import SecretStr
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
 
 from ingest.events import UsageEvent, encode
@@ -120,6 +121,12 @@ def service_addresses() -> tuple[str, str]:
         await admin.start()
         try:
             await admin.describe_cluster()
+            while True:  # a just-started broker may still be creating its group coordinator
+                try:
+                    await admin.list_consumer_group_offsets("throttlex-readiness-probe")
+                    break
+                except KafkaError:
+                    await asyncio.sleep(0.5)
         finally:
             await admin.close()
         client = Redis.from_url(redis_url, socket_connect_timeout=2)

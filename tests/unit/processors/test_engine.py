@@ -86,3 +86,20 @@ def test_late_events_are_reported(tmp_path: Path) -> None:
     engine.apply(hit(120_000))
     outcome = engine.apply(hit(1_000))
     assert outcome.late == 3  # too late for each of the three matching policies
+
+
+def test_fixed_window_and_token_bucket_policies_block_and_keep_their_state(tmp_path: Path) -> None:
+    text = """
+policies:
+  - name: hourly
+    key: [api_key]
+    algorithm: {type: fixed_window, limit: 4, window_s: 3600}
+  - name: bucket
+    key: [api_key]
+    algorithm: {type: token_bucket, rate_per_s: 1, burst: 3}
+"""
+    state: dict[str, bytes] = {}
+    blocks = [PolicyEngine(policies(tmp_path, text), state).apply(hit(t)).blocks for t in (0, 0, 0, 500)]
+    # Three at once empty the bucket (a token a second: one is back at 1 s); the fourth, at 0.5 s,
+    # fills the hour (until 3600 s), which outlasts the bucket's block (until 2 s).
+    assert blocks == [[], [], [Block(KEY, 1_000, "bucket")], [Block(KEY, 3_600_000, "hourly")]]

@@ -1,10 +1,13 @@
-"""Sliding-window arithmetic, by example and against a brute-force reference over random histories."""
+"""Window arithmetic (sliding, fixed, token bucket), by example and against brute-force references."""
+
+import math
+from fractions import Fraction
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processors.windows import SlidingWindow
+from processors.windows import FixedWindow, SlidingWindow, TokenBucket
 
 SECOND = 1000
 
@@ -116,3 +119,79 @@ def test_matches_brute_force(events: list[tuple[int, int]], buckets: int, bucket
             k += 1
         expected_admit = k * bucket_ms
     assert window.admits_at(limit) == expected_admit
+
+
+# --- fixed window -----------------------------------------------------------------------------
+
+
+def test_fixed_window_blocks_until_the_next_window_starts() -> None:
+    window = FixedWindow(window_ms=60_000, origin_ms=30_000)  # windows [30s, 90s), [90s, 150s)...
+    window.add(40_000, 3)
+    window.add(89_999, 2)
+    assert window.admits_at(limit=5) == 90_000
+    assert window.admits_at(limit=6) is None
+    assert window.used_at(89_999) == 5 and window.used_at(90_000) == 0
+    window.add(90_000, 1)  # a new window
+    assert window.used_at(90_000) == 1 and window.admits_at(limit=5) is None
+    assert not window.add(89_000, 1)  # the earlier window is closed
+
+
+@settings(max_examples=300, deadline=None)
+@given(events=event_times, window_ms=st.sampled_from([1_000, 7_000, 60_000]), origin_ms=st.integers(0, 10_000),
+       limit=st.integers(min_value=1, max_value=40))  # fmt: skip
+def test_fixed_window_matches_brute_force(events: list[tuple[int, int]], window_ms: int, origin_ms: int, limit: int) -> None:
+    window = FixedWindow(window_ms=window_ms, origin_ms=origin_ms)
+    accepted: list[tuple[int, int]] = []
+    newest: int | None = None
+    for t, cost in events:
+        index = (t - origin_ms) // window_ms
+        newest = index if newest is None else max(newest, index)
+        assert window.add(t, cost) == (index == newest)
+        if index == newest:
+            accepted.append((index, cost))
+    if newest is None:
+        assert window.admits_at(limit) is None
+        return
+    used = sum(cost for index, cost in accepted if index == newest)
+    assert window.used_at(origin_ms + newest * window_ms) == used
+    assert window.admits_at(limit) == (origin_ms + (newest + 1) * window_ms if used >= limit else None)
+
+
+# --- token bucket -----------------------------------------------------------------------------
+
+
+def test_token_bucket_admits_a_burst_then_the_rate() -> None:
+    bucket = TokenBucket(rate_per_s=10, burst=5)  # a token every 100 ms
+    for _ in range(4):
+        bucket.add(1_000, 1)
+    assert bucket.admits_at(limit=5) is None  # one token left
+    bucket.add(1_000, 1)
+    assert bucket.admits_at(limit=5) == 1_100  # empty: the next token comes 100 ms later
+    assert bucket.used_at(1_000) == 5 and bucket.used_at(1_250) == 3 and bucket.used_at(1_500) == 0
+    assert bucket.empties_at() == 1_500
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    gaps=st.lists(st.tuples(st.integers(min_value=0, max_value=3_000), st.integers(min_value=0, max_value=4)), max_size=60),
+    rate_per_s=st.sampled_from([0.5, 1, 4, 10, 250]),
+    burst=st.integers(min_value=1, max_value=20),
+)
+def test_token_bucket_matches_a_continuous_simulation(gaps: list[tuple[int, int]], rate_per_s: float, burst: int) -> None:
+    """In time order the bucket equals a simulation of tokens refilling continuously (exact fractions)."""
+    bucket = TokenBucket(rate_per_s=rate_per_s, burst=burst)
+    rate = Fraction(rate_per_s) / 1000  # tokens per ms
+    owed = Fraction(0)  # tokens taken and not refilled
+    t, previous = 0, 0
+    for gap, cost in gaps:
+        t += gap
+        owed = max(Fraction(0), owed - (t - previous) * rate) + cost
+        previous = t
+        bucket.add(t, cost)
+        assert bucket.used_at(t) == math.ceil(owed)
+        expected = None if burst - owed >= 1 else t + (owed - (burst - 1)) / rate
+        got = bucket.admits_at(burst)
+        if expected is None:
+            assert got is None
+        else:
+            assert got is not None and abs(got - math.ceil(expected)) <= 1
