@@ -129,12 +129,13 @@ class FixedWindow:
         return self.used if (now_ms - self.origin_ms) // self.window_ms <= self.index else 0
 
     def admits_at(self, limit: int) -> int | None:
-        if self.index is None or self.used < limit:
-            return None
-        return self.origin_ms + (self.index + 1) * self.window_ms
+        return self._next_start() if self.used >= limit else None
 
     def empties_at(self) -> int | None:
-        return None if self.index is None or not self.used else self.origin_ms + (self.index + 1) * self.window_ms
+        return self._next_start() if self.used else None
+
+    def _next_start(self) -> int | None:
+        return None if self.index is None else self.origin_ms + (self.index + 1) * self.window_ms
 
     def to_state(self) -> list[int]:
         return [] if self.index is None else [self.index, self.used]
