@@ -4,7 +4,7 @@ Pure: state is any ``MutableMapping[str, bytes]`` (a Faust table in the worker, 
 time is the event's own ``event_time_ms``, so results depend only on the events seen.
 
 State entries:
-- ``w/{policy}/{limit_key}`` — the `KeyState` of one policy's window for one limit key;
+- ``w/{policy}/{limit_key}`` — one policy's limiter state for one limit key (`encode_window`);
 - ``d/{limit_key}`` — the denylist entry last published for that limit key, so that when several
   policies block one key, the block that lasts longest wins.
 """
@@ -19,10 +19,7 @@ import msgspec
 from ingest.blocklist import Block, decode_block, encode_block
 from ingest.events import UsageEvent
 from processors.policy import Policy, PolicySet
-from processors.windows import FixedWindow, SlidingWindow, TokenBucket
-
-
-Limiter = SlidingWindow | FixedWindow | TokenBucket
+from processors.windows import Limiter
 
 
 def encode_window(window: Limiter) -> bytes:

@@ -15,8 +15,9 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from processors import metrics
-from processors.engine import Counted, Limiter, decode_window, encode_window
+from processors.engine import Counted, decode_window, encode_window
 from processors.policy import PolicySet
+from processors.windows import Limiter
 
 log = logging.getLogger(__name__)
 

@@ -187,3 +187,7 @@ class TokenBucket:
     def restore(self, state: list[float]) -> None:
         if len(state) == 2:
             self.tat_ms, self.head_ms = state[0], int(state[1])
+
+
+Limiter = SlidingWindow | FixedWindow | TokenBucket
+"""Any of the algorithms; the engine, live usage and the quota report work with all three."""
