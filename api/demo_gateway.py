@@ -20,7 +20,10 @@ from ingest.settings import GatewaySettings
 
 def create_gateway_app(settings: GatewaySettings) -> FastAPI:
     producer = EventProducer(settings.kafka_bootstrap, settings.events_topic, linger_ms=settings.producer_linger_ms)
-    denylist = EdgeDenylist(settings.redis_url, settings.redis_prefix)
+    denylist = EdgeDenylist(
+        settings.redis_url, settings.redis_prefix,
+        fail_mode=settings.edge_fail_mode, fail_after_s=settings.edge_fail_after_s,
+    )  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

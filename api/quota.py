@@ -68,22 +68,26 @@ async def quota(request: Request, caller: Annotated[CallerKey, Depends(caller_ke
     now_ms = wall_clock_ms()
     windows = await read_live_usage(redis, prefix, caller.limit_key, policies)
 
+    plan = policies.default_plan  # keys carry no plan of their own yet
     reports = []
     for policy in policies.policies:
+        limit = policies.limit_of(policy, plan)
+        if policy.key != ("api_key",) or limit is None:
+            continue  # reported here: the policies that count this key alone
         algorithm = policy.algorithm
         window = windows.get(policy.name)
         used = window.used_at(now_ms) if window else 0
-        over = window is not None and used >= algorithm.limit
+        over = window is not None and used >= limit
         reports.append(
             PolicyQuota(
                 policy=policy.name,
                 algorithm=algorithm.type,
-                limit=algorithm.limit,
+                limit=limit,
                 window_s=algorithm.window_s,
                 used=used,
-                remaining=max(0, algorithm.limit - used),
+                remaining=max(0, limit - used),
                 resets_at=_instant(window.empties_at()) if window and used else None,
-                blocked_until=_instant(window.admits_at(algorithm.limit)) if window and over else None,
+                blocked_until=_instant(window.admits_at(limit)) if window and over else None,
                 shadow=policy.shadow,
             )
         )

@@ -11,16 +11,18 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import prometheus_client
+from fastapi import FastAPI
 
 from api.app import create_app
 from api.server import HttpServer
 from api.settings import RunSettings
 from processors.lag import watch_lag
 from processors.policy import PolicySet, load_policies
+from processors.policy_watch import watch_policy_file
 from processors.reconcile import Reconciler
 from processors.sink import UsageSink
 from processors.usage_store import UsageStore
@@ -39,11 +41,13 @@ async def run_roles(roles: set[str], settings: RunSettings) -> None:
 
     async with contextlib.AsyncExitStack() as stack:
         watches: list[asyncio.Task[BaseException]] = []
+        on_policy_change: list[Callable[[PolicySet], Awaitable[None]]] = []
         store = await _open_store(stack, roles, settings)
         if "worker" in roles:
             worker = PolicyWorker(settings, policies)
             await worker.start()
             stack.push_async_callback(worker.stop)
+            on_policy_change.append(worker.replace_policies)
             watches.append(asyncio.create_task(worker.crashed(), name="worker-watch"))
             lag = watch_lag(settings.kafka_bootstrap, settings.worker_app_id, settings.events_topic)
             watches.append(_background(stack, lag))
@@ -52,13 +56,18 @@ async def run_roles(roles: set[str], settings: RunSettings) -> None:
             assert store is not None
             watches += await _start_sink(stack, settings, policies, store)
         if "api" in roles:
-            server = HttpServer(create_app(settings, policies, store=store), settings.api_host, settings.api_port)
+            app = create_app(settings, policies, store=store)
+            server = HttpServer(app, settings.api_host, settings.api_port)
             await server.start()
+            on_policy_change.append(_set_app_policies(app))
             stack.push_async_callback(server.stop)
             log.info("api listening", extra={"url": server.url})
         elif settings.metrics_port:
             prometheus_client.start_http_server(settings.metrics_port, addr=settings.api_host)
 
+        if on_policy_change:
+            watch = watch_policy_file(settings.policy_file, settings.policy_reload_interval_s, _each(on_policy_change))
+            watches.append(_background(stack, watch))
         log.info("running", extra={"roles": sorted(roles)})
         stopping = asyncio.create_task(stop.wait(), name="signal-watch")
         await asyncio.wait([stopping, *watches], return_when=asyncio.FIRST_COMPLETED)
@@ -106,6 +115,21 @@ async def _start_sink(
         watches.append(_background(stack, reconciler.run(settings.reconcile_interval_s)))
     log.info("sink started")
     return watches
+
+
+def _each(handlers: list[Callable[[PolicySet], Awaitable[None]]]) -> Callable[[PolicySet], Awaitable[None]]:
+    async def apply(policies: PolicySet) -> None:
+        for handler in handlers:
+            await handler(policies)
+
+    return apply
+
+
+def _set_app_policies(app: FastAPI) -> Callable[[PolicySet], Awaitable[None]]:
+    async def apply(policies: PolicySet) -> None:
+        app.state.policies = policies
+
+    return apply
 
 
 def _background(stack: contextlib.AsyncExitStack, loop: Coroutine[Any, Any, None]) -> asyncio.Task[BaseException]:

@@ -7,13 +7,24 @@ Layout (all names under one configurable prefix, default ``throttlex``):
 - ``{prefix}:blocks`` — a pub/sub channel carrying each new or changed `Block`, so edge caches update
   without polling. A `Block` whose ``until_ms`` is in the past is an unblock.
 
-A limit key names what a policy counts, as ``dimension=value`` pairs joined by ``|`` in the policy's
-dimension order, e.g. ``api_key=3f9a…`` or ``tenant=acme|route=/v1/search``.
+A limit key names what a policy counts, as ``dimension=value`` pairs joined by ``|`` in the fixed
+order of `DIMENSIONS`, e.g. ``api_key=3f9a…`` or ``tenant=acme|route=/v1/search``. Workers build it
+from an event and gateways from a request with the same function, so both name a key identically.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Literal
+
 import msgspec
+
+from ingest.events import UsageEvent
+
+Dimension = Literal["api_key", "tenant", "ip", "route", "method"]
+DIMENSIONS: tuple[Dimension, ...] = ("api_key", "tenant", "ip", "route", "method")
+_EVENT_FIELD: dict[str, str] = {"api_key": "api_key_id", "tenant": "tenant", "ip": "client_ip", "route": "route",
+                                "method": "method"}  # fmt: skip
 
 
 class Block(msgspec.Struct, frozen=True):
@@ -22,6 +33,8 @@ class Block(msgspec.Struct, frozen=True):
     policy: str
     published_ms: int = 0
     """When the worker wrote it (0 if unknown): edges measure their sync lag from it."""
+    dims: tuple[str, ...] = ("api_key",)
+    """The dimensions of ``limit_key``, so an edge knows which keys to build for a request."""
 
 
 _decoder = msgspec.json.Decoder(Block)
@@ -49,3 +62,20 @@ def channel(prefix: str) -> str:
 
 def limit_key(pairs: list[tuple[str, str]]) -> str:
     return "|".join(f"{dim}={value}" for dim, value in pairs)
+
+
+def event_limit_key(dims: tuple[str, ...], event: UsageEvent) -> str:
+    """The limit key of ``event`` for a policy keyed on ``dims`` (in `DIMENSIONS` order)."""
+    return limit_key([(dim, getattr(event, _EVENT_FIELD[dim])) for dim in dims])
+
+
+def request_limit_key(dims: tuple[str, ...], values: Mapping[str, str]) -> str:
+    """The same key built at the edge from a request's ``values`` by dimension name."""
+    return limit_key([(dim, values.get(dim, "")) for dim in dims])
+
+
+def api_key_of(key: str) -> str | None:
+    """The API key id a limit key starts with, if it is keyed on ``api_key``."""
+    if not key.startswith("api_key="):
+        return None
+    return key[len("api_key=") :].split("|", 1)[0]

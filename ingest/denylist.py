@@ -5,20 +5,34 @@ is filled from a snapshot of the ``{prefix}:block:*`` keys and then follows the 
 channel. The subscription is made before the snapshot, so no change published in between is missed.
 When the connection drops, the cache keeps its entries (they still expire on time) and the client
 reconnects, resubscribes and takes a fresh snapshot.
+
+A request is checked against every kind of limit key in force: blocks carry their dimensions
+(``api_key``, ``tenant``, ``ip``…), and the cache counts how many blocks of each kind it holds, so a
+request builds only the keys that could be blocked — one lookup when only API keys are.
+
+When Redis has been unreachable for longer than ``fail_after_s``, the configured ``fail_mode`` decides:
+``open`` keeps enforcing the blocks already cached (they still expire on time) and admits the rest;
+``closed`` refuses every request until the cache is synchronised again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import Counter
+from collections.abc import Mapping
+from typing import Literal
 
 import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from ingest import blocklist, metrics
-from ingest.blocklist import Block
+from ingest.blocklist import Block, request_limit_key
 from ingest.clock import Clock, wall_clock_ms
+
+FailMode = Literal["open", "closed"]
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +47,18 @@ class EdgeDenylist:
         *,
         clock: Clock = wall_clock_ms,
         reconnect_delay_s: float = 0.5,
+        fail_mode: FailMode = "open",
+        fail_after_s: float = 5.0,
     ) -> None:
         self._redis: Redis = Redis.from_url(redis_url, socket_connect_timeout=2.0)
         self._prefix = prefix
         self._clock = clock
         self._reconnect_delay_s = reconnect_delay_s
+        self._fail_mode = fail_mode
+        self._fail_after_s = fail_after_s
+        self._unsynced_since: float | None = time.monotonic()
         self._cache: dict[str, Block] = {}
+        self._kinds: Counter[tuple[str, ...]] = Counter()  # blocks in the cache by dimensions
         self._synced = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -64,14 +84,28 @@ class EdgeDenylist:
     def synced(self) -> bool:
         return self._synced.is_set()
 
+    @property
+    def refusing(self) -> bool:
+        """True in fail-closed mode once Redis has been unreachable longer than ``fail_after_s``."""
+        since = self._unsynced_since
+        return self._fail_mode == "closed" and since is not None and time.monotonic() - since > self._fail_after_s
+
+    def check(self, values: Mapping[str, str]) -> Block | None:
+        """The longest block in force for a request whose dimension values are ``values``, or None."""
+        found: Block | None = None
+        for dims in list(self._kinds):
+            block = self.blocked(request_limit_key(dims, values))
+            if block is not None and (found is None or block.until_ms > found.until_ms):
+                found = block
+        return found
+
     def blocked(self, limit_key: str) -> Block | None:
         """The block in force for ``limit_key`` now, or None."""
         block = self._cache.get(limit_key)
         if block is None:
             return None
         if block.until_ms <= self._clock():
-            del self._cache[limit_key]
-            metrics.EDGE_CACHE_SIZE.set(len(self._cache))
+            self._drop(limit_key)
             return None
         return block
 
@@ -82,12 +116,15 @@ class EdgeDenylist:
                     await pubsub.subscribe(blocklist.channel(self._prefix))
                     await self._snapshot()
                     self._synced.set()
+                    self._unsynced_since = None
                     while True:
                         message = await pubsub.get_message(timeout=1.0)
                         if message is not None:
                             self._apply(message["data"])
             except (RedisError, OSError) as exc:
                 self._synced.clear()
+                if self._unsynced_since is None:
+                    self._unsynced_since = time.monotonic()
                 metrics.EDGE_REDIS_ERRORS.labels(kind=type(exc).__name__).inc()
                 log.warning("edge denylist lost Redis; reconnecting", extra={"error": str(exc)})
                 await asyncio.sleep(self._reconnect_delay_s)
@@ -101,6 +138,7 @@ class EdgeDenylist:
                     block = blocklist.decode_block(raw)
                     fresh[block.limit_key] = block
         self._cache = fresh
+        self._kinds = Counter(block.dims for block in fresh.values())
         metrics.EDGE_RESYNCS.inc()
         metrics.EDGE_CACHE_SIZE.set(len(fresh))
 
@@ -115,7 +153,17 @@ class EdgeDenylist:
         if block.published_ms:
             metrics.EDGE_SYNC_LAG.observe(max(0, now_ms - block.published_ms) / 1000)
         if block.until_ms > now_ms:
+            if block.limit_key not in self._cache:
+                self._kinds[block.dims] += 1
             self._cache[block.limit_key] = block
+            metrics.EDGE_CACHE_SIZE.set(len(self._cache))
         else:
-            self._cache.pop(block.limit_key, None)
+            self._drop(block.limit_key)
+
+    def _drop(self, limit_key: str) -> None:
+        block = self._cache.pop(limit_key, None)
+        if block is not None:
+            self._kinds[block.dims] -= 1
+            if not self._kinds[block.dims]:
+                del self._kinds[block.dims]
         metrics.EDGE_CACHE_SIZE.set(len(self._cache))

@@ -40,6 +40,8 @@ class UsageEvent(msgspec.Struct, tag_field="v", tag=SCHEMA_VERSION, frozen=True,
     cost: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 1
     client_ip: Annotated[str, msgspec.Meta(max_length=64)] = ""
     edge_blocked: bool = False
+    plan: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    """The calling key's plan when the gateway knows it; empty means the deployment's default plan."""
 
     @property
     def schema_version(self) -> int:

@@ -14,7 +14,7 @@ import msgspec
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ingest import metrics
-from ingest.blocklist import Block, limit_key
+from ingest.blocklist import Block
 from ingest.clock import Clock, wall_clock_ms
 from ingest.denylist import EdgeDenylist
 from ingest.events import UsageEvent, key_id_for, new_event_id
@@ -54,10 +54,18 @@ class ThrottleXMiddleware:
         key_id = key_id_for(api_key, self._salt)
         received_ms = self._clock()
         started = time.perf_counter()
-        block = self._denylist.blocked(limit_key([("api_key", key_id)]))
-        if block is not None:
+        client_ip = (scope.get("client") or ("", 0))[0]
+        values = {"api_key": key_id, "tenant": self._tenant, "ip": client_ip, "route": scope["path"],
+                  "method": scope["method"]}  # fmt: skip
+        block = self._denylist.check(values)
+        if self._denylist.refusing:  # fail-closed and Redis out of reach for too long
+            metrics.REQUESTS.labels(outcome="refused_unavailable").inc()
+            block = Block(limit_key="", until_ms=received_ms + 1_000, policy="")
+            sent_bytes = await _send_error(send, 503, block, received_ms, "rate limiter unavailable; try again")
+            status = 503
+        elif block is not None:
             metrics.REQUESTS.labels(outcome="blocked").inc()
-            sent_bytes = await _send_429(send, block, received_ms)
+            sent_bytes = await _send_error(send, 429, block, received_ms, "rate limit exceeded")
             status = 429
         else:
             metrics.REQUESTS.labels(outcome="admitted").inc()
@@ -76,7 +84,7 @@ class ThrottleXMiddleware:
                 status=status,
                 latency_ms=(time.perf_counter() - started) * 1000.0,
                 response_bytes=sent_bytes,
-                client_ip=(scope.get("client") or ("", 0))[0],
+                client_ip=client_ip,
                 edge_blocked=block is not None,
             )
         )
@@ -98,11 +106,11 @@ class _ResponseMeter:
         await self._send(message)
 
 
-async def _send_429(send: Send, block: Block, now_ms: int) -> int:
+async def _send_error(send: Send, status: int, block: Block, now_ms: int, message: str) -> int:
     retry_after_s = max(1, math.ceil((block.until_ms - now_ms) / 1000))
     body = msgspec.json.encode(
         {
-            "error": "rate limit exceeded",
+            "error": message,
             "policy": block.policy,
             "retry_after_s": retry_after_s,
             "blocked_until_ms": block.until_ms,
@@ -111,7 +119,7 @@ async def _send_429(send: Send, block: Block, now_ms: int) -> int:
     await send(
         {
             "type": "http.response.start",
-            "status": 429,
+            "status": status,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"retry-after", str(retry_after_s).encode()),

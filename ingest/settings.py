@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from ingest.denylist import FailMode
+
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -39,3 +41,7 @@ class ConnectionSettings(BaseSettings):
 class GatewaySettings(ConnectionSettings):
     tenant: str = Field("default", description="tenant recorded on events from this gateway")
     producer_linger_ms: int = Field(5, ge=0, description="how long the producer waits to fill a batch")
+    edge_fail_mode: FailMode = Field(
+        "open", description="when Redis is out of reach: open admits (cached blocks still hold), closed answers 503"
+    )
+    edge_fail_after_s: float = Field(5.0, ge=0, description="how long Redis may be out of reach before the fail mode applies")

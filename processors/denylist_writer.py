@@ -1,4 +1,8 @@
-"""Publishes blocks to Redis: the TTL'd denylist entry and the change notice, in one transaction."""
+"""Publishes blocks to Redis: the TTL'd denylist entry and the change notice, in one transaction.
+
+A block with ``until_ms == 0`` is a lift (its policy was removed or relaxed): the entry is deleted and
+the notice tells edges to drop it.
+"""
 
 from __future__ import annotations
 
@@ -30,24 +34,35 @@ class DenylistWriter:
         self._clock = clock
         self._pending: dict[str, Block] = {}
 
+    async def lift(self, block: Block) -> bool:
+        """Delete ``block``'s entry now and tell every edge, whatever its ``until_ms``."""
+        return await self.publish(msgspec.structs.replace(block, until_ms=0))
+
     async def publish(self, block: Block) -> bool:
         now_ms = self._clock()
         ttl_ms = block.until_ms - now_ms
-        if ttl_ms <= 0:
-            return True
+        if ttl_ms <= 0 and block.until_ms != 0:
+            return True  # over already: Redis and the edges have let it go
         encoded = blocklist.encode_block(msgspec.structs.replace(block, published_ms=now_ms))
+        key = blocklist.block_key(self._prefix, block.limit_key)
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.set(blocklist.block_key(self._prefix, block.limit_key), encoded, px=ttl_ms)
+                if block.until_ms == 0:
+                    pipe.delete(key)
+                else:
+                    pipe.set(key, encoded, px=ttl_ms)
                 pipe.publish(blocklist.channel(self._prefix), encoded)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             metrics.REDIS_ERRORS.labels(kind=type(exc).__name__).inc()
             log.warning("denylist write failed; will retry", extra={"limit_key": block.limit_key, "error": str(exc)})
             current = self._pending.get(block.limit_key)
-            if current is None or block.until_ms > current.until_ms:
+            if current is None or block.until_ms > current.until_ms or block.until_ms == 0:
                 self._pending[block.limit_key] = block
             return False
+        pending = self._pending.get(block.limit_key)
+        if pending is not None and pending.until_ms == 0:  # a later write supersedes an unsent lift
+            del self._pending[block.limit_key]
         return True
 
     async def retry_pending(self) -> None:

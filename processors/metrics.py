@@ -19,6 +19,10 @@ PROCESSING_SECONDS = Histogram(
 )
 REDIS_ERRORS = Counter("throttlex_worker_redis_errors_total", "Redis errors in the worker", ["kind"])
 
+TRACKED_KEYS = Gauge("throttlex_worker_state_entries", "Window and denylist entries in this worker's state")
+KEYS_EVICTED = Counter("throttlex_worker_evicted_total", "State entries of idle keys dropped")
+POLICY_RELOADS = Counter("throttlex_policy_reloads_total", "Policy file changes, by outcome: applied or refused", ["outcome"])
+
 ACTIVE_BLOCKS = Gauge("throttlex_worker_active_blocks", "Blocks this worker wrote that are still in force")
 CONSUMER_LAG = Gauge("throttlex_consumer_lag_events", "Events on the topic the group has not committed yet", ["group"])
 CLICKHOUSE_ERRORS = Counter(

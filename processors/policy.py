@@ -1,12 +1,15 @@
 """Policies: what is limited, by which key, with which algorithm. Loaded from YAML and validated.
 
-Example (``deploy/config/policies.yaml``)::
+Example (``deploy/config/policies.yaml`` has one policy per algorithm)::
 
     policies:
       - name: per-key-burst
         match: {routes: ["/v1/*"], methods: [GET, POST]}
         key: [api_key]
         algorithm: {type: sliding_window, limit: 100, window_s: 10, bucket_s: 1}
+      - name: monthly-quota
+        key: [api_key]
+        algorithm: {type: quota, period: month, time_zone: Europe/Berlin}   # limit from the plan
     plans:
       free: {monthly_units: 100000}
     default_plan: free
@@ -15,19 +18,17 @@ Example (``deploy/config/policies.yaml``)::
 from __future__ import annotations
 
 import fnmatch
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ingest.blocklist import limit_key
+from ingest.blocklist import DIMENSIONS, Dimension, event_limit_key
 from ingest.events import UsageEvent
-from processors.windows import FixedWindow, SlidingWindow, TokenBucket
-
-# Events are partitioned by api_key_id, so a worker sees every event of an API key. Other key
-# dimensions need the stream repartitioned by that dimension first; until then they are refused.
-Dimension = Literal["api_key"]
+from processors.windows import CalendarQuota, FixedWindow, Limiter, Period, SlidingWindow, TokenBucket
 
 
 class _Strict(BaseModel):
@@ -37,9 +38,15 @@ class _Strict(BaseModel):
 class Match(_Strict):
     routes: list[str] = Field(default_factory=lambda: ["*"], description="shell-style route globs")
     methods: list[str] | None = Field(None, description="HTTP methods; all when omitted")
+    tenants: list[str] | None = Field(None, description="tenants; all when omitted")
+    plans: list[str] | None = Field(None, description="plans of the calling key; all when omitted")
 
-    def applies_to(self, event: UsageEvent) -> bool:
+    def applies_to(self, event: UsageEvent, plan: str | None) -> bool:
         if self.methods is not None and event.method.upper() not in self.methods:
+            return False
+        if self.tenants is not None and event.tenant not in self.tenants:
+            return False
+        if self.plans is not None and plan not in self.plans:
             return False
         return any(fnmatch.fnmatchcase(event.route, pattern) for pattern in self.routes)
 
@@ -64,8 +71,8 @@ class SlidingWindowAlgorithm(_Strict):
     def bucket_ms(self) -> int:
         return round(self.bucket_s * 1000)
 
-    def new_window(self) -> SlidingWindow:
-        return SlidingWindow(self.window_ms, self.bucket_ms)
+    def new_window(self, lateness_ms: int) -> SlidingWindow:
+        return SlidingWindow(self.window_ms, self.bucket_ms, lateness_ms)
 
     @model_validator(mode="after")
     def _whole_buckets(self) -> SlidingWindowAlgorithm:
@@ -80,8 +87,8 @@ class FixedWindowAlgorithm(_Strict):
     window_s: float = Field(gt=0, description="window length in seconds")
     origin_s: float = Field(0, description="windows start at origin + k * window (Unix seconds)")
 
-    def new_window(self) -> FixedWindow:
-        return FixedWindow(round(self.window_s * 1000), round(self.origin_s * 1000))
+    def new_window(self, lateness_ms: int) -> FixedWindow:
+        return FixedWindow(round(self.window_s * 1000), round(self.origin_s * 1000), lateness_ms)
 
 
 class TokenBucketAlgorithm(_Strict):
@@ -98,28 +105,93 @@ class TokenBucketAlgorithm(_Strict):
         """The time an empty bucket takes to fill."""
         return self.burst / self.rate_per_s
 
-    def new_window(self) -> TokenBucket:
-        return TokenBucket(self.rate_per_s, self.burst)
+    def new_window(self, lateness_ms: int) -> TokenBucket:
+        return TokenBucket(self.rate_per_s, self.burst, lateness_ms)
+
+
+class QuotaAlgorithm(_Strict):
+    type: Literal["quota"]
+    period: Period = Field(description="day or month, in time_zone")
+    time_zone: str = Field("UTC", description="IANA time zone whose midnights start the periods")
+    limit: int | None = Field(
+        None, gt=0, description="units per period; when omitted, the key's plan's daily_units or monthly_units"
+    )
+
+    @property
+    def window_s(self) -> float:
+        return 86_400.0 if self.period == "day" else 31 * 86_400.0
+
+    @cached_property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.time_zone)
+
+    def new_window(self, lateness_ms: int) -> CalendarQuota:
+        return CalendarQuota(self.period, self.zone, lateness_ms)
+
+    @model_validator(mode="after")
+    def _known_zone(self) -> QuotaAlgorithm:
+        try:
+            ZoneInfo(self.time_zone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {self.time_zone!r} (use an IANA name such as Europe/Berlin)") from None
+        return self
 
 
 Algorithm = Annotated[
-    SlidingWindowAlgorithm | FixedWindowAlgorithm | TokenBucketAlgorithm, Field(discriminator="type")
+    SlidingWindowAlgorithm | FixedWindowAlgorithm | TokenBucketAlgorithm | QuotaAlgorithm,
+    Field(discriminator="type"),
 ]
+
+
+class OnBreach(_Strict):
+    min_block_s: float = Field(
+        0, ge=0, description="block at least this long after the breaching event; 0: until the window admits again"
+    )
 
 
 class Policy(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     match: Match = Field(default_factory=Match)
-    key: list[Dimension] = Field(min_length=1)
+    key: tuple[Dimension, ...] = Field(min_length=1, description="what is counted together, e.g. [tenant, route]")
     algorithm: Algorithm
+    route_costs: dict[str, int] = Field(
+        default_factory=dict, description="route glob to cost units; the first match overrides the event's cost"
+    )
+    on_breach: OnBreach = Field(default_factory=OnBreach)
+    allowed_lateness_s: float = Field(5.0, ge=0, description="how late an event may arrive and still count")
     shadow: bool = Field(False, description="count and report, never block")
 
+    @model_validator(mode="after")
+    def _canonical_key(self) -> Policy:
+        if len(set(self.key)) != len(self.key):
+            raise ValueError("key names a dimension twice")
+        object.__setattr__(self, "key", tuple(dim for dim in DIMENSIONS if dim in self.key))
+        return self
+
+    @property
+    def partitioned_by_api_key(self) -> bool:
+        """Events arrive partitioned by API key; a key without ``api_key`` needs them regrouped first."""
+        return "api_key" in self.key
+
     def limit_key(self, event: UsageEvent) -> str:
-        return limit_key([(dim, event.api_key_id) for dim in self.key])
+        return event_limit_key(self.key, event)
+
+    def cost(self, event: UsageEvent) -> int:
+        for pattern, cost in self.route_costs.items():
+            if fnmatch.fnmatchcase(event.route, pattern):
+                return cost
+        return event.cost
+
+    def new_window(self) -> Limiter:
+        return self.algorithm.new_window(round(self.allowed_lateness_s * 1000))
 
 
 class Plan(_Strict):
-    monthly_units: int = Field(gt=0, description="billable cost units per calendar month (UTC)")
+    monthly_units: int = Field(gt=0, description="billable cost units per calendar month")
+    daily_units: int | None = Field(None, gt=0, description="billable cost units per day (quota policies)")
+
+    def units(self, period: Period) -> int | None:
+        return self.monthly_units if period == "month" else self.daily_units
 
 
 class PolicySet(_Strict):
@@ -135,10 +207,31 @@ class PolicySet(_Strict):
             raise ValueError(f"policy names must be unique; repeated: {', '.join(duplicates)}")
         if self.default_plan is not None and self.default_plan not in self.plans:
             raise ValueError(f"default_plan {self.default_plan!r} is not one of the plans: {', '.join(self.plans) or 'none'}")
+        for policy in self.policies:
+            algorithm = policy.algorithm
+            if isinstance(algorithm, QuotaAlgorithm) and algorithm.limit is None:
+                if not any(plan.units(algorithm.period) for plan in self.plans.values()):
+                    field = "monthly_units" if algorithm.period == "month" else "daily_units"
+                    raise ValueError(f"policy {policy.name!r}: a quota without a limit needs plans with {field}")
         return self
 
+    def plan_of(self, event: UsageEvent) -> str | None:
+        """The calling key's plan: the one the event names, else the default plan."""
+        return event.plan or self.default_plan
+
     def matching(self, event: UsageEvent) -> list[Policy]:
-        return [policy for policy in self.policies if policy.match.applies_to(event)]
+        plan = self.plan_of(event)
+        return [policy for policy in self.policies if policy.match.applies_to(event, plan)]
+
+    def limit_of(self, policy: Policy, plan: str | None) -> int | None:
+        """The policy's limit for a key on ``plan``; None when that plan sets no limit for it."""
+        algorithm = policy.algorithm
+        if isinstance(algorithm, QuotaAlgorithm):
+            if algorithm.limit is not None:
+                return algorithm.limit
+            known = self.plans.get(plan) if plan is not None else None
+            return known.units(algorithm.period) if known is not None else None
+        return algorithm.limit
 
     def by_name(self, name: str) -> Policy | None:
         return next((policy for policy in self.policies if policy.name == name), None)
@@ -150,9 +243,17 @@ class PolicyFileError(ValueError):
 
 def load_policies(path: Path) -> PolicySet:
     try:
-        document = yaml.safe_load(path.read_text())
+        text = path.read_text()
     except OSError as exc:
         raise PolicyFileError(f"{path}: cannot read policy file: {exc.strerror}") from None
+    return parse_policies(text, str(path))
+
+
+def parse_policies(text: str, source: str) -> PolicySet:
+    """Validate a policy document; errors name ``source`` (a file name), the policy and the defect."""
+    path = source
+    try:
+        document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise PolicyFileError(f"{path}: not valid YAML: {exc}") from None
     try:

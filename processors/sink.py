@@ -55,7 +55,7 @@ def event_row(record: Record) -> tuple[Any, ...] | None:
     return (
         event.event_id, datetime.fromtimestamp(event.event_time_ms / 1000, tz=UTC), event.api_key_id,
         event.tenant, event.route, event.method, event.status, event.latency_ms, event.response_bytes,
-        event.cost, event.client_ip, event.edge_blocked, event.schema_version, record.partition, record.offset,
+        event.cost, event.client_ip, event.edge_blocked, event.plan, event.schema_version, record.partition, record.offset,
     )  # fmt: skip
 
 

@@ -35,7 +35,7 @@ _TRANSIENT_CODES = {159, 202, 209, 210, 241, 242, 252}
 
 EVENT_COLUMNS = (
     "event_id", "event_time", "api_key_id", "tenant", "route", "method", "status", "latency_ms",
-    "response_bytes", "cost", "client_ip", "edge_blocked", "schema_version", "kafka_partition", "kafka_offset",
+    "response_bytes", "cost", "client_ip", "edge_blocked", "plan", "schema_version", "kafka_partition", "kafka_offset",
 )  # fmt: skip
 
 _MIGRATIONS_TABLE = """

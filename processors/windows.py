@@ -1,6 +1,13 @@
-"""Window arithmetic over event time: sliding window, fixed window, token bucket. Pure: no clock, no
-I/O; every instant is passed in. Each keeps ``add``, ``used_at``, ``admits_at``, ``empties_at`` and a
-compact ``to_state``/``restore``.
+"""Window arithmetic over event time: sliding window, fixed window, token bucket, calendar quota.
+
+Pure: no clock, no I/O; every instant is passed in. Each keeps ``add``, ``used_at``, ``admits_at``,
+``empties_at`` and a compact ``to_state``/``restore``.
+
+Lateness. Every limiter remembers the newest event time it has seen (``newest_ms``). An event more than
+``lateness_ms`` older than that is *late*: ``add`` refuses it (returns False) and it changes no
+decision, though the sink still accounts it. Events within the bound are counted exactly as if they
+had arrived in time order: the sliding and fixed windows only add up counts, which does not depend on
+order, and the token bucket keeps the not-yet-settled part of its history (see `TokenBucket`).
 
 Sliding window:
 
@@ -16,21 +23,27 @@ bucket boundary at which the window holds fewer than ``limit``.
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Literal
+from zoneinfo import ZoneInfo
 
 
 @dataclass(slots=True)
 class SlidingWindow:
     """Per-bucket cost totals of one limit key.
 
-    ``counts[i]`` is the total of bucket ``head - buckets + 1 + i``; ``head`` is the newest bucket any
-    event has reached (``-1`` while empty). Memory: one int per bucket.
+    ``counts[i]`` is the total of bucket ``head - buckets + 1 + i``, where ``head`` is the bucket of
+    ``newest_ms`` (``-1`` while empty). Memory: one int per bucket.
     """
 
     window_ms: int
     bucket_ms: int
-    head: int = -1
+    lateness_ms: int | None = None
+    """How late an event may be and still count; None: as late as the window reaches."""
+    newest_ms: int = -1
     counts: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -43,15 +56,19 @@ class SlidingWindow:
     def buckets(self) -> int:
         return self.window_ms // self.bucket_ms
 
-    def add(self, event_time_ms: int, cost: int) -> bool:
-        """Count ``cost`` units at ``event_time_ms``.
+    @property
+    def head(self) -> int:
+        return self.newest_ms // self.bucket_ms
 
-        Returns False, counting nothing, when the event's bucket has already left the window of the
-        newest event seen (the event is too late to matter for this window).
-        """
+    def add(self, event_time_ms: int, cost: int) -> bool:
+        """Count ``cost`` units at ``event_time_ms``; False (nothing counted) for a late event: one
+        beyond the lateness bound, or whose bucket has already left the window."""
+        if self.lateness_ms is not None and event_time_ms < self.newest_ms - self.lateness_ms:
+            return False
         bucket = event_time_ms // self.bucket_ms
-        if bucket > self.head:
+        if event_time_ms > self.newest_ms:
             self._advance(bucket)
+            self.newest_ms = event_time_ms
         index = bucket - (self.head - self.buckets + 1)
         if index < 0:
             return False
@@ -85,48 +102,52 @@ class SlidingWindow:
         return None
 
     def to_state(self) -> list[int]:
-        return [self.head, *self.counts]
+        return [self.newest_ms, *self.counts]
 
     def restore(self, state: list[int]) -> None:
         """Take a stored state; one of another window shape (the policy changed) is ignored."""
         if len(state) == self.buckets + 1:
-            self.head, self.counts = state[0], list(state[1:])
+            self.newest_ms, self.counts = state[0], list(state[1:])
 
     def _advance(self, bucket: int) -> None:
         shift = bucket - self.head
         if shift >= self.buckets:
             self.counts = [0] * self.buckets
-        else:
+        elif shift > 0:
             self.counts = self.counts[shift:] + [0] * shift
-        self.head = bucket
 
 
 @dataclass(slots=True)
 class FixedWindow:
     """Cost units per fixed window: ``[origin_ms + k * window_ms, origin_ms + (k + 1) * window_ms)``.
 
-    A key is blocked once the current window holds ``limit`` units, until the next window starts.
-    Events of an earlier window than the newest seen are refused (too late to matter).
+    A key is blocked once the current window holds ``limit`` units, until the next window starts. An
+    event within the lateness bound that belongs to an earlier window is accepted but changes nothing:
+    that window has closed, and no decision depends on it any more.
     """
 
     window_ms: int
     origin_ms: int = 0
-    index: int | None = None
+    lateness_ms: int | None = None
+    newest_ms: int | None = None
     used: int = 0
 
     def add(self, event_time_ms: int, cost: int) -> bool:
-        index = (event_time_ms - self.origin_ms) // self.window_ms
-        if self.index is None or index > self.index:
-            self.index, self.used = index, 0
-        elif index < self.index:
-            return False
+        if self.newest_ms is not None:
+            if self.lateness_ms is not None and event_time_ms < self.newest_ms - self.lateness_ms:
+                return False
+            if self._index(event_time_ms) < self._index(self.newest_ms):
+                return self.lateness_ms is not None
+        if self.newest_ms is None or self._index(event_time_ms) > self._index(self.newest_ms):
+            self.used = 0
+        self.newest_ms = event_time_ms if self.newest_ms is None else max(self.newest_ms, event_time_ms)
         self.used += cost
         return True
 
     def used_at(self, now_ms: int) -> int:
-        if self.index is None:
+        if self.newest_ms is None:
             return 0
-        return self.used if (now_ms - self.origin_ms) // self.window_ms <= self.index else 0
+        return self.used if self._index(now_ms) <= self._index(self.newest_ms) else 0
 
     def admits_at(self, limit: int) -> int | None:
         return self._next_start() if self.used >= limit else None
@@ -134,60 +155,173 @@ class FixedWindow:
     def empties_at(self) -> int | None:
         return self._next_start() if self.used else None
 
+    def _index(self, t_ms: int) -> int:
+        return (t_ms - self.origin_ms) // self.window_ms
+
     def _next_start(self) -> int | None:
-        return None if self.index is None else self.origin_ms + (self.index + 1) * self.window_ms
+        if self.newest_ms is None:
+            return None
+        return self.origin_ms + (self._index(self.newest_ms) + 1) * self.window_ms
 
     def to_state(self) -> list[int]:
-        return [] if self.index is None else [self.index, self.used]
+        return [] if self.newest_ms is None else [self.newest_ms, self.used]
 
     def restore(self, state: list[int]) -> None:
         if len(state) == 2:
-            self.index, self.used = state
+            self.newest_ms, self.used = state
 
 
 @dataclass(slots=True)
 class TokenBucket:
     """A bucket of ``burst`` tokens refilled at ``rate_per_s``; each cost unit takes one (GCRA form).
 
-    The state is one number, ``tat_ms``: the instant the bucket is full again. An event at ``t``
-    moves it to ``max(tat_ms, t) + cost * interval``. A key is blocked while the bucket holds less than
-    one token, and admitted at the instant it holds one again.
+    In time order the state is one number, ``tat_ms``: the instant the bucket is full again. An event
+    at ``t`` moves it to ``max(tat_ms, t) + cost * interval``. A key is blocked while the bucket holds
+    less than one token, and admitted at the instant it holds one again.
+
+    Unlike a count, the bucket depends on the order of events (a full bucket wastes refill), so events
+    inside the lateness bound are kept in ``pending`` as ``[time, cost]`` pairs, one per distinct
+    millisecond, and replayed in time order; older events are folded into ``settled_tat_ms``. Memory:
+    at most ``lateness_ms`` pending pairs, usually a handful.
     """
 
     rate_per_s: float
     burst: int
-    tat_ms: float = 0.0
-    head_ms: int = -1
+    lateness_ms: int = 0
+    settled_tat_ms: float = 0.0
+    newest_ms: int = -1
+    pending: list[list[int]] = field(default_factory=list)
 
     @property
     def interval_ms(self) -> float:
         return 1000.0 / self.rate_per_s
 
+    @property
+    def tat_ms(self) -> float:
+        tat = self.settled_tat_ms
+        for t, cost in self.pending:
+            tat = max(tat, float(t)) + cost * self.interval_ms
+        return tat
+
     def add(self, event_time_ms: int, cost: int) -> bool:
-        self.tat_ms = max(self.tat_ms, float(event_time_ms)) + cost * self.interval_ms
-        self.head_ms = max(self.head_ms, event_time_ms)
+        horizon = self.newest_ms - self.lateness_ms
+        if event_time_ms < horizon:
+            return False
+        at = bisect.bisect_left(self.pending, [event_time_ms])
+        if at < len(self.pending) and self.pending[at][0] == event_time_ms:
+            self.pending[at][1] += cost
+        else:
+            self.pending.insert(at, [event_time_ms, cost])
+        if event_time_ms > self.newest_ms:
+            self.newest_ms = event_time_ms
+            self._settle(event_time_ms - self.lateness_ms)
         return True
 
     def used_at(self, now_ms: int) -> int:
         """Tokens taken and not yet refilled at ``now_ms``."""
-        owed_ms = self.tat_ms - max(now_ms, self.head_ms)
+        owed_ms = self.tat_ms - max(now_ms, self.newest_ms)
         return math.ceil(owed_ms / self.interval_ms - 1e-9) if owed_ms > 0 else 0
 
     def admits_at(self, limit: int) -> int | None:
         """``limit`` is the burst: blocked while fewer than one of ``limit`` tokens is left."""
+        if self.newest_ms < 0:  # no event yet
+            return None
         admit_ms = self.tat_ms - (limit - 1) * self.interval_ms
-        return math.ceil(admit_ms) if admit_ms > self.head_ms else None
+        return math.ceil(admit_ms) if admit_ms > self.newest_ms else None
 
     def empties_at(self) -> int | None:
-        return math.ceil(self.tat_ms) if self.tat_ms > self.head_ms else None
+        tat = self.tat_ms
+        return math.ceil(tat) if self.newest_ms >= 0 and tat > self.newest_ms else None
 
     def to_state(self) -> list[float]:
-        return [self.tat_ms, self.head_ms]
+        return [self.settled_tat_ms, self.newest_ms, *(x for pair in self.pending for x in pair)]
 
     def restore(self, state: list[float]) -> None:
+        if len(state) >= 2 and len(state) % 2 == 0:
+            self.settled_tat_ms, self.newest_ms = state[0], int(state[1])
+            self.pending = [[int(state[i]), int(state[i + 1])] for i in range(2, len(state), 2)]
+
+    def _settle(self, horizon_ms: int) -> None:
+        """Fold the pending events before ``horizon_ms`` (no late event can precede them any more)."""
+        settled = 0
+        for t, cost in self.pending:
+            if t >= horizon_ms:
+                break
+            self.settled_tat_ms = max(self.settled_tat_ms, float(t)) + cost * self.interval_ms
+            settled += 1
+        del self.pending[:settled]
+
+
+Period = Literal["day", "month"]
+
+
+@dataclass(slots=True)
+class CalendarQuota:
+    """Cost units per calendar day or month in one time zone, e.g. 100,000 per month in Europe/Berlin.
+
+    Like a fixed window whose boundaries are local midnights (or first days of months), including
+    days of 23 or 25 hours at daylight-saving changes. Blocked once the period holds ``limit`` units,
+    until the next period starts.
+    """
+
+    period: Period
+    zone: ZoneInfo
+    lateness_ms: int | None = None
+    newest_ms: int | None = None
+    used: int = 0
+    _bounds: tuple[int, int] = (0, 0)
+    """The period of ``newest_ms`` as ``[start, end)`` in Unix ms (a cache, not state)."""
+
+    def add(self, event_time_ms: int, cost: int) -> bool:
+        if self.newest_ms is not None:
+            if self.lateness_ms is not None and event_time_ms < self.newest_ms - self.lateness_ms:
+                return False
+            start, end = self._period_of(self.newest_ms)
+            if event_time_ms < start:
+                return self.lateness_ms is not None  # a closed period: no decision depends on it
+            if event_time_ms < end:
+                self.newest_ms = max(self.newest_ms, event_time_ms)
+                self.used += cost
+                return True
+        self.newest_ms, self.used = event_time_ms, cost
+        return True
+
+    def used_at(self, now_ms: int) -> int:
+        if self.newest_ms is None:
+            return 0
+        return self.used if now_ms < self._period_of(self.newest_ms)[1] else 0
+
+    def admits_at(self, limit: int) -> int | None:
+        return self._period_of(self.newest_ms)[1] if self.newest_ms is not None and self.used >= limit else None
+
+    def empties_at(self) -> int | None:
+        return self._period_of(self.newest_ms)[1] if self.newest_ms is not None and self.used else None
+
+    def period_bounds(self, t_ms: int) -> tuple[int, int]:
+        """The ``[start, end)`` of the period holding ``t_ms``, in Unix ms."""
+        return self._period_of(t_ms)
+
+    def _period_of(self, t_ms: int) -> tuple[int, int]:
+        start, end = self._bounds
+        if start <= t_ms < end:
+            return self._bounds
+        local = datetime.fromtimestamp(t_ms / 1000, tz=self.zone)
+        if self.period == "day":
+            first = local.replace(hour=0, minute=0, second=0, microsecond=0)
+            after = (first.replace(tzinfo=None) + timedelta(days=1)).replace(tzinfo=self.zone)
+        else:
+            first = local.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+            after = (first.replace(tzinfo=None) + timedelta(days=32)).replace(day=1, tzinfo=self.zone)
+        self._bounds = (round(first.timestamp() * 1000), round(after.timestamp() * 1000))
+        return self._bounds
+
+    def to_state(self) -> list[int]:
+        return [] if self.newest_ms is None else [self.newest_ms, self.used]
+
+    def restore(self, state: list[int]) -> None:
         if len(state) == 2:
-            self.tat_ms, self.head_ms = state[0], int(state[1])
+            self.newest_ms, self.used = state
 
 
-Limiter = SlidingWindow | FixedWindow | TokenBucket
-"""Any of the algorithms; the engine, live usage and the quota report work with all three."""
+Limiter = SlidingWindow | FixedWindow | TokenBucket | CalendarQuota
+"""Any of the algorithms; the engine, live usage and the quota report work with all of them."""

@@ -1,9 +1,16 @@
 """The Faust worker: consumes usage events, runs the policy engine, publishes blocks to Redis.
 
 This is the only module that imports faust. Window state lives in a changelog-backed Faust table, so a
-restarted or rebalanced worker recovers its counts from Kafka. The events topic is keyed by
-``api_key_id`` and the table has the same partitions, so each key's state is local to the worker that
-owns the key's partition.
+restarted or rebalanced worker recovers its counts from Kafka.
+
+Two agents share the table:
+- ``enforce`` reads the events topic, keyed (and so partitioned) by ``api_key_id``: it applies the
+  policies keyed on ``api_key`` and forwards each event once per other key a matching policy uses
+  (e.g. ``tenant`` or ``ip``) to the regroup topic, keyed by that limit key;
+- ``enforce-regrouped`` reads the regroup topic and applies those policies, so every event of such a
+  limit key reaches one worker.
+Both topics have the table's partition count, so Faust assigns partition ``p`` of each to the same
+worker and the table's partition ``p`` holds the state of both.
 """
 
 from __future__ import annotations
@@ -11,14 +18,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterator, MutableMapping
 
 import faust
+from aiokafka.partitioner import DefaultPartitioner
+from faust.types import TableT
 
+from ingest.blocklist import Block, api_key_of
 from ingest.clock import wall_clock_ms
-from ingest.events import EventError, decode
+from ingest.events import EventError, UsageEvent, decode
 from processors import metrics
 from processors.denylist_writer import DenylistWriter
-from processors.engine import PolicyEngine
+from processors.engine import Outcome, PolicyEngine
 from processors.live_usage import LiveUsageWriter
 from processors.policy import PolicySet
 from processors.redis_client import redis_client
@@ -50,23 +61,27 @@ class PolicyWorker:
             value_serializer="raw",  # events are decoded by ingest.events; table values are bytes
         )
         self._events = self.app.topic(settings.events_topic, key_type=bytes, value_type=bytes)
+        self._regrouped = self.app.topic(settings.regroup_topic, key_type=bytes, value_type=bytes)
         self._dead_letters = self.app.topic(settings.dead_letter_topic, key_type=bytes, value_type=bytes)
-        table = self.app.Table(
+        self._table = self.app.Table(
             "windows",
             default=None,
             partitions=settings.events_partitions,
             key_type=str,
             value_type=bytes,
         )
-        self.engine = PolicyEngine(policies, table)
+        self.engine = PolicyEngine(policies, TableState(self._table, settings.events_partitions))
         self.app.agent(self._events, name="enforce")(self._consume)
+        self.app.agent(self._regrouped, name="enforce-regrouped")(self._consume_regrouped)
         self.app.timer(settings.live_flush_interval_s)(self._flush)
+        self.app.timer(settings.evict_interval_s)(self._evict)
 
     async def start(self) -> None:
         settings = self._settings
+        partitions = settings.events_partitions
         await ensure_topics(
             settings.kafka_bootstrap,
-            {settings.events_topic: settings.events_partitions, settings.dead_letter_topic: 1},
+            {settings.events_topic: partitions, settings.regroup_topic: partitions, settings.dead_letter_topic: 1},
             replication_factor=settings.topic_replication_factor,
         )
         await self.app.start()
@@ -82,29 +97,52 @@ class PolicyWorker:
         await self._flush()
         await self._redis.aclose()
 
+    async def replace_policies(self, policies: PolicySet) -> None:
+        """Apply a changed policy set now; blocks of removed or changed policies are recomputed."""
+        changes = self.engine.replace_policies(policies)
+        now_ms = wall_clock_ms()
+        for block in changes:
+            if block.until_ms > now_ms:
+                await self._publish(block, event_time_ms=None)
+            else:
+                await self._writer.lift(block)
+                self._active.pop(block.limit_key, None)
+        log.info("policies replaced", extra={"policies": [p.name for p in policies.policies], "blocks_changed": len(changes)})
+
     async def _consume(self, stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
-            await self._handle(event.key, event.value)
+            try:
+                usage = decode(event.value)
+            except EventError as exc:
+                await self._dead_letter(event.key, event.value, exc)
+                continue
+            metrics.EVENTS_CONSUMED.inc()
+            await self._act(usage, self.engine.apply(usage))
+            for dims, limit_key in self.engine.regroup(usage).items():
+                await self._regrouped.send(key=limit_key.encode(), value=",".join(dims).encode() + b"\n" + event.value)
 
-    async def _handle(self, key: bytes | None, value: bytes) -> None:
-        try:
-            usage = decode(value)
-        except EventError as exc:
-            await self._dead_letter(key, value, exc)
-            return
-        metrics.EVENTS_CONSUMED.inc()
-        outcome = self.engine.apply(usage)
+    async def _consume_regrouped(self, stream: faust.StreamT[bytes]) -> None:
+        async for value in stream:
+            header, _, raw = value.partition(b"\n")
+            usage = decode(raw)  # checked before it was forwarded
+            await self._act(usage, self.engine.apply(usage, tuple(header.decode().split(","))))
+
+    async def _act(self, usage: UsageEvent, outcome: Outcome) -> None:
         if outcome.late:
             metrics.EVENTS_LATE.inc(outcome.late)
         for block in outcome.shadow_blocks:
             metrics.DECISIONS.labels(policy=block.policy, outcome="shadow_block").inc()
         for block in outcome.blocks:
             metrics.DECISIONS.labels(policy=block.policy, outcome="block").inc()
-            if await self._writer.publish(block):
-                self._active[block.limit_key] = block.until_ms
-                metrics.PROCESSING_SECONDS.observe(max(0.0, time.time() - usage.event_time_ms / 1000))
-                log.info("blocked", extra={"limit_key": block.limit_key, "policy": block.policy, "until_ms": block.until_ms})
+            await self._publish(block, usage.event_time_ms)
         self._live.record(outcome.counted)
+
+    async def _publish(self, block: Block, event_time_ms: int | None) -> None:
+        if await self._writer.publish(block):
+            self._active[block.limit_key] = block.until_ms
+            if event_time_ms is not None:
+                metrics.PROCESSING_SECONDS.observe(max(0.0, time.time() - event_time_ms / 1000))
+            log.info("blocked", extra={"limit_key": block.limit_key, "policy": block.policy, "until_ms": block.until_ms})
 
     async def _dead_letter(self, key: bytes | None, value: bytes, error: EventError) -> None:
         """Forward the original bytes with the reason in a ``reason`` header, and carry on."""
@@ -118,3 +156,65 @@ class PolicyWorker:
         now_ms = wall_clock_ms()
         self._active = {key: until for key, until in self._active.items() if until > now_ms}
         metrics.ACTIVE_BLOCKS.set(len(self._active))
+
+    async def _evict(self) -> None:
+        """Drop the state of idle keys of the partitions this worker owns (tombstones in the changelog)."""
+        owned = {tp.partition for tp in self.app.assignor.assigned_actives()}
+        state = self.engine.state
+        assert isinstance(state, TableState)
+        evicted = 0
+        for key in self.engine.idle_keys(wall_clock_ms()):
+            if state.partition_of(key) in owned:
+                del state[key]
+                evicted += 1
+        metrics.TRACKED_KEYS.set(len(state))
+        if evicted:
+            metrics.KEYS_EVICTED.inc(evicted)
+            log.info("evicted idle keys", extra={"evicted": evicted, "tracked": len(state)})
+
+
+class TableState(MutableMapping[str, bytes]):
+    """The Faust table as the engine's state mapping.
+
+    Inside an agent a write goes to the changelog partition of the event being processed (Faust's
+    rule). Outside one (a policy change, eviction) it goes to the partition that the key's events
+    arrive on, computed with the producers' partitioner: the API key id for keys on ``api_key``, the
+    limit key itself for regrouped keys.
+    """
+
+    def __init__(self, table: TableT[str, bytes], partitions: int) -> None:
+        self._table = table
+        self._all = list(range(partitions))
+        self._partitioner = DefaultPartitioner()
+
+    def partition_of(self, state_key: str) -> int:
+        rest = state_key[2:]
+        limit_key = rest.partition("/")[2] if state_key.startswith("w/") else rest
+        kafka_key = api_key_of(limit_key) or limit_key
+        return int(self._partitioner(kafka_key.encode(), self._all, self._all))
+
+    def __getitem__(self, key: str) -> bytes:
+        value = self._table.get(key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __setitem__(self, key: str, value: bytes) -> None:
+        if faust.current_event() is not None:
+            self._table[key] = value
+        else:
+            self._table.data[key] = value
+            self._table.send_changelog(self.partition_of(key), key, value)
+
+    def __delitem__(self, key: str) -> None:
+        if faust.current_event() is not None:
+            del self._table[key]
+        else:
+            del self._table.data[key]
+            self._table.send_changelog(self.partition_of(key), key, None, value_serializer="raw")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._table.keys()))
+
+    def __len__(self) -> int:
+        return len(self._table)

@@ -16,7 +16,7 @@ async def test_migrations_apply_once(tmp_path: Path) -> None:
     env = {"THROTTLEX_CLICKHOUSE_DSN": f"chdb://{tmp_path / 'chdb'}"}
     first = throttlex("migrate", env=env)
     assert first.returncode == 0, first.stderr
-    assert first.stdout.strip() == "applied: 0001_usage_events.sql, 0002_exactly_once_and_rollups.sql"
+    assert first.stdout.strip() == "applied: 0001_usage_events.sql, 0002_exactly_once_and_rollups.sql, 0003_key_plan.sql"
     again = throttlex("migrate", env=env)
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip() == "schema is up to date"
@@ -29,7 +29,7 @@ async def test_migrations_apply_once(tmp_path: Path) -> None:
     finally:
         await store.close()
     assert "event_time" in columns and "cost" in columns and "edge_blocked" in columns
-    assert sorted(versions) == [(1,), (2,)]
+    assert sorted(versions) == [(1,), (2,), (3,)]
 
     with_retention = throttlex("migrate", env={**env, "THROTTLEX_RAW_RETENTION_DAYS": "400"})
     assert with_retention.returncode == 0, with_retention.stderr

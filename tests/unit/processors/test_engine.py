@@ -103,3 +103,95 @@ policies:
     # Three at once empty the bucket (a token a second: one is back at 1 s); the fourth, at 0.5 s,
     # fills the hour (until 3600 s), which outlasts the bucket's block (until 2 s).
     assert blocks == [[], [], [Block(KEY, 1_000, "bucket")], [Block(KEY, 3_600_000, "hourly")]]
+
+
+def test_policies_keyed_on_other_dimensions_are_regrouped_then_applied_by_their_key(tmp_path: Path) -> None:
+    text = """
+policies:
+  - name: per-tenant-route
+    key: [route, tenant]
+    algorithm: {type: token_bucket, rate_per_s: 1, burst: 2}
+  - name: per-ip
+    key: [ip]
+    algorithm: {type: sliding_window, limit: 100, window_s: 1}
+  - name: per-key
+    key: [api_key, method]
+    algorithm: {type: sliding_window, limit: 100, window_s: 1}
+"""
+    engine = PolicyEngine(policies(tmp_path, text), {})
+    event = hit(0, api_key_id="k1", tenant="acme", route="/v1/search", client_ip="10.0.0.1")
+    assert engine.regroup(event) == {("tenant", "route"): "tenant=acme|route=/v1/search", ("ip",): "ip=10.0.0.1"}
+    local = engine.apply(event)  # only the policy keyed on api_key is applied where the event arrives
+    assert [(c.policy.name, c.limit_key) for c in local.counted] == [("per-key", "api_key=k1|method=GET")]
+    # Two keys of one tenant share the tenant's bucket once regrouped by (tenant, route).
+    engine.apply(event, ("tenant", "route"))
+    outcome = engine.apply(hit(10, api_key_id="k2", tenant="acme", route="/v1/search"), ("tenant", "route"))
+    assert outcome.blocks == [Block("tenant=acme|route=/v1/search", 1_000, "per-tenant-route", dims=("tenant", "route"))]
+
+
+def test_a_quota_takes_its_limit_from_the_keys_plan(tmp_path: Path) -> None:
+    text = """
+policies:
+  - name: daily
+    key: [api_key]
+    algorithm: {type: quota, period: day, time_zone: UTC}
+plans:
+  free: {monthly_units: 100, daily_units: 2}
+  pro: {monthly_units: 1000, daily_units: 5}
+  unmetered: {monthly_units: 1000}
+default_plan: free
+"""
+    engine = PolicyEngine(policies(tmp_path, text), {})
+    day = 86_400_000
+    free = [engine.apply(hit(t, api_key_id="f")).blocks for t in (0, 1)]
+    assert free == [[], [Block("api_key=f", day, "daily")]]  # the default plan: 2 a day
+    pro = [engine.apply(hit(t, api_key_id="p", plan="pro")).blocks for t in range(5)]
+    assert pro[:4] == [[], [], [], []] and pro[4] == [Block("api_key=p", day, "daily")]
+    assert all(engine.apply(hit(t, api_key_id="u", plan="unmetered")).counted == [] for t in range(10))
+
+
+def test_on_breach_min_block_route_costs_and_tenant_match(tmp_path: Path) -> None:
+    text = """
+policies:
+  - name: search-is-dear
+    match: {routes: ["/v1/search*"], tenants: [acme]}
+    key: [api_key]
+    route_costs: {"/v1/search/deep": 5}
+    on_breach: {min_block_s: 30}
+    algorithm: {type: sliding_window, limit: 6, window_s: 1, bucket_s: 0.1}
+"""
+    engine = PolicyEngine(policies(tmp_path, text), {})
+    assert engine.apply(hit(0, route="/v1/search/deep", tenant="other")).counted == []
+    assert engine.apply(hit(0, route="/v1/search/deep")).blocks == []  # 5 units
+    outcome = engine.apply(hit(200, route="/v1/search"))  # cost 1 from the event: 6 units
+    assert outcome.blocks == [Block(KEY, 30_200, "search-is-dear")]  # the window admits at 1 s; 30 s minimum
+
+
+def test_removing_a_policy_lifts_its_blocks_and_changing_one_recomputes_them(tmp_path: Path) -> None:
+    state: dict[str, bytes] = {}
+    engine = PolicyEngine(policies(tmp_path), state)
+    for t in (0, 100, 200, 1_000, 1_100):
+        engine.apply(hit(t))  # blocked by per-minute until 60 s
+    without_per_minute = POLICIES.replace("per-minute", "per-minute-renamed").replace("limit: 5,", "limit: 500,")
+    changes = engine.replace_policies(policies(tmp_path, without_per_minute))
+    # Only per-second still blocks: 3 units (0.2, 1.0, 1.1 s) until the 0.2 s bucket leaves at 1.2 s.
+    assert changes == [Block(KEY, 1_200, "per-second")]
+    engine.apply(hit(1_150))  # 4 units: blocked until 2.0 s
+    assert engine.replace_policies(policies(tmp_path, without_per_minute.replace("limit: 3,", "limit: 2,"))) == [
+        Block(KEY, 2_100, "per-second")  # recomputed under the new limit: the 1.0 s bucket must leave too
+    ]
+    changes = engine.replace_policies(policies(tmp_path, "policies:\n  - name: other\n    key: [ip]\n"
+                                               "    algorithm: {type: fixed_window, limit: 9, window_s: 1}\n"))  # fmt: skip
+    assert changes == [Block(KEY, 0, "per-second")]  # nothing blocks the key any more: lifted
+    assert "d/" + KEY not in state
+
+
+def test_idle_keys_are_those_no_decision_needs(tmp_path: Path) -> None:
+    state: dict[str, bytes] = {}
+    engine = PolicyEngine(policies(tmp_path), state)
+    for t in (0, 100, 200):
+        engine.apply(hit(t))
+    assert engine.idle_keys(now_ms=500) == []
+    # per-second empties at 1.2 s, watch-only too; lateness (5 s) is kept; per-minute lasts 60.2 s.
+    assert sorted(engine.idle_keys(now_ms=6_200)) == ["d/" + KEY, f"w/per-second/{KEY}", f"w/watch-only/{KEY}"]
+    assert sorted(engine.idle_keys(now_ms=65_200)) == sorted(state)

@@ -7,7 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processors.windows import FixedWindow, SlidingWindow, TokenBucket
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+from processors.windows import CalendarQuota, FixedWindow, SlidingWindow, TokenBucket
 
 SECOND = 1000
 
@@ -195,3 +198,160 @@ def test_token_bucket_matches_a_continuous_simulation(gaps: list[tuple[int, int]
             assert got is None
         else:
             assert got is not None and abs(got - math.ceil(expected)) <= 1
+
+
+# --- lateness: out-of-order arrivals within the bound ------------------------------------------
+
+
+def accepted_within(events: list[tuple[int, int]], lateness_ms: int) -> tuple[list[tuple[int, int]], list[bool]]:
+    """The reference acceptance rule: an event counts unless it is more than ``lateness_ms`` older
+    than the newest event counted before it."""
+    newest: int | None = None
+    accepted, flags = [], []
+    for t, cost in events:
+        ok = newest is None or t >= newest - lateness_ms
+        flags.append(ok)
+        if ok:
+            accepted.append((t, cost))
+            newest = t if newest is None else max(newest, t)
+    return accepted, flags
+
+
+shuffled_events = st.lists(
+    st.tuples(st.integers(min_value=0, max_value=30_000), st.integers(min_value=0, max_value=4)), max_size=60
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(events=shuffled_events, lateness_ms=st.sampled_from([0, 250, 1_000, 5_000]),
+       buckets=st.integers(min_value=1, max_value=12), limit=st.integers(min_value=1, max_value=30))  # fmt: skip
+def test_sliding_window_counts_late_events_within_the_bound(
+    events: list[tuple[int, int]], lateness_ms: int, buckets: int, limit: int
+) -> None:
+    bucket_ms = 500
+    window = SlidingWindow(window_ms=buckets * bucket_ms, bucket_ms=bucket_ms, lateness_ms=lateness_ms)
+    flags = [window.add(t, cost) for t, cost in events]
+    accepted, expected_flags = accepted_within(events, lateness_ms)
+    # Within the bound, an event also needs its bucket still in the window to matter.
+    in_window, _ = reference([(t, c) for t, c in accepted], bucket_ms, buckets)
+    assert sum(flags) == len(in_window)
+    assert all(got <= expected for got, expected in zip(flags, expected_flags, strict=True))
+    if not in_window:
+        return
+    head = max(t for t, _ in accepted) // bucket_ms
+    expected_admit = None
+    if reference_used(in_window, head, head, buckets) >= limit:
+        k = head + 1
+        while reference_used(in_window, head, k, buckets) >= limit:
+            k += 1
+        expected_admit = k * bucket_ms
+    assert window.admits_at(limit) == expected_admit
+
+
+@settings(max_examples=300, deadline=None)
+@given(events=shuffled_events, lateness_ms=st.sampled_from([0, 250, 1_000, 5_000]),
+       rate_per_s=st.sampled_from([0.5, 1, 4, 10, 250]), burst=st.integers(min_value=1, max_value=20))  # fmt: skip
+def test_token_bucket_out_of_order_within_the_bound_equals_time_order(
+    events: list[tuple[int, int]], lateness_ms: int, rate_per_s: float, burst: int
+) -> None:
+    """Events arriving out of order within the lateness bound give exactly the bucket of the same
+    events in time order, simulated with exact fractions."""
+    bucket = TokenBucket(rate_per_s=rate_per_s, burst=burst, lateness_ms=lateness_ms)
+    flags = [bucket.add(t, cost) for t, cost in events]
+    accepted, expected_flags = accepted_within(events, lateness_ms)
+    assert flags == expected_flags
+    if not accepted:
+        assert bucket.admits_at(burst) is None
+        return
+    rate = Fraction(rate_per_s) / 1000
+    owed, previous = Fraction(0), 0
+    for t, cost in sorted(accepted):
+        owed = max(Fraction(0), owed - (t - previous) * rate) + cost
+        previous = t
+    newest = max(t for t, _ in accepted)
+    assert bucket.used_at(newest) == math.ceil(owed)
+    expected = None if burst - owed >= 1 else newest + (owed - (burst - 1)) / rate
+    got = bucket.admits_at(burst)
+    if expected is None:
+        assert got is None
+    else:
+        assert got is not None and abs(got - math.ceil(expected)) <= 1
+    assert len(bucket.pending) <= lateness_ms + 1  # memory stays bounded by the lateness
+
+
+@settings(max_examples=300, deadline=None)
+@given(events=shuffled_events, lateness_ms=st.sampled_from([0, 250, 1_000, 5_000]),
+       window_ms=st.sampled_from([1_000, 7_000]), limit=st.integers(min_value=1, max_value=30))  # fmt: skip
+def test_fixed_window_out_of_order_within_the_bound(
+    events: list[tuple[int, int]], lateness_ms: int, window_ms: int, limit: int
+) -> None:
+    window = FixedWindow(window_ms=window_ms, lateness_ms=lateness_ms)
+    flags = [window.add(t, cost) for t, cost in events]
+    accepted, expected_flags = accepted_within(events, lateness_ms)
+    assert flags == expected_flags
+    if not accepted:
+        return
+    newest = max(t for t, _ in accepted) // window_ms
+    used = sum(cost for t, cost in accepted if t // window_ms == newest)
+    assert window.used_at(newest * window_ms) == used
+    assert window.admits_at(limit) == ((newest + 1) * window_ms if used >= limit else None)
+
+
+# --- calendar quota ---------------------------------------------------------------------------
+
+
+def ms(text: str, zone: str = "UTC") -> int:
+    return round(datetime.fromisoformat(text).replace(tzinfo=ZoneInfo(zone)).timestamp() * 1000)
+
+
+def test_monthly_quota_in_a_time_zone_resets_at_local_midnight_of_the_first() -> None:
+    quota = CalendarQuota(period="month", zone=ZoneInfo("Europe/Berlin"))
+    quota.add(ms("2026-10-31 23:30", "Europe/Berlin"), 7)  # still October in Berlin (22:30 UTC)
+    assert quota.admits_at(limit=7) == ms("2026-11-01 00:00", "Europe/Berlin")
+    assert quota.admits_at(limit=7) == ms("2026-10-31 23:00")  # CET: UTC+1 after the October change
+    quota.add(ms("2026-11-01 00:00", "Europe/Berlin"), 1)
+    assert quota.used_at(ms("2026-11-01 00:00", "Europe/Berlin")) == 1
+
+
+def test_daily_quota_on_a_23_hour_day() -> None:
+    quota = CalendarQuota(period="day", zone=ZoneInfo("Europe/Berlin"))
+    quota.add(ms("2026-03-29 01:00", "Europe/Berlin"), 5)  # clocks go forward at 02:00 that day
+    start, end = quota.period_bounds(ms("2026-03-29 12:00", "Europe/Berlin"))
+    assert end - start == 23 * 3_600_000
+    assert quota.admits_at(5) == ms("2026-03-30 00:00", "Europe/Berlin")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    events=st.lists(st.tuples(st.integers(0, 90 * 86_400_000), st.integers(0, 5)), max_size=40),
+    zone=st.sampled_from(["UTC", "Europe/Berlin", "America/New_York", "Asia/Kolkata", "Australia/Lord_Howe"]),
+    period=st.sampled_from(["day", "month"]),
+    limit=st.integers(1, 30),
+)
+def test_calendar_quota_matches_a_datetime_reference(
+    events: list[tuple[int, int]], zone: str, period: str, limit: int
+) -> None:
+    base = ms("2026-01-20 00:00")
+    tz = ZoneInfo(zone)
+    quota = CalendarQuota(period=period, zone=tz, lateness_ms=None)  # type: ignore[arg-type]
+
+    def label(t: int) -> tuple[int, ...]:
+        local = datetime.fromtimestamp(t / 1000, tz=tz)
+        return (local.year, local.month) if period == "month" else (local.year, local.month, local.day)
+
+    newest: int | None = None
+    for offset, cost in events:
+        t = base + offset
+        counts = newest is None or label(t) >= label(newest)
+        assert quota.add(t, cost) == counts
+        if counts:
+            newest = t if newest is None else max(newest, t)
+    if newest is None:
+        return
+    used = sum(cost for offset, cost in events if label(base + offset) == label(newest))
+    assert quota.used_at(newest) == used
+    admit = quota.admits_at(limit)
+    if used < limit:
+        assert admit is None
+    else:  # the first millisecond whose local date is in the next period
+        assert admit is not None and label(admit) > label(newest) and label(admit - 1) == label(newest)
