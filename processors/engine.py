@@ -153,6 +153,8 @@ class PolicyEngine:
                 if published is None or published.block.until_ms <= now_ms:
                     idle.append(state_key)
                 continue
+            if not state_key.startswith("w/"):
+                continue  # not the engine's (the worker keeps its offset markers in the same table)
             name, _, limit_key = state_key[2:].partition("/")
             policy = self.policies.by_name(name)
             raw = self.state.get(state_key)

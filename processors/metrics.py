@@ -19,6 +19,9 @@ PROCESSING_SECONDS = Histogram(
 )
 REDIS_ERRORS = Counter("throttlex_worker_redis_errors_total", "Redis errors in the worker", ["kind"])
 
+EVENTS_REDELIVERED = Counter(
+    "throttlex_worker_redelivered_total", "Records Kafka delivered again after a rebalance or crash, skipped"
+)
 TRACKED_KEYS = Gauge("throttlex_worker_state_entries", "Window and denylist entries in this worker's state")
 KEYS_EVICTED = Counter("throttlex_worker_evicted_total", "State entries of idle keys dropped")
 POLICY_RELOADS = Counter("throttlex_policy_reloads_total", "Policy file changes, by outcome: applied or refused", ["outcome"])

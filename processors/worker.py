@@ -11,6 +11,11 @@ Two agents share the table:
   limit key reaches one worker.
 Both topics have the table's partition count, so Faust assigns partition ``p`` of each to the same
 worker and the table's partition ``p`` holds the state of both.
+
+Kafka delivers at least once: after a crash or rebalance, records processed since the last offset
+commit come again. The table keeps, per partition, the offset last applied (for regrouped records,
+per source partition the source offset), so a redelivered record is recognised and skipped and each
+event counts once in every window.
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ class PolicyWorker:
             topic_replication_factor=settings.topic_replication_factor,
             producer_acks=-1,
             consumer_auto_offset_reset="earliest",
+            broker_session_timeout=settings.worker_session_timeout_s,
+            broker_heartbeat_interval=2.0,
             key_serializer="raw",
             value_serializer="raw",  # events are decoded by ingest.events; table values are bytes
         )
@@ -111,21 +118,46 @@ class PolicyWorker:
 
     async def _consume(self, stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
+            message = event.message
+            marker = f"o/{message.topic}/{message.partition}"
+            if self._seen(marker, message.offset):
+                continue
             try:
                 usage = decode(event.value)
             except EventError as exc:
                 await self._dead_letter(event.key, event.value, exc)
-                continue
-            metrics.EVENTS_CONSUMED.inc()
-            await self._act(usage, self.engine.apply(usage))
-            for dims, limit_key in self.engine.regroup(usage).items():
-                await self._regrouped.send(key=limit_key.encode(), value=",".join(dims).encode() + b"\n" + event.value)
+            else:
+                metrics.EVENTS_CONSUMED.inc()
+                await self._act(usage, self.engine.apply(usage))
+                origin = f"{message.partition}:{message.offset}".encode()
+                for dims, limit_key in self.engine.regroup(usage).items():
+                    header = ",".join(dims).encode() + b"\n" + origin + b"\n"
+                    await self._regrouped.send(key=limit_key.encode(), value=header + event.value)
+            self._table[marker] = str(message.offset).encode()
 
     async def _consume_regrouped(self, stream: faust.StreamT[bytes]) -> None:
-        async for value in stream:
-            header, _, raw = value.partition(b"\n")
+        async for event in stream.events():
+            dims, origin, raw = event.value.split(b"\n", 2)
+            source_partition, _, source_offset = origin.decode().partition(":")
+            marker = f"o/{event.message.topic}/{event.message.partition}/{source_partition}"
+            if self._seen(marker, int(source_offset)):
+                continue
             usage = decode(raw)  # checked before it was forwarded
-            await self._act(usage, self.engine.apply(usage, tuple(header.decode().split(","))))
+            await self._act(usage, self.engine.apply(usage, tuple(dims.decode().split(","))))
+            self._table[marker] = source_offset.encode()
+
+    def _seen(self, marker: str, offset: int) -> bool:
+        """True for a record this worker's state already holds: Kafka redelivers what was processed
+        but not yet committed after a rebalance or crash, and counting it twice would over-block.
+
+        The marker is the last offset applied, kept in the table next to the windows (its changelog
+        partition is the record's), so it is restored together with the counts it describes.
+        """
+        last = self._table.get(marker)
+        if last is not None and offset <= int(last):
+            metrics.EVENTS_REDELIVERED.inc()
+            return True
+        return False
 
     async def _act(self, usage: UsageEvent, outcome: Outcome) -> None:
         if outcome.late:

@@ -32,11 +32,12 @@ async def end_offsets(sandbox: Sandbox) -> dict[TopicPartition, int]:
         await consumer.stop()
 
 
-async def committed_offsets(sandbox: Sandbox) -> dict[TopicPartition, int]:
+async def committed_offsets(sandbox: Sandbox, group: str | None = None) -> dict[TopicPartition, int]:
+    """The offsets ``group`` (by default the sink's) has committed."""
     admin = AIOKafkaAdminClient(bootstrap_servers=sandbox.kafka_bootstrap)
     await admin.start()
     try:
-        committed = await admin.list_consumer_group_offsets(sandbox.env["THROTTLEX_SINK_GROUP"])
+        committed = await admin.list_consumer_group_offsets(group or sandbox.env["THROTTLEX_SINK_GROUP"])
         return {tp: meta.offset for tp, meta in committed.items()}
     finally:
         await admin.close()

@@ -11,7 +11,11 @@ SAMPLE = Path(__file__).parents[3] / "deploy" / "config" / "policies.yaml"
 
 def test_the_shipped_sample_policy_file_loads() -> None:
     policies = load_policies(SAMPLE)
-    assert [policy.name for policy in policies.policies] == ["per-key-10s"]
+    algorithms = {policy.name: policy.algorithm.type for policy in policies.policies}
+    assert algorithms == {"per-key-10s": "sliding_window", "per-tenant-burst": "token_bucket",
+                          "per-ip-hourly": "fixed_window", "monthly-plan-quota": "quota",
+                          "writes-per-second": "sliding_window"}  # fmt: skip
+    assert policies.limit_of(policies.policies[3], policies.default_plan) == 100_000  # the free plan's month
 
 
 @pytest.mark.parametrize(
