@@ -22,9 +22,16 @@ REDIS_ERRORS = Counter("throttlex_worker_redis_errors_total", "Redis errors in t
 EVENTS_REDELIVERED = Counter(
     "throttlex_worker_redelivered_total", "Records Kafka delivered again after a rebalance or crash, skipped"
 )
+REWINDS = Counter(
+    "throttlex_worker_rewinds_total", "Consumer rewinds to records that never reached the agents", ["reason"]
+)
+for _reason in ("gap", "stalled"):
+    REWINDS.labels(reason=_reason)
 TRACKED_KEYS = Gauge("throttlex_worker_state_entries", "Window and denylist entries in this worker's state")
 KEYS_EVICTED = Counter("throttlex_worker_evicted_total", "State entries of idle keys dropped")
 POLICY_RELOADS = Counter("throttlex_policy_reloads_total", "Policy file changes, by outcome: applied or refused", ["outcome"])
+for _outcome in ("applied", "refused"):
+    POLICY_RELOADS.labels(outcome=_outcome)  # exported at 0 from the start
 
 ACTIVE_BLOCKS = Gauge("throttlex_worker_active_blocks", "Blocks this worker wrote that are still in force")
 CONSUMER_LAG = Gauge("throttlex_consumer_lag_events", "Events on the topic the group has not committed yet", ["group"])

@@ -26,6 +26,9 @@ class WorkerSettings(StreamSettings):
     worker_session_timeout_s: float = Field(
         10.0, ge=6, description="how long Kafka waits for a silent worker before moving its partitions to others"
     )
+    stall_check_interval_s: float = Field(
+        2.0, gt=0, description="how often workers check that every partition with records left is moving"
+    )
     evict_interval_s: float = Field(30.0, gt=0, description="how often the state of idle keys is dropped")
     policy_reload_interval_s: float = Field(1.0, gt=0, description="how often the policy file is checked for changes")
 

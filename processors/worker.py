@@ -14,8 +14,10 @@ worker and the table's partition ``p`` holds the state of both.
 
 Kafka delivers at least once: after a crash or rebalance, records processed since the last offset
 commit come again. The table keeps, per partition, the offset last applied (for regrouped records,
-per source partition the source offset), so a redelivered record is recognised and skipped and each
-event counts once in every window.
+also per source partition the source offset), so a redelivered record is recognised and skipped and
+each event counts once in every window. The same markers reveal records that never reached an agent
+(a gap, or a partition that stopped moving while Kafka has more); the consumer is then rewound to the
+first missing record.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from collections.abc import Iterator, MutableMapping
 
 import faust
 from aiokafka.partitioner import DefaultPartitioner
-from faust.types import TableT
+from faust.types import TP, TableT
 
 from ingest.blocklist import Block, api_key_of
 from ingest.clock import wall_clock_ms
@@ -82,6 +84,9 @@ class PolicyWorker:
         self.app.agent(self._regrouped, name="enforce-regrouped")(self._consume_regrouped)
         self.app.timer(settings.live_flush_interval_s)(self._flush)
         self.app.timer(settings.evict_interval_s)(self._evict)
+        self.app.timer(settings.stall_check_interval_s)(self._watch_progress)
+        self._rewinds: dict[TP, tuple[int, int]] = {}  # partition -> (offset rewound to, times)
+        self._progress: dict[TP, int] = {}  # partition -> offset last applied at the previous check
 
     async def start(self) -> None:
         settings = self._settings
@@ -119,8 +124,7 @@ class PolicyWorker:
     async def _consume(self, stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
             message = event.message
-            marker = f"o/{message.topic}/{message.partition}"
-            if self._seen(marker, message.offset):
+            if not await self._in_sequence(message.tp, message.offset):
                 continue
             try:
                 usage = decode(event.value)
@@ -133,31 +137,72 @@ class PolicyWorker:
                 for dims, limit_key in self.engine.regroup(usage).items():
                     header = ",".join(dims).encode() + b"\n" + origin + b"\n"
                     await self._regrouped.send(key=limit_key.encode(), value=header + event.value)
-            self._table[marker] = str(message.offset).encode()
+            self._table[_marker(message.tp)] = str(message.offset).encode()
 
     async def _consume_regrouped(self, stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
+            message = event.message
+            if not await self._in_sequence(message.tp, message.offset):
+                continue
             dims, origin, raw = event.value.split(b"\n", 2)
             source_partition, _, source_offset = origin.decode().partition(":")
-            marker = f"o/{event.message.topic}/{event.message.partition}/{source_partition}"
-            if self._seen(marker, int(source_offset)):
-                continue
-            usage = decode(raw)  # checked before it was forwarded
-            await self._act(usage, self.engine.apply(usage, tuple(dims.decode().split(","))))
-            self._table[marker] = source_offset.encode()
+            # A source record processed again after a crash is forwarded again: apply it once.
+            source_marker = f"{_marker(message.tp)}/{source_partition}"
+            last = self._table.get(source_marker)
+            if last is None or int(source_offset) > int(last):
+                usage = decode(raw)  # checked before it was forwarded
+                await self._act(usage, self.engine.apply(usage, tuple(dims.decode().split(","))))
+                self._table[source_marker] = source_offset.encode()
+            else:
+                metrics.EVENTS_REDELIVERED.inc()
+            self._table[_marker(message.tp)] = str(message.offset).encode()
 
-    def _seen(self, marker: str, offset: int) -> bool:
-        """True for a record this worker's state already holds: Kafka redelivers what was processed
-        but not yet committed after a rebalance or crash, and counting it twice would over-block.
+    async def _in_sequence(self, tp: TP, offset: int) -> bool:
+        """Whether the record at ``offset`` is the next one this worker's state is missing.
 
-        The marker is the last offset applied, kept in the table next to the windows (its changelog
-        partition is the record's), so it is restored together with the counts it describes.
+        The table keeps, next to the windows, the offset last applied per partition (its changelog
+        partition is the record's, so it is restored with the counts it describes). Kafka redelivers
+        what was processed but not committed after a crash or rebalance: such records are skipped.
+        A record beyond the next one means records were lost on the way to this agent (Faust can drop
+        records fetched while it recovers tables, faust-streaming#596): the consumer is rewound to the
+        first missing record and the records after it come again.
         """
-        last = self._table.get(marker)
-        if last is not None and offset <= int(last):
+        last = self._last_applied(tp)
+        if last is not None and offset <= last:
             metrics.EVENTS_REDELIVERED.inc()
-            return True
-        return False
+            return False
+        if last is not None and offset > last + 1:
+            await self._rewind(tp, last + 1, reason="gap")
+            return False
+        self._rewinds.pop(tp, None)
+        return True
+
+    def _last_applied(self, tp: TP) -> int | None:
+        last = self._table.get(_marker(tp))
+        return None if last is None else int(last)
+
+    async def _rewind(self, tp: TP, offset: int, *, reason: str) -> None:
+        target, attempts = self._rewinds.get(tp, (offset, 0))
+        if target == offset and attempts and reason == "gap":
+            return  # already rewound: the records still queued from before are passed over
+        self._rewinds[tp] = (offset, attempts + 1)
+        metrics.REWINDS.labels(reason=reason).inc()
+        log.warning("records missing; rewinding", extra={"topic": tp.topic, "partition": tp.partition, "offset": offset, "reason": reason})
+        await self.app.consumer.seek(tp, offset)
+
+    async def _watch_progress(self) -> None:
+        """Rewind a partition whose records stopped reaching the agents although Kafka has more."""
+        stalled_before, self._progress = self._progress, {}
+        for tp in self.app.assignor.assigned_actives():
+            if tp.topic not in (self._settings.events_topic, self._settings.regroup_topic):
+                continue
+            last = self._last_applied(tp)
+            highwater = self.app.consumer.highwater(tp)
+            if last is None or highwater is None or highwater <= last + 1:
+                continue
+            if stalled_before.get(tp) == last:
+                await self._rewind(tp, last + 1, reason="stalled")
+            self._progress[tp] = last
 
     async def _act(self, usage: UsageEvent, outcome: Outcome) -> None:
         if outcome.late:
@@ -203,6 +248,11 @@ class PolicyWorker:
         if evicted:
             metrics.KEYS_EVICTED.inc(evicted)
             log.info("evicted idle keys", extra={"evicted": evicted, "tracked": len(state)})
+
+
+def _marker(tp: TP) -> str:
+    """The table key holding the offset last applied from ``tp``."""
+    return f"o/{tp.topic}/{tp.partition}"
 
 
 class TableState(MutableMapping[str, bytes]):

@@ -1,0 +1,102 @@
+"""The policy engine alone, per algorithm: memory per tracked key and CPU time per event.
+
+    python -m tests.perf.bench_engine [--keys 20000] [--events 100000] [--runs 5]
+
+No servers: the engine runs over a dict, as the worker runs it over its Faust table (an in-memory
+dict of the same str -> bytes entries). For each algorithm:
+
+- memory per key: Python heap growth (tracemalloc) after ``--keys`` keys each counted a few events,
+  divided by the keys; it includes the state entry's key string and its msgpack value, which is what
+  the table and its changelog hold. The encoded size is reported separately.
+- per-event cost: wall time of ``engine.apply`` over ``--events`` in-order events spread over 1,000
+  keys (1 ms apart), median of ``--runs`` runs.
+
+Prints a table and merges the results into tests/perf/results.json under ``engine``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import tracemalloc
+import uuid
+from pathlib import Path
+
+from processors.engine import PolicyEngine
+from processors.policy import PolicySet, load_policies, parse_policies
+from tests.factories import make_event
+
+RESULTS = Path(__file__).with_name("results.json")
+SAMPLE = Path(__file__).parents[2] / "deploy" / "config" / "policies.yaml"
+START_MS = 1_790_000_000_000
+
+ALGORITHMS = {
+    "sliding_window 60 s / 1 s buckets": "{type: sliding_window, limit: 1000000, window_s: 60, bucket_s: 1}",
+    "sliding_window 10 s / 1 s buckets": "{type: sliding_window, limit: 1000000, window_s: 10, bucket_s: 1}",
+    "fixed_window 1 h": "{type: fixed_window, limit: 1000000, window_s: 3600}",
+    "token_bucket (GCRA, 5 s lateness)": "{type: token_bucket, rate_per_s: 1000000, burst: 1000000}",
+    "quota month, Europe/Berlin": "{type: quota, period: month, time_zone: Europe/Berlin, limit: 1000000}",
+}
+
+
+def single(algorithm: str) -> PolicySet:
+    return parse_policies(f"policies:\n  - name: p\n    key: [api_key]\n    algorithm: {algorithm}\n", "benchmark")
+
+
+def memory_per_key(policies: PolicySet, keys: int) -> tuple[float, float]:
+    """Heap bytes per key and encoded state bytes per key, after each key counted 5 events in 1 s."""
+    events = [make_event(event_id=uuid.uuid4(), api_key_id=f"{n:024x}", event_time_ms=START_MS + 200 * i, cost=1)
+              for n in range(keys) for i in range(5)]  # fmt: skip
+    state: dict[str, bytes] = {}
+    engine = PolicyEngine(policies, state)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for event in events:
+        engine.apply(event)
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    encoded = sum(len(key) + len(value) for key, value in state.items())
+    return (after - before) / keys, encoded / keys
+
+
+def microseconds_per_event(policies: PolicySet, events: int, runs: int) -> float:
+    stream = [make_event(event_id=uuid.uuid4(), api_key_id=f"{n % 1000:024x}", event_time_ms=START_MS + n, cost=1)
+              for n in range(events)]  # fmt: skip
+    timings = []
+    for _ in range(runs):
+        engine = PolicyEngine(policies, {})
+        started = time.perf_counter()
+        for event in stream:
+            engine.apply(event)
+        timings.append((time.perf_counter() - started) / events * 1e6)
+    return statistics.median(timings)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--keys", type=int, default=20_000, help="keys for the memory measurement")
+    parser.add_argument("--events", type=int, default=100_000, help="events per timing run")
+    parser.add_argument("--runs", type=int, default=5, help="timing runs; the median is reported")
+    args = parser.parse_args()
+
+    cases = {name: single(algorithm) for name, algorithm in ALGORITHMS.items()}
+    cases["the sample policy file (5 policies)"] = load_policies(SAMPLE)
+    rows = {}
+    print("| policy set | heap bytes per key | encoded state bytes per key | µs per event |")
+    print("|---|---|---|---|")
+    for name, policies in cases.items():
+        heap, encoded = memory_per_key(policies, args.keys)
+        cost = microseconds_per_event(policies, args.events, args.runs)
+        rows[name] = {"heap_bytes_per_key": round(heap), "state_bytes_per_key": round(encoded), "us_per_event": round(cost, 2)}
+        print(f"| {name} | {heap:,.0f} | {encoded:,.0f} | {cost:.2f} |", flush=True)
+
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results["engine"] = {"keys": args.keys, "events_per_run": args.events, "runs": args.runs, "policy_sets": rows}
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
