@@ -1,0 +1,80 @@
+"""The edge denylist against a real Redis: blocks and lifts of every key kind, and the fail modes
+when Redis cannot be reached."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from redis.asyncio import Redis
+
+from ingest.blocklist import Block
+from ingest.clock import wall_clock_ms
+from ingest.denylist import EdgeDenylist
+from processors.denylist_writer import DenylistWriter
+from tests.conftest import Sandbox, eventually, free_port
+
+pytestmark = pytest.mark.integration
+
+
+def request(**changes: str) -> dict[str, str]:
+    return {"api_key": "k1", "tenant": "acme", "ip": "10.1.2.3", "route": "/v1/items", "method": "GET", **changes}
+
+
+async def test_blocks_of_each_key_kind_apply_to_matching_requests_and_lifts_remove_them(
+    sandbox: Sandbox, redis: Redis
+) -> None:
+    prefix = sandbox.env["THROTTLEX_REDIS_PREFIX"]
+    writer = DenylistWriter(redis, prefix)
+    edge = EdgeDenylist(sandbox.redis_url, prefix)
+    await edge.start()
+    try:
+        until = wall_clock_ms() + 60_000
+        tenant_route = Block("tenant=acme|route=/v1/items", until, "tenant-route", dims=("tenant", "route"))
+        ip = Block("ip=10.1.2.3", until + 5_000, "per-ip", dims=("ip",))
+        assert await writer.publish(tenant_route)
+        await eventually(lambda: edge.check(request()) is not None, timeout_s=5, what="the tenant/route block")
+        assert edge.check(request(route="/v1/other")) is None
+        assert edge.check(request(tenant="other")) is None
+        assert await writer.publish(ip)
+        await eventually(lambda: edge.check(request(tenant="other")) is not None, timeout_s=5, what="the ip block")
+        found = edge.check(request())
+        assert found is not None and found.policy == "per-ip"  # both match: the longer wins
+
+        assert await writer.lift(ip)
+        await eventually(lambda: edge.check(request(tenant="other")) is None, timeout_s=5, what="the lift")
+        assert not await redis.exists(f"{prefix}:block:ip=10.1.2.3")
+        late = EdgeDenylist(sandbox.redis_url, prefix)  # a gateway starting now sees the same
+        await late.start()
+        try:
+            found = late.check(request())
+            assert found is not None and found.policy == "tenant-route"
+            assert late.check(request(tenant="other")) is None
+        finally:
+            await late.stop()
+    finally:
+        await edge.stop()
+
+
+@pytest.mark.parametrize("mode", ["open", "closed"])
+async def test_fail_mode_applies_once_redis_is_unreachable_for_longer_than_stated(mode: str) -> None:
+    unreachable = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    edge = EdgeDenylist(unreachable, "nowhere", fail_mode=mode, fail_after_s=0.5, reconnect_delay_s=0.1)  # type: ignore[arg-type]
+    await edge.start(ready_timeout_s=0.2)
+    try:
+        assert not edge.synced and not edge.refusing  # within the grace period: admit
+        await asyncio.sleep(0.6)
+        assert edge.refusing is (mode == "closed")
+        assert edge.check(request()) is None  # the cache is only consulted, never Redis
+    finally:
+        await edge.stop()
+
+
+async def test_a_synchronised_edge_never_refuses_in_closed_mode(sandbox: Sandbox) -> None:
+    edge = EdgeDenylist(sandbox.redis_url, "anything", fail_mode="closed", fail_after_s=0.1)
+    await edge.start()
+    try:
+        await asyncio.sleep(0.3)
+        assert edge.synced and not edge.refusing
+    finally:
+        await edge.stop()
