@@ -8,11 +8,12 @@ BIN    := $(VENV)/bin
 export THROTTLEX_KAFKA_BOOTSTRAP ?= 127.0.0.1:$(or $(THROTTLEX_KAFKA_PORT),9092)
 export THROTTLEX_REDIS_URL       ?= redis://127.0.0.1:$(or $(THROTTLEX_REDIS_PORT),6379)/0
 
-.PHONY: help install services tools demo test typecheck bench-sink down clean
+.PHONY: help install services tools demo test typecheck bench bench-sink down clean
 
 help:
 	@echo "make demo      run the whole pipeline locally with traffic; shows blocked keys and a quota report"
 	@echo "make test      type-check and run the whole test suite against local Kafka, Redis and chDB"
+	@echo "make bench     every benchmark beside the alternatives (writes BENCHMARKS.md, tests/perf/results.json)"
 	@echo "make bench-sink  measure the sink's rows per second into chDB (writes tests/perf/results.json)"
 	@echo "make services  start local Kafka and Redis (deploy/local/services.sh up)"
 	@echo "make down      stop them"
@@ -41,6 +42,11 @@ tools:
 test: install services tools typecheck
 	$(BIN)/pytest
 	@echo "Kafka and Redis are still running for the next run; 'make down' stops them."
+
+bench: install services
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	command -v wrk >/dev/null || (apt-get install -y -q wrk || (apt-get update -q && apt-get install -y -q wrk))
+	$(BIN)/python -m tests.perf.bench $(BENCH_ARGS)
 
 bench-sink: install services
 	$(BIN)/python -m tests.perf.bench_sink

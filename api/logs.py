@@ -25,3 +25,5 @@ def configure_logging(level: str, *, role: str) -> None:
     root.setLevel(level)
     for name in _NOISY:  # client libraries are chatty at INFO; their warnings still show
         logging.getLogger(name).setLevel(max(logging.getLevelName(level), logging.WARNING))
+    # Faust warns each time a burst of table writes fills its producer buffer; that is routine here.
+    logging.getLogger("faust.transport.producer").setLevel(logging.ERROR)

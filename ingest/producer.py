@@ -36,6 +36,14 @@ class EventProducer:
 
     async def start(self) -> None:
         await self._producer.start()
+        try:  # without the topic, every send would wait for metadata that never comes
+            await asyncio.wait_for(self._producer.partitions_for(self._topic), timeout=10)
+        except (KafkaError, TimeoutError):
+            log.error(
+                "the events topic does not exist; events are not delivered until it does "
+                "(`throttlex worker` creates it, or create it yourself)",
+                extra={"topic": self._topic},
+            )
 
     async def stop(self) -> None:
         """Flush what is buffered, then close."""

@@ -40,13 +40,16 @@ class LiveUsageWriter:
         if not self._dirty:
             return
         dirty, self._dirty = self._dirty, {}
+        by_key: dict[str, list[Counted]] = {}
+        for item in dirty.values():
+            by_key.setdefault(item.limit_key, []).append(item)
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                for item in dirty.values():
-                    key = usage_key(self._prefix, item.limit_key)
-                    pipe.hset(key, item.policy.name, encode_window(item.window))
+                for limit_key, items in by_key.items():
+                    key = usage_key(self._prefix, limit_key)
+                    pipe.hset(key, mapping={item.policy.name: encode_window(item.window) for item in items})
                     # gt: never cut short the expiry a longer policy's window set; nx: a new key gets one.
-                    expiry_ms = round(item.policy.algorithm.window_s * 1000)
+                    expiry_ms = round(max(item.policy.algorithm.window_s for item in items) * 1000)
                     pipe.pexpire(key, expiry_ms, gt=True)
                     pipe.pexpire(key, expiry_ms, nx=True)
                 await pipe.execute()

@@ -22,12 +22,15 @@ class StreamSettings(ConnectionSettings):
 class WorkerSettings(StreamSettings):
     worker_app_id: str = Field("throttlex-worker", description="Faust app id: consumer group and table topic prefix")
     policy_file: Path = Field(Path("deploy/config/policies.yaml"), description="YAML file with the policies")
-    live_flush_interval_s: float = Field(0.2, gt=0, description="how often live usage is written to Redis")
+    live_flush_interval_s: float = Field(0.5, gt=0, description="how often live usage is written to Redis")
     worker_session_timeout_s: float = Field(
         10.0, ge=6, description="how long Kafka waits for a silent worker before moving its partitions to others"
     )
     stall_check_interval_s: float = Field(
         2.0, gt=0, description="how often workers check that every partition with records left is moving"
+    )
+    state_flush_interval_s: float = Field(
+        0.5, gt=0, description="how often changed window state is written to the table's changelog"
     )
     evict_interval_s: float = Field(30.0, gt=0, description="how often the state of idle keys is dropped")
     policy_reload_interval_s: float = Field(1.0, gt=0, description="how often the policy file is checked for changes")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 from collections.abc import Iterator, MutableMapping
 
 import faust
@@ -79,7 +80,10 @@ class PolicyWorker:
             key_type=str,
             value_type=bytes,
         )
-        self.engine = PolicyEngine(policies, TableState(self._table, settings.events_partitions))
+        self._state = WindowState(self._table, settings.events_partitions)
+        self.engine = PolicyEngine(policies, self._state)
+        self.app.on_partitions_revoked.connect(self._on_revoked)
+        self.app.timer(settings.state_flush_interval_s)(self._flush_state)
         self.app.agent(self._events, name="enforce")(self._consume)
         self.app.agent(self._regrouped, name="enforce-regrouped")(self._consume_regrouped)
         self.app.timer(settings.live_flush_interval_s)(self._flush)
@@ -105,6 +109,7 @@ class PolicyWorker:
         return self.app.crash_reason or RuntimeError("faust app crashed")
 
     async def stop(self) -> None:
+        self._state.flush()  # before Faust flushes its producer and commits on the way out
         await self.app.stop()
         await self._flush()
         await self._redis.aclose()
@@ -137,7 +142,7 @@ class PolicyWorker:
                 for dims, limit_key in self.engine.regroup(usage).items():
                     header = ",".join(dims).encode() + b"\n" + origin + b"\n"
                     await self._regrouped.send(key=limit_key.encode(), value=header + event.value)
-            self._table[_marker(message.tp)] = str(message.offset).encode()
+            self._state[_marker(message.tp)] = str(message.offset).encode()
 
     async def _consume_regrouped(self, stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
@@ -148,14 +153,14 @@ class PolicyWorker:
             source_partition, _, source_offset = origin.decode().partition(":")
             # A source record processed again after a crash is forwarded again: apply it once.
             source_marker = f"{_marker(message.tp)}/{source_partition}"
-            last = self._table.get(source_marker)
+            last = self._state.get(source_marker)
             if last is None or int(source_offset) > int(last):
                 usage = decode(raw)  # checked before it was forwarded
                 await self._act(usage, self.engine.apply(usage, tuple(dims.decode().split(","))))
-                self._table[source_marker] = source_offset.encode()
+                self._state[source_marker] = source_offset.encode()
             else:
                 metrics.EVENTS_REDELIVERED.inc()
-            self._table[_marker(message.tp)] = str(message.offset).encode()
+            self._state[_marker(message.tp)] = str(message.offset).encode()
 
     async def _in_sequence(self, tp: TP, offset: int) -> bool:
         """Whether the record at ``offset`` is the next one this worker's state is missing.
@@ -178,7 +183,7 @@ class PolicyWorker:
         return True
 
     def _last_applied(self, tp: TP) -> int | None:
-        last = self._table.get(_marker(tp))
+        last = self._state.get(_marker(tp))
         return None if last is None else int(last)
 
     async def _rewind(self, tp: TP, offset: int, *, reason: str) -> None:
@@ -227,6 +232,14 @@ class PolicyWorker:
         log.warning("dead-lettered event", extra={"reason": error.reason})
         await self._dead_letters.send(key=key, value=value, headers={"reason": error.reason.encode()})
 
+    async def _flush_state(self) -> None:
+        self._state.flush()
+
+    async def _on_revoked(self, sender: object, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        """Partitions are moving: write what changed while they were ours, then forget the cache."""
+        self._state.flush()
+        self._state.discard()
+
     async def _flush(self) -> None:
         await self._writer.retry_pending()
         await self._live.flush()
@@ -237,8 +250,7 @@ class PolicyWorker:
     async def _evict(self) -> None:
         """Drop the state of idle keys of the partitions this worker owns (tombstones in the changelog)."""
         owned = {tp.partition for tp in self.app.assignor.assigned_actives()}
-        state = self.engine.state
-        assert isinstance(state, TableState)
+        state = self._state
         evicted = 0
         for key in self.engine.idle_keys(wall_clock_ms()):
             if state.partition_of(key) in owned:
@@ -255,48 +267,76 @@ def _marker(tp: TP) -> str:
     return f"o/{tp.topic}/{tp.partition}"
 
 
-class TableState(MutableMapping[str, bytes]):
-    """The Faust table as the engine's state mapping.
+class WindowState(MutableMapping[str, bytes]):
+    """The worker's state: the Faust table behind a write-back cache.
 
-    Inside an agent a write goes to the changelog partition of the event being processed (Faust's
-    rule). Outside one (a policy change, eviction) it goes to the partition that the key's events
-    arrive on, computed with the producers' partitioner: the API key id for keys on ``api_key``, the
-    limit key itself for regrouped keys.
+    The engine reads and writes here for every event. Changed entries reach the table and its
+    changelog on `flush` (every ``state_flush_interval_s``), each once however often it changed in
+    between, and the offset markers after the entries they cover: one producer writes them all, so
+    within a partition Kafka keeps that order, and a restored partition is always the state as of its
+    marker. A crash loses at most the changes since the last flush; the worker then finds its markers
+    behind the committed offsets and rewinds to them (`PolicyWorker._in_sequence`), so those records
+    are applied again, once.
+
+    Written outside an agent, an entry goes to the changelog partition its records arrive on: for a
+    window or denylist entry the partition of its key (the API key id for keys on ``api_key``, the
+    limit key itself for regrouped keys, hashed by the producers' partitioner), for a marker the
+    partition it describes.
     """
 
     def __init__(self, table: TableT[str, bytes], partitions: int) -> None:
         self._table = table
         self._all = list(range(partitions))
         self._partitioner = DefaultPartitioner()
+        self._cache: dict[str, bytes | None] = {}  # None: deleted since the last flush
+        self._dirty: set[str] = set()
 
     def partition_of(self, state_key: str) -> int:
+        if state_key.startswith("o/"):  # o/{topic}/{partition}[/{source partition}]
+            return int(state_key.split("/")[2])
         rest = state_key[2:]
         limit_key = rest.partition("/")[2] if state_key.startswith("w/") else rest
         kafka_key = api_key_of(limit_key) or limit_key
         return int(self._partitioner(kafka_key.encode(), self._all, self._all))
 
+    def flush(self) -> int:
+        """Write the entries changed since the last flush to the table's changelog; return how many."""
+        dirty, self._dirty = sorted(self._dirty, key=lambda key: key.startswith("o/")), set()
+        for key in dirty:
+            value = self._cache.get(key)
+            if value is None:
+                self._table.data.pop(key, None)
+                self._table.send_changelog(self.partition_of(key), key, None, value_serializer="raw")
+            else:
+                self._table.data[key] = value
+                self._table.send_changelog(self.partition_of(key), key, value)
+        self._cache.clear()
+        return len(dirty)
+
+    def discard(self) -> None:
+        """Forget unflushed changes (after partitions were taken away; their new owner replays them)."""
+        self._cache.clear()
+        self._dirty.clear()
+
     def __getitem__(self, key: str) -> bytes:
-        value = self._table.get(key)
+        value = self._cache[key] if key in self._cache else self._table.get(key)
         if value is None:
             raise KeyError(key)
         return value
 
     def __setitem__(self, key: str, value: bytes) -> None:
-        if faust.current_event() is not None:
-            self._table[key] = value
-        else:
-            self._table.data[key] = value
-            self._table.send_changelog(self.partition_of(key), key, value)
+        self._cache[key] = value
+        self._dirty.add(key)
 
     def __delitem__(self, key: str) -> None:
-        if faust.current_event() is not None:
-            del self._table[key]
-        else:
-            del self._table.data[key]
-            self._table.send_changelog(self.partition_of(key), key, None, value_serializer="raw")
+        if key not in self:
+            raise KeyError(key)
+        self._cache[key] = None
+        self._dirty.add(key)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(list(self._table.keys()))
+        keys = set(self._table.keys()) | set(self._cache)
+        return iter([key for key in keys if self._cache.get(key, b"") is not None])
 
     def __len__(self) -> int:
-        return len(self._table)
+        return sum(1 for _ in self)

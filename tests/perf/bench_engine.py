@@ -74,26 +74,28 @@ def microseconds_per_event(policies: PolicySet, events: int, runs: int) -> float
     return statistics.median(timings)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--keys", type=int, default=20_000, help="keys for the memory measurement")
-    parser.add_argument("--events", type=int, default=100_000, help="events per timing run")
-    parser.add_argument("--runs", type=int, default=5, help="timing runs; the median is reported")
-    args = parser.parse_args()
-
+def measure_all(keys: int, events: int, runs: int) -> dict[str, object]:
     cases = {name: single(algorithm) for name, algorithm in ALGORITHMS.items()}
     cases["the sample policy file (5 policies)"] = load_policies(SAMPLE)
     rows = {}
     print("| policy set | heap bytes per key | encoded state bytes per key | µs per event |")
     print("|---|---|---|---|")
     for name, policies in cases.items():
-        heap, encoded = memory_per_key(policies, args.keys)
-        cost = microseconds_per_event(policies, args.events, args.runs)
+        heap, encoded = memory_per_key(policies, keys)
+        cost = microseconds_per_event(policies, events, runs)
         rows[name] = {"heap_bytes_per_key": round(heap), "state_bytes_per_key": round(encoded), "us_per_event": round(cost, 2)}
         print(f"| {name} | {heap:,.0f} | {encoded:,.0f} | {cost:.2f} |", flush=True)
+    return {"keys": keys, "events_per_run": events, "runs": runs, "policy_sets": rows}
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--keys", type=int, default=20_000, help="keys for the memory measurement")
+    parser.add_argument("--events", type=int, default=100_000, help="events per timing run")
+    parser.add_argument("--runs", type=int, default=5, help="timing runs; the median is reported")
+    args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results["engine"] = {"keys": args.keys, "events_per_run": args.events, "runs": args.runs, "policy_sets": rows}
+    results["engine"] = measure_all(args.keys, args.events, args.runs)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {RESULTS}")
 
