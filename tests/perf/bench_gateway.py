@@ -64,5 +64,8 @@ def run(runs: int, seconds: int, connections: int, env: dict[str, str]) -> dict[
     finally:
         for _, server in servers.values():
             server.terminate()
-            server.wait(30)
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
     return {name: {k: statistics.median(r[k] for r in runs_) for k in runs_[0]} for name, runs_ in results.items()}
