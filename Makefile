@@ -22,7 +22,7 @@ help:
 $(BIN)/throttlex: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,bench]'
 	@touch $@
 
 install: $(BIN)/throttlex
@@ -44,7 +44,6 @@ test: install services tools typecheck
 	@echo "Kafka and Redis are still running for the next run; 'make down' stops them."
 
 bench: install services
-	$(BIN)/pip install --quiet -e '.[test,bench]'
 	command -v wrk >/dev/null || (apt-get install -y -q wrk || (apt-get update -q && apt-get install -y -q wrk))
 	$(BIN)/python -m tests.perf.bench $(BENCH_ARGS)
 
