@@ -222,6 +222,7 @@ class PolicyWorker:
     async def _publish(self, block: Block, event_time_ms: int | None) -> None:
         if await self._writer.publish(block):
             self._active[block.limit_key] = block.until_ms
+            metrics.ACTIVE_BLOCKS.set(len(self._active))
             if event_time_ms is not None:
                 metrics.PROCESSING_SECONDS.observe(max(0.0, time.time() - event_time_ms / 1000))
             log.info("blocked", extra={"limit_key": block.limit_key, "policy": block.policy, "until_ms": block.until_ms})
