@@ -120,7 +120,7 @@ def quota_table(name: str, report: dict[str, Any]) -> Table:
         table.add_column(column)
     for policy in report["policies"]:
         table.add_row(
-            policy["policy"], str(policy["limit"]), f"{policy['window_s']:g}s", str(policy["used"]),
+            policy["policy"], str(policy["limit"]), _window(policy), str(policy["used"]),
             str(policy["remaining"]), _clock_time(policy["resets_at"]), _clock_time(policy["blocked_until"]),
         )  # fmt: skip
     return table
@@ -181,3 +181,10 @@ async def run(
             if key.name not in reports:
                 await report(key)
             console.print(quota_table(key.name, reports[key.name]))
+
+
+def _window(policy: dict[str, Any]) -> str:
+    """A policy's window for the table: seconds, or the calendar period of a quota."""
+    if policy["algorithm"] == "quota":
+        return "day" if policy["window_s"] <= 86_400 else "month"
+    return f"{policy['window_s']:g}s"
