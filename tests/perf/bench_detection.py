@@ -13,14 +13,12 @@ its overshoot is how many requests were admitted beyond the 50. A key not blocke
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
@@ -31,6 +29,7 @@ from ingest.denylist import EdgeDenylist
 from ingest.events import encode
 from processors.topics import ensure_topics
 from tests.factories import make_event
+from tests.perf.bench_pipeline import worker_process
 
 LIMIT, HOT_RATE, HOT_KEYS = 50, 200, 12
 POLICY = f"""policies:
@@ -46,66 +45,55 @@ async def one_rate(bootstrap: str, redis_url: str, rate: int, give_up_s: float) 
     await ensure_topics(bootstrap, {topic: 4, f"{topic}.regrouped": 4})
     policy_file = Path(tempfile.mkdtemp()) / "policies.yaml"
     policy_file.write_text(POLICY)
-    env = {**os.environ, "THROTTLEX_KAFKA_BOOTSTRAP": bootstrap, "THROTTLEX_REDIS_URL": redis_url,
-           "THROTTLEX_EVENTS_TOPIC": topic, "THROTTLEX_WORKER_APP_ID": f"bench-{tag}-worker",
-           "THROTTLEX_REDIS_PREFIX": prefix, "THROTTLEX_METRICS_PORT": "0", "THROTTLEX_LOG_LEVEL": "WARNING"}  # fmt: skip
-    log = tempfile.TemporaryFile()
-    worker = subprocess.Popen([sys.executable, "-c", "from api.cli import main; main()", "worker", "--policy-file",
-                               str(policy_file)], env=env, stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5,
-                                compression_type="lz4")  # fmt: skip
-    await producer.start()
-    edge = EdgeDenylist(redis_url, prefix)
-    await edge.start()
-    stop = asyncio.Event()
+    with worker_process(bootstrap, redis_url, tag, policy_file):  # started first, as before the gateways
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5,
+                                    compression_type="lz4")  # fmt: skip
+        await producer.start()
+        edge = EdgeDenylist(redis_url, prefix)
+        await edge.start()
+        stop = asyncio.Event()
 
-    async def emit(key_id: str) -> None:
-        event = make_event(event_id=uuid.uuid4(), api_key_id=key_id, event_time_ms=wall_clock_ms(), cost=1)
-        await producer.send(topic, encode(event), key=key_id.encode())
+        async def emit(key_id: str) -> None:
+            event = make_event(event_id=uuid.uuid4(), api_key_id=key_id, event_time_ms=wall_clock_ms(), cost=1)
+            await producer.send(topic, encode(event), key=key_id.encode())
 
-    async def background() -> None:
-        sent, started = 0, time.perf_counter()
-        while not stop.is_set():
-            due = int((time.perf_counter() - started) * rate)
-            for _ in range(due - sent):
-                await emit(f"calm-{sent % 10_000}")
-                sent += 1
-            await asyncio.sleep(0.005)
+        async def background() -> None:
+            sent, started = 0, time.perf_counter()
+            while not stop.is_set():
+                due = int((time.perf_counter() - started) * rate)
+                for _ in range(due - sent):
+                    await emit(f"calm-{sent % 10_000}")
+                    sent += 1
+                await asyncio.sleep(0.005)
 
-    async def hot(key_id: str) -> tuple[float, int]:
-        admitted, crossed_at = 0, 0.0
-        deadline = time.perf_counter() + give_up_s
-        while time.perf_counter() < deadline:
-            if edge.check({"api_key": key_id}) is not None:
-                return (time.perf_counter() - crossed_at) * 1000, admitted - LIMIT
-            admitted += 1
-            await emit(key_id)
-            if admitted == LIMIT:
-                crossed_at = time.perf_counter()
-            await asyncio.sleep(1 / HOT_RATE)
-        return give_up_s * 1000, admitted - LIMIT
+        async def hot(key_id: str) -> tuple[float, int]:
+            admitted, crossed_at = 0, 0.0
+            deadline = time.perf_counter() + give_up_s
+            while time.perf_counter() < deadline:
+                if edge.check({"api_key": key_id}) is not None:
+                    return (time.perf_counter() - crossed_at) * 1000, admitted - LIMIT
+                admitted += 1
+                await emit(key_id)
+                if admitted == LIMIT:
+                    crossed_at = time.perf_counter()
+                await asyncio.sleep(1 / HOT_RATE)
+            return give_up_s * 1000, admitted - LIMIT
 
-    try:
-        await _wait_until_counting(edge, emit, prefix, redis_url)
-        load = asyncio.create_task(background())
-        await asyncio.sleep(2)  # let the background rate settle
-        hot_keys = []
-        for n in range(HOT_KEYS):
-            hot_keys.append(asyncio.create_task(hot(f"hot-{tag}-{n}")))
-            await asyncio.sleep(0.5)
-        outcomes = await asyncio.gather(*hot_keys)
-        stop.set()
-        await load
-    finally:
-        stop.set()
-        await edge.stop()
-        await producer.stop()
-        worker.terminate()
         try:
-            worker.wait(60)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-        log.close()
+            await _wait_until_counting(edge, emit)
+            load = asyncio.create_task(background())
+            await asyncio.sleep(2)  # let the background rate settle
+            hot_keys = []
+            for n in range(HOT_KEYS):
+                hot_keys.append(asyncio.create_task(hot(f"hot-{tag}-{n}")))
+                await asyncio.sleep(0.5)
+            outcomes = await asyncio.gather(*hot_keys)
+            stop.set()
+            await load
+        finally:
+            stop.set()
+            await edge.stop()
+            await producer.stop()
     latencies = sorted(latency for latency, _ in outcomes)
     overshoots = [over for _, over in outcomes]
     return {
@@ -118,9 +106,8 @@ async def one_rate(bootstrap: str, redis_url: str, rate: int, give_up_s: float) 
     }
 
 
-async def _wait_until_counting(edge: EdgeDenylist, emit: object, prefix: str, redis_url: str) -> None:
+async def _wait_until_counting(edge: EdgeDenylist, emit: Callable[[str], Awaitable[None]]) -> None:
     """Start measuring only once the worker has joined its group and blocks a warm-up key."""
-    assert callable(emit)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         for _ in range(LIMIT + 1):

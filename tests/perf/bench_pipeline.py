@@ -11,6 +11,7 @@ send each event through the regroup topic once more, and that work is included.)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import statistics
@@ -19,7 +20,9 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
@@ -61,40 +64,50 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+@contextlib.contextmanager
+def worker_process(
+    bootstrap: str, redis_url: str, tag: str, policy_file: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], IO[bytes]]]:
+    """A `throttlex worker` on topic ``bench-{tag}.events`` (stderr to a temporary file), stopped on exit."""
+    env = {**os.environ, "THROTTLEX_KAFKA_BOOTSTRAP": bootstrap, "THROTTLEX_REDIS_URL": redis_url,
+           "THROTTLEX_EVENTS_TOPIC": f"bench-{tag}.events", "THROTTLEX_WORKER_APP_ID": f"bench-{tag}-worker",
+           "THROTTLEX_REDIS_PREFIX": f"bench-{tag}", "THROTTLEX_METRICS_PORT": "0", "THROTTLEX_LOG_LEVEL": "WARNING"}  # fmt: skip
+    with tempfile.TemporaryFile() as log:
+        worker = subprocess.Popen([sys.executable, "-c", "from api.cli import main; main()", "worker", "--policy-file",
+                                   str(policy_file)], env=env, stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
+        try:
+            yield worker, log
+        finally:
+            worker.terminate()
+            try:
+                worker.wait(60)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+
+
 async def one_run(bootstrap: str, redis_url: str, events: int, policy_file: Path) -> dict[str, float]:
     tag = secrets.token_hex(4)
     topic = f"bench-{tag}.events"
     await produce(bootstrap, topic, events)
-    env = {**os.environ, "THROTTLEX_KAFKA_BOOTSTRAP": bootstrap, "THROTTLEX_REDIS_URL": redis_url,
-           "THROTTLEX_EVENTS_TOPIC": topic, "THROTTLEX_WORKER_APP_ID": f"bench-{tag}-worker",
-           "THROTTLEX_REDIS_PREFIX": f"bench-{tag}", "THROTTLEX_METRICS_PORT": "0", "THROTTLEX_LOG_LEVEL": "WARNING"}  # fmt: skip
-    log = tempfile.TemporaryFile()
-    worker = subprocess.Popen([sys.executable, "-c", "from api.cli import main; main()", "worker", "--policy-file",
-                               str(policy_file)], env=env, stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        first = 0
-        while first == 0:
-            if worker.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"worker exited: {log.read().decode()[-2000:]}")
-            first = await committed(admin, f"bench-{tag}-worker", topic)
-            await asyncio.sleep(0.05)
-        started, cpu_started = time.perf_counter(), cpu_seconds(worker.pid)
-        done = first
-        while done < events:
-            await asyncio.sleep(0.05)
-            done = await committed(admin, f"bench-{tag}-worker", topic)
-        elapsed, cpu = time.perf_counter() - started, cpu_seconds(worker.pid) - cpu_started
+        with worker_process(bootstrap, redis_url, tag, policy_file) as (worker, log):
+            first = 0
+            while first == 0:
+                if worker.poll() is not None:
+                    log.seek(0)
+                    raise RuntimeError(f"worker exited: {log.read().decode()[-2000:]}")
+                first = await committed(admin, f"bench-{tag}-worker", topic)
+                await asyncio.sleep(0.05)
+            started, cpu_started = time.perf_counter(), cpu_seconds(worker.pid)
+            done = first
+            while done < events:
+                await asyncio.sleep(0.05)
+                done = await committed(admin, f"bench-{tag}-worker", topic)
+            elapsed, cpu = time.perf_counter() - started, cpu_seconds(worker.pid) - cpu_started
     finally:
         await admin.close()
-        worker.terminate()
-        try:
-            worker.wait(60)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-        log.close()
     counted = events - first
     return {"events_per_s": counted / elapsed, "cpu_s_per_100k_events": cpu / counted * 100_000, "seconds": elapsed}
 

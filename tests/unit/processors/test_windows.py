@@ -174,6 +174,18 @@ def test_token_bucket_admits_a_burst_then_the_rate() -> None:
     assert bucket.empties_at() == 1_500
 
 
+def assert_bucket_matches(bucket: TokenBucket, burst: int, rate: Fraction, owed: Fraction, now_ms: int) -> None:
+    """The bucket at ``now_ms`` against the simulation: ``owed`` tokens taken and not refilled at
+    ``rate`` tokens per ms. Admission is expected once a token is back (within 1 ms of rounding)."""
+    assert bucket.used_at(now_ms) == math.ceil(owed)
+    expected = None if burst - owed >= 1 else now_ms + (owed - (burst - 1)) / rate
+    got = bucket.admits_at(burst)
+    if expected is None:
+        assert got is None
+    else:
+        assert got is not None and abs(got - math.ceil(expected)) <= 1
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     gaps=st.lists(st.tuples(st.integers(min_value=0, max_value=3_000), st.integers(min_value=0, max_value=4)), max_size=60),
@@ -191,13 +203,7 @@ def test_token_bucket_matches_a_continuous_simulation(gaps: list[tuple[int, int]
         owed = max(Fraction(0), owed - (t - previous) * rate) + cost
         previous = t
         bucket.add(t, cost)
-        assert bucket.used_at(t) == math.ceil(owed)
-        expected = None if burst - owed >= 1 else t + (owed - (burst - 1)) / rate
-        got = bucket.admits_at(burst)
-        if expected is None:
-            assert got is None
-        else:
-            assert got is not None and abs(got - math.ceil(expected)) <= 1
+        assert_bucket_matches(bucket, burst, rate, owed, now_ms=t)
 
 
 # --- lateness: out-of-order arrivals within the bound ------------------------------------------
@@ -268,14 +274,7 @@ def test_token_bucket_out_of_order_within_the_bound_equals_time_order(
     for t, cost in sorted(accepted):
         owed = max(Fraction(0), owed - (t - previous) * rate) + cost
         previous = t
-    newest = max(t for t, _ in accepted)
-    assert bucket.used_at(newest) == math.ceil(owed)
-    expected = None if burst - owed >= 1 else newest + (owed - (burst - 1)) / rate
-    got = bucket.admits_at(burst)
-    if expected is None:
-        assert got is None
-    else:
-        assert got is not None and abs(got - math.ceil(expected)) <= 1
+    assert_bucket_matches(bucket, burst, rate, owed, now_ms=max(t for t, _ in accepted))
     assert len(bucket.pending) <= lateness_ms + 1  # memory stays bounded by the lateness
 
 
