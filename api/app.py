@@ -1,4 +1,4 @@
-"""The FastAPI application: quota report, health, metrics. OpenAPI docs at ``/docs``."""
+"""The FastAPI application: quota report, usage, event ingest, admin, health, metrics. OpenAPI docs at ``/docs``."""
 
 from __future__ import annotations
 
@@ -14,11 +14,13 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
-from api import event_ingest, quota, usage
+from api import admin, event_ingest, quota, usage
 from api.settings import ApiSettings
 from ingest.producer import EventProducer
 from processors.exact_usage import ExactUsage
 from processors.policy import PolicySet
+from processors.policy_watch import PolicySource
+from processors.registry import Registry
 from processors.usage_store import UsageStore
 from processors.redis_client import redis_client
 
@@ -27,8 +29,10 @@ log = logging.getLogger(__name__)
 _HEALTH_TIMEOUT_S = 2.0
 
 
-def create_app(settings: ApiSettings, policies: PolicySet, *, store: UsageStore | None = None) -> FastAPI:
-    """Build the app. ``store`` is the open ClickHouse store when this process may read it.
+def create_app(
+    settings: ApiSettings, source: PolicySource, registry: Registry, *, store: UsageStore | None = None
+) -> FastAPI:
+    """Build the app on a started registry. ``store`` is the open ClickHouse store when this process may read it.
 
     An embedded (chDB) store can be open in one process only; when the sink runs elsewhere the API
     is given no store and reports ClickHouse as not checked.
@@ -63,11 +67,19 @@ def create_app(settings: ApiSettings, policies: PolicySet, *, store: UsageStore 
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.policies = policies
+    app.state.policies = source.current
+    app.state.policy_source = source
+    app.state.registry = registry
     app.state.store = store
+
+    async def follow_policies(policies: PolicySet) -> None:
+        app.state.policies = policies
+
+    source.on_change(follow_policies)
     app.include_router(quota.router)
     app.include_router(usage.router)
     app.include_router(event_ingest.router)
+    app.include_router(admin.router)
 
     @app.get("/healthz", tags=["operations"], summary="Status of each dependency")
     async def healthz(request: Request) -> JSONResponse:

@@ -1,8 +1,9 @@
 """Who is calling: an admin (a configured admin token), a gateway (an ingest token) or an API key.
 
 Credentials come as ``Authorization: Bearer <token-or-key>`` or, for API keys, in the configured
-key header (``x-api-key``). Tokens are compared in constant time; API keys are never compared at
-all, only turned into their key id.
+key header (``x-api-key``). Tokens are compared in constant time. An API key is turned into its key
+id and looked up in the registry this process follows; unknown, suspended, revoked and expired keys
+get 401, like a missing credential. A valid key calling an admin endpoint gets 403.
 """
 
 from __future__ import annotations
@@ -14,13 +15,18 @@ from fastapi import HTTPException, Request
 
 from api import metrics
 from ingest.blocklist import limit_key
+from ingest.clock import wall_clock_ms
 from ingest.events import key_id_for
+from processors.registry import Registry
 
 
 @dataclass(frozen=True)
 class CallerKey:
     key_id: str
     limit_key: str
+    tenant: str
+    plan: str
+    """Empty: the default plan."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +70,19 @@ def caller(request: Request) -> Caller:
             "or as 'Authorization: Bearer <key>'"
         )
     key_id = key_id_for(api_key, settings.key_salt_bytes)
-    return Caller(key=CallerKey(key_id=key_id, limit_key=limit_key([("api_key", key_id)])))
+    registry: Registry = request.app.state.registry
+    record = registry.keys.get(key_id)
+    if record is None or not hmac.compare_digest(record.key_id, key_id) or not record.usable_at(wall_clock_ms()):
+        raise _unauthorized("unknown, suspended, revoked or expired API key")
+    key = CallerKey(key_id=key_id, limit_key=limit_key([("api_key", key_id)]), tenant=record.tenant, plan=record.plan)
+    return Caller(key=key)
+
+
+def admin(request: Request) -> None:
+    """An admin token; a valid API key gets 403, anything else 401."""
+    if caller(request).key is not None:
+        metrics.AUTH_FAILURES.inc()
+        raise HTTPException(status_code=403, detail="admin endpoints need an admin token")
 
 
 def caller_key(request: Request) -> CallerKey:

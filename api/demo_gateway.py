@@ -1,7 +1,8 @@
 """A small API behind the ThrottleX middleware, for the demo, the load generator and tests.
 
-It shows the whole gateway integration: build an `EventProducer` and an `EdgeDenylist`, start them in
-the app's lifespan, and add `ThrottleXMiddleware` in front of the routes.
+It shows the whole gateway integration: build an `EventProducer`, an `EdgeDenylist` and (unless keys
+are checked elsewhere) an `EdgeKeys` cache, start them in the app's lifespan, and add
+`ThrottleXMiddleware` in front of the routes.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ingest.denylist import EdgeDenylist
+from ingest.keys import EdgeKeys
 from ingest.middleware import ThrottleXMiddleware
 from ingest.producer import EventProducer
 from ingest.settings import GatewaySettings
@@ -24,14 +26,24 @@ def create_gateway_app(settings: GatewaySettings) -> FastAPI:
         settings.redis_url, settings.redis_prefix,
         fail_mode=settings.edge_fail_mode, fail_after_s=settings.edge_fail_after_s,
     )  # fmt: skip
+    keys = None
+    if settings.edge_keys == "registry":
+        keys = EdgeKeys(
+            settings.redis_url, settings.redis_prefix,
+            unknown_size=settings.edge_unknown_keys_cached, unknown_ttl_s=settings.edge_unknown_key_ttl_s,
+        )  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await producer.start()
         await denylist.start()
+        if keys is not None:
+            await keys.start()
         try:
             yield
         finally:
+            if keys is not None:
+                await keys.stop()
             await denylist.stop()
             await producer.stop()
 
@@ -41,6 +53,8 @@ def create_gateway_app(settings: GatewaySettings) -> FastAPI:
         denylist=denylist,
         producer=producer,
         key_salt=settings.key_salt_bytes,
+        keys=keys,
+        public_paths=frozenset({"/metrics"}),
         tenant=settings.tenant,
         api_key_header=settings.api_key_header,
     )

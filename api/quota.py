@@ -68,7 +68,7 @@ async def quota(request: Request, caller: Annotated[CallerKey, Depends(caller_ke
     now_ms = wall_clock_ms()
     windows = await read_live_usage(redis, prefix, caller.limit_key, policies)
 
-    plan = policies.default_plan  # keys carry no plan of their own yet
+    plan = caller.plan or policies.default_plan
     reports = []
     for policy in policies.policies:
         limit = policies.limit_of(policy, plan)
@@ -101,19 +101,21 @@ async def quota(request: Request, caller: Annotated[CallerKey, Depends(caller_ke
         blocked_until=_instant(block.until_ms) if block else None,
         blocked_by=block.policy if block else None,
         policies=reports,
-        plan=await _plan_quota(request, caller.key_id, datetime.fromtimestamp(now_ms / 1000, tz=UTC)),
+        plan=await _plan_quota(request, caller, datetime.fromtimestamp(now_ms / 1000, tz=UTC)),
     )
 
 
-async def _plan_quota(request: Request, key_id: str, now: datetime) -> PlanQuota | None:
-    """The default plan's monthly quota (keys carry no plan of their own yet): the units ClickHouse
-    holds plus those still on their way to it, so the count is exact and never counted twice."""
+async def _plan_quota(request: Request, caller: CallerKey, now: datetime) -> PlanQuota | None:
+    """The key's plan's monthly quota: the units ClickHouse holds plus those still on their way to
+    it, so the count is exact and never counted twice."""
     store: UsageStore | None = request.app.state.store
     exact: ExactUsage | None = request.app.state.exact_usage
     policies: PolicySet = request.app.state.policies
-    if store is None or exact is None or policies.default_plan is None:
+    plan_name = caller.plan or policies.default_plan
+    if store is None or exact is None or plan_name is None or plan_name not in policies.plans:
         return None
-    plan = policies.plans[policies.default_plan]
+    plan = policies.plans[plan_name]
+    key_id = caller.key_id
     start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     end = (start + timedelta(days=32)).replace(day=1)
     try:
@@ -129,6 +131,6 @@ async def _plan_quota(request: Request, key_id: str, now: datetime) -> PlanQuota
         forecast = now + timedelta(seconds=remaining / (last_hour / 3600))
         runs_out_at = forecast if forecast < end else None
     return PlanQuota(
-        plan=policies.default_plan, period_start=start, period_end=end, limit_units=plan.monthly_units,
+        plan=plan_name, period_start=start, period_end=end, limit_units=plan.monthly_units,
         used_units=used, remaining_units=remaining, runs_out_at=runs_out_at,
     )  # fmt: skip

@@ -22,8 +22,9 @@ from api.server import HttpServer
 from api.settings import RunSettings
 from processors.lag import watch_lag
 from processors.policy import PolicySet, load_policies
-from processors.policy_watch import watch_policy_file
+from processors.policy_watch import PolicySource, watch_policy_file
 from processors.reconcile import Reconciler
+from processors.registry import Registry
 from processors.sink import UsageSink
 from processors.usage_store import UsageStore
 from processors.redis_client import redis_client
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 async def run_roles(roles: set[str], settings: RunSettings) -> None:
-    policies = load_policies(settings.policy_file)
+    file_policies = load_policies(settings.policy_file)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -41,13 +42,16 @@ async def run_roles(roles: set[str], settings: RunSettings) -> None:
 
     async with contextlib.AsyncExitStack() as stack:
         watches: list[asyncio.Task[BaseException]] = []
-        on_policy_change: list[Callable[[PolicySet], Awaitable[None]]] = []
+        registry = await _open_registry(stack, settings)
+        source = PolicySource(file_policies, registry.policies)
+        policies = source.current
+        log.info("policies in force", extra={"origin": source.origin, "policies": [p.name for p in policies.policies]})
         store = await _open_store(stack, roles, settings)
         if "worker" in roles:
             worker = PolicyWorker(settings, policies)
             await worker.start()
             stack.push_async_callback(worker.stop)
-            on_policy_change.append(worker.replace_policies)
+            source.on_change(worker.replace_policies)
             watches.append(asyncio.create_task(worker.crashed(), name="worker-watch"))
             lag = watch_lag(settings.kafka_bootstrap, settings.worker_app_id, settings.events_topic)
             watches.append(_background(stack, lag))
@@ -56,18 +60,17 @@ async def run_roles(roles: set[str], settings: RunSettings) -> None:
             assert store is not None
             watches += await _start_sink(stack, settings, policies, store)
         if "api" in roles:
-            app = create_app(settings, policies, store=store)
+            app = create_app(settings, source, registry, store=store)
             server = HttpServer(app, settings.api_host, settings.api_port)
             await server.start()
-            on_policy_change.append(_set_app_policies(app))
             stack.push_async_callback(server.stop)
             log.info("api listening", extra={"url": server.url})
         elif settings.metrics_port:
             prometheus_client.start_http_server(settings.metrics_port, addr=settings.api_host)
 
-        if on_policy_change:
-            watch = watch_policy_file(settings.policy_file, settings.policy_reload_interval_s, _each(on_policy_change))
-            watches.append(_background(stack, watch))
+        watch = watch_policy_file(settings.policy_file, settings.policy_reload_interval_s, source.file_changed)
+        watches.append(_background(stack, watch))
+        watches.append(_background(stack, registry.follow(source.registry_changed)))
         log.info("running", extra={"roles": sorted(roles)})
         stopping = asyncio.create_task(stop.wait(), name="signal-watch")
         await asyncio.wait([stopping, *watches], return_when=asyncio.FIRST_COMPLETED)
@@ -117,19 +120,17 @@ async def _start_sink(
     return watches
 
 
-def _each(handlers: list[Callable[[PolicySet], Awaitable[None]]]) -> Callable[[PolicySet], Awaitable[None]]:
-    async def apply(policies: PolicySet) -> None:
-        for handler in handlers:
-            await handler(policies)
-
-    return apply
-
-
-def _set_app_policies(app: FastAPI) -> Callable[[PolicySet], Awaitable[None]]:
-    async def apply(policies: PolicySet) -> None:
-        app.state.policies = policies
-
-    return apply
+async def _open_registry(stack: contextlib.AsyncExitStack, settings: RunSettings) -> Registry:
+    """Keys, plans and policies from the compacted registry topic, mirrored into Redis for gateways."""
+    redis = redis_client(settings.redis_url, settings.redis_timeout_s)
+    stack.push_async_callback(redis.aclose)
+    registry = Registry(
+        settings.kafka_bootstrap, settings.registry_topic, redis, settings.redis_prefix,
+        replication_factor=settings.topic_replication_factor,
+    )  # fmt: skip
+    await registry.start()
+    stack.push_async_callback(registry.stop)
+    return registry
 
 
 def _background(stack: contextlib.AsyncExitStack, loop: Coroutine[Any, Any, None]) -> asyncio.Task[BaseException]:

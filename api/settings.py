@@ -17,6 +17,7 @@ class ApiSettings(WorkerSettings, SinkSettings):
     ingest_tokens: SecretStr = Field(SecretStr(""), description="comma-separated tokens gateways use for POST /v1/events")
     ingest_max_events: int = Field(1000, ge=1, description="most events in one POST /v1/events")
     ingest_max_bytes: int = Field(1024 * 1024, ge=1024, description="largest POST /v1/events body")
+    dry_run_max_events: int = Field(2_000_000, ge=1, description="most stored events one policy dry-run replays")
     usage_max_buckets: int = Field(10_000, ge=1, description="most time buckets one usage query may span")
 
     @property

@@ -25,3 +25,8 @@ EDGE_SYNC_LAG = Histogram(
     "Time from a worker writing a block to this gateway's cache holding it",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+KEY_LOOKUPS = Counter(
+    "throttlex_edge_key_lookups_total",
+    "API key checks by where the answer came from (cache, unknown_cache, redis)",
+    ["source"],
+)

@@ -2,7 +2,13 @@
 
 The check is a lookup in the local `EdgeDenylist` cache; the event goes to the producer's batch
 buffer after the response has been sent. Neither adds a network round trip to the request.
-Requests without an API key are passed through untouched and counted as ``unauthenticated``.
+
+With an `EdgeKeys` cache, only registered keys pass: a request without a key, or with an unknown,
+suspended, revoked or expired one, gets 401 (and no event), and the event of an admitted request
+carries the key's tenant and plan. Without one (``keys=None``, for a gateway behind another
+authenticator) every key passes, requests without a key are passed through untouched and counted as
+``unauthenticated``, and events carry the gateway's configured tenant. Paths in ``public_paths``
+(health checks, ``/metrics``) are neither checked nor accounted.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from ingest.blocklist import Block
 from ingest.clock import Clock, wall_clock_ms
 from ingest.denylist import EdgeDenylist
 from ingest.events import UsageEvent, key_id_for, new_event_id
+from ingest.keys import EdgeKeys, KeyLookupUnavailable
 from ingest.producer import EventProducer
 
 
@@ -29,6 +36,8 @@ class ThrottleXMiddleware:
         denylist: EdgeDenylist,
         producer: EventProducer,
         key_salt: bytes,
+        keys: EdgeKeys | None = None,
+        public_paths: frozenset[str] = frozenset(),
         tenant: str = "default",
         api_key_header: str = "x-api-key",
         clock: Clock = wall_clock_ms,
@@ -37,25 +46,41 @@ class ThrottleXMiddleware:
         self._denylist = denylist
         self._producer = producer
         self._salt = key_salt
+        self._keys = keys
+        self._public = public_paths
         self._tenant = tenant
         self._header = api_key_header.lower().encode()
         self._clock = clock
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] in self._public:
             await self.app(scope, receive, send)
             return
         api_key = _header(scope, self._header)
-        if api_key is None:
+        if api_key is None and self._keys is None:
             metrics.REQUESTS.labels(outcome="unauthenticated").inc()
             await self.app(scope, receive, send)
             return
+        if api_key is None:
+            await _refuse(send, 401, f"missing API key: send it in the {self._header.decode()} header")
+            return
 
         key_id = key_id_for(api_key, self._salt)
+        tenant, plan = self._tenant, ""
+        if self._keys is not None:
+            try:
+                record = await self._keys.usable(key_id)
+            except KeyLookupUnavailable:
+                await _refuse(send, 503, "cannot check the API key now; try again")
+                return
+            if record is None:
+                await _refuse(send, 401, "unknown, suspended, revoked or expired API key")
+                return
+            tenant, plan = record.tenant, record.plan
         received_ms = self._clock()
         started = time.perf_counter()
         client_ip = (scope.get("client") or ("", 0))[0]
-        values = {"api_key": key_id, "tenant": self._tenant, "ip": client_ip, "route": scope["path"],
+        values = {"api_key": key_id, "tenant": tenant, "ip": client_ip, "route": scope["path"],
                   "method": scope["method"]}  # fmt: skip
         block = self._denylist.check(values)
         if self._denylist.refusing:  # fail-closed and Redis out of reach for too long
@@ -78,7 +103,8 @@ class ThrottleXMiddleware:
                 event_id=new_event_id(),
                 event_time_ms=received_ms,
                 api_key_id=key_id,
-                tenant=self._tenant,
+                tenant=tenant,
+                plan=plan,
                 route=_route_template(scope),
                 method=scope["method"],
                 status=status,
@@ -104,6 +130,16 @@ class _ResponseMeter:
         elif message["type"] == "http.response.body":
             self.body_bytes += len(message.get("body", b""))
         await self._send(message)
+
+
+async def _refuse(send: Send, status: int, message: str) -> None:
+    """Answer a request that is not let through and not accounted (no usable key)."""
+    metrics.REQUESTS.labels(outcome="unauthorized" if status == 401 else "key_check_unavailable").inc()
+    body = msgspec.json.encode({"error": message})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers.append((b"www-authenticate", b"ApiKey") if status == 401 else (b"retry-after", b"1"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _send_error(send: Send, status: int, block: Block, now_ms: int, message: str) -> int:

@@ -31,6 +31,9 @@ class ConnectionSettings(BaseSettings):
         description="secret that turns API keys into key ids; set your own in production",
     )
     api_key_header: str = Field("x-api-key", description="request header carrying the caller's API key")
+    registry_topic: str = Field(
+        "throttlex.registry", description="compacted topic holding API keys, plans and policies (the source of truth)"
+    )
     log_level: LogLevel = "INFO"
 
     @property
@@ -44,4 +47,11 @@ class GatewaySettings(ConnectionSettings):
     edge_fail_mode: FailMode = Field(
         "open", description="when Redis is out of reach: open admits (cached blocks still hold), closed answers 503"
     )
+    edge_keys: Literal["registry", "any"] = Field(
+        "registry",
+        description="registry: only registered, active, unexpired keys pass (401 otherwise); "
+        "any: every key passes (a gateway behind another authenticator)",
+    )
+    edge_unknown_keys_cached: int = Field(10_000, ge=1, description="most unknown keys remembered, to spare Redis")
+    edge_unknown_key_ttl_s: float = Field(30.0, gt=0, description="how long an unknown key is remembered")
     edge_fail_after_s: float = Field(5.0, ge=0, description="how long Redis may be out of reach before the fail mode applies")

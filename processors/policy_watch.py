@@ -1,6 +1,7 @@
 """Live policy changes: the policy file is checked every few seconds and a valid change is applied
 without a restart. A change that does not validate is refused with the reason, and the policies in
-force stay as they are."""
+force stay as they are. Once an admin has written policies through the API, the registry's document
+is in force instead of the file (`PolicySource`)."""
 
 from __future__ import annotations
 
@@ -43,3 +44,40 @@ def _read(path: Path) -> str | None:
     except OSError as exc:
         log.warning("policy file unreadable; keeping the policies in force", extra={"error": str(exc)})
         return None
+
+
+class PolicySource:
+    """The policies in force: the registry's policy document once an admin has written one
+    (``PUT /v1/admin/policies`` or ``/plans``), else the policy file. Handlers registered with
+    `on_change` are called with the new policies whenever what is in force changes."""
+
+    def __init__(self, file_policies: PolicySet, registry_policies: PolicySet | None) -> None:
+        self._file = file_policies
+        self._registry = registry_policies
+        self._handlers: list[Callable[[PolicySet], Awaitable[None]]] = []
+
+    @property
+    def current(self) -> PolicySet:
+        return self._registry if self._registry is not None else self._file
+
+    @property
+    def origin(self) -> str:
+        return "file" if self._registry is None else "registry"
+
+    def on_change(self, handler: Callable[[PolicySet], Awaitable[None]]) -> None:
+        self._handlers.append(handler)
+
+    async def file_changed(self, policies: PolicySet) -> None:
+        self._file = policies
+        if self._registry is not None:
+            log.warning("policy file changed, but the registry's policy document is in force; not applied")
+            return
+        await self._notify()
+
+    async def registry_changed(self, policies: PolicySet) -> None:
+        self._registry = policies
+        await self._notify()
+
+    async def _notify(self) -> None:
+        for handler in self._handlers:
+            await handler(self.current)

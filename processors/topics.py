@@ -6,13 +6,24 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 
-async def ensure_topics(bootstrap: str, partitions: dict[str, int], *, replication_factor: int = 1) -> None:
-    """Create each missing topic with its partition count; existing topics are left as they are."""
+async def ensure_topics(
+    bootstrap: str,
+    partitions: dict[str, int],
+    *,
+    replication_factor: int = 1,
+    configs: dict[str, dict[str, str]] | None = None,
+) -> None:
+    """Create each missing topic with its partition count and topic configs (e.g. compaction);
+    existing topics are left as they are."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        missing = [NewTopic(name, count, replication_factor) for name, count in partitions.items() if name not in existing]
+        missing = [
+            NewTopic(name, count, replication_factor, topic_configs=(configs or {}).get(name, {}))
+            for name, count in partitions.items()
+            if name not in existing
+        ]
         if missing:
             try:
                 await admin.create_topics(missing)

@@ -28,8 +28,10 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
 
-from ingest.events import UsageEvent, encode
+from ingest.events import UsageEvent, encode, key_id_for
+from ingest.keys import KeyRecord
 from ingest.settings import ConnectionSettings
+from processors.registry import Registry
 from processors.topics import ensure_topics
 
 S = TypeVar("S", bound=ConnectionSettings)
@@ -75,6 +77,7 @@ class Sandbox:
             "THROTTLEX_REDIS_URL": self.redis_url,
             "THROTTLEX_EVENTS_TOPIC": f"test-{self.tag}.events",
             "THROTTLEX_DEAD_LETTER_TOPIC": f"test-{self.tag}.deadletter",
+            "THROTTLEX_REGISTRY_TOPIC": f"test-{self.tag}.registry",
             "THROTTLEX_WORKER_APP_ID": f"test-{self.tag}-worker",
             "THROTTLEX_SINK_GROUP": f"test-{self.tag}-sink",
             "THROTTLEX_REDIS_PREFIX": f"test-{self.tag}",
@@ -92,6 +95,7 @@ class Sandbox:
             redis_url=env["THROTTLEX_REDIS_URL"],
             events_topic=env["THROTTLEX_EVENTS_TOPIC"],
             redis_prefix=env["THROTTLEX_REDIS_PREFIX"],
+            registry_topic=env["THROTTLEX_REGISTRY_TOPIC"],
             key_salt=SecretStr(env["THROTTLEX_KEY_SALT"]),
         )
 
@@ -251,3 +255,19 @@ async def redis(sandbox: Sandbox) -> AsyncIterator[Redis]:
         async for key in client.scan_iter(match=f"{sandbox.env['THROTTLEX_REDIS_PREFIX']}:*"):
             await client.delete(key)
         await client.aclose()
+
+
+async def register_keys(sandbox: Sandbox, keys: dict[str, str], plan: str = "") -> dict[str, str]:
+    """Register API keys (plain key → tenant) in the sandbox's registry, as `POST /v1/admin/keys`
+    stores them; returns plain key → key id. Tests use fixed plain keys so their logs can be searched."""
+    salt = sandbox.env["THROTTLEX_KEY_SALT"].encode()
+    client = Redis.from_url(sandbox.redis_url)
+    registry = Registry(sandbox.kafka_bootstrap, sandbox.env["THROTTLEX_REGISTRY_TOPIC"], client, sandbox.env["THROTTLEX_REDIS_PREFIX"])
+    await registry.start()
+    try:
+        for plain, tenant in keys.items():
+            await registry.put_key(KeyRecord(key_id=key_id_for(plain, salt), tenant=tenant, plan=plan, hint=plain[-4:]))
+    finally:
+        await registry.stop()
+        await client.aclose()
+    return {plain: key_id_for(plain, salt) for plain in keys}

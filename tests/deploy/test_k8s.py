@@ -3,6 +3,7 @@ and the kustomizations, probes and policy ConfigMap point at things that exist."
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ import yaml
 from api.app import create_app
 from api.settings import ApiSettings
 from processors.policy import load_policies
+from processors.policy_watch import PolicySource
+from processors.registry import Registry
 
 pytestmark = pytest.mark.deploy
 
@@ -59,13 +62,20 @@ def test_workers_match_partitions_and_probes_call_real_endpoints() -> None:
     worker = resources[("Deployment", "throttlex-worker")]
     assert worker["spec"]["replicas"] == int(config["THROTTLEX_EVENTS_PARTITIONS"])
 
-    app = create_app(ApiSettings(), load_policies(K8S.parent / "config" / "policies.yaml"))
-    routes = {path for route in app.router.routes if isinstance(path := getattr(route, "path", None), str)}
+    routes = asyncio.run(api_routes())
     for name in ("throttlex-worker", "throttlex-sink", "throttlex-api"):
         [container] = resources[("Deployment", name)]["spec"]["template"]["spec"]["containers"]
         for probe in ("livenessProbe", "readinessProbe"):
             assert container[probe]["httpGet"]["path"] in routes
         assert container["resources"]["requests"]
+
+
+async def api_routes() -> set[str]:
+    """The API's routes (the app is built, not started: the registry's clients need a running loop)."""
+    settings = ApiSettings()
+    registry = Registry(settings.kafka_bootstrap, settings.registry_topic, None, settings.redis_prefix)
+    app = create_app(settings, PolicySource(load_policies(K8S.parent / "config" / "policies.yaml"), None), registry)
+    return {path for route in app.router.routes if isinstance(path := getattr(route, "path", None), str)}
 
 
 def test_policy_configmap_is_the_shipped_policy_file() -> None:

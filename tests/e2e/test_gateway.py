@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from api.demo_gateway import create_gateway_app
 from api.server import HttpServer
 from ingest.settings import GatewaySettings
-from tests.conftest import RoleProcess, Sandbox, eventually, free_port
+from tests.conftest import RoleProcess, Sandbox, eventually, free_port, register_keys
 
 pytestmark = pytest.mark.e2e
 
@@ -27,6 +27,7 @@ LIMIT, WINDOW_S = 20, 10
 async def pipeline(sandbox: Sandbox, spawn: Callable[..., RoleProcess]) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient]]:
     """(gateway client, API client) with `throttlex run` behind them, ready and processing."""
     api_port = free_port()
+    await register_keys(sandbox, {key: "default" for key in ("hot-key", "calm-key", "metered-key", "warm-up")})
     role = spawn("run", "--policy-file", str(sandbox.write_policy(LIMIT, WINDOW_S)), "--api-port", str(api_port))
     gateway = HttpServer(create_gateway_app(sandbox.settings(GatewaySettings)), "127.0.0.1", free_port())
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}", timeout=5) as api:

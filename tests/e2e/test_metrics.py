@@ -12,7 +12,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import EventSender, RoleProcess, Sandbox, eventually, free_port
+from tests.conftest import EventSender, RoleProcess, Sandbox, eventually, free_port, register_keys
 
 pytestmark = pytest.mark.e2e
 
@@ -40,6 +40,7 @@ async def scrape(url: str) -> dict[str, float]:
 async def test_every_documented_metric_is_exported_and_traffic_moves_them(
     sandbox: Sandbox, spawn: Callable[..., RoleProcess], producer: EventSender
 ) -> None:
+    await register_keys(sandbox, {"metrics-hot-key": "default"})
     ports = {role: free_port() for role in ("worker", "sink", "api", "gateway")}
     policy = str(sandbox.write_policy(limit=10, window_s=60))
     fast = {"THROTTLEX_RECONCILE_INTERVAL_S": "1", "THROTTLEX_RECONCILE_SETTLE_S": "1"}
@@ -73,7 +74,7 @@ async def test_every_documented_metric_is_exported_and_traffic_moves_them(
             return response.status_code == 429
 
         await eventually(blocked_at_the_edge, timeout_s=30, what="the hot key to be refused at the edge")
-        await gateway.get("/v1/items/1")  # no key: unauthenticated
+        await gateway.get("/v1/items/1")  # no key: refused with 401
         await api.get("/v1/quota", headers={"x-api-key": "metrics-hot-key"})
         await api.get("/v1/quota")  # no credentials
         await api.post("/v1/events", content=b"[]", headers={"authorization": "Bearer nobody"})

@@ -6,6 +6,7 @@ computation over those same events, made here.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import random
@@ -22,7 +23,7 @@ import msgspec
 import pytest
 
 from ingest.events import UsageEvent, encode, key_id_for
-from tests.conftest import Sandbox, eventually, free_port, start_role, stop_role
+from tests.conftest import Sandbox, eventually, free_port, register_keys, start_role, stop_role
 from tests.factories import make_event
 
 pytestmark = pytest.mark.e2e
@@ -52,6 +53,7 @@ def api(service_addresses: tuple[str, str], tmp_path_factory: pytest.TempPathFac
     kafka, redis_url = service_addresses
     sandbox = Sandbox(kafka_bootstrap=kafka, redis_url=redis_url, root=Path(tmp_path_factory.mktemp("usage-api")))
     port = free_port()
+    asyncio.run(register_keys(sandbox, API_KEYS))
     role = start_role(
         sandbox,
         ["run", "--policy-file", str(sandbox.write_policy(1_000_000, 60, monthly_units=PLAN_UNITS)), "--api-port", str(port)],

@@ -1,0 +1,314 @@
+"""Admin endpoints: API keys, plans and policies, and the dry-run of a policy. Admin token only.
+
+Every change is written to the registry (a compacted Kafka topic, `processors.registry`) before it is
+answered, and applied in this process at once; other processes pick it up within a second. A new
+key is returned once, in the response to its creation; only its key id (a keyed hash) is stored.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+import msgspec
+from aiokafka.errors import KafkaError
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.auth import admin
+from ingest.clock import wall_clock_ms
+from ingest.events import key_id_for
+from ingest.keys import KeyRecord
+from processors.backtest import replay, stored_events
+from processors.policy import Plan, Policy, PolicyFileError, PolicySet, parse_policies
+from processors.policy_watch import PolicySource
+from processors.registry import Registry
+from processors.usage_store import StoreError, UsageStore
+
+router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(admin)])
+
+_Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+_KeyId = Annotated[str, Field(pattern=r"^[0-9a-f]{24}$")]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class KeyCreate(_Body):
+    tenant: _Name
+    plan: _Name | None = Field(None, description="one of the plans; default: the default plan")
+    name: str = Field("", max_length=128, description="what the key is for")
+    expires_at: datetime | None = Field(None, description="when the key stops working; default: never")
+
+
+class KeyChange(_Body):
+    plan: _Name | None = None
+    status: Literal["active", "suspended"] | None = Field(None, description="suspend a key, or make it active again")
+    name: str | None = Field(None, max_length=128)
+    expires_at: datetime | None = None
+
+
+class KeyInfo(BaseModel):
+    key_id: str
+    tenant: str
+    plan: str | None = Field(description="null: the default plan")
+    name: str
+    status: str
+    expires_at: datetime | None
+    created_at: datetime
+    hint: str = Field(description="the key's last four characters")
+
+
+class NewKey(KeyInfo):
+    key: str = Field(description="the API key; shown this once, stored nowhere")
+
+
+class KeyPage(BaseModel):
+    keys: list[KeyInfo]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last")
+
+
+class Plans(_Body):
+    plans: dict[_Name, Plan]
+    default_plan: str | None = None
+
+
+class Policies(_Body):
+    policies: list[Policy]
+
+
+class PoliciesInForce(Policies):
+    origin: Literal["file", "registry"] = Field(description="where they come from: the policy file until one is put here")
+
+
+class BlockInterval(BaseModel):
+    start: datetime
+    until: datetime
+    seconds: float
+
+
+class KeyBacktest(BaseModel):
+    limit_key: str
+    blocked_s: float
+    blocks: list[BlockInterval]
+
+
+class DryRun(BaseModel):
+    policy: str
+    start: datetime
+    end: datetime
+    events_replayed: int
+    keys: list[KeyBacktest] = Field(description="the keys the policy would have blocked, most blocked first")
+
+
+class DryRunRequest(_Body):
+    policy: Policy
+    start: datetime = Field(alias="from")
+    end: datetime = Field(alias="to")
+
+
+def _instant(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def _ms(moment: datetime) -> int:
+    moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+    return int(moment.timestamp() * 1000)
+
+
+def _info(record: KeyRecord) -> KeyInfo:
+    return KeyInfo(
+        key_id=record.key_id, tenant=record.tenant, plan=record.plan or None, name=record.name, status=record.status,
+        expires_at=_instant(record.expires_at_ms) if record.expires_at_ms else None,
+        created_at=_instant(record.created_ms), hint=record.hint,
+    )  # fmt: skip
+
+
+def _registry(request: Request) -> Registry:
+    registry: Registry = request.app.state.registry
+    return registry
+
+
+def _policies(request: Request) -> PolicySet:
+    policies: PolicySet = request.app.state.policies
+    return policies
+
+
+def _known_plan(request: Request, plan: str | None) -> str:
+    plans = _policies(request).plans
+    if plan is not None and plan not in plans:
+        raise HTTPException(status_code=422, detail=f"unknown plan {plan!r}; plans: {', '.join(sorted(plans)) or 'none'}")
+    return plan or ""
+
+
+def _future(moment: datetime | None) -> int:
+    if moment is None:
+        return 0
+    at = _ms(moment)
+    if at <= wall_clock_ms():
+        raise HTTPException(status_code=422, detail="expires_at must be in the future")
+    return at
+
+
+async def _store_key(request: Request, record: KeyRecord) -> None:
+    try:
+        await _registry(request).put_key(record)
+    except KafkaError as exc:
+        raise HTTPException(status_code=503, detail=f"the registry (Kafka) did not take the change: {type(exc).__name__}") from None
+
+
+def _existing(request: Request, key_id: str) -> KeyRecord:
+    record = _registry(request).keys.get(key_id)
+    if record is None:
+        raise HTTPException(status_code=404, detail=f"no key {key_id}")
+    return record
+
+
+@router.post("/keys", status_code=201, response_model=NewKey, summary="Create an API key (shown once)")
+async def create_key(request: Request, body: KeyCreate) -> NewKey:
+    plain = "tx_" + secrets.token_urlsafe(32)
+    record = KeyRecord(
+        key_id=key_id_for(plain, request.app.state.settings.key_salt_bytes), tenant=body.tenant,
+        plan=_known_plan(request, body.plan), name=body.name, expires_at_ms=_future(body.expires_at),
+        created_ms=wall_clock_ms(), hint=plain[-4:],
+    )  # fmt: skip
+    await _store_key(request, record)
+    return NewKey(**_info(record).model_dump(), key=plain)
+
+
+@router.get("/keys", response_model=KeyPage, summary="List API keys, filtered, a page at a time")
+async def list_keys(
+    request: Request,
+    tenant: str | None = None,
+    plan: str | None = None,
+    status: Literal["active", "suspended", "revoked"] | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    cursor: str | None = Query(None, description="the `next_cursor` of the previous page"),
+) -> KeyPage:
+    records = sorted(_registry(request).keys.values(), key=lambda record: record.key_id)
+    chosen = [
+        record for record in records
+        if (cursor is None or record.key_id > cursor) and (tenant is None or record.tenant == tenant)
+        and (plan is None or (record.plan or None) == plan) and (status is None or record.status == status)
+    ]  # fmt: skip
+    page = chosen[:limit]
+    return KeyPage(keys=[_info(r) for r in page], next_cursor=page[-1].key_id if len(chosen) > limit else None)
+
+
+@router.get("/keys/{key_id}", response_model=KeyInfo, summary="One API key")
+async def get_key(request: Request, key_id: _KeyId) -> KeyInfo:
+    return _info(_existing(request, key_id))
+
+
+@router.patch("/keys/{key_id}", response_model=KeyInfo, summary="Change a key's plan, status, name or expiry")
+async def change_key(request: Request, key_id: _KeyId, body: KeyChange) -> KeyInfo:
+    record = _existing(request, key_id)
+    if record.status == "revoked":
+        raise HTTPException(status_code=409, detail="a revoked key cannot be changed; create a new key")
+    changes = body.model_dump(exclude_unset=True)
+    if "plan" in changes:
+        record = msgspec.structs.replace(record, plan=_known_plan(request, body.plan))
+    if body.status is not None:
+        record = msgspec.structs.replace(record, status=body.status)
+    if body.name is not None:
+        record = msgspec.structs.replace(record, name=body.name)
+    if "expires_at" in changes:
+        record = msgspec.structs.replace(record, expires_at_ms=_future(body.expires_at))
+    await _store_key(request, record)
+    return _info(record)
+
+
+@router.delete("/keys/{key_id}", response_model=KeyInfo, summary="Revoke a key, for good")
+async def revoke_key(request: Request, key_id: _KeyId) -> KeyInfo:
+    record = msgspec.structs.replace(_existing(request, key_id), status="revoked")
+    await _store_key(request, record)
+    return _info(record)
+
+
+async def _put_document(request: Request, document: dict[str, object]) -> PolicySet:
+    """Validate a whole policy document as the policy file is validated, store it, apply it here."""
+    try:
+        policies = parse_policies(json.dumps(document), "request body")
+    except PolicyFileError as exc:
+        raise HTTPException(status_code=422, detail=str(exc)) from None
+    try:
+        await _registry(request).put_policies(policies)
+    except KafkaError as exc:
+        raise HTTPException(status_code=503, detail=f"the registry (Kafka) did not take the change: {type(exc).__name__}") from None
+    source: PolicySource = request.app.state.policy_source
+    await source.registry_changed(policies)
+    return policies
+
+
+@router.get("/plans", response_model=Plans, summary="The plans in force")
+async def get_plans(request: Request) -> Plans:
+    policies = _policies(request)
+    return Plans(plans=policies.plans, default_plan=policies.default_plan)
+
+
+@router.put("/plans", response_model=Plans, summary="Replace the plans (validated with the policies in force)")
+async def put_plans(request: Request, body: Plans) -> Plans:
+    current = _policies(request)
+    document = {**current.model_dump(mode="json"), **body.model_dump(mode="json")}
+    policies = await _put_document(request, document)
+    return Plans(plans=policies.plans, default_plan=policies.default_plan)
+
+
+@router.get("/policies", response_model=PoliciesInForce, summary="The policies in force")
+async def get_policies(request: Request) -> PoliciesInForce:
+    source: PolicySource = request.app.state.policy_source
+    return PoliciesInForce(policies=_policies(request).policies, origin="registry" if source.origin == "registry" else "file")
+
+
+@router.put("/policies", response_model=PoliciesInForce, summary="Replace the policies (applied everywhere within seconds)")
+async def put_policies(request: Request, body: Policies) -> PoliciesInForce:
+    document = {**_policies(request).model_dump(mode="json"), "policies": [p.model_dump(mode="json") for p in body.policies]}
+    policies = await _put_document(request, document)
+    return PoliciesInForce(policies=policies.policies, origin="registry")
+
+
+@router.get("/policies/{name}/dry-run", response_model=DryRun, summary="Replay a policy in force over stored usage")
+async def dry_run(
+    request: Request,
+    name: str,
+    start: Annotated[datetime, Query(alias="from")],
+    end: Annotated[datetime, Query(alias="to")],
+) -> DryRun:
+    policy = _policies(request).by_name(name)
+    if policy is None:
+        raise HTTPException(status_code=404, detail=f"no policy {name!r}; POST /v1/admin/policies/dry-run tries one not in force")
+    return await _dry_run(request, policy, start, end)
+
+
+@router.post("/policies/dry-run", response_model=DryRun, summary="Replay a proposed policy over stored usage")
+async def dry_run_proposal(request: Request, body: DryRunRequest) -> DryRun:
+    return await _dry_run(request, body.policy, body.start, body.end)
+
+
+async def _dry_run(request: Request, policy: Policy, start: datetime, end: datetime) -> DryRun:
+    if _ms(end) <= _ms(start):
+        raise HTTPException(status_code=422, detail="`to` must be after `from`")
+    store: UsageStore | None = request.app.state.store
+    if store is None:
+        raise HTTPException(status_code=503, detail="a dry-run reads ClickHouse: run the API with the sink or a ClickHouse server")
+    most = request.app.state.settings.dry_run_max_events
+    try:
+        events = await stored_events(store, start, end, most)
+    except StoreError as exc:
+        raise HTTPException(status_code=503, detail=f"ClickHouse query failed: {exc}") from None
+    if len(events) > most:
+        raise HTTPException(status_code=422, detail=f"more than {most} events in the range; narrow from/to")
+    result = replay(policy, _policies(request), events)
+    keys = [
+        KeyBacktest(
+            limit_key=entry.limit_key,
+            blocked_s=sum(until - begin for begin, until in entry.intervals) / 1000,
+            blocks=[BlockInterval(start=_instant(b), until=_instant(u), seconds=(u - b) / 1000) for b, u in entry.intervals],
+        )
+        for entry in result.keys.values()
+    ]
+    keys.sort(key=lambda k: (-k.blocked_s, k.limit_key))
+    return DryRun(policy=policy.name, start=start, end=end, events_replayed=result.events, keys=keys)

@@ -1,0 +1,180 @@
+"""API keys as gateways see them: the key record, its Redis view, and the edge key cache.
+
+A key is known only by its key id (`key_id_for`: a BLAKE2b hash keyed with the deployment's secret
+salt); the plain key is shown once when it is created and stored nowhere. The registry (a compacted
+Kafka topic, see `processors.registry`) is the source of truth; Redis holds the view gateways read:
+
+- ``{prefix}:apikey:{key_id}`` — the encoded `KeyRecord`;
+- ``{prefix}:apikeys`` — a pub/sub channel carrying each changed record, and ``resync`` after the
+  registry has rewritten the whole view (e.g. into a Redis that restarted empty).
+
+`EdgeKeys` answers "may this key call?" from a local cache. A key seen before costs no Redis call;
+an unknown key costs one, and is then remembered as unknown in a bounded cache, so a client
+hammering with a bad key costs one call per ``unknown_ttl_s``. Changes arrive by pub/sub, so a
+revoked key is refused within milliseconds of the revocation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from typing import Literal
+
+import msgspec
+from cachetools import LRUCache, TTLCache
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from ingest import metrics
+from ingest.clock import Clock, wall_clock_ms
+
+log = logging.getLogger(__name__)
+
+KeyStatus = Literal["active", "suspended", "revoked"]
+RESYNC = b"resync"
+
+
+class KeyRecord(msgspec.Struct, frozen=True, kw_only=True):
+    key_id: str
+    tenant: str
+    plan: str = ""
+    """Empty: the deployment's default plan."""
+    name: str = ""
+    status: KeyStatus = "active"
+    expires_at_ms: int = 0
+    """0: never expires."""
+    created_ms: int = 0
+    hint: str = ""
+    """The last four characters of the key, so an operator can tell keys apart."""
+
+    def usable_at(self, now_ms: int) -> bool:
+        return self.status == "active" and (self.expires_at_ms == 0 or now_ms < self.expires_at_ms)
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(KeyRecord)
+
+
+def encode_key(record: KeyRecord) -> bytes:
+    return _encoder.encode(record)
+
+
+def decode_key(raw: bytes | str) -> KeyRecord:
+    return _decoder.decode(raw)
+
+
+def key_view(prefix: str, key_id: str) -> str:
+    return f"{prefix}:apikey:{key_id}"
+
+
+def key_channel(prefix: str) -> str:
+    return f"{prefix}:apikeys"
+
+
+class KeyLookupUnavailable(Exception):
+    """Redis could not be asked about a key this cache has not seen."""
+
+
+class EdgeKeys:
+    def __init__(
+        self,
+        redis_url: str,
+        prefix: str,
+        *,
+        clock: Clock = wall_clock_ms,
+        known_size: int = 100_000,
+        unknown_size: int = 10_000,
+        unknown_ttl_s: float = 30.0,
+        reconnect_delay_s: float = 0.5,
+    ) -> None:
+        self._redis: Redis = Redis.from_url(redis_url, socket_connect_timeout=1.0, socket_timeout=1.0)
+        self._prefix = prefix
+        self._clock = clock
+        self._known: LRUCache[str, KeyRecord] = LRUCache(known_size)
+        self._unknown: TTLCache[str, bool] = TTLCache(unknown_size, unknown_ttl_s)
+        self._reconnect_delay_s = reconnect_delay_s
+        self._task: asyncio.Task[None] | None = None
+        self.lookups = 0
+        """Redis reads made for keys not in the cache (for tests and metrics)."""
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._follow(), name="edge-keys")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._redis.aclose()
+
+    async def usable(self, key_id: str) -> KeyRecord | None:
+        """The key's record if it may call now; None for an unknown, suspended, revoked or expired key.
+
+        Raises `KeyLookupUnavailable` when the key is not cached and Redis does not answer.
+        """
+        record = self._known.get(key_id)
+        if record is None:
+            if key_id in self._unknown:
+                metrics.KEY_LOOKUPS.labels(source="unknown_cache").inc()
+                return None
+            record = await self._fetch(key_id)
+            if record is None:
+                return None
+        else:
+            metrics.KEY_LOOKUPS.labels(source="cache").inc()
+        # the id was looked up by hash; the final comparison does not depend on where the ids differ
+        if not hmac.compare_digest(record.key_id, key_id) or not record.usable_at(self._clock()):
+            return None
+        return record
+
+    async def _fetch(self, key_id: str) -> KeyRecord | None:
+        self.lookups += 1
+        metrics.KEY_LOOKUPS.labels(source="redis").inc()
+        try:
+            raw = await self._redis.get(key_view(self._prefix, key_id))
+        except (RedisError, OSError) as exc:
+            raise KeyLookupUnavailable(str(exc)) from None
+        if raw is None:
+            self._unknown[key_id] = True
+            return None
+        record = decode_key(raw)
+        self._known[key_id] = record
+        return record
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(key_channel(self._prefix))
+                    await self._refresh()  # changes missed while disconnected
+                    while True:
+                        message = await pubsub.get_message(timeout=1.0)
+                        if message is not None:
+                            await self._apply(message["data"])
+            except (RedisError, OSError) as exc:
+                log.warning("edge key cache lost Redis; reconnecting", extra={"error": str(exc)})
+                await asyncio.sleep(self._reconnect_delay_s)
+
+    async def _apply(self, raw: bytes) -> None:
+        if raw == RESYNC:
+            await self._refresh()
+            return
+        try:
+            record = decode_key(raw)
+        except msgspec.DecodeError:
+            log.warning("ignoring malformed key message")
+            return
+        self._unknown.pop(record.key_id, None)
+        if record.key_id in self._known or record.status != "active":
+            self._known[record.key_id] = record
+
+    async def _refresh(self) -> None:
+        """Forget unknown keys and re-read the cached ones. A cached key missing from Redis (a view
+        not rewritten yet after a Redis restart) keeps its record until the registry's resync."""
+        self._unknown.clear()
+        ids = list(self._known.keys())
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            for key_id, raw in zip(chunk, await self._redis.mget([key_view(self._prefix, k) for k in chunk]), strict=True):
+                if raw is not None:
+                    self._known[key_id] = decode_key(raw)
