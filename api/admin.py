@@ -8,7 +8,6 @@ key is returned once, in the response to its creation; only its key id (a keyed 
 from __future__ import annotations
 
 import json
-import secrets
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
@@ -19,12 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.auth import admin
 from ingest.clock import wall_clock_ms
-from ingest.events import key_id_for
 from ingest.keys import KeyRecord
 from processors.backtest import replay, stored_events
 from processors.policy import Plan, Policy, PolicyFileError, PolicySet, parse_policies
 from processors.policy_watch import PolicySource
-from processors.registry import Registry
+from processors.registry import Registry, issue_key
 from processors.usage_store import StoreError, UsageStore
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(admin)])
@@ -157,7 +155,11 @@ async def _store_key(request: Request, record: KeyRecord) -> None:
     try:
         await _registry(request).put_key(record)
     except KafkaError as exc:
-        raise HTTPException(status_code=503, detail=f"the registry (Kafka) did not take the change: {type(exc).__name__}") from None
+        raise _registry_unavailable(exc) from None
+
+
+def _registry_unavailable(exc: KafkaError) -> HTTPException:
+    return HTTPException(status_code=503, detail=f"the registry (Kafka) did not take the change: {type(exc).__name__}")
 
 
 def _existing(request: Request, key_id: str) -> KeyRecord:
@@ -169,13 +171,14 @@ def _existing(request: Request, key_id: str) -> KeyRecord:
 
 @router.post("/keys", status_code=201, response_model=NewKey, summary="Create an API key (shown once)")
 async def create_key(request: Request, body: KeyCreate) -> NewKey:
-    plain = "tx_" + secrets.token_urlsafe(32)
-    record = KeyRecord(
-        key_id=key_id_for(plain, request.app.state.settings.key_salt_bytes), tenant=body.tenant,
-        plan=_known_plan(request, body.plan), name=body.name, expires_at_ms=_future(body.expires_at),
-        created_ms=wall_clock_ms(), hint=plain[-4:],
-    )  # fmt: skip
-    await _store_key(request, record)
+    salt = request.app.state.settings.key_salt_bytes
+    plan, expires_at_ms = _known_plan(request, body.plan), _future(body.expires_at)
+    try:
+        plain, record = await issue_key(
+            _registry(request), salt, tenant=body.tenant, plan=plan, name=body.name, expires_at_ms=expires_at_ms
+        )
+    except KafkaError as exc:
+        raise _registry_unavailable(exc) from None
     return NewKey(**_info(record).model_dump(), key=plain)
 
 
@@ -237,7 +240,7 @@ async def _put_document(request: Request, document: dict[str, object]) -> Policy
     try:
         await _registry(request).put_policies(policies)
     except KafkaError as exc:
-        raise HTTPException(status_code=503, detail=f"the registry (Kafka) did not take the change: {type(exc).__name__}") from None
+        raise _registry_unavailable(exc) from None
     source: PolicySource = request.app.state.policy_source
     await source.registry_changed(policies)
     return policies

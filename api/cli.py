@@ -121,6 +121,30 @@ def migrate() -> None:
     _run(apply())
 
 
+keys_cli = typer.Typer(help="Create API keys from the command line (the admin API does the rest).", no_args_is_help=True)
+cli.add_typer(keys_cli, name="keys")
+
+
+@keys_cli.command("create")
+def create_key(
+    tenant: Annotated[str, typer.Option(help="tenant the key belongs to")],
+    plan: Annotated[str, typer.Option(help="plan of the key (default: the default plan)")] = "",
+    name: Annotated[str, typer.Option(help="what the key is for")] = "",
+) -> None:
+    """Create an API key in the registry and print it. It is shown this once; only its hash is kept."""
+    settings = _settings(RunSettings)
+    configure_logging("WARNING", role="keys")
+    from processors.registry import issue_key, open_registry
+
+    async def create() -> None:
+        async with open_registry(settings, replication_factor=settings.topic_replication_factor) as registry:
+            plain, record = await issue_key(registry, settings.key_salt_bytes, tenant=tenant, plan=plan, name=name)
+        typer.echo(f"key id {record.key_id} (tenant {tenant}, plan {plan or 'default'})", err=True)
+        typer.echo(plain)
+
+    _run(create())
+
+
 @cli.command()
 def gateway(
     port: Annotated[int, typer.Option(help="port of the demo gateway")] = 8090,

@@ -20,7 +20,10 @@ from rich.table import Table
 
 from api.demo_gateway import create_gateway_app
 from api.server import HttpServer
+from ingest.events import key_id_for
+from ingest.keys import KeyRecord
 from ingest.settings import GatewaySettings
+from processors.registry import open_registry
 
 
 @dataclass
@@ -150,6 +153,7 @@ async def run(
 ) -> None:
     """Drive the traffic (through the demo gateway unless ``gateway_url`` is given), then print what
     each key got and the quota reports of a hot key (taken while it was blocked) and a calm key."""
+    await register(settings, keys)
     server = None
     if gateway_url is None:
         server = HttpServer(create_gateway_app(settings), "127.0.0.1", gateway_port)
@@ -181,6 +185,14 @@ async def run(
             if key.name not in reports:
                 await report(key)
             console.print(quota_table(key.name, reports[key.name]))
+
+
+async def register(settings: GatewaySettings, keys: list[KeyTraffic]) -> None:
+    """Register the demo's keys (tenant from the settings, default plan), as an admin would."""
+    async with open_registry(settings) as registry:
+        for key in keys:
+            key_id = key_id_for(key.api_key, settings.key_salt_bytes)
+            await registry.put_key(KeyRecord(key_id=key_id, tenant=settings.tenant, name=key.name))
 
 
 def _window(policy: dict[str, Any]) -> str:

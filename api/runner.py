@@ -11,11 +11,10 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
 import prometheus_client
-from fastapi import FastAPI
 
 from api.app import create_app
 from api.server import HttpServer
@@ -24,7 +23,7 @@ from processors.lag import watch_lag
 from processors.policy import PolicySet, load_policies
 from processors.policy_watch import PolicySource, watch_policy_file
 from processors.reconcile import Reconciler
-from processors.registry import Registry
+from processors.registry import open_registry
 from processors.sink import UsageSink
 from processors.usage_store import UsageStore
 from processors.redis_client import redis_client
@@ -42,7 +41,9 @@ async def run_roles(roles: set[str], settings: RunSettings) -> None:
 
     async with contextlib.AsyncExitStack() as stack:
         watches: list[asyncio.Task[BaseException]] = []
-        registry = await _open_registry(stack, settings)
+        registry = await stack.enter_async_context(
+            open_registry(settings, replication_factor=settings.topic_replication_factor)
+        )
         source = PolicySource(file_policies, registry.policies)
         policies = source.current
         log.info("policies in force", extra={"origin": source.origin, "policies": [p.name for p in policies.policies]})
@@ -118,19 +119,6 @@ async def _start_sink(
         watches.append(_background(stack, reconciler.run(settings.reconcile_interval_s)))
     log.info("sink started")
     return watches
-
-
-async def _open_registry(stack: contextlib.AsyncExitStack, settings: RunSettings) -> Registry:
-    """Keys, plans and policies from the compacted registry topic, mirrored into Redis for gateways."""
-    redis = redis_client(settings.redis_url, settings.redis_timeout_s)
-    stack.push_async_callback(redis.aclose)
-    registry = Registry(
-        settings.kafka_bootstrap, settings.registry_topic, redis, settings.redis_prefix,
-        replication_factor=settings.topic_replication_factor,
-    )  # fmt: skip
-    await registry.start()
-    stack.push_async_callback(registry.stop)
-    return registry
 
 
 def _background(stack: contextlib.AsyncExitStack, loop: Coroutine[Any, Any, None]) -> asyncio.Task[BaseException]:

@@ -17,15 +17,21 @@ within a second (a marker key is gone) and rewritten from the registry.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from ingest.clock import wall_clock_ms
+from ingest.events import key_id_for
 from ingest.keys import RESYNC, KeyRecord, decode_key, encode_key, key_channel, key_view
+from ingest.settings import ConnectionSettings
 from processors import metrics
 from processors.policy import PolicyFileError, PolicySet, parse_policies
+from processors.redis_client import redis_client
 from processors.topics import ensure_topics
 
 log = logging.getLogger(__name__)
@@ -166,3 +172,32 @@ class Registry:
     def _marker(self) -> str:
         return f"{self._prefix}:apikeys:mirrored"
 
+
+
+async def issue_key(
+    registry: Registry, salt: bytes, *, tenant: str, plan: str = "", name: str = "", expires_at_ms: int = 0
+) -> tuple[str, KeyRecord]:
+    """Create and store a new API key; returns the plain key (to show once) and its record."""
+    plain = "tx_" + secrets.token_urlsafe(32)
+    record = KeyRecord(
+        key_id=key_id_for(plain, salt), tenant=tenant, plan=plan, name=name, expires_at_ms=expires_at_ms,
+        created_ms=wall_clock_ms(), hint=plain[-4:],
+    )  # fmt: skip
+    await registry.put_key(record)
+    return plain, record
+
+
+@asynccontextmanager
+async def open_registry(settings: ConnectionSettings, *, replication_factor: int = 1) -> AsyncIterator[Registry]:
+    """A started registry that mirrors keys into the settings' Redis; stopped on exit."""
+    redis = redis_client(settings.redis_url, settings.redis_timeout_s)
+    registry = Registry(
+        settings.kafka_bootstrap, settings.registry_topic, redis, settings.redis_prefix,
+        replication_factor=replication_factor,
+    )  # fmt: skip
+    try:
+        await registry.start()
+        yield registry
+    finally:
+        await registry.stop()
+        await redis.aclose()

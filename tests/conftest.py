@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -31,7 +31,7 @@ from redis.asyncio import Redis
 from ingest.events import UsageEvent, encode, key_id_for
 from ingest.keys import KeyRecord
 from ingest.settings import ConnectionSettings
-from processors.registry import Registry
+from processors.registry import open_registry
 from processors.topics import ensure_topics
 
 S = TypeVar("S", bound=ConnectionSettings)
@@ -260,14 +260,9 @@ async def redis(sandbox: Sandbox) -> AsyncIterator[Redis]:
 async def register_keys(sandbox: Sandbox, keys: dict[str, str], plan: str = "") -> dict[str, str]:
     """Register API keys (plain key → tenant) in the sandbox's registry, as `POST /v1/admin/keys`
     stores them; returns plain key → key id. Tests use fixed plain keys so their logs can be searched."""
-    salt = sandbox.env["THROTTLEX_KEY_SALT"].encode()
-    client = Redis.from_url(sandbox.redis_url)
-    registry = Registry(sandbox.kafka_bootstrap, sandbox.env["THROTTLEX_REGISTRY_TOPIC"], client, sandbox.env["THROTTLEX_REDIS_PREFIX"])
-    await registry.start()
-    try:
+    settings = sandbox.settings(ConnectionSettings)
+    ids = {plain: key_id_for(plain, settings.key_salt_bytes) for plain in keys}
+    async with open_registry(settings) as registry:
         for plain, tenant in keys.items():
-            await registry.put_key(KeyRecord(key_id=key_id_for(plain, salt), tenant=tenant, plan=plan, hint=plain[-4:]))
-    finally:
-        await registry.stop()
-        await client.aclose()
-    return {plain: key_id_for(plain, salt) for plain in keys}
+            await registry.put_key(KeyRecord(key_id=ids[plain], tenant=tenant, plan=plan, hint=plain[-4:]))
+    return ids
