@@ -1,0 +1,130 @@
+"""The key registry and the edge key cache against a real Kafka and Redis: revocation reaches an edge
+at once, unknown keys cost one Redis call, and a Redis that restarts empty gets its view back."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from collections.abc import Iterator
+
+import msgspec
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from ingest.clock import wall_clock_ms
+from ingest.keys import EdgeKeys, KeyRecord, key_view
+from ingest.settings import ConnectionSettings
+from processors.registry import issue_key, open_registry
+from tests.conftest import Sandbox, eventually, free_port
+
+pytestmark = pytest.mark.integration
+
+
+async def test_revocation_reaches_the_edge_within_a_second_and_unknown_keys_cost_one_lookup(sandbox: Sandbox) -> None:
+    settings = sandbox.settings(ConnectionSettings)
+    edge = EdgeKeys(sandbox.redis_url, settings.redis_prefix, unknown_size=8, unknown_ttl_s=60)
+    await edge.start()
+    try:
+        async with open_registry(settings) as registry:
+            _, record = await issue_key(registry, settings.key_salt_bytes, tenant="acme", plan="pro")
+            assert await edge.usable(record.key_id) == record
+            lookups = edge.lookups
+            for _ in range(100):
+                assert await edge.usable(record.key_id) == record
+            assert edge.lookups == lookups  # known: answered from the cache
+
+            for _ in range(100):
+                assert await edge.usable("0" * 24) is None
+            assert edge.lookups == lookups + 1  # unknown: one Redis call, then the negative cache
+            for n in range(50):
+                await edge.usable(f"{n:024x}")
+            assert len(edge._unknown) <= 8  # bounded
+
+            revoked_at = time.monotonic()
+            await registry.put_key(msgspec.structs.replace(record, status="revoked"))
+            await eventually(lambda: _refused(edge, record.key_id), timeout_s=1, what="the revocation at the edge")
+            print(f"revocation seen at the edge after {(time.monotonic() - revoked_at) * 1000:.1f} ms")
+
+            # a key first seen as unknown works as soon as it is registered (the notice clears the entry)
+            late = KeyRecord(key_id="f" * 24, tenant="acme")
+            assert await edge.usable(late.key_id) is None
+            await registry.put_key(late)
+            await eventually(lambda: _usable(edge, late.key_id), timeout_s=1, what="the new key at the edge")
+
+            expiring = KeyRecord(key_id="e" * 24, tenant="acme", expires_at_ms=wall_clock_ms() + 1_000)
+            await registry.put_key(expiring)
+            assert await edge.usable(expiring.key_id) == expiring
+            await eventually(lambda: _refused(edge, expiring.key_id), timeout_s=3, what="the key to expire")
+    finally:
+        await edge.stop()
+
+
+async def _refused(edge: EdgeKeys, key_id: str) -> bool:
+    return await edge.usable(key_id) is None
+
+
+async def _usable(edge: EdgeKeys, key_id: str) -> bool:
+    return await edge.usable(key_id) is not None
+
+
+@pytest.fixture
+def private_redis(sandbox: Sandbox) -> Iterator[tuple[str, list[subprocess.Popen[bytes]]]]:
+    """A Redis of this test's own, without persistence, so the test can restart it empty."""
+    port = free_port()
+    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    processes = [subprocess.Popen(command, stdout=subprocess.DEVNULL)]
+    yield f"redis://127.0.0.1:{port}/0", processes
+    for process in processes:
+        process.kill()
+        process.wait()
+
+
+async def test_a_redis_restarted_empty_gets_the_key_view_back(
+    sandbox: Sandbox, private_redis: tuple[str, list[subprocess.Popen[bytes]]]
+) -> None:
+    url, processes = private_redis
+    settings = ConnectionSettings(
+        kafka_bootstrap=sandbox.kafka_bootstrap, redis_url=url, redis_prefix="restart",
+        registry_topic=sandbox.env["THROTTLEX_REGISTRY_TOPIC"],
+    )  # fmt: skip
+    client = Redis.from_url(url)
+    await eventually(lambda: _answers(client), timeout_s=10, what="the private Redis")
+    try:
+        async with open_registry(settings) as registry:
+            keys = [(await issue_key(registry, b"salt", tenant="acme"))[1] for _ in range(3)]
+
+            processes[0].kill()
+            processes[0].wait()
+            await client.connection_pool.disconnect()
+            processes.append(subprocess.Popen(processes[0].args, stdout=subprocess.DEVNULL))  # type: ignore[arg-type]
+            await eventually(lambda: _answers(client), timeout_s=10, what="Redis to restart")
+            assert not await client.exists(key_view("restart", keys[0].key_id))  # empty
+            restarted = time.monotonic()
+            follower = asyncio.create_task(registry.follow(_ignore))
+            try:
+                await eventually(
+                    lambda: _all_present(client, [k.key_id for k in keys]), timeout_s=5, what="the key view to be rewritten"
+                )
+                print(f"key view rewritten {time.monotonic() - restarted:.2f} s after Redis answered again")
+            finally:
+                follower.cancel()
+                await asyncio.gather(follower, return_exceptions=True)
+    finally:
+        await client.aclose()
+
+
+async def _answers(client: Redis) -> bool:
+    try:
+        return bool(await client.ping())
+    except (RedisError, OSError):
+        return False
+
+
+async def _ignore(_: object) -> None:
+    return None
+
+
+async def _all_present(client: Redis, key_ids: list[str]) -> bool:
+    return bool(await client.exists(*[key_view("restart", k) for k in key_ids]) == len(key_ids))
