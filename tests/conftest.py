@@ -27,6 +27,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from ingest.events import UsageEvent, encode, key_id_for
 from ingest.keys import KeyRecord
@@ -266,3 +267,23 @@ async def register_keys(sandbox: Sandbox, keys: dict[str, str], plan: str = "") 
         for plain, tenant in keys.items():
             await registry.put_key(KeyRecord(key_id=ids[plain], tenant=tenant, plan=plan, hint=plain[-4:]))
     return ids
+
+
+@pytest.fixture
+def private_redis() -> Iterator[tuple[str, list[subprocess.Popen[bytes]]]]:
+    """A Redis of the test's own, without persistence, so the test can restart it empty: its URL and
+    its processes (the last one is the one running)."""
+    port = free_port()
+    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    processes = [subprocess.Popen(command, stdout=subprocess.DEVNULL)]
+    yield f"redis://127.0.0.1:{port}/0", processes
+    for process in processes:
+        process.kill()
+        process.wait()
+
+
+async def redis_answers(client: Redis) -> bool:
+    try:
+        return bool(await client.ping())
+    except (RedisError, OSError):
+        return False

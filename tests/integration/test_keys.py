@@ -6,18 +6,16 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
-from collections.abc import Iterator
 
 import msgspec
 import pytest
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from ingest.clock import wall_clock_ms
 from ingest.keys import EdgeKeys, KeyRecord, key_view
 from ingest.settings import ConnectionSettings
 from processors.registry import issue_key, open_registry
-from tests.conftest import Sandbox, eventually, free_port
+from tests.conftest import Sandbox, eventually, redis_answers
 
 pytestmark = pytest.mark.integration
 
@@ -69,18 +67,6 @@ async def _usable(edge: EdgeKeys, key_id: str) -> bool:
     return await edge.usable(key_id) is not None
 
 
-@pytest.fixture
-def private_redis(sandbox: Sandbox) -> Iterator[tuple[str, list[subprocess.Popen[bytes]]]]:
-    """A Redis of this test's own, without persistence, so the test can restart it empty."""
-    port = free_port()
-    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    processes = [subprocess.Popen(command, stdout=subprocess.DEVNULL)]
-    yield f"redis://127.0.0.1:{port}/0", processes
-    for process in processes:
-        process.kill()
-        process.wait()
-
-
 async def test_a_redis_restarted_empty_gets_the_key_view_back(
     sandbox: Sandbox, private_redis: tuple[str, list[subprocess.Popen[bytes]]]
 ) -> None:
@@ -90,7 +76,7 @@ async def test_a_redis_restarted_empty_gets_the_key_view_back(
         registry_topic=sandbox.env["THROTTLEX_REGISTRY_TOPIC"],
     )  # fmt: skip
     client = Redis.from_url(url)
-    await eventually(lambda: _answers(client), timeout_s=10, what="the private Redis")
+    await eventually(lambda: redis_answers(client), timeout_s=10, what="the private Redis")
     try:
         async with open_registry(settings) as registry:
             keys = [(await issue_key(registry, b"salt", tenant="acme"))[1] for _ in range(3)]
@@ -98,8 +84,8 @@ async def test_a_redis_restarted_empty_gets_the_key_view_back(
             processes[0].kill()
             processes[0].wait()
             await client.connection_pool.disconnect()
-            processes.append(subprocess.Popen(processes[0].args, stdout=subprocess.DEVNULL))  # type: ignore[arg-type]
-            await eventually(lambda: _answers(client), timeout_s=10, what="Redis to restart")
+            processes.append(subprocess.Popen(processes[0].args, stdout=subprocess.DEVNULL))
+            await eventually(lambda: redis_answers(client), timeout_s=10, what="Redis to restart")
             assert not await client.exists(key_view("restart", keys[0].key_id))  # empty
             restarted = time.monotonic()
             follower = asyncio.create_task(registry.follow(_ignore))
@@ -113,13 +99,6 @@ async def test_a_redis_restarted_empty_gets_the_key_view_back(
                 await asyncio.gather(follower, return_exceptions=True)
     finally:
         await client.aclose()
-
-
-async def _answers(client: Redis) -> bool:
-    try:
-        return bool(await client.ping())
-    except (RedisError, OSError):
-        return False
 
 
 async def _ignore(_: object) -> None:
