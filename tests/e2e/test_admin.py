@@ -4,6 +4,8 @@ changes, the dry-run against a brute-force computation, and no plain key left an
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,8 +16,12 @@ from typing import Any
 
 import httpx
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from redis.asyncio import Redis
 
 from ingest.events import UsageEvent, encode
+from processors.usage_store import UsageStore
 from tests.conftest import RoleProcess, Sandbox, free_port, start_role, stop_role
 from tests.factories import make_event
 
@@ -329,7 +335,8 @@ def brute_force_blocks(events: list[UsageEvent], limit: int, window_s: int) -> d
 def test_dry_run_reports_exactly_the_blocks_a_brute_force_replay_gives(deployment: Deployment, api: httpx.Client) -> None:
     policy = {"name": "proposal", "key": ["api_key"],
               "algorithm": {"type": "sliding_window", "limit": DRY_RUN_LIMIT, "window_s": DRY_RUN_WINDOW_S, "bucket_s": 1}}  # fmt: skip
-    body = {"policy": policy, "from": "2026-11-02T10:00:00Z", "to": "2026-11-02T11:00:00Z"}
+    span = {"from": "2026-11-02T10:00:00Z", "to": "2026-11-02T11:00:00Z"}
+    body: dict[str, Any] = {"policy": policy, **span}
     response = api.post("/v1/admin/policies/dry-run", json=body, headers=admin())
     assert response.status_code == 200, response.text
     report = response.json()
@@ -343,12 +350,141 @@ def test_dry_run_reports_exactly_the_blocks_a_brute_force_replay_gives(deploymen
     for key in report["keys"]:
         assert key["blocked_s"] == pytest.approx(sum(b["seconds"] for b in key["blocks"]))
 
-    in_force = api.get("/v1/admin/policies/per-key/dry-run", params={"from": body["from"], "to": body["to"]}, headers=admin())
+    in_force = api.get("/v1/admin/policies/per-key/dry-run", params=span, headers=admin())
     assert in_force.status_code == 200 and in_force.json()["keys"] == []  # 1000 a minute: never reached
-    assert api.get("/v1/admin/policies/nope/dry-run", params={"from": body["from"], "to": body["to"]}, headers=admin()).status_code == 404
+    assert api.get("/v1/admin/policies/nope/dry-run", params=span, headers=admin()).status_code == 404
     backwards = api.post("/v1/admin/policies/dry-run", json={**body, "to": body["from"]}, headers=admin())
     assert backwards.status_code == 422
 
 
 def _ms(iso: str) -> int:
     return round(datetime.fromisoformat(iso).timestamp() * 1000)
+
+
+def test_no_plain_key_in_redis_kafka_clickhouse_or_the_logs(deployment: Deployment) -> None:
+    """Last in this module: stops the deployment, then searches everything it wrote."""
+    stop_role(deployment.gateway)
+    stop_role(deployment.run)
+    plain = [key.encode() for key in deployment.plain_keys]
+    key_id = deployment.keys["own"]["key_id"].encode()  # what must be found, so the search is known to work
+    assert len(plain) >= 8
+
+    found = asyncio.run(everything_stored(deployment.sandbox))
+    for place, blobs in found.items():
+        assert any(key_id in blob for blob in blobs), f"the search of {place} does not see the key id"
+        leaked = [key for key in plain if any(key in blob for blob in blobs)]
+        assert not leaked, f"plain keys found in {place}"
+        print(f"{place}: {len(blobs)} records searched, no plain key")
+    logs = deployment.run.log() + deployment.gateway.log()
+    assert not [key for key in deployment.plain_keys if key in logs], "plain keys in the logs"
+
+
+async def everything_stored(sandbox: Sandbox) -> dict[str, list[bytes]]:
+    """Every Redis entry, every record of the sandbox's Kafka topics and every ClickHouse row, as bytes."""
+    found: dict[str, list[bytes]] = {"redis": [], "kafka": [], "clickhouse": []}
+    redis = Redis.from_url(sandbox.redis_url)
+    try:
+        async for name in redis.scan_iter(match=f"{sandbox.env['THROTTLEX_REDIS_PREFIX']}:*"):
+            kind = _text(await redis.type(name))
+            value = await redis.get(name) if kind == "string" else repr(await _collection(redis, kind, name)).encode()
+            found["redis"].append(name + b" " + (value or b""))
+    finally:
+        await redis.aclose()
+
+    admin_client = AIOKafkaAdminClient(bootstrap_servers=sandbox.kafka_bootstrap)
+    await admin_client.start()
+    try:
+        topics = [t for t in await admin_client.list_topics() if t.startswith(f"test-{sandbox.tag}")]
+        described = await admin_client.describe_topics(topics)
+    finally:
+        await admin_client.close()
+    partitions = [TopicPartition(d["topic"], p["partition"]) for d in described for p in d["partitions"]]
+    consumer = AIOKafkaConsumer(bootstrap_servers=sandbox.kafka_bootstrap, group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
+            for records in (await consumer.getmany(timeout_ms=1000)).values():
+                found["kafka"] += [(r.key or b"") + b" " + (r.value or b"") for r in records]
+    finally:
+        await consumer.stop()
+
+    store = UsageStore(sandbox.env["THROTTLEX_CLICKHOUSE_DSN"])
+    await store.open()
+    try:
+        text_columns = await store.query(
+            "SELECT table, groupArray(name) FROM system.columns WHERE database = currentDatabase() "
+            "AND type LIKE '%String%' GROUP BY table"
+        )  # aggregate states do not read back as Python values; keys could only be in text columns
+        for table, columns in text_columns:
+            selected = ", ".join(f"`{column}`" for column in columns)
+            found["clickhouse"] += [repr(row).encode() for row in await store.query(f"SELECT {selected} FROM `{table}`")]
+    finally:
+        await store.close()
+    return found
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+async def _collection(redis: Redis, kind: str, name: bytes) -> object:
+    if kind == "hash":
+        return await redis.hgetall(name)
+    if kind == "list":
+        return await redis.lrange(name, 0, -1)
+    if kind == "set":
+        return await redis.smembers(name)
+    if kind == "zset":
+        return await redis.zrange(name, 0, -1, withscores=True)
+    return kind
+
+
+def test_keys_plans_and_policies_survive_a_restart_of_every_process_and_of_redis(
+    sandbox: Sandbox, private_redis: tuple[str, list[subprocess.Popen[bytes]]]
+) -> None:
+    """Kafka stays; `throttlex run`, the gateway and Redis (no persistence: it comes back empty) restart."""
+    url, redis_processes = private_redis
+    sandbox = Sandbox(kafka_bootstrap=sandbox.kafka_bootstrap, redis_url=url, root=sandbox.root, tag=sandbox.tag)
+    run, gateway, api_url, _ = start_deployment(sandbox)
+    try:
+        with httpx.Client(base_url=api_url, timeout=10) as api:
+            wait_healthy(api, run)
+            kept = create_key(api, tenant="acme", plan="pro")
+            gone = create_key(api, tenant="acme")
+            assert api.delete(f"/v1/admin/keys/{gone['key_id']}", headers=admin()).status_code == 200
+            plans = {"plans": {"free": {"monthly_units": 1000}, "pro": {"monthly_units": 100000},
+                               "enterprise": {"monthly_units": 10**9}}, "default_plan": "free"}  # fmt: skip
+            assert api.put("/v1/admin/plans", json=plans, headers=admin()).status_code == 200
+            policies = api.get("/v1/admin/policies", headers=admin()).json()["policies"]
+            extra = {"name": "extra", "key": ["ip"], "algorithm": {"type": "fixed_window", "limit": 5000, "window_s": 60}}
+            assert api.put("/v1/admin/policies", json={"policies": [*policies, extra]}, headers=admin()).status_code == 200
+    finally:
+        stop_role(gateway)
+        stop_role(run)
+
+    redis_processes[-1].kill()
+    redis_processes[-1].wait()
+    redis_processes.append(subprocess.Popen(redis_processes[0].args, stdout=subprocess.DEVNULL))
+    (sandbox.root / "policies.yaml").write_text(POLICIES)  # the file still says what it said at first
+    run, gateway, api_url, gateway_url = start_deployment(sandbox)
+    try:
+        with httpx.Client(base_url=api_url, timeout=10) as api, httpx.Client(base_url=gateway_url, timeout=10) as edge:
+            wait_healthy(api, run)
+            wait_healthy(edge, gateway, "/metrics")
+            listed = {key["key_id"]: key for key in api.get("/v1/admin/keys", headers=admin()).json()["keys"]}
+            assert (listed[kept["key_id"]]["status"], listed[kept["key_id"]]["plan"]) == ("active", "pro")
+            assert listed[gone["key_id"]]["status"] == "revoked"
+            assert api.get("/v1/admin/plans", headers=admin()).json()["plans"]["enterprise"] == {"monthly_units": 10**9, "daily_units": None}
+            in_force = api.get("/v1/admin/policies", headers=admin()).json()
+            assert in_force["origin"] == "registry" and [p["name"] for p in in_force["policies"]] == ["per-key", "extra"]
+            report = api.get("/v1/quota", headers={"x-api-key": kept["key"]})
+            assert report.status_code == 200 and report.json()["plan"]["plan"] == "pro"
+            assert api.get("/v1/quota", headers={"x-api-key": gone["key"]}).status_code == 401
+            assert edge.get("/v1/items/1", headers={"x-api-key": kept["key"]}).status_code == 200
+            assert edge.get("/v1/items/1", headers={"x-api-key": gone["key"]}).status_code == 401
+    finally:
+        stop_role(gateway)
+        stop_role(run)
