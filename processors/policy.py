@@ -31,6 +31,14 @@ from ingest.events import UsageEvent
 from processors.windows import CalendarQuota, FixedWindow, Limiter, Period, SlidingWindow, TokenBucket
 
 
+MAX_UNITS = 10**15
+"""Largest limit, burst, rate or plan quota: far above any real use, small enough for exact arithmetic."""
+MAX_WINDOW_S = 366 * 86_400
+MAX_BUCKETS = 100_000
+"""Buckets per sliding window: each is a number in every key's state."""
+MAX_ORIGIN_S = 10**10
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -59,9 +67,9 @@ class Match(_Strict):
 
 class SlidingWindowAlgorithm(_Strict):
     type: Literal["sliding_window"]
-    limit: int = Field(gt=0, description="cost units allowed in any window")
-    window_s: float = Field(gt=0, description="window length in seconds")
-    bucket_s: float = Field(1.0, gt=0, description="resolution at which the window is exact")
+    limit: int = Field(gt=0, le=MAX_UNITS, description="cost units allowed in any window")
+    window_s: float = Field(gt=0, le=MAX_WINDOW_S, description="window length in seconds")
+    bucket_s: float = Field(1.0, ge=0.001, le=MAX_WINDOW_S, description="resolution at which the window is exact")
 
     @property
     def window_ms(self) -> int:
@@ -78,14 +86,16 @@ class SlidingWindowAlgorithm(_Strict):
     def _whole_buckets(self) -> SlidingWindowAlgorithm:
         if self.bucket_ms <= 0 or self.window_ms % self.bucket_ms:
             raise ValueError("window_s must be a whole multiple of bucket_s (at millisecond precision)")
+        if self.window_ms // self.bucket_ms > MAX_BUCKETS:
+            raise ValueError(f"at most {MAX_BUCKETS} buckets per window: make bucket_s larger")
         return self
 
 
 class FixedWindowAlgorithm(_Strict):
     type: Literal["fixed_window"]
-    limit: int = Field(gt=0, description="cost units allowed per window")
-    window_s: float = Field(gt=0, description="window length in seconds")
-    origin_s: float = Field(0, description="windows start at origin + k * window (Unix seconds)")
+    limit: int = Field(gt=0, le=MAX_UNITS, description="cost units allowed per window")
+    window_s: float = Field(ge=0.001, le=MAX_WINDOW_S, description="window length in seconds")
+    origin_s: float = Field(0, ge=0, le=MAX_ORIGIN_S, description="windows start at origin + k * window (Unix seconds)")
 
     def new_window(self, lateness_ms: int) -> FixedWindow:
         return FixedWindow(round(self.window_s * 1000), round(self.origin_s * 1000), lateness_ms)
@@ -93,8 +103,8 @@ class FixedWindowAlgorithm(_Strict):
 
 class TokenBucketAlgorithm(_Strict):
     type: Literal["token_bucket"]
-    rate_per_s: float = Field(gt=0, description="tokens (cost units) refilled per second")
-    burst: int = Field(gt=0, description="bucket size: units a full bucket admits at once")
+    rate_per_s: float = Field(ge=1e-6, le=MAX_UNITS, description="tokens (cost units) refilled per second")
+    burst: int = Field(gt=0, le=MAX_UNITS, description="bucket size: units a full bucket admits at once")
 
     @property
     def limit(self) -> int:
@@ -114,7 +124,7 @@ class QuotaAlgorithm(_Strict):
     period: Period = Field(description="day or month, in time_zone")
     time_zone: str = Field("UTC", description="IANA time zone whose midnights start the periods")
     limit: int | None = Field(
-        None, gt=0, description="units per period; when omitted, the key's plan's daily_units or monthly_units"
+        None, gt=0, le=MAX_UNITS, description="units per period; when omitted, the key's plan's daily_units or monthly_units"
     )
 
     @property
@@ -145,7 +155,7 @@ Algorithm = Annotated[
 
 class OnBreach(_Strict):
     min_block_s: float = Field(
-        0, ge=0, description="block at least this long after the breaching event; 0: until the window admits again"
+        0, ge=0, le=MAX_WINDOW_S, description="block at least this long after the breaching event; 0: until the window admits again"
     )
 
 
@@ -154,11 +164,11 @@ class Policy(_Strict):
     match: Match = Field(default_factory=Match)
     key: tuple[Dimension, ...] = Field(min_length=1, description="what is counted together, e.g. [tenant, route]")
     algorithm: Algorithm
-    route_costs: dict[str, int] = Field(
+    route_costs: dict[str, Annotated[int, Field(ge=0, le=1_000_000)]] = Field(
         default_factory=dict, description="route glob to cost units; the first match overrides the event's cost"
     )
     on_breach: OnBreach = Field(default_factory=OnBreach)
-    allowed_lateness_s: float = Field(5.0, ge=0, description="how late an event may arrive and still count")
+    allowed_lateness_s: float = Field(5.0, ge=0, le=86_400, description="how late an event may arrive and still count")
     shadow: bool = Field(False, description="count and report, never block")
 
     @model_validator(mode="after")
@@ -187,8 +197,8 @@ class Policy(_Strict):
 
 
 class Plan(_Strict):
-    monthly_units: int = Field(gt=0, description="billable cost units per calendar month")
-    daily_units: int | None = Field(None, gt=0, description="billable cost units per day (quota policies)")
+    monthly_units: int = Field(gt=0, le=MAX_UNITS, description="billable cost units per calendar month")
+    daily_units: int | None = Field(None, gt=0, le=MAX_UNITS, description="billable cost units per day (quota policies)")
 
     def units(self, period: Period) -> int | None:
         return self.monthly_units if period == "month" else self.daily_units

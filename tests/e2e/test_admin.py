@@ -22,22 +22,12 @@ from redis.asyncio import Redis
 
 from ingest.events import UsageEvent, encode
 from processors.usage_store import UsageStore
-from tests.conftest import RoleProcess, Sandbox, free_port, start_role, stop_role
+from tests.conftest import RoleProcess, Sandbox, stop_role
+from tests.e2e.deployment import INGEST, POLICIES, admin, create_key, start_deployment, wait_healthy
 from tests.factories import make_event
 
 pytestmark = pytest.mark.e2e
 
-ADMIN, INGEST = "admin-token-for-tests", "ingest-token-for-tests"
-POLICIES = """
-policies:
-  - name: per-key
-    key: [api_key]
-    algorithm: {type: sliding_window, limit: 1000, window_s: 60, bucket_s: 1}
-plans:
-  free: {monthly_units: 1000}
-  pro: {monthly_units: 100000}
-default_plan: free
-"""
 # Stored history for the dry-run: 2026-11-02 10:00 to 10:05 UTC.
 HISTORY_START = datetime(2026, 11, 2, 10, 0, tzinfo=UTC)
 HISTORY_MS = int(HISTORY_START.timestamp() * 1000)
@@ -58,38 +48,6 @@ class Deployment:
     @property
     def plain_keys(self) -> list[str]:
         return [key["key"] for key in self.keys.values()]
-
-
-def wait_healthy(client: httpx.Client, role: RoleProcess, path: str = "/healthz") -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if client.get(path).status_code < 500:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, f"`throttlex {role.args[0]}` not answering:\n{role.log()[-3000:]}"
-        time.sleep(0.2)
-
-
-def create_key(client: httpx.Client, **body: Any) -> dict[str, Any]:
-    response = client.post("/v1/admin/keys", json=body, headers=admin())
-    assert response.status_code == 201, response.text
-    created: dict[str, Any] = response.json()
-    return created
-
-
-def admin() -> dict[str, str]:
-    return {"authorization": f"Bearer {ADMIN}"}
-
-
-def start_deployment(sandbox: Sandbox) -> tuple[RoleProcess, RoleProcess, str, str]:
-    (sandbox.root / "policies.yaml").write_text(POLICIES)
-    api_port, gateway_port = free_port(), free_port()
-    tokens = {"THROTTLEX_ADMIN_TOKENS": ADMIN, "THROTTLEX_INGEST_TOKENS": INGEST}
-    run = start_role(sandbox, ["run", "--api-port", str(api_port)], tokens)
-    gateway = start_role(sandbox, ["gateway", "--port", str(gateway_port)])
-    return run, gateway, f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{gateway_port}"
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,9 @@ def test_the_shipped_sample_policy_file_loads() -> None:
         ("quota_without_plan_units", "policy 'daily': a quota without a limit needs plans with daily_units"),
         ("not_yaml", "not valid YAML"),
         ("unknown_default_plan", "default_plan 'gold' is not one of the plans: free"),
+        ("absurd_window", "policy 'forever': algorithm.sliding_window.window_s: Input should be less than or equal to 31622400"),
+        ("too_many_buckets", "policy 'fine-grained': algorithm.sliding_window: Value error, at most 100000 buckets per window"),
+        ("negative_route_cost", "policy 'refunds': route_costs./v1/refund: Input should be greater than or equal to 0"),
     ],
 )
 def test_bad_policy_files_are_refused_with_file_policy_and_defect(name: str, message: str) -> None:

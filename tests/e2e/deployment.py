@@ -1,0 +1,57 @@
+"""A whole deployment for the admin and fuzz suites: `throttlex run` (with admin and ingest tokens)
+and `throttlex gateway`, each its own process, on the sandbox's topics, Redis prefix and chDB."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+
+from tests.conftest import RoleProcess, Sandbox, free_port, start_role
+
+ADMIN, INGEST = "admin-token-for-tests", "ingest-token-for-tests"
+POLICIES = """
+policies:
+  - name: per-key
+    key: [api_key]
+    algorithm: {type: sliding_window, limit: 1000, window_s: 60, bucket_s: 1}
+plans:
+  free: {monthly_units: 1000}
+  pro: {monthly_units: 100000}
+default_plan: free
+"""
+
+
+def wait_healthy(client: httpx.Client, role: RoleProcess, path: str = "/healthz") -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if client.get(path).status_code < 500:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"`throttlex {role.args[0]}` not answering:\n{role.log()[-3000:]}"
+        time.sleep(0.2)
+
+
+def create_key(client: httpx.Client, **body: Any) -> dict[str, Any]:
+    response = client.post("/v1/admin/keys", json=body, headers=admin())
+    assert response.status_code == 201, response.text
+    created: dict[str, Any] = response.json()
+    return created
+
+
+def admin() -> dict[str, str]:
+    return {"authorization": f"Bearer {ADMIN}"}
+
+
+def start_deployment(sandbox: Sandbox) -> tuple[RoleProcess, RoleProcess, str, str]:
+    (sandbox.root / "policies.yaml").write_text(POLICIES)
+    api_port, gateway_port = free_port(), free_port()
+    tokens = {"THROTTLEX_ADMIN_TOKENS": ADMIN, "THROTTLEX_INGEST_TOKENS": INGEST}
+    run = start_role(sandbox, ["run", "--api-port", str(api_port)], tokens)
+    gateway = start_role(sandbox, ["gateway", "--port", str(gateway_port)])
+    return run, gateway, f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{gateway_port}"
+
+
