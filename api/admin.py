@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.auth import admin
+from api.usage import Instant
 from ingest.clock import wall_clock_ms
 from ingest.keys import KeyRecord
 from processors.backtest import replay, stored_events
@@ -39,14 +40,14 @@ class KeyCreate(_Body):
     tenant: _Name
     plan: _Name | None = Field(None, description="one of the plans; default: the default plan")
     name: str = Field("", max_length=128, description="what the key is for")
-    expires_at: datetime | None = Field(None, description="when the key stops working; default: never")
+    expires_at: Instant | None = Field(None, description="when the key stops working; default: never")
 
 
 class KeyChange(_Body):
     plan: _Name | None = None
     status: Literal["active", "suspended"] | None = Field(None, description="suspend a key, or make it active again")
     name: str | None = Field(None, max_length=128)
-    expires_at: datetime | None = None
+    expires_at: Instant | None = None
 
 
 class KeyInfo(BaseModel):
@@ -104,8 +105,8 @@ class DryRun(BaseModel):
 
 class DryRunRequest(_Body):
     policy: Policy
-    start: datetime = Field(alias="from")
-    end: datetime = Field(alias="to")
+    start: Instant = Field(alias="from")
+    end: Instant = Field(alias="to")
 
 
 def _instant(ms: int) -> datetime:
@@ -277,8 +278,8 @@ async def put_policies(request: Request, body: Policies) -> PoliciesInForce:
 async def dry_run(
     request: Request,
     name: str,
-    start: Annotated[datetime, Query(alias="from")],
-    end: Annotated[datetime, Query(alias="to")],
+    start: Annotated[Instant, Query(alias="from", description="start, inclusive (ISO 8601; UTC if no offset)")],
+    end: Annotated[Instant, Query(alias="to", description="end, exclusive")],
 ) -> DryRun:
     policy = _policies(request).by_name(name)
     if policy is None:

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
-from pydantic import BaseModel
+from pydantic import AfterValidator, BaseModel
 
 from api.auth import Caller, caller
 from processors import usage_queries
@@ -51,6 +51,23 @@ def _utc(moment: datetime) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
+EARLIEST, LATEST = datetime(1970, 1, 1, tzinfo=UTC), datetime(2106, 1, 1, tzinfo=UTC)
+
+
+def _storable(moment: datetime) -> datetime:
+    try:
+        moment = _utc(moment)
+    except OverflowError:
+        moment = EARLIEST - timedelta(days=1)
+    if not EARLIEST <= moment < LATEST:
+        raise ValueError("must be between 1970-01-01 and 2105-12-31 (UTC), the range usage is stored for")
+    return moment
+
+
+Instant = Annotated[datetime, AfterValidator(_storable)]
+"""A point in time usage can be asked about, in UTC (a time without an offset is read as UTC)."""
+
+
 def _scope(who: Caller, tenant: str | None, api_key_id: str | None) -> tuple[str | None, str | None]:
     """The (tenant, key) filter a caller may use: a key is always limited to itself."""
     if who.key is None:
@@ -71,15 +88,14 @@ async def _run(call: Any) -> Any:
 async def usage(
     request: Request,
     who: Annotated[Caller, Depends(caller)],
-    start: Annotated[datetime, Query(alias="from", description="start, inclusive (ISO 8601; UTC if no offset)")],
-    end: Annotated[datetime, Query(alias="to", description="end, exclusive")],
+    start: Annotated[Instant, Query(alias="from", description="start, inclusive (ISO 8601; UTC if no offset)")],
+    end: Annotated[Instant, Query(alias="to", description="end, exclusive")],
     granularity: Granularity = "hour",
     group_by: Annotated[str, Query(description=f"comma-separated, any of: {', '.join(GROUP_FIELDS)}")] = "",
     tenant: Annotated[str | None, Query(max_length=256)] = None,
     api_key_id: Annotated[str | None, Query(max_length=256)] = None,
 ) -> UsageReport:
     settings = request.app.state.settings
-    start, end = _utc(start), _utc(end)
     if end <= start:
         raise HTTPException(status_code=422, detail="'to' must be after 'from'")
     _, bucket_s = ROLLUPS[granularity]
@@ -105,7 +121,7 @@ _PERIOD = re.compile(r"^(\d{4})-(\d{2})$")
 
 def _month(period: str) -> tuple[datetime, datetime]:
     match = _PERIOD.match(period)
-    if match is None or not 1 <= int(match[2]) <= 12:
+    if match is None or not 1 <= int(match[2]) <= 12 or not EARLIEST.year <= int(match[1]) < LATEST.year:
         raise HTTPException(status_code=422, detail=f"period must be a calendar month as YYYY-MM, not {period!r}")
     year, month = int(match[1]), int(match[2])
     start = datetime(year, month, 1, tzinfo=UTC)
