@@ -14,21 +14,30 @@ from typing import Annotated, Literal
 import msgspec
 from aiokafka.errors import KafkaError
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from api.auth import admin
 from api.usage import Instant
 from ingest.clock import wall_clock_ms
 from ingest.keys import KeyRecord
 from processors.backtest import replay, stored_events
-from processors.policy import Plan, Policy, PolicyFileError, PolicySet, parse_policies
+from processors.policy import Plan, Policy, PolicySet, parse_policies
 from processors.policy_watch import PolicySource
 from processors.registry import Registry, issue_key
 from processors.usage_store import StoreError, UsageStore
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(admin)])
 
+def _encodable(text: str) -> str:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise ValueError("not valid Unicode text (a lone surrogate)") from None
+    return text
+
+
 _Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+_Label = Annotated[str, Field(max_length=128), AfterValidator(_encodable)]
 _KeyId = Annotated[str, Field(pattern=r"^[0-9a-f]{24}$")]
 
 
@@ -39,14 +48,14 @@ class _Body(BaseModel):
 class KeyCreate(_Body):
     tenant: _Name
     plan: _Name | None = Field(None, description="one of the plans; default: the default plan")
-    name: str = Field("", max_length=128, description="what the key is for")
+    name: _Label = Field("", description="what the key is for")
     expires_at: Instant | None = Field(None, description="when the key stops working; default: never")
 
 
 class KeyChange(_Body):
     plan: _Name | None = None
     status: Literal["active", "suspended"] | None = Field(None, description="suspend a key, or make it active again")
-    name: str | None = Field(None, max_length=128)
+    name: _Label | None = None
     expires_at: Instant | None = None
 
 
@@ -235,8 +244,8 @@ async def revoke_key(request: Request, key_id: _KeyId) -> KeyInfo:
 async def _put_document(request: Request, document: dict[str, object]) -> PolicySet:
     """Validate a whole policy document as the policy file is validated, store it, apply it here."""
     try:
-        policies = parse_policies(json.dumps(document), "request body")
-    except PolicyFileError as exc:
+        policies = parse_policies(_encodable(json.dumps(document, ensure_ascii=False)), "request body")
+    except ValueError as exc:  # PolicyFileError included
         raise HTTPException(status_code=422, detail=str(exc)) from None
     try:
         await _registry(request).put_policies(policies)

@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
+
+from api.settings import ApiSettings
 
 POLICY_FILES = Path(__file__).parents[1] / "processors" / "policy_files"
 
@@ -25,7 +28,7 @@ def throttlex(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
 def test_every_command_explains_itself() -> None:
     result = throttlex("--help")
     assert result.returncode == 0
-    for command in ("run", "worker", "sink", "api", "migrate", "gateway", "loadgen"):
+    for command in ("run", "worker", "sink", "api", "migrate", "gateway", "loadgen", "keys"):
         assert command in result.stdout
         assert throttlex(command, "--help").returncode == 0
 
@@ -44,6 +47,7 @@ def test_a_bad_policy_file_stops_start_up_with_the_policy_and_the_defect() -> No
         ({"THROTTLEX_API_PORT": "eighty"}, "bad setting THROTTLEX_API_PORT"),
         ({"THROTTLEX_LOG_LEVEL": "LOUD"}, "bad setting THROTTLEX_LOG_LEVEL"),
         ({"THROTTLEX_CLICKHOUSE_DSN": "mysql://db/usage"}, "unsupported ClickHouse DSN 'mysql://db/usage'"),
+        ({"THROTTLEX_ADMIN_TOKENS_FILE": "/run/secrets/nowhere"}, "cannot read /run/secrets/nowhere"),
     ],
 )
 def test_bad_settings_are_named(env: dict[str, str], message: str) -> None:
@@ -51,3 +55,11 @@ def test_bad_settings_are_named(env: dict[str, str], message: str) -> None:
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("throttlex: error: ") and message in line
+
+
+def test_admin_tokens_come_from_the_variable_and_a_mounted_file(tmp_path: Path) -> None:
+    secret = tmp_path / "admin-tokens"
+    secret.write_text("from-file-1\nfrom-file-2\n")
+    settings = ApiSettings(admin_tokens=SecretStr("from-env"), admin_tokens_file=secret)
+    assert settings.admin_token_list == ["from-env", "from-file-1", "from-file-2"]
+    assert "from-file" not in repr(settings)
