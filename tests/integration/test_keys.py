@@ -6,16 +6,22 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
+import uuid
+from collections.abc import Callable
 
 import msgspec
 import pytest
 from redis.asyncio import Redis
 
+from ingest import blocklist
+from ingest.blocklist import limit_key
 from ingest.clock import wall_clock_ms
 from ingest.keys import EdgeKeys, KeyRecord, key_view
 from ingest.settings import ConnectionSettings
+from processors.policy import parse_policies
 from processors.registry import issue_key, open_registry
-from tests.conftest import Sandbox, eventually, redis_answers
+from tests.conftest import EventSender, RoleProcess, Sandbox, eventually, redis_answers
+from tests.factories import make_event
 
 pytestmark = pytest.mark.integration
 
@@ -107,3 +113,29 @@ async def _ignore(_: object) -> None:
 
 async def _all_present(client: Redis, key_ids: list[str]) -> bool:
     return bool(await client.exists(*[key_view("restart", k) for k in key_ids]) == len(key_ids))
+
+
+async def test_a_policy_document_in_the_registry_reaches_a_running_worker_process(
+    sandbox: Sandbox, spawn: Callable[..., RoleProcess], producer: EventSender, redis: Redis
+) -> None:
+    """What `PUT /v1/admin/policies` writes, a separate `throttlex worker` applies without a restart;
+    a worker started later begins with it instead of its policy file."""
+    settings = sandbox.settings(ConnectionSettings)
+    key_id = "d" * 24
+    spawn("worker", "--policy-file", str(sandbox.write_policy(limit=1_000, window_s=60)))
+    block_key = blocklist.block_key(settings.redis_prefix, limit_key([("api_key", key_id)]))
+    start_ms = wall_clock_ms() - 3_000
+    for n in range(5):
+        await producer(make_event(event_id=uuid.uuid4(), api_key_id=key_id, event_time_ms=start_ms + n, cost=1))
+    await asyncio.sleep(2)  # let the worker take its partitions and count the five
+    assert not await redis.exists(block_key)
+
+    tight = parse_policies("policies: [{name: tight, key: [api_key], algorithm: {type: fixed_window, limit: 3, window_s: 3600}}]", "test")
+    async with open_registry(settings) as registry:
+        await registry.put_policies(tight)
+    written_at = time.monotonic()
+    await producer(make_event(event_id=uuid.uuid4(), api_key_id=key_id, event_time_ms=start_ms + 10, cost=1))
+    await eventually(lambda: redis.exists(block_key), timeout_s=5, what="the block under the registry's policy")
+    raw = await redis.get(block_key)
+    assert raw is not None and blocklist.decode_block(raw).policy == "tight"
+    print(f"registry policy applied by the worker process {time.monotonic() - written_at:.2f} s after the write")
