@@ -26,6 +26,8 @@ from typing import Literal
 
 import msgspec
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from ingest import blocklist, metrics
@@ -39,6 +41,14 @@ log = logging.getLogger(__name__)
 _SNAPSHOT_CHUNK = 500
 
 
+def edge_redis(url: str, *, connect_timeout_s: float, timeout_s: float | None = None) -> Redis:
+    """A Redis client for an edge cache: no retries of its own, so nothing waits behind a backoff;
+    the cache's own loop reconnects every ``reconnect_delay_s`` and resynchronises."""
+    return Redis.from_url(
+        url, socket_connect_timeout=connect_timeout_s, socket_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
+    )
+
+
 class EdgeDenylist:
     def __init__(
         self,
@@ -50,7 +60,7 @@ class EdgeDenylist:
         fail_mode: FailMode = "open",
         fail_after_s: float = 5.0,
     ) -> None:
-        self._redis: Redis = Redis.from_url(redis_url, socket_connect_timeout=2.0)
+        self._redis = edge_redis(redis_url, connect_timeout_s=2.0)
         self._prefix = prefix
         self._clock = clock
         self._reconnect_delay_s = reconnect_delay_s

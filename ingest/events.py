@@ -14,6 +14,11 @@ import msgspec
 
 SCHEMA_VERSION = 1
 
+EARLIEST_EVENT_MS = 946_684_800_000
+"""2000-01-01 UTC: no request this system sees is older; earlier times are clock or encoding errors."""
+LATEST_EVENT_MS = 4_102_444_800_000
+"""2100-01-01 UTC: likewise, and well inside what ClickHouse stores."""
+
 _Text = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
 
@@ -29,7 +34,7 @@ class UsageEvent(msgspec.Struct, tag_field="v", tag=SCHEMA_VERSION, frozen=True,
     """
 
     event_id: uuid.UUID
-    event_time_ms: Annotated[int, msgspec.Meta(ge=0)]
+    event_time_ms: Annotated[int, msgspec.Meta(ge=EARLIEST_EVENT_MS, lt=LATEST_EVENT_MS)]
     api_key_id: _Text
     tenant: _Text
     route: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)]

@@ -23,11 +23,11 @@ from typing import Literal
 
 import msgspec
 from cachetools import LRUCache, TTLCache
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from ingest import metrics
 from ingest.clock import Clock, wall_clock_ms
+from ingest.denylist import edge_redis
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class EdgeKeys:
         unknown_ttl_s: float = 30.0,
         reconnect_delay_s: float = 0.5,
     ) -> None:
-        self._redis: Redis = Redis.from_url(redis_url, socket_connect_timeout=1.0, socket_timeout=1.0)
+        self._redis = edge_redis(redis_url, connect_timeout_s=1.0, timeout_s=1.0)
         self._prefix = prefix
         self._clock = clock
         self._known: LRUCache[str, KeyRecord] = LRUCache(known_size)

@@ -69,3 +69,22 @@ class DenylistWriter:
         pending, self._pending = self._pending, {}
         for block in pending.values():
             await self.publish(block)
+
+    async def still_holds(self, marker: str, ttl_s: int) -> bool:
+        """Whether Redis still has ``marker`` (its TTL renewed): False means Redis lost what this writer
+        wrote (it restarted empty, or failed over to a replica behind it). True when unreachable."""
+        try:
+            return bool(await self._redis.expire(marker, ttl_s))
+        except (RedisError, OSError):
+            return True
+
+    async def rewrite(self, blocks: list[Block], marker: str, ttl_s: int) -> bool:
+        """Write ``blocks`` again, then set ``marker``; False if Redis failed (try again later)."""
+        for block in blocks:
+            if not await self.publish(block):
+                return False
+        try:
+            await self._redis.set(marker, b"1", ex=ttl_s)
+        except (RedisError, OSError):
+            return False
+        return True

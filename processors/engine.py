@@ -143,6 +143,16 @@ class PolicyEngine:
                 changes.append(replacement)
         return changes
 
+    def blocks_in_force(self, now_ms: int) -> list[Block]:
+        """Every block published from this state that has not ended by ``now_ms``."""
+        blocks = []
+        for state_key in list(self.state.keys()):
+            if state_key.startswith("d/"):
+                published = self._published(state_key[2:])
+                if published is not None and published.block.until_ms > now_ms:
+                    blocks.append(published.block)
+        return blocks
+
     def idle_keys(self, now_ms: int) -> list[str]:
         """State entries no decision needs any more: windows that are empty (and past their allowed
         lateness) or whose policy is gone, and denylist entries whose block has ended."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from typing import Any
 from collections.abc import Iterator, MutableMapping
 
@@ -56,6 +57,8 @@ class PolicyWorker:
         self._writer = DenylistWriter(self._redis, settings.redis_prefix)
         self._live = LiveUsageWriter(self._redis, settings.redis_prefix)
         self._active: dict[str, int] = {}  # limit key -> until_ms of the blocks this worker wrote
+        self._marker = f"{settings.redis_prefix}:denylist-writer:{uuid.uuid4().hex}"
+        """Set while Redis holds what this worker wrote; gone after Redis restarted empty."""
         self.app = faust.App(
             settings.worker_app_id,
             broker=f"kafka://{settings.kafka_bootstrap}",
@@ -243,10 +246,23 @@ class PolicyWorker:
 
     async def _flush(self) -> None:
         await self._writer.retry_pending()
+        await self._restore_denylist()
         await self._live.flush()
         now_ms = wall_clock_ms()
         self._active = {key: until for key, until in self._active.items() if until > now_ms}
         metrics.ACTIVE_BLOCKS.set(len(self._active))
+
+    async def _restore_denylist(self) -> None:
+        """If Redis lost the denylist (restarted empty), write every block of this worker's
+        partitions that is still in force again; edges pick them up through pub/sub."""
+        ttl_s = 600
+        if await self._writer.still_holds(self._marker, ttl_s):
+            return
+        owned = {tp.partition for tp in self.app.assignor.assigned_actives()}
+        blocks = [b for b in self.engine.blocks_in_force(wall_clock_ms()) if self._state.partition_of(f"d/{b.limit_key}") in owned]
+        if await self._writer.rewrite(blocks, self._marker, ttl_s) and blocks:
+            metrics.DENYLIST_RESTORES.inc()
+            log.warning("Redis had lost the denylist; blocks in force written again", extra={"blocks": len(blocks)})
 
     async def _evict(self) -> None:
         """Drop the state of idle keys of the partitions this worker owns (tombstones in the changelog)."""

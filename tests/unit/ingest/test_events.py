@@ -38,6 +38,8 @@ def test_cost_defaults_to_one() -> None:
         (raw_with(event_id="not-a-uuid"), "invalid", "$.event_id"),
         (raw_with(api_key_id=""), "invalid", "$.api_key_id"),
         (raw_with(route="x" * 5000), "invalid", "$.route"),
+        (raw_with(event_time_ms=0), "invalid", "$.event_time_ms"),
+        (raw_with(event_time_ms=7_258_118_400_000), "invalid", "$.event_time_ms"),  # 2200
     ],
 )
 def test_bad_events_are_rejected_with_a_reason(raw: bytes, kind: str, fragment: str) -> None:
