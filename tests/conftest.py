@@ -180,13 +180,19 @@ class RoleProcess:
             pytest.fail(f"`throttlex {' '.join(self.args)}` did not stop within {timeout_s}s:\n{self.log()[-3000:]}")
 
 
-def start_role(sandbox: Sandbox, args: list[str], extra_env: dict[str, str] | None = None) -> RoleProcess:
-    """Start `throttlex <args>` as its own process with the sandbox's settings, output to a log file."""
+LAUNCH = "from api.cli import main; main()"
+
+
+def start_role(
+    sandbox: Sandbox, args: list[str], extra_env: dict[str, str] | None = None, *, launch: str = LAUNCH
+) -> RoleProcess:
+    """Start `throttlex <args>` as its own process with the sandbox's settings, output to a log file.
+    ``launch`` is the Python code that runs the command line (fault tests wrap a client first)."""
     log_path = sandbox.root / f"{args[0]}-{secrets.token_hex(3)}.log"
     env = {**os.environ, **sandbox.env, **(extra_env or {})}
     with log_path.open("wb") as output:  # the child keeps its own descriptor
         process = subprocess.Popen(
-            [sys.executable, "-c", "from api.cli import main; main()", *args],
+            [sys.executable, "-c", launch, *args],
             env=env,
             stdout=output,
             stderr=subprocess.STDOUT,
