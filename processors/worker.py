@@ -30,8 +30,6 @@ from typing import Any
 from collections.abc import Iterator, MutableMapping
 
 import faust
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 from faust.types import TP, TableT
 
@@ -97,8 +95,6 @@ class PolicyWorker:
         self.app.timer(settings.stall_check_interval_s)(self._watch_progress)
         self._rewinds: dict[TP, tuple[int, int]] = {}  # partition -> (offset rewound to, times)
         self._progress: dict[TP, int] = {}  # partition -> offset last applied at the previous check
-        self._stuck: dict[TP, tuple[int, int]] = {}  # partition -> (committed offset, checks it stayed there)
-        self._admin: AIOKafkaAdminClient | None = None
 
     async def start(self) -> None:
         settings = self._settings
@@ -108,8 +104,6 @@ class PolicyWorker:
             {settings.events_topic: partitions, settings.regroup_topic: partitions, settings.dead_letter_topic: 1},
             replication_factor=settings.topic_replication_factor,
         )
-        self._admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-        await self._admin.start()
         await self.app.start()
 
     async def crashed(self) -> BaseException:
@@ -123,8 +117,6 @@ class PolicyWorker:
         await self.app.stop()
         await self._flush()
         await self._redis.aclose()
-        if self._admin is not None:
-            await self._admin.close()
 
     async def replace_policies(self, policies: PolicySet) -> None:
         """Apply a changed policy set now; blocks of removed or changed policies are recomputed."""
@@ -208,48 +200,18 @@ class PolicyWorker:
         await self.app.consumer.seek(tp, offset)
 
     async def _watch_progress(self) -> None:
-        """Rewind a partition whose records stopped reaching the agents although Kafka has more, or
-        whose commits stopped although its records are applied."""
+        """Rewind a partition whose records stopped reaching the agents although Kafka has more."""
         stalled_before, self._progress = self._progress, {}
-        committed = await self._committed()
         for tp in self.app.assignor.assigned_actives():
             if tp.topic not in (self._settings.events_topic, self._settings.regroup_topic):
                 continue
             last = self._last_applied(tp)
-            if last is None:
-                continue
-            await self._watch_commits(tp, last, committed.get(tp))
             highwater = self.app.consumer.highwater(tp)
-            if highwater is None or highwater <= last + 1:
+            if last is None or highwater is None or highwater <= last + 1:
                 continue
             if stalled_before.get(tp) == last:
                 await self._rewind(tp, last + 1, reason="stalled")
             self._progress[tp] = last
-
-    async def _watch_commits(self, tp: TP, last: int, committed: int | None) -> None:
-        """Faust commits a partition only up to its first record never acknowledged. A record Faust
-        dropped (see `_in_sequence`) that this worker had applied before a crash is never missed by
-        the markers, but it stops the partition's commits for good: rewind to the committed offset,
-        so the records from there come again (applied ones are passed over, and acknowledged)."""
-        if committed is None or committed > last:
-            self._stuck.pop(tp, None)
-            return
-        offset, checks = self._stuck.get(tp, (committed, 0))
-        checks = checks + 1 if offset == committed else 1
-        self._stuck[tp] = (committed, checks)
-        if checks >= _STUCK_CHECKS:
-            self._stuck.pop(tp, None)
-            await self._rewind(tp, committed, reason="commit_stuck")
-
-    async def _committed(self) -> dict[TP, int]:
-        if self._admin is None:
-            return {}
-        try:
-            offsets = await self._admin.list_consumer_group_offsets(self._settings.worker_app_id)
-        except KafkaError as exc:
-            log.warning("could not read committed offsets", extra={"error": str(exc)})
-            return {}
-        return {TP(tp.topic, tp.partition): meta.offset for tp, meta in offsets.items() if meta.offset >= 0}
 
     async def _act(self, usage: UsageEvent, outcome: Outcome) -> None:
         if outcome.late:
@@ -319,11 +281,6 @@ class PolicyWorker:
         if evicted:
             metrics.KEYS_EVICTED.inc(evicted)
             log.info("evicted idle keys", extra={"evicted": evicted, "tracked": len(state)})
-
-
-_STUCK_CHECKS = 4
-"""Checks (``stall_check_interval_s`` apart) a partition's commit may stay behind its applied records:
-longer than Faust's commit interval (2.8 s) with room to spare."""
 
 
 def _marker(tp: TP) -> str:

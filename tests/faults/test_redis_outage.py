@@ -21,9 +21,9 @@ from ingest.blocklist import limit_key
 from ingest.clock import wall_clock_ms
 from ingest.denylist import EdgeDenylist
 from ingest.settings import GatewaySettings
-from processors.windows import SlidingWindow
 from tests.conftest import EventSender, RoleProcess, Sandbox, eventually, free_port, redis_answers, register_keys
 from tests.factories import make_event
+from tests.integration.test_policies import sliding_admit
 
 pytestmark = pytest.mark.faults
 
@@ -31,15 +31,6 @@ LIMIT, WINDOW_S = 20, 120
 OUTAGE_S = 10.0
 REQUEST_TIMEOUT_S = 1.0
 """The longest a gateway request may wait on Redis: the key cache's connect and socket timeout."""
-
-
-def expected_until(times: list[int]) -> int:
-    window = SlidingWindow(WINDOW_S * 1000, 1000)
-    for t in times:
-        window.add(t, 1)
-    until = window.admits_at(LIMIT)
-    assert until is not None
-    return until
 
 
 async def test_redis_outage_fail_modes_no_waiting_and_resync_within_2s(
@@ -119,7 +110,7 @@ async def test_redis_outage_fail_modes_no_waiting_and_resync_within_2s(
         resync_s = time.monotonic() - back_at
         for key, times in ((a_key, a_times), (b_key, b_times)):
             raw = await redis.get(blocklist.block_key(prefix, key))
-            assert raw is not None and blocklist.decode_block(raw).until_ms == expected_until(times)
+            assert raw is not None and blocklist.decode_block(raw).until_ms == sliding_admit(times, LIMIT, WINDOW_S)
         # 200, or 429 if the gateway's own key went over its limit in the outage's first second
         await eventually(lambda: _decides(http, "gateway-key"), timeout_s=2, what="the gateway deciding again, not 503")
         print(
