@@ -83,7 +83,8 @@ def main() -> None:
     print("2/5 gateway", flush=True)
     asyncio.run(ensure_topics(bootstrap, {"bench-gateway.events": 4}))
     gateway = bench_gateway.run(runs, 5 if args.quick else 10, 50, {"THROTTLEX_EVENTS_TOPIC": "bench-gateway.events",
-                                                                     "THROTTLEX_REDIS_PREFIX": "bench-gateway"})  # fmt: skip
+                                                                     "THROTTLEX_REDIS_PREFIX": "bench-gateway",
+                                                                     "THROTTLEX_REGISTRY_TOPIC": "bench-gateway.registry"})  # fmt: skip
     print("3/5 policy engine", flush=True)
     engine = bench_engine.measure_all(keys=5_000 if args.quick else 20_000, events=20_000 if args.quick else 100_000, runs=runs)
     print("4/5 pipeline", flush=True)
