@@ -19,7 +19,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from api.auth import admin
 from api.usage import Instant
 from ingest.clock import wall_clock_ms
-from ingest.keys import KeyRecord
+from ingest.keys import NAME_PATTERN, KeyRecord
 from processors.backtest import replay, stored_events
 from processors.policy import Plan, Policy, PolicySet, parse_policies
 from processors.policy_watch import PolicySource
@@ -36,7 +36,7 @@ def _encodable(text: str) -> str:
     return text
 
 
-_Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+_Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 _Label = Annotated[str, Field(max_length=128), AfterValidator(_encodable)]
 _KeyId = Annotated[str, Field(pattern=r"^[0-9a-f]{24}$")]
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import sys
 from collections.abc import Coroutine
@@ -18,8 +19,9 @@ from redis.exceptions import RedisError
 from rich.console import Console
 
 from api.logs import configure_logging
+from ingest.keys import NAME_PATTERN
 from api.settings import LoadgenSettings, RunSettings
-from processors.policy import PolicyFileError
+from processors.policy import PolicyFileError, load_policies
 from processors.usage_store import StoreError, UsageStore
 
 cli = typer.Typer(
@@ -134,12 +136,17 @@ def create_key(
     name: Annotated[str, typer.Option(help="what the key is for")] = "",
 ) -> None:
     """Create an API key in the registry and print it. It is shown this once; only its hash is kept."""
+    if not re.match(NAME_PATTERN, tenant):
+        _fail(f"tenant {tenant!r} must be 1-64 letters, digits or . _ : -")
     settings = _settings(RunSettings)
     configure_logging("WARNING", role="keys")
     from processors.registry import issue_key, open_registry
 
     async def create() -> None:
         async with open_registry(settings, replication_factor=settings.topic_replication_factor) as registry:
+            plans = (registry.policies or load_policies(settings.policy_file)).plans
+            if plan and plan not in plans:
+                raise ValueError(f"unknown plan {plan!r}; plans: {', '.join(sorted(plans)) or 'none'}")
             plain, record = await issue_key(registry, settings.key_salt_bytes, tenant=tenant, plan=plan, name=name)
         typer.echo(f"key id {record.key_id} (tenant {tenant}, plan {plan or 'default'})", err=True)
         typer.echo(plain)

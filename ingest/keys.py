@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 KeyStatus = Literal["active", "suspended", "revoked"]
 RESYNC = b"resync"
+NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+"""What a tenant or plan name may be."""
 
 
 class KeyRecord(msgspec.Struct, frozen=True, kw_only=True):

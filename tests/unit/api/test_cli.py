@@ -63,3 +63,10 @@ def test_admin_tokens_come_from_the_variable_and_a_mounted_file(tmp_path: Path) 
     settings = ApiSettings(admin_tokens=SecretStr("from-env"), admin_tokens_file=secret)
     assert settings.admin_token_list == ["from-env", "from-file-1", "from-file-2"]
     assert "from-file" not in repr(settings)
+
+
+def test_a_key_for_a_malformed_tenant_is_refused_before_anything_is_written() -> None:
+    result = throttlex("keys", "create", "--tenant", "")
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line == "throttlex: error: tenant '' must be 1-64 letters, digits or . _ : -"
