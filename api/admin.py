@@ -28,6 +28,7 @@ from processors.usage_store import StoreError, UsageStore
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(admin)])
 
+
 def _encodable(text: str) -> str:
     try:
         text.encode()
@@ -123,8 +124,7 @@ def _instant(ms: int) -> datetime:
 
 
 def _ms(moment: datetime) -> int:
-    moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
-    return int(moment.timestamp() * 1000)
+    return int(moment.timestamp() * 1000)  # an `Instant`: always in UTC
 
 
 def _info(record: KeyRecord) -> KeyInfo:
@@ -146,10 +146,10 @@ def _policies(request: Request) -> PolicySet:
 
 
 def _known_plan(request: Request, plan: str | None) -> str:
-    plans = _policies(request).plans
-    if plan is not None and plan not in plans:
-        raise HTTPException(status_code=422, detail=f"unknown plan {plan!r}; plans: {', '.join(sorted(plans)) or 'none'}")
-    return plan or ""
+    try:
+        return _policies(request).known_plan(plan)
+    except ValueError as exc:
+        raise HTTPException(status_code=422, detail=str(exc)) from None
 
 
 def _future(moment: datetime | None) -> int:
@@ -273,7 +273,7 @@ async def put_plans(request: Request, body: Plans) -> Plans:
 @router.get("/policies", response_model=PoliciesInForce, summary="The policies in force")
 async def get_policies(request: Request) -> PoliciesInForce:
     source: PolicySource = request.app.state.policy_source
-    return PoliciesInForce(policies=_policies(request).policies, origin="registry" if source.origin == "registry" else "file")
+    return PoliciesInForce(policies=_policies(request).policies, origin=source.origin)
 
 
 @router.put("/policies", response_model=PoliciesInForce, summary="Replace the policies (applied everywhere within seconds)")
@@ -302,7 +302,7 @@ async def dry_run_proposal(request: Request, body: DryRunRequest) -> DryRun:
 
 
 async def _dry_run(request: Request, policy: Policy, start: datetime, end: datetime) -> DryRun:
-    if _ms(end) <= _ms(start):
+    if end <= start:
         raise HTTPException(status_code=422, detail="`to` must be after `from`")
     store: UsageStore | None = request.app.state.store
     if store is None:

@@ -72,7 +72,7 @@ def caller(request: Request) -> Caller:
     key_id = key_id_for(api_key, settings.key_salt_bytes)
     registry: Registry = request.app.state.registry
     record = registry.keys.get(key_id)
-    if record is None or not hmac.compare_digest(record.key_id, key_id) or not record.usable_at(wall_clock_ms()):
+    if record is None or not record.admits(key_id, wall_clock_ms()):
         raise _unauthorized("unknown, suspended, revoked or expired API key")
     key = CallerKey(key_id=key_id, limit_key=limit_key([("api_key", key_id)]), tenant=record.tenant, plan=record.plan)
     return Caller(key=key)

@@ -144,9 +144,7 @@ def create_key(
 
     async def create() -> None:
         async with open_registry(settings, replication_factor=settings.topic_replication_factor) as registry:
-            plans = (registry.policies or load_policies(settings.policy_file)).plans
-            if plan and plan not in plans:
-                raise ValueError(f"unknown plan {plan!r}; plans: {', '.join(sorted(plans)) or 'none'}")
+            (registry.policies or load_policies(settings.policy_file)).known_plan(plan)
             plain, record = await issue_key(registry, settings.key_salt_bytes, tenant=tenant, plan=plan, name=name)
         typer.echo(f"key id {record.key_id} (tenant {tenant}, plan {plan or 'default'})", err=True)
         typer.echo(plain)

@@ -55,12 +55,13 @@ EARLIEST, LATEST = datetime(1970, 1, 1, tzinfo=UTC), datetime(2106, 1, 1, tzinfo
 
 
 def _storable(moment: datetime) -> datetime:
+    outside = ValueError("must be between 1970-01-01 and 2105-12-31 (UTC), the range usage is stored for")
     try:
         moment = _utc(moment)
-    except OverflowError:
-        moment = EARLIEST - timedelta(days=1)
+    except OverflowError:  # an offset that moves it past year 1 or 9999
+        raise outside from None
     if not EARLIEST <= moment < LATEST:
-        raise ValueError("must be between 1970-01-01 and 2105-12-31 (UTC), the range usage is stored for")
+        raise outside
     return moment
 
 

@@ -50,8 +50,11 @@ class KeyRecord(msgspec.Struct, frozen=True, kw_only=True):
     hint: str = ""
     """The last four characters of the key, so an operator can tell keys apart."""
 
-    def usable_at(self, now_ms: int) -> bool:
-        return self.status == "active" and (self.expires_at_ms == 0 or now_ms < self.expires_at_ms)
+    def admits(self, key_id: str, now_ms: int) -> bool:
+        """Whether the caller whose key hashes to ``key_id`` may call at ``now_ms``. The record was
+        found by that id; the final comparison takes the same time wherever two ids differ."""
+        usable = self.status == "active" and (self.expires_at_ms == 0 or now_ms < self.expires_at_ms)
+        return hmac.compare_digest(self.key_id, key_id) and usable
 
 
 _encoder = msgspec.json.Encoder()
@@ -124,10 +127,7 @@ class EdgeKeys:
                 return None
         else:
             metrics.KEY_LOOKUPS.labels(source="cache").inc()
-        # the id was looked up by hash; the final comparison does not depend on where the ids differ
-        if not hmac.compare_digest(record.key_id, key_id) or not record.usable_at(self._clock()):
-            return None
-        return record
+        return record if record.admits(key_id, self._clock()) else None
 
     async def _fetch(self, key_id: str) -> KeyRecord | None:
         self.lookups += 1

@@ -243,6 +243,12 @@ class PolicySet(_Strict):
             return known.units(algorithm.period) if known is not None else None
         return algorithm.limit
 
+    def known_plan(self, plan: str | None) -> str:
+        """``plan`` as a key stores it ('' for the default plan); ValueError if it is not one of the plans."""
+        if plan and plan not in self.plans:
+            raise ValueError(f"unknown plan {plan!r}; plans: {', '.join(sorted(self.plans)) or 'none'}")
+        return plan or ""
+
     def by_name(self, name: str) -> Policy | None:
         return next((policy for policy in self.policies if policy.name == name), None)
 

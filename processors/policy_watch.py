@@ -9,6 +9,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Literal
 
 from processors import metrics
 from processors.policy import PolicyFileError, PolicySet, parse_policies
@@ -61,7 +62,7 @@ class PolicySource:
         return self._registry if self._registry is not None else self._file
 
     @property
-    def origin(self) -> str:
+    def origin(self) -> Literal["file", "registry"]:
         return "file" if self._registry is None else "registry"
 
     def on_change(self, handler: Callable[[PolicySet], Awaitable[None]]) -> None:
