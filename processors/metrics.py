@@ -29,7 +29,7 @@ for _reason in ("gap", "stalled"):
     REWINDS.labels(reason=_reason)
 TRACKED_KEYS = Gauge("throttlex_worker_state_entries", "Window and denylist entries in this worker's state")
 KEYS_EVICTED = Counter("throttlex_worker_evicted_total", "State entries of idle keys dropped")
-POLICY_RELOADS = Counter("throttlex_policy_reloads_total", "Policy file changes, by outcome: applied or refused", ["outcome"])
+POLICY_RELOADS = Counter("throttlex_policy_reloads_total", "Policy file changes, by outcome: applied, refused, or ignored (the registry's document is in force)", ["outcome"])
 for _outcome in ("applied", "refused"):
     POLICY_RELOADS.labels(outcome=_outcome)  # exported at 0 from the start
 

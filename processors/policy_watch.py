@@ -18,9 +18,10 @@ log = logging.getLogger(__name__)
 
 
 async def watch_policy_file(
-    path: Path, interval_s: float, apply: Callable[[PolicySet], Awaitable[None]]
+    path: Path, interval_s: float, apply: Callable[[PolicySet], Awaitable[bool]]
 ) -> None:
-    """Call ``apply`` with the new policies each time the file's content changes and validates."""
+    """Call ``apply`` with the new policies each time the file's content changes and validates;
+    ``apply`` says whether it put them in force."""
     last = _read(path)
     while True:
         await asyncio.sleep(interval_s)
@@ -34,7 +35,10 @@ async def watch_policy_file(
             metrics.POLICY_RELOADS.labels(outcome="refused").inc()
             log.error("policy change refused; the policies in force stay", extra={"reason": str(exc)})
             continue
-        await apply(policies)
+        if not await apply(policies):
+            metrics.POLICY_RELOADS.labels(outcome="ignored").inc()
+            log.warning("policy file changed, but the registry's policy document is in force; not applied")
+            continue
         metrics.POLICY_RELOADS.labels(outcome="applied").inc()
         log.info("policy change applied", extra={"policies": [policy.name for policy in policies.policies]})
 
@@ -68,12 +72,13 @@ class PolicySource:
     def on_change(self, handler: Callable[[PolicySet], Awaitable[None]]) -> None:
         self._handlers.append(handler)
 
-    async def file_changed(self, policies: PolicySet) -> None:
+    async def file_changed(self, policies: PolicySet) -> bool:
+        """Take the file's new policies; False if the registry's document stays in force instead."""
         self._file = policies
         if self._registry is not None:
-            log.warning("policy file changed, but the registry's policy document is in force; not applied")
-            return
+            return False
         await self._notify()
+        return True
 
     async def registry_changed(self, policies: PolicySet) -> None:
         self._registry = policies
