@@ -26,11 +26,23 @@ def usage_key(prefix: str, limit_key: str) -> str:
     return f"{prefix}:usage:{limit_key}"
 
 
+# One command per key instead of three (HSET, PEXPIRE GT, PEXPIRE NX): writes the windows and extends,
+# never shortens, the expiry (a longer policy's window may have set a later one). ARGV: expiry in ms,
+# then field/value pairs. A key without an expiry (PTTL -1) or a new key (-2) gets one.
+_WRITE_WINDOWS = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+end
+"""
+
+
 class LiveUsageWriter:
     def __init__(self, redis: Redis, prefix: str) -> None:
         self._redis = redis
         self._prefix = prefix
         self._dirty: dict[tuple[str, str], Counted] = {}
+        self._write_windows = redis.register_script(_WRITE_WINDOWS)
 
     def record(self, counted: list[Counted]) -> None:
         for item in counted:
@@ -46,12 +58,11 @@ class LiveUsageWriter:
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for limit_key, items in by_key.items():
-                    key = usage_key(self._prefix, limit_key)
-                    pipe.hset(key, mapping={item.policy.name: encode_window(item.window) for item in items})
-                    # gt: never cut short the expiry a longer policy's window set; nx: a new key gets one.
                     expiry_ms = round(max(item.policy.algorithm.window_s for item in items) * 1000)
-                    pipe.pexpire(key, expiry_ms, gt=True)
-                    pipe.pexpire(key, expiry_ms, nx=True)
+                    fields: list[str | bytes | int] = [expiry_ms]
+                    for item in items:
+                        fields += (item.policy.name, encode_window(item.window))
+                    await self._write_windows(keys=[usage_key(self._prefix, limit_key)], args=fields, client=pipe)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             metrics.REDIS_ERRORS.labels(kind=type(exc).__name__).inc()

@@ -24,7 +24,7 @@ from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from ingest.blocklist import DIMENSIONS, Dimension, event_limit_key
 from ingest.events import UsageEvent
@@ -204,10 +204,16 @@ class Plan(_Strict):
         return self.monthly_units if period == "month" else self.daily_units
 
 
+MATCHES_REMEMBERED = 10_000
+
+
 class PolicySet(_Strict):
     policies: list[Policy]
     plans: dict[str, Plan] = Field(default_factory=dict, description="plan name to its quotas")
     default_plan: str | None = Field(None, description="the plan of keys that name none")
+    _matches: dict[tuple[str, str, str | None, str | None], list[Policy]] = PrivateAttr(default_factory=dict)
+    """Remembered answers of `matching` (route, method, tenant, plan): route globs cost more than the
+    policies' arithmetic, and a gateway's events repeat a few combinations."""
 
     @model_validator(mode="after")
     def _unique_names(self) -> PolicySet:
@@ -231,7 +237,13 @@ class PolicySet(_Strict):
 
     def matching(self, event: UsageEvent) -> list[Policy]:
         plan = self.plan_of(event)
-        return [policy for policy in self.policies if policy.match.applies_to(event, plan)]
+        combination = (event.route, event.method, event.tenant, plan)
+        found = self._matches.get(combination)
+        if found is None:
+            if len(self._matches) >= MATCHES_REMEMBERED:
+                self._matches.clear()
+            found = self._matches[combination] = [p for p in self.policies if p.match.applies_to(event, plan)]
+        return found
 
     def limit_of(self, policy: Policy, plan: str | None) -> int | None:
         """The policy's limit for a key on ``plan``; None when that plan sets no limit for it."""

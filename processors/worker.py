@@ -68,6 +68,8 @@ class PolicyWorker:
             topic_partitions=settings.events_partitions,
             topic_replication_factor=settings.topic_replication_factor,
             producer_acks=-1,
+            producer_linger=0.005,
+            producer_max_batch_size=256 * 1024,
             consumer_auto_offset_reset="earliest",
             broker_session_timeout=settings.worker_session_timeout_s,
             broker_heartbeat_interval=2.0,
@@ -113,7 +115,7 @@ class PolicyWorker:
         return self.app.crash_reason or RuntimeError("faust app crashed")
 
     async def stop(self) -> None:
-        self._state.flush()  # before Faust flushes its producer and commits on the way out
+        await self._state.flush()  # before Faust flushes its producer and commits on the way out
         await self.app.stop()
         await self._flush()
         await self._redis.aclose()
@@ -238,11 +240,11 @@ class PolicyWorker:
         await self._dead_letters.send(key=key, value=value, headers={"reason": error.reason.encode()})
 
     async def _flush_state(self) -> None:
-        self._state.flush()
+        await self._state.flush()
 
     async def _on_revoked(self, sender: object, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         """Partitions are moving: write what changed while they were ours, then forget the cache."""
-        self._state.flush()
+        await self._state.flush()
         self._state.discard()
 
     async def _flush(self) -> None:
@@ -311,6 +313,7 @@ class WindowState(MutableMapping[str, bytes]):
         self._partitioner = DefaultPartitioner()
         self._cache: dict[str, bytes | None] = {}  # None: deleted since the last flush
         self._dirty: set[str] = set()
+        self._sending = asyncio.Lock()
 
     def partition_of(self, state_key: str) -> int:
         if state_key.startswith("o/"):  # o/{topic}/{partition}[/{source partition}]
@@ -320,19 +323,28 @@ class WindowState(MutableMapping[str, bytes]):
         kafka_key = api_key_of(limit_key) or limit_key
         return int(self._partitioner(kafka_key.encode(), self._all, self._all))
 
-    def flush(self) -> int:
-        """Write the entries changed since the last flush to the table's changelog; return how many."""
+    async def flush(self) -> int:
+        """Write the entries changed since the last flush to the table's changelog; return how many.
+
+        The records go straight to the app's producer (appended to its batches; Faust flushes the
+        producer before every offset commit), not through Faust's per-record send buffer, which makes
+        the consumer wait while it drains a large flush one record at a time.
+        """
         dirty, self._dirty = sorted(self._dirty, key=lambda key: key.startswith("o/")), set()
-        for key in dirty:
-            value = self._cache.get(key)
+        changes = [(key, self._cache.get(key)) for key in dirty]
+        self._cache.clear()
+        for key, value in changes:  # the table answers reads from here on
             if value is None:
                 self._table.data.pop(key, None)
-                self._table.send_changelog(self.partition_of(key), key, None, value_serializer="raw")
             else:
                 self._table.data[key] = value
-                self._table.send_changelog(self.partition_of(key), key, value)
-        self._cache.clear()
-        return len(dirty)
+        topic = self._table.changelog_topic
+        name, producer = topic.get_topic_name(), topic.app.producer
+        async with self._sending:  # one flush at a time, so the changelog keeps the order of changes
+            for key, value in changes:
+                raw_key, _ = topic.prepare_key(key, None)  # the table's own key serializer
+                await producer.send(name, raw_key, value, self.partition_of(key), None, None)
+        return len(changes)
 
     def discard(self) -> None:
         """Forget unflushed changes (after partitions were taken away; their new owner replays them)."""
