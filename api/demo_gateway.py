@@ -21,7 +21,10 @@ from ingest.settings import GatewaySettings
 
 
 def create_gateway_app(settings: GatewaySettings) -> FastAPI:
-    producer = EventProducer(settings.kafka_bootstrap, settings.events_topic, linger_ms=settings.producer_linger_ms)
+    producer = EventProducer(
+        settings.kafka_bootstrap, settings.events_topic,
+        linger_ms=settings.producer_linger_ms, buffer_max_events=settings.producer_buffer_max_events,
+    )  # fmt: skip
     denylist = EdgeDenylist(
         settings.redis_url, settings.redis_prefix,
         fail_mode=settings.edge_fail_mode, fail_after_s=settings.edge_fail_after_s,
@@ -48,6 +51,7 @@ def create_gateway_app(settings: GatewaySettings) -> FastAPI:
             await producer.stop()
 
     app = FastAPI(title="ThrottleX demo gateway", lifespan=lifespan)
+    app.state.producer = producer  # its buffer, for operators' tooling and the fault tests
     app.add_middleware(
         ThrottleXMiddleware,
         denylist=denylist,

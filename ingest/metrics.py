@@ -3,7 +3,14 @@
 from prometheus_client import Counter, Gauge, Histogram
 
 EVENTS_PRODUCED = Counter(
-    "throttlex_gateway_events_produced_total", "Usage events handed to the Kafka producer"
+    "throttlex_gateway_events_produced_total", "Usage events Kafka confirmed (acks=all)"
+)
+EVENTS_SHED = Counter(
+    "throttlex_gateway_events_shed_total",
+    "Usage events dropped because the producer buffer was full (Kafka out of reach for long)",
+)
+PRODUCER_BUFFERED = Gauge(
+    "throttlex_gateway_producer_buffered_events", "Usage events accepted and not yet confirmed by Kafka"
 )
 EVENTS_FAILED = Counter(
     "throttlex_gateway_events_failed_total", "Usage events the producer could not deliver", ["reason"]

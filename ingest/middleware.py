@@ -98,7 +98,7 @@ class ThrottleXMiddleware:
             await self.app(scope, receive, response)
             status, sent_bytes = response.status, response.body_bytes
 
-        await self._producer.emit(
+        self._producer.emit(
             UsageEvent(
                 event_id=new_event_id(),
                 event_time_ms=received_ms,

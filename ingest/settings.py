@@ -44,6 +44,9 @@ class ConnectionSettings(BaseSettings):
 class GatewaySettings(ConnectionSettings):
     tenant: str = Field("default", description="tenant recorded on events from this gateway")
     producer_linger_ms: int = Field(5, ge=0, description="how long the producer waits to fill a batch")
+    producer_buffer_max_events: int = Field(
+        100_000, ge=1, description="most usage events held while Kafka is out of reach; beyond it events are shed"
+    )
     edge_fail_mode: FailMode = Field(
         "open", description="when Redis is out of reach: open admits (cached blocks still hold), closed answers 503"
     )

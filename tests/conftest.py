@@ -293,3 +293,34 @@ async def redis_answers(client: Redis) -> bool:
         return bool(await client.ping())
     except (RedisError, OSError):
         return False
+
+
+SERVICES = Path(__file__).parents[1] / "deploy" / "local" / "services.sh"
+
+
+@dataclass
+class PrivateKafka:
+    """A single-node Kafka broker of the test's own (started by `deploy/local/services.sh`), so the
+    test can stop and start it; its data survives a restart."""
+
+    bootstrap: str
+    env: dict[str, str]
+
+    def run(self, action: str) -> None:
+        """``up`` or ``down``: start (waits until it answers) or stop (controlled shutdown) the broker."""
+        done = subprocess.run(["bash", str(SERVICES), action, "kafka"], env=self.env, capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.fail(f"services.sh {action} kafka failed:\n{done.stdout}\n{done.stderr}")
+
+
+@pytest.fixture
+def private_kafka(tmp_path: Path) -> Iterator[PrivateKafka]:
+    port = free_port()
+    env = {**os.environ, "THROTTLEX_KAFKA_PORT": str(port), "THROTTLEX_KAFKA_CONTROLLER_PORT": str(free_port()),
+           "THROTTLEX_LOCAL_DIR": str(tmp_path / "kafka")}  # fmt: skip
+    kafka = PrivateKafka(f"127.0.0.1:{port}", env)
+    kafka.run("up")
+    try:
+        yield kafka
+    finally:
+        kafka.run("down")

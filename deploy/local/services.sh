@@ -3,6 +3,7 @@
 #
 #   deploy/local/services.sh up       install what is missing, start both, wait until they answer
 #   deploy/local/services.sh down     stop what this script started (nothing else)
+#   deploy/local/services.sh up kafka / down kafka   (or redis) one of them only
 #   deploy/local/services.sh status   show what is running
 #   deploy/local/services.sh env      print the THROTTLEX_* variables that point at these services
 #
@@ -145,15 +146,22 @@ status_one() {  # status_one <name> <port>
   if pid_alive "$state/$1.pid"; then say "$1 running (pid $(cat "$state/$1.pid"), 127.0.0.1:$2)"; else say "$1 stopped"; fi
 }
 
+only=${2:-}
+case "$only" in
+  ""|kafka|redis) ;;
+  *) echo "usage: $0 up|down [kafka|redis]" >&2; exit 2 ;;
+esac
+wants() { [ -z "$only" ] || [ "$only" = "$1" ]; }
+
 case "${1:-}" in
   up)
     mkdir -p "$state"
-    start_redis
-    start_kafka
+    if wants redis; then start_redis; fi
+    if wants kafka; then start_kafka; fi
     ;;
   down)
-    stop_one kafka
-    stop_one redis
+    if wants kafka; then stop_one kafka; fi
+    if wants redis; then stop_one redis; fi
     ;;
   status)
     status_one kafka "$kafka_port"
@@ -164,7 +172,7 @@ case "${1:-}" in
     echo "export THROTTLEX_REDIS_URL=redis://127.0.0.1:$redis_port/0"
     ;;
   *)
-    echo "usage: $0 up|down|status|env" >&2
+    echo "usage: $0 up|down|status|env [kafka|redis]" >&2
     exit 2
     ;;
 esac

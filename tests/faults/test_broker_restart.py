@@ -1,0 +1,148 @@
+"""The Kafka broker stops under load and starts again: gateway requests never wait on it, the gateway
+buffers events up to its bound and then sheds them with a metric and a log line, every event it
+accepted is delivered and stored exactly once, and the worker and the sink resume by themselves."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+
+from api.demo_gateway import create_gateway_app
+from api.server import HttpServer
+from ingest import metrics
+from ingest.producer import EventProducer
+from ingest.settings import GatewaySettings
+from processors.usage_store import UsageStore
+from processors.topics import ensure_topics
+from tests.conftest import EVENTS_PARTITIONS, PrivateKafka, Sandbox, eventually, free_port, register_keys, start_role, stop_role
+from tests.faults.test_clickhouse_failures import sink_metrics
+
+pytestmark = pytest.mark.faults
+
+BUFFER_MAX_EVENTS = 300
+RATE_PER_S = 100
+LIMIT, WINDOW_S = 200, 60
+REQUEST_TIMEOUT_S = 1.0
+"""The longest a gateway request may take while the broker is away (stated bound)."""
+
+
+@dataclass
+class Load:
+    """Requests at a steady rate over many keys, each one's status and duration recorded."""
+
+    http: httpx.AsyncClient
+    keys: list[str]
+    statuses: list[int] = field(default_factory=list)
+    durations: list[float] = field(default_factory=list)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self) -> None:
+        n = 0
+        started = time.monotonic()
+        while not self.stop.is_set():
+            t0 = time.perf_counter()
+            response = await self.http.get(f"/v1/items/{n}", headers={"x-api-key": self.keys[n % len(self.keys)]})
+            self.durations.append(time.perf_counter() - t0)
+            self.statuses.append(response.status_code)
+            n += 1
+            await asyncio.sleep(max(0.0, started + n / RATE_PER_S - time.monotonic()))
+
+
+def counter(metric: object) -> float:
+    return sum(sample.value for family in metric.collect() for sample in family.samples if sample.name.endswith("_total"))  # type: ignore[attr-defined]
+
+
+async def test_broker_restart_sheds_past_the_bound_and_delivers_every_accepted_event_once(
+    sandbox: Sandbox, private_kafka: PrivateKafka, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="ingest.producer")
+    sandbox = Sandbox(kafka_bootstrap=private_kafka.bootstrap, redis_url=sandbox.redis_url, root=sandbox.root, tag=sandbox.tag)
+    env = {"THROTTLEX_KAFKA_BOOTSTRAP": private_kafka.bootstrap}
+    sink_port = free_port()
+    worker = start_role(sandbox, ["worker", "--policy-file", str(sandbox.write_policy(LIMIT, WINDOW_S))], env)
+    sink = start_role(sandbox, ["sink"], {**env, "THROTTLEX_METRICS_PORT": str(sink_port)})
+    await ensure_topics(sandbox.kafka_bootstrap, {sandbox.env["THROTTLEX_EVENTS_TOPIC"]: EVENTS_PARTITIONS})
+    plain_keys = [f"broker-key-{n:02d}" for n in range(50)]
+    await register_keys(sandbox, {key: "acme" for key in [*plain_keys, "broker-probe"]})
+    settings = sandbox.settings(GatewaySettings).model_copy(update={"producer_buffer_max_events": BUFFER_MAX_EVENTS})
+    app = create_gateway_app(settings)
+    producer: EventProducer = app.state.producer
+    gateway = HttpServer(app, "127.0.0.1", free_port())
+    before = {name: counter(m) for name, m in [("produced", metrics.EVENTS_PRODUCED), ("shed", metrics.EVENTS_SHED),
+                                                ("failed", metrics.EVENTS_FAILED)]}  # fmt: skip
+    http = httpx.AsyncClient(base_url=gateway.url, timeout=10)
+    load = Load(http, plain_keys)
+    try:
+        await gateway.start()
+        await eventually(lambda: _sink_running(sink_port), timeout_s=60, what="the sink to serve metrics")
+        running = asyncio.create_task(load.run())
+        await asyncio.sleep(3)
+
+        stopped_at = time.monotonic()
+        await asyncio.to_thread(private_kafka.run, "down")
+        await eventually(lambda: counter(metrics.EVENTS_SHED) > before["shed"], timeout_s=30, what="the gateway to shed")
+        await asyncio.sleep(2)
+        await asyncio.to_thread(private_kafka.run, "up")
+        back_at = time.monotonic()
+        await eventually(lambda: producer.undelivered == 0, timeout_s=60, what="the buffered events to be delivered")
+        drained_s = time.monotonic() - back_at
+        await asyncio.sleep(3)
+        load.stop.set()
+        await running
+
+        # The worker resumed: a fresh key going over its limit is refused at the gateway.
+        probe = [(await http.get(f"/v1/items/{n}", headers={"x-api-key": "broker-probe"})).status_code for n in range(LIMIT + 1)]
+        assert probe.count(200) == LIMIT + 1
+
+        async def probe_refused() -> bool:
+            response = await http.get("/v1/items/0", headers={"x-api-key": "broker-probe"})
+            probe.append(response.status_code)
+            return response.status_code == 429
+
+        await eventually(probe_refused, timeout_s=60, what="the worker to block the probe key after the restart")
+        await eventually(lambda: producer.undelivered == 0, timeout_s=30, what="the probe's events to be delivered")
+        requests = len(load.statuses) + len(probe)
+        shed = counter(metrics.EVENTS_SHED) - before["shed"]
+        produced = counter(metrics.EVENTS_PRODUCED) - before["produced"]
+        assert counter(metrics.EVENTS_FAILED) - before["failed"] == 0
+        assert produced + shed == requests, (produced, shed, requests)
+
+        async def all_stored() -> bool:
+            return (await sink_metrics(sink_port)).get(("throttlex_sink_rows_total", ())) == produced
+
+        await eventually(all_stored, timeout_s=60, what="the sink to store every delivered event")
+    finally:
+        load.stop.set()
+        await http.aclose()
+        await gateway.stop()
+        for role in (worker, sink):
+            stop_role(role)
+
+    assert set(load.statuses) == {200}, {s: load.statuses.count(s) for s in set(load.statuses)}
+    waited_past = sum(d > REQUEST_TIMEOUT_S for d in load.durations)
+    assert waited_past == 0, max(load.durations)
+    started = [r for r in caplog.records if r.getMessage().startswith("producer buffer full")]
+    ended = [r for r in caplog.records if r.getMessage().startswith("producer buffer has room again")]
+    assert len(started) >= 1 and len(ended) == len(started)
+    assert sum(r.shed for r in ended) == shed  # type: ignore[attr-defined]
+
+    store = UsageStore(sandbox.env["THROTTLEX_CLICKHOUSE_DSN"])
+    await store.open()
+    try:
+        [(rows, unique)] = await store.query("SELECT count(), uniqExact(event_id) FROM usage_events")
+    finally:
+        await store.close()
+    assert (rows, unique) == (produced, produced)
+    print(f"Kafka broker restart: {requests} requests ({RATE_PER_S}/s), {shed:.0f} events shed past the bound of "
+          f"{BUFFER_MAX_EVENTS}, {produced:.0f} delivered and stored once; longest request "
+          f"{max(load.durations) * 1000:.1f} ms, {waited_past} over {REQUEST_TIMEOUT_S:.0f} s; broker away "
+          f"{back_at - stopped_at:.1f} s (stop begun to answering again); buffer delivered {drained_s:.1f} s after it answered")
+
+
+async def _sink_running(port: int) -> bool:
+    return bool(await sink_metrics(port))
