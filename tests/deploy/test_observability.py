@@ -33,7 +33,7 @@ def test_alert_rules_pass_promtool_and_use_exported_metrics() -> None:
     rules = DEPLOY / "prometheus" / "alerts.yml"
     check = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "SUCCESS: 4 rules found" in check.stdout
     expressions = [rule["expr"] for group in yaml.safe_load(rules.read_text())["groups"] for rule in group["rules"]]
+    assert f"SUCCESS: {len(expressions)} rules found" in check.stdout
     used = set().union(*(referenced(expr) for expr in expressions))
     assert used <= exported_series(), f"not exported: {sorted(used - exported_series())}"
