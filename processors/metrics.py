@@ -22,11 +22,17 @@ REDIS_ERRORS = Counter("throttlex_worker_redis_errors_total", "Redis errors in t
 EVENTS_REDELIVERED = Counter(
     "throttlex_worker_redelivered_total", "Records Kafka delivered again after a rebalance or crash, skipped"
 )
-REWINDS = Counter(
-    "throttlex_worker_rewinds_total", "Consumer rewinds to records that never reached the agents", ["reason"]
+RECORDS_READ_AGAIN = Counter(
+    "throttlex_worker_records_read_again_total",
+    "Records that never reached the agents, read straight from Kafka and applied",
+    ["reason"],
 )
 for _reason in ("gap", "stalled"):
-    REWINDS.labels(reason=_reason)
+    RECORDS_READ_AGAIN.labels(reason=_reason)
+REPEATED_ACKS_DROPPED = Counter(
+    "throttlex_worker_repeated_acks_dropped_total",
+    "Times Faust's acknowledged offsets held repeats (records delivered twice after a restart) that were removed",
+)
 TRACKED_KEYS = Gauge("throttlex_worker_state_entries", "Window and denylist entries in this worker's state")
 KEYS_EVICTED = Counter("throttlex_worker_evicted_total", "State entries of idle keys dropped")
 POLICY_RELOADS = Counter("throttlex_policy_reloads_total", "Policy file changes, by outcome: applied, refused, or ignored (the registry's document is in force)", ["outcome"])

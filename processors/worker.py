@@ -16,8 +16,8 @@ Kafka delivers at least once: after a crash or rebalance, records processed sinc
 commit come again. The table keeps, per partition, the offset last applied (for regrouped records,
 also per source partition the source offset), so a redelivered record is recognised and skipped and
 each event counts once in every window. The same markers reveal records that never reached an agent
-(a gap, or a partition that stopped moving while Kafka has more); the consumer is then rewound to the
-first missing record.
+(a gap, or a partition that stopped moving while Kafka has more): those are read straight from Kafka
+(`MissingRecords`) and applied in order, without moving Faust's consumer.
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ from typing import Any
 from collections.abc import Iterator, MutableMapping
 
 import faust
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 from faust.types import TP, TableT
+from faust.types.tuples import ack_lock
 
 from ingest.blocklist import Block, api_key_of
 from ingest.clock import wall_clock_ms
@@ -95,7 +97,7 @@ class PolicyWorker:
         self.app.timer(settings.live_flush_interval_s)(self._flush)
         self.app.timer(settings.evict_interval_s)(self._evict)
         self.app.timer(settings.stall_check_interval_s)(self._watch_progress)
-        self._rewinds: dict[TP, tuple[int, int]] = {}  # partition -> (offset rewound to, times)
+        self._missing = MissingRecords(settings.kafka_bootstrap)
         self._progress: dict[TP, int] = {}  # partition -> offset last applied at the previous check
 
     async def start(self) -> None:
@@ -117,6 +119,7 @@ class PolicyWorker:
     async def stop(self) -> None:
         await self._state.flush()  # before Faust flushes its producer and commits on the way out
         await self.app.stop()
+        await self._missing.close()
         await self._flush()
         await self._redis.aclose()
 
@@ -135,75 +138,101 @@ class PolicyWorker:
     async def _consume(self, stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
             message = event.message
-            if not await self._in_sequence(message.tp, message.offset):
-                continue
-            try:
-                usage = decode(event.value)
-            except EventError as exc:
-                await self._dead_letter(event.key, event.value, exc)
-            else:
-                metrics.EVENTS_CONSUMED.inc()
-                await self._act(usage, self.engine.apply(usage))
-                origin = f"{message.partition}:{message.offset}".encode()
-                for dims, limit_key in self.engine.regroup(usage).items():
-                    header = ",".join(dims).encode() + b"\n" + origin + b"\n"
-                    await self._regrouped.send(key=limit_key.encode(), value=header + event.value)
-            self._state[_marker(message.tp)] = str(message.offset).encode()
+            for record in await self._missing_before(message.tp, message.offset, reason="gap"):
+                await self._apply(message.tp, record.offset, record.key, record.value)
+            await self._apply(message.tp, message.offset, event.key, event.value)
 
     async def _consume_regrouped(self, stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
             message = event.message
-            if not await self._in_sequence(message.tp, message.offset):
-                continue
-            dims, origin, raw = event.value.split(b"\n", 2)
-            source_partition, _, source_offset = origin.decode().partition(":")
-            # A source record processed again after a crash is forwarded again: apply it once.
-            source_marker = f"{_marker(message.tp)}/{source_partition}"
-            last = self._state.get(source_marker)
-            if last is None or int(source_offset) > int(last):
-                usage = decode(raw)  # checked before it was forwarded
-                await self._act(usage, self.engine.apply(usage, tuple(dims.decode().split(","))))
-                self._state[source_marker] = source_offset.encode()
-            else:
-                metrics.EVENTS_REDELIVERED.inc()
-            self._state[_marker(message.tp)] = str(message.offset).encode()
+            for record in await self._missing_before(message.tp, message.offset, reason="gap"):
+                await self._apply_regrouped(message.tp, record.offset, record.value)
+            await self._apply_regrouped(message.tp, message.offset, event.value)
 
-    async def _in_sequence(self, tp: TP, offset: int) -> bool:
-        """Whether the record at ``offset`` is the next one this worker's state is missing.
+    async def _apply(self, tp: TP, offset: int, key: bytes | None, value: bytes) -> None:
+        """Apply one events-topic record unless its partition's marker says it was applied already.
+
+        Checking the marker, applying the policies and moving the marker happen without an await in
+        between, so a record reaches the windows once even when the agent and `_watch_progress` both
+        hold it."""
+        if not self._next_for(tp, offset):
+            return
+        try:
+            usage = decode(value)
+        except EventError as exc:
+            self._state[_marker(tp)] = str(offset).encode()
+            await self._dead_letter(key, value, exc)
+            return
+        metrics.EVENTS_CONSUMED.inc()
+        outcome = self.engine.apply(usage)
+        regroup = self.engine.regroup(usage)
+        self._state[_marker(tp)] = str(offset).encode()
+        await self._act(usage, outcome)
+        origin = f"{tp.partition}:{offset}".encode()
+        for dims, limit_key in regroup.items():
+            header = ",".join(dims).encode() + b"\n" + origin + b"\n"
+            await self._regrouped.send(key=limit_key.encode(), value=header + value)
+
+    async def _apply_regrouped(self, tp: TP, offset: int, value: bytes) -> None:
+        if not self._next_for(tp, offset):
+            return
+        dims, origin, raw = value.split(b"\n", 2)
+        source_partition, _, source_offset = origin.decode().partition(":")
+        # A source record processed again after a crash is forwarded again: apply it once.
+        source_marker = f"{_marker(tp)}/{source_partition}"
+        last = self._state.get(source_marker)
+        if last is not None and int(source_offset) <= int(last):
+            metrics.EVENTS_REDELIVERED.inc()
+            self._state[_marker(tp)] = str(offset).encode()
+            return
+        usage = decode(raw)  # checked before it was forwarded
+        outcome = self.engine.apply(usage, tuple(dims.decode().split(",")))
+        self._state[source_marker] = source_offset.encode()
+        self._state[_marker(tp)] = str(offset).encode()
+        await self._act(usage, outcome)
+
+    def _next_for(self, tp: TP, offset: int) -> bool:
+        """Whether the record at ``offset`` is one this worker's state has not applied yet.
 
         The table keeps, next to the windows, the offset last applied per partition (its changelog
         partition is the record's, so it is restored with the counts it describes). Kafka redelivers
         what was processed but not committed after a crash or rebalance: such records are skipped.
-        A record beyond the next one means records were lost on the way to this agent (Faust can drop
-        records fetched while it recovers tables, faust-streaming#596): the consumer is rewound to the
-        first missing record and the records after it come again.
         """
         last = self._last_applied(tp)
         if last is not None and offset <= last:
             metrics.EVENTS_REDELIVERED.inc()
             return False
-        if last is not None and offset > last + 1:
-            await self._rewind(tp, last + 1, reason="gap")
-            return False
-        self._rewinds.pop(tp, None)
         return True
 
     def _last_applied(self, tp: TP) -> int | None:
         last = self._state.get(_marker(tp))
         return None if last is None else int(last)
 
-    async def _rewind(self, tp: TP, offset: int, *, reason: str) -> None:
-        target, attempts = self._rewinds.get(tp, (offset, 0))
-        if target == offset and attempts and reason == "gap":
-            return  # already rewound: the records still queued from before are passed over
-        self._rewinds[tp] = (offset, attempts + 1)
-        metrics.REWINDS.labels(reason=reason).inc()
-        log.warning("records missing; rewinding", extra={"topic": tp.topic, "partition": tp.partition, "offset": offset, "reason": reason})
-        await self.app.consumer.seek(tp, offset)
+    async def _missing_before(self, tp: TP, offset: int, *, reason: str) -> list[ConsumerRecord[bytes, bytes]]:
+        """The records before ``offset`` this worker's state has not applied, read from Kafka.
+
+        Normally none: the record is the one after the marker. A record further on means records were
+        lost on the way to the agents — Faust can drop records fetched while it restores its tables
+        (faust-streaming#596), and a crash can lose state flushed after the offsets were committed. A
+        partition never applied before (no marker) counts from its first record.
+        """
+        last = self._last_applied(tp)
+        start = 0 if last is None else last + 1
+        if offset <= start:
+            return []
+        records = await self._missing.read(tp, start, offset)
+        if not records:  # before the first record the log still holds
+            return []
+        metrics.RECORDS_READ_AGAIN.labels(reason=reason).inc(len(records))
+        log.warning("records missed by the consumer read from Kafka", extra={"topic": tp.topic, "partition": tp.partition,
+                    "from": start, "to": offset, "records": len(records), "reason": reason})  # fmt: skip
+        return records
 
     async def _watch_progress(self) -> None:
-        """Rewind a partition whose records stopped reaching the agents although Kafka has more."""
+        """Read and apply the records of a partition that stopped reaching the agents although Kafka
+        has more (the ones dropped were the last fetched, so no later record shows the gap)."""
         stalled_before, self._progress = self._progress, {}
+        self._drop_repeated_acks()
         for tp in self.app.assignor.assigned_actives():
             if tp.topic not in (self._settings.events_topic, self._settings.regroup_topic):
                 continue
@@ -212,8 +241,27 @@ class PolicyWorker:
             if last is None or highwater is None or highwater <= last + 1:
                 continue
             if stalled_before.get(tp) == last:
-                await self._rewind(tp, last + 1, reason="stalled")
+                for record in await self._missing_before(tp, highwater, reason="stalled"):
+                    if tp.topic == self._settings.regroup_topic:
+                        await self._apply_regrouped(tp, record.offset, record.value)
+                    else:
+                        await self._apply(tp, record.offset, record.key, record.value)
             self._progress[tp] = last
+
+    def _drop_repeated_acks(self) -> None:
+        """Keep Faust's list of acknowledged offsets free of repeats.
+
+        After a restart Faust can deliver some records twice (the recovery races of faust-streaming
+        #216/#596) and list their offsets twice; its commit then moves one offset per commit interval
+        (it looks for a run of consecutive offsets, and a repeat ends the run), so the group's lag stays
+        up long after the records were applied. Removing the repeats changes nothing else: the list
+        means "offsets acknowledged", and Faust sorts it before every commit.
+        """
+        with ack_lock:
+            for acked in self.app.consumer._acked.values():  # type: ignore[attr-defined]
+                if len(acked) != len(set(acked)):
+                    acked[:] = sorted(set(acked))
+                    metrics.REPEATED_ACKS_DROPPED.inc()
 
     async def _act(self, usage: UsageEvent, outcome: Outcome) -> None:
         if outcome.late:
@@ -285,6 +333,40 @@ class PolicyWorker:
             log.info("evicted idle keys", extra={"evicted": evicted, "tracked": len(state)})
 
 
+class MissingRecords:
+    """Reads a range of one partition straight from Kafka, for records that never reached an agent.
+
+    A plain consumer without a group: it neither joins the worker's group nor commits, so Faust's
+    consumer and its offset bookkeeping are left as they are.
+    """
+
+    def __init__(self, bootstrap: str, timeout_s: float = 60.0) -> None:
+        self._bootstrap = bootstrap
+        self._timeout_s = timeout_s
+        self._consumer: AIOKafkaConsumer | None = None
+
+    async def read(self, tp: TP, start: int, end: int) -> list[ConsumerRecord[bytes, bytes]]:
+        """Records ``start`` to ``end`` (exclusive) that the log still holds, in order."""
+        if self._consumer is None:
+            self._consumer = AIOKafkaConsumer(bootstrap_servers=self._bootstrap, enable_auto_commit=False)
+            await self._consumer.start()
+        consumer = self._consumer
+        partition = TopicPartition(tp.topic, tp.partition)
+        consumer.assign([partition])
+        first = (await consumer.beginning_offsets([partition]))[partition]
+        consumer.seek(partition, max(start, first))
+        records: list[ConsumerRecord[bytes, bytes]] = []
+        async with asyncio.timeout(self._timeout_s):
+            while await consumer.position(partition) < end:
+                batch = await consumer.getmany(partition, timeout_ms=1_000)
+                records += [record for record in batch.get(partition, []) if record.offset < end]
+        return records
+
+    async def close(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+
 def _marker(tp: TP) -> str:
     """The table key holding the offset last applied from ``tp``."""
     return f"o/{tp.topic}/{tp.partition}"
@@ -298,8 +380,8 @@ class WindowState(MutableMapping[str, bytes]):
     between, and the offset markers after the entries they cover: one producer writes them all, so
     within a partition Kafka keeps that order, and a restored partition is always the state as of its
     marker. A crash loses at most the changes since the last flush; the worker then finds its markers
-    behind the committed offsets and rewinds to them (`PolicyWorker._in_sequence`), so those records
-    are applied again, once.
+    behind the first record it is given and reads the records in between from Kafka
+    (`PolicyWorker._missing_before`), so those records are applied again, once.
 
     Written outside an agent, an entry goes to the changelog partition its records arrive on: for a
     window or denylist entry the partition of its key (the API key id for keys on ``api_key``, the
