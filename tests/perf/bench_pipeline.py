@@ -33,6 +33,7 @@ from tests.factories import make_event
 
 SAMPLE = Path(__file__).parents[2] / "deploy" / "config" / "policies.yaml"
 PER_KEY = Path(__file__).with_name("policies_per_key.yaml")
+NO_POLICIES = Path(__file__).with_name("policies_none.yaml")
 PARTITIONS = 4
 
 
@@ -113,8 +114,9 @@ async def one_run(bootstrap: str, redis_url: str, events: int, policy_file: Path
 
 
 async def run(bootstrap: str, redis_url: str, runs: int, events: int) -> dict[str, dict[str, float]]:
-    """Medians for the sample policy file and for the per-key-only set, runs interleaved."""
-    sets = {"sample_policies": SAMPLE, "per_key_policies": PER_KEY}
+    """Medians for the sample policy file, the per-key-only set and no policies at all (the floor the
+    Faust consumer and the worker's bookkeeping set), runs interleaved."""
+    sets = {"sample_policies": SAMPLE, "per_key_policies": PER_KEY, "no_policies": NO_POLICIES}
     results: dict[str, list[dict[str, float]]] = {name: [] for name in sets}
     for n in range(runs):
         for name, policy_file in sets.items():
