@@ -181,8 +181,9 @@ PROFILE = """### What the profiles showed
   the consumer stopped and waited for it to drain one record at a time; live usage cost three Redis
   commands per key per flush; route globs were matched twice per event. Changelog records now go
   straight to the producer's batches, live usage is one scripted command per key, matches are
-  remembered, and the producer lingers 5 ms to fill batches: 2,400–2,600 events/s per-key, about
-  1,900 with the sample file (which sends each event through the regroup topic twice more).
+  remembered, and the producer lingers 5 ms to fill batches. The previous full run had 1,288 events/s
+  with the sample file and 1,333 with the per-key set; table 4 has this run's (the sample file sends
+  each event through the regroup topic twice more, so it costs more).
 - What is left is spread thin: Faust's per-record path (the fetcher creates two tasks per record to
   wait on it, then the stream and the acknowledgement) about a third of the main thread, the policies
   and state about a third, changelog and Redis flushes most of the rest. The `no policies` row above
