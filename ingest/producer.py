@@ -97,7 +97,7 @@ class EventProducer:
             event = await self._buffer.get()
             try:
                 delivery = await self._send_patiently(event)
-            except KafkaError as exc:
+            except Exception as exc:  # one event the client refuses must not stop delivery of the rest
                 self._settled(failure=type(exc).__name__)
                 log.warning("usage event not accepted by the producer", extra={"error": str(exc)})
             else:
