@@ -127,14 +127,20 @@ class UsageStore:
     ) -> None:
         """Insert synchronously. With ``dedup_token``, a block already inserted under the same token is
         dropped, in ``table`` and in the materialized views it feeds."""
-        settings: dict[str, Any] = {"async_insert": 0}
-        if dedup_token is not None:
-            settings |= {
-                "insert_deduplicate": 1,
-                "insert_deduplication_token": dedup_token,
-                "deduplicate_blocks_in_dependent_materialized_views": 1,
-            }
-        insert = functools.partial(self._client.insert, table, rows, column_names=list(columns), settings=settings)
+        insert = functools.partial(
+            self._client.insert, table, rows, column_names=list(columns), settings=_insert_settings(dedup_token)
+        )
+        await self._call(insert)
+
+    async def insert_json(
+        self, table: str, rows: Sequence[bytes], columns: Sequence[str], *, dedup_token: str | None = None
+    ) -> None:
+        """Like `insert`, for rows given as JSON objects keyed by column: ClickHouse parses them itself
+        (``JSONEachRow``), which costs far less than serialising Python values row by row."""
+        insert = functools.partial(
+            self._client.raw_insert, table, list(columns), b"\n".join(rows),
+            settings=_insert_settings(dedup_token), fmt="JSONEachRow",
+        )  # fmt: skip
         await self._call(insert)
 
     async def ping(self) -> bool:
@@ -157,6 +163,17 @@ class UsageStore:
         except OSError as exc:
             metrics.CLICKHOUSE_ERRORS.labels(kind="connection").inc()
             raise StoreError(f"{type(exc).__name__}: {exc}", retriable=True) from exc
+
+
+def _insert_settings(dedup_token: str | None) -> dict[str, Any]:
+    settings: dict[str, Any] = {"async_insert": 0}
+    if dedup_token is not None:
+        settings |= {
+            "insert_deduplicate": 1,
+            "insert_deduplication_token": dedup_token,
+            "deduplicate_blocks_in_dependent_materialized_views": 1,
+        }
+    return settings
 
 
 def _first_line(exc: Exception) -> str:

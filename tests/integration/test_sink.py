@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from ingest.clock import wall_clock_ms
-from processors.usage_store import UsageStore
+from ingest.events import encode
+from processors.sink import event_row
+from processors.usage_store import EVENT_COLUMNS, UsageStore
 from tests.conftest import EventSender, EVENTS_PARTITIONS, RoleProcess, Sandbox, eventually
 from tests.factories import make_event
 
@@ -82,3 +85,32 @@ async def test_every_event_lands_in_clickhouse_once(
     assert cost == sum(event.cost for event in events)
     assert keys == 7
     assert per_key == {f"key-{k}": sum(1 for n in range(N) if n % 7 == k) for k in range(7)}
+
+
+async def test_rows_keep_every_field_exactly(tmp_path: Path) -> None:
+    """The sink's JSON rows, parsed by ClickHouse itself, hold each event's values unchanged."""
+    events = [
+        make_event(event_id=uuid.uuid4(), event_time_ms=1_790_000_000_123, latency_ms=0.5, edge_blocked=True, plan="pro"),
+        make_event(event_id=uuid.uuid4(), event_time_ms=4_102_444_799_999, route='/v1/"quoted"/ünïcode\\path', tenant="globex",
+                   method="POST", status=429, response_bytes=2**40, cost=1_000_000, client_ip="2001:db8::1"),  # fmt: skip
+    ]
+    records = [ConsumerRecord("events", 3, 70 + n, 0, 0, None, encode(e), None, 0, 0, []) for n, e in enumerate(events)]
+    rows = [row for row in map(event_row, records) if row is not None]
+    store = UsageStore(f"chdb://{tmp_path / 'chdb'}")
+    await store.open()
+    try:
+        await store.migrate()
+        await store.insert_json("usage_events", rows, EVENT_COLUMNS, dedup_token="events/3/70-71")
+        stored = await store.query(
+            "SELECT event_id, toUnixTimestamp64Milli(event_time), api_key_id, tenant, route, method, status, latency_ms, "
+            "response_bytes, cost, client_ip, edge_blocked, plan, schema_version, kafka_partition, kafka_offset "
+            "FROM usage_events ORDER BY kafka_offset"
+        )
+    finally:
+        await store.close()
+    expected = [
+        (e.event_id, e.event_time_ms, e.api_key_id, e.tenant, e.route, e.method, e.status, e.latency_ms, e.response_bytes,
+         e.cost, e.client_ip, e.edge_blocked, e.plan, e.schema_version, 3, 70 + n)
+        for n, e in enumerate(events)
+    ]  # fmt: skip
+    assert [tuple(row) for row in stored] == expected
