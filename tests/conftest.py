@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import httpx
 import pytest
 from pydantic import SecretStr
+from prometheus_client.parser import text_string_to_metric_families
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
@@ -33,6 +35,7 @@ from ingest.events import UsageEvent, encode, key_id_for
 from ingest.keys import KeyRecord
 from ingest.settings import ConnectionSettings
 from processors.registry import open_registry
+from processors.usage_store import UsageStore
 from processors.topics import ensure_topics
 
 S = TypeVar("S", bound=ConnectionSettings)
@@ -286,6 +289,34 @@ def private_redis() -> Iterator[tuple[str, list[subprocess.Popen[bytes]]]]:
     for process in processes:
         process.kill()
         process.wait()
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+async def role_metrics(port: int) -> Samples:
+    """A role's /metrics as (name, sorted labels) -> value; empty while the role does not answer."""
+    try:
+        async with httpx.AsyncClient(timeout=5) as client:
+            text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+    except httpx.TransportError:
+        return {}
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def stored_events(sandbox: Sandbox) -> tuple[int, int]:
+    """Rows and distinct event ids in the sandbox's chDB (opens only once no role holds it)."""
+    store = UsageStore(sandbox.env["THROTTLEX_CLICKHOUSE_DSN"])
+    await store.open()
+    try:
+        [(rows, unique)] = await store.query("SELECT count(), uniqExact(event_id) FROM usage_events")
+    finally:
+        await store.close()
+    return rows, unique
 
 
 async def redis_answers(client: Redis) -> bool:

@@ -6,20 +6,17 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 
-import httpx
 import msgspec
 import pytest
 from aiokafka import AIOKafkaConsumer
-from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from ingest import blocklist
 from ingest.blocklist import limit_key
 from ingest.clock import wall_clock_ms
 from ingest.events import encode
-from processors.usage_store import UsageStore
 from processors.windows import SlidingWindow
-from tests.conftest import EventSender, RoleProcess, Sandbox, eventually, free_port
+from tests.conftest import EventSender, RoleProcess, Sandbox, eventually, free_port, role_metrics, stored_events
 from tests.factories import make_event
 
 pytestmark = pytest.mark.faults
@@ -47,16 +44,6 @@ def bad_events() -> dict[str, tuple[bytes, str, str]]:
         "time in 1970": (msgspec.json.encode(good_fields(event_time_ms=86_400_000)), "invalid", "$.event_time_ms"),
         "time in 2200": (msgspec.json.encode(good_fields(event_time_ms=7_258_118_400_000)), "invalid", "$.event_time_ms"),
         "900 KB route": (msgspec.json.encode(good_fields(route="/" + "x" * 900_000)), "invalid", "$.route"),
-    }
-
-
-async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    async with httpx.AsyncClient(timeout=5) as client:
-        text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
     }
 
 
@@ -104,7 +91,7 @@ async def test_bad_events_are_dead_lettered_counted_and_skipped_and_processing_g
         assert fragment in reason and "\n" not in reason, (name, reason)
         assert record.key == KEY_ID.encode()
 
-    samples = await scrape(worker_port)
+    samples = await role_metrics(worker_port)
     kinds: dict[str, int] = {}
     for _, kind, _ in bad.values():
         kinds[kind] = kinds.get(kind, 0) + 1
@@ -114,23 +101,14 @@ async def test_bad_events_are_dead_lettered_counted_and_skipped_and_processing_g
 
     sink = spawn("sink", extra_env={"THROTTLEX_METRICS_PORT": str(sink_port)})
 
-    async def sink_done() -> bool:
-        try:
-            values = await scrape(sink_port)
-        except httpx.TransportError:
-            return False
+    async def sink_done() -> bool:  # no answer yet: no samples, not done
+        values = await role_metrics(sink_port)
         return values.get(("throttlex_sink_rows_total", ()), 0) + values.get(("throttlex_sink_skipped_total", ()), 0) == len(sequence)
 
     await eventually(sink_done, timeout_s=60, what="the sink to pass over every record")
-    values = await scrape(sink_port)
+    values = await role_metrics(sink_port)
     assert values[("throttlex_sink_rows_total", ())] == len(good)
     assert values[("throttlex_sink_skipped_total", ())] == len(bad)
     sink.stop()
-    store = UsageStore(sandbox.env["THROTTLEX_CLICKHOUSE_DSN"])
-    await store.open()
-    try:
-        [(rows, keys)] = await store.query("SELECT count(), uniqExact(event_id) FROM usage_events")
-    finally:
-        await store.close()
-    assert (rows, keys) == (len(good), len(good))
+    assert await stored_events(sandbox) == (len(good), len(good))
     print(f"bad events: {len(bad)} dead-lettered by kind {kinds}; good events: {len(good)} decided and stored")

@@ -17,10 +17,9 @@ from api.server import HttpServer
 from ingest import metrics
 from ingest.producer import EventProducer
 from ingest.settings import GatewaySettings
-from processors.usage_store import UsageStore
 from processors.topics import ensure_topics
-from tests.conftest import EVENTS_PARTITIONS, PrivateKafka, Sandbox, eventually, free_port, register_keys, start_role, stop_role
-from tests.faults.test_clickhouse_failures import sink_metrics
+from tests.conftest import (EVENTS_PARTITIONS, PrivateKafka, Sandbox, eventually, free_port, register_keys, role_metrics,
+                            start_role, stop_role, stored_events)
 
 pytestmark = pytest.mark.faults
 
@@ -113,7 +112,7 @@ async def test_broker_restart_sheds_past_the_bound_and_delivers_every_accepted_e
         assert produced + shed == requests, (produced, shed, requests)
 
         async def all_stored() -> bool:
-            return (await sink_metrics(sink_port)).get(("throttlex_sink_rows_total", ())) == produced
+            return (await role_metrics(sink_port)).get(("throttlex_sink_rows_total", ())) == produced
 
         await eventually(all_stored, timeout_s=60, what="the sink to store every delivered event")
     finally:
@@ -131,13 +130,7 @@ async def test_broker_restart_sheds_past_the_bound_and_delivers_every_accepted_e
     assert len(started) >= 1 and len(ended) == len(started)
     assert sum(r.shed for r in ended) == shed  # type: ignore[attr-defined]
 
-    store = UsageStore(sandbox.env["THROTTLEX_CLICKHOUSE_DSN"])
-    await store.open()
-    try:
-        [(rows, unique)] = await store.query("SELECT count(), uniqExact(event_id) FROM usage_events")
-    finally:
-        await store.close()
-    assert (rows, unique) == (produced, produced)
+    assert await stored_events(sandbox) == (produced, produced)
     print(f"Kafka broker restart: {requests} requests ({RATE_PER_S}/s), {shed:.0f} events shed past the bound of "
           f"{BUFFER_MAX_EVENTS}, {produced:.0f} delivered and stored once; longest request "
           f"{max(load.durations) * 1000:.1f} ms, {waited_past} over {REQUEST_TIMEOUT_S:.0f} s; broker away "
@@ -145,4 +138,4 @@ async def test_broker_restart_sheds_past_the_bound_and_delivers_every_accepted_e
 
 
 async def _sink_running(port: int) -> bool:
-    return bool(await sink_metrics(port))
+    return bool(await role_metrics(port))

@@ -13,14 +13,13 @@ import signal
 import time
 import uuid
 
-import httpx
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
-from prometheus_client.parser import text_string_to_metric_families
 
 from ingest.clock import wall_clock_ms
 from processors.usage_store import UsageStore
-from tests.conftest import EVENTS_PARTITIONS, EventSender, RoleProcess, Sandbox, eventually, free_port, start_role, stop_role
+from tests.conftest import (EVENTS_PARTITIONS, EventSender, RoleProcess, Sandbox, eventually, free_port, role_metrics,
+                            start_role, stop_role)
 from tests.factories import make_event
 
 pytestmark = pytest.mark.faults
@@ -42,17 +41,6 @@ UsageStore.insert_json = refusing_insert
 from api.cli import main
 main()
 """
-
-
-async def sink_metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    try:
-        async with httpx.AsyncClient(timeout=5) as client:
-            text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
-    except httpx.TransportError:
-        return {}
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples
-    }
 
 
 async def committed(sandbox: Sandbox) -> dict[int, tuple[int, str]]:
@@ -85,7 +73,7 @@ async def test_inserts_failing_then_a_crash_then_recovery_store_every_event_once
         roles.append(start_role(sandbox, ["sink"], env, launch=FAULTY_SINK))
 
         async def refused_and_retrying(at_least: int) -> bool:
-            values = await sink_metrics(port)
+            values = await role_metrics(port)
             return values.get(("throttlex_sink_errors_total", (("kind", "insert"),)), 0) >= at_least
 
         await eventually(lambda: refused_and_retrying(3), timeout_s=60, what="the sink to retry refused inserts")
@@ -106,7 +94,7 @@ async def test_inserts_failing_then_a_crash_then_recovery_store_every_event_once
         recovery_s = time.monotonic() - recovered_at
         ends = {p: off for p, (off, _) in (await committed(sandbox)).items()}
         assert sum(ends.values()) == len(events) and len(ends) == EVENTS_PARTITIONS
-        values = await sink_metrics(port)
+        values = await role_metrics(port)
         retries = values[("throttlex_sink_errors_total", (("kind", "insert"),))]
     finally:
         for role in roles:
@@ -126,4 +114,4 @@ async def test_inserts_failing_then_a_crash_then_recovery_store_every_event_once
 
 
 async def _equals(port: int, key: tuple[str, tuple[tuple[str, str], ...]], value: float) -> bool:
-    return (await sink_metrics(port)).get(key) == value
+    return (await role_metrics(port)).get(key) == value

@@ -14,8 +14,7 @@ import pytest
 from redis.asyncio import Redis
 
 from ingest.clock import wall_clock_ms
-from processors.usage_store import UsageStore
-from tests.conftest import EventSender, RoleProcess, Sandbox, eventually, free_port
+from tests.conftest import EventSender, RoleProcess, Sandbox, eventually, free_port, stored_events
 from tests.integration.test_sink import end_offsets, wait_until_all_committed
 from tests.integration.test_policies import _has_block_until, _wait_until_worker_committed, request, sliding_admit, worker_counting
 
@@ -52,12 +51,7 @@ async def test_sigterm_stops_every_role_cleanly_and_loses_nothing(
     await _wait_until_worker_committed(sandbox)
     await wait_until_all_committed(sandbox, await end_offsets(sandbox), timeout_s=60)  # the sink's group too
     assert again.stop(signal.SIGTERM, timeout_s=30) == 0
-    store = UsageStore(sandbox.env["THROTTLEX_CLICKHOUSE_DSN"])  # opens only if the run closed chDB
-    await store.open()
-    try:
-        [(rows, unique)] = await store.query("SELECT count(), uniqExact(event_id) FROM usage_events")
-    finally:
-        await store.close()
+    rows, unique = await stored_events(sandbox)  # opens only if the run closed chDB
     assert (rows, unique) == (produced, produced)
     print(f"SIGTERM: `throttlex run` stopped in {stop_s:.1f} s with exit status 0; {produced} events produced, "
           f"{rows} stored once each across the stop and restart")

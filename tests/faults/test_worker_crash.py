@@ -9,28 +9,17 @@ import signal
 import time
 from collections.abc import Callable
 
-import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from ingest.clock import wall_clock_ms
-from tests.conftest import EventSender, RoleProcess, Sandbox, eventually, free_port
+from tests.conftest import EventSender, RoleProcess, Sandbox, eventually, free_port, role_metrics
 from tests.integration.test_policies import _has_block_until, _wait_until_worker_committed, request, sliding_admit, worker_counting
 
 pytestmark = pytest.mark.faults
 
 LIMIT, WINDOW_S = 10, 600
 FAST_REJOIN = {"THROTTLEX_WORKER_SESSION_TIMEOUT_S": "6"}
-
-
-async def sink_rows(port: int) -> float:
-    try:
-        async with httpx.AsyncClient(timeout=5) as client:
-            text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
-    except httpx.TransportError:
-        return -1
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == "throttlex_sink_rows_total")
 
 
 async def test_sigkill_three_times_under_load_loses_no_state_and_no_event(
@@ -99,4 +88,4 @@ async def test_sigkill_three_times_under_load_loses_no_state_and_no_event(
 
 
 async def _rows_are(port: int, expected: int) -> bool:
-    return await sink_rows(port) == expected
+    return (await role_metrics(port)).get(("throttlex_sink_rows_total", ())) == expected
