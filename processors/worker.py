@@ -93,7 +93,7 @@ class PolicyWorker:
         self.app.on_partitions_revoked.connect(self._on_revoked)
         self.app.timer(settings.state_flush_interval_s)(self._flush_state)
         self.app.agent(self._events, name="enforce")(self._consume)
-        self.app.agent(self._regrouped, name="enforce-regrouped")(self._consume_regrouped)
+        self.app.agent(self._regrouped, name="enforce-regrouped")(self._consume)
         self.app.timer(settings.live_flush_interval_s)(self._flush)
         self.app.timer(settings.evict_interval_s)(self._evict)
         self.app.timer(settings.stall_check_interval_s)(self._watch_progress)
@@ -136,18 +136,18 @@ class PolicyWorker:
         log.info("policies replaced", extra={"policies": [p.name for p in policies.policies], "blocks_changed": len(changes)})
 
     async def _consume(self, stream: faust.StreamT[bytes]) -> None:
+        """Both agents: apply each record, after any records before it that never reached them."""
         async for event in stream.events():
             message = event.message
             for record in await self._missing_before(message.tp, message.offset, reason="gap"):
-                await self._apply(message.tp, record.offset, record.key, record.value)
-            await self._apply(message.tp, message.offset, event.key, event.value)
+                await self._apply_record(message.tp, record.offset, record.key, record.value)
+            await self._apply_record(message.tp, message.offset, event.key, event.value)
 
-    async def _consume_regrouped(self, stream: faust.StreamT[bytes]) -> None:
-        async for event in stream.events():
-            message = event.message
-            for record in await self._missing_before(message.tp, message.offset, reason="gap"):
-                await self._apply_regrouped(message.tp, record.offset, record.value)
-            await self._apply_regrouped(message.tp, message.offset, event.value)
+    async def _apply_record(self, tp: TP, offset: int, key: bytes | None, value: bytes) -> None:
+        if tp.topic == self._settings.regroup_topic:
+            await self._apply_regrouped(tp, offset, value)
+        else:
+            await self._apply(tp, offset, key, value)
 
     async def _apply(self, tp: TP, offset: int, key: bytes | None, value: bytes) -> None:
         """Apply one events-topic record unless its partition's marker says it was applied already.
@@ -242,10 +242,7 @@ class PolicyWorker:
                 continue
             if stalled_before.get(tp) == last:
                 for record in await self._missing_before(tp, highwater, reason="stalled"):
-                    if tp.topic == self._settings.regroup_topic:
-                        await self._apply_regrouped(tp, record.offset, record.value)
-                    else:
-                        await self._apply(tp, record.offset, record.key, record.value)
+                    await self._apply_record(tp, record.offset, record.key, record.value)
             self._progress[tp] = last
 
     def _drop_repeated_acks(self) -> None:
