@@ -20,11 +20,11 @@ from api.auth import admin
 from api.usage import Instant
 from ingest.clock import wall_clock_ms
 from ingest.keys import NAME_PATTERN, KeyRecord
-from processors.backtest import replay, stored_events
-from processors.policy import Plan, Policy, PolicySet, parse_policies
+from processors.core.dry_run import replay, stored_events
+from processors.core.policy import Plan, Policy, PolicySet, parse_policies
 from processors.policy_watch import PolicySource
 from processors.registry import Registry, issue_key
-from processors.usage_store import StoreError, UsageStore
+from processors.accounting.store import StoreError, UsageStore
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(admin)])
 

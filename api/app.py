@@ -18,11 +18,11 @@ from redis.exceptions import RedisError
 from api import admin, event_ingest, quota, usage
 from api.settings import ApiSettings
 from ingest.producer import EventProducer
-from processors.exact_usage import ExactUsage
-from processors.policy import PolicySet
+from processors.accounting.exact_usage import ExactUsage
+from processors.core.policy import PolicySet
 from processors.policy_watch import PolicySource
 from processors.registry import Registry
-from processors.usage_store import UsageStore
+from processors.accounting.store import UsageStore
 from processors.redis_client import redis_client
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from fastapi import HTTPException, Request
 
 from api import metrics
-from ingest.blocklist import limit_key
+from ingest.denylist_entries import limit_key
 from ingest.clock import wall_clock_ms
 from ingest.events import key_id_for
 from processors.registry import Registry

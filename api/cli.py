@@ -21,8 +21,8 @@ from rich.console import Console
 from api.logs import configure_logging
 from ingest.keys import NAME_PATTERN
 from api.settings import LoadgenSettings, RunSettings
-from processors.policy import PolicyFileError, load_policies
-from processors.usage_store import StoreError, UsageStore
+from processors.core.policy import PolicyFileError, load_policies
+from processors.accounting.store import StoreError, UsageStore
 
 cli = typer.Typer(
     name="throttlex",
@@ -90,7 +90,7 @@ def run(policy_file: PolicyFile = None, api_port: ApiPort = None) -> None:
 
 @cli.command()
 def worker(policy_file: PolicyFile = None) -> None:
-    """Run a policy worker (Faust): consume events, publish blocks to Redis. Start one per partition group."""
+    """Run a stream worker: apply the policies to the events, publish blocks to Redis. Workers share the partitions."""
     _serve({"worker"}, policy_file, None)
 
 

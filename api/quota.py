@@ -12,13 +12,13 @@ from redis.asyncio import Redis
 
 from api import metrics
 from api.auth import CallerKey, caller_key
-from ingest import blocklist
+from ingest import denylist_entries
 from ingest.clock import wall_clock_ms
-from processors import usage_queries
-from processors.live_usage import read_live_usage
-from processors.exact_usage import ExactUsage
-from processors.policy import PolicySet
-from processors.usage_store import StoreError, UsageStore
+from processors.accounting import queries as usage_queries
+from processors.worker.live_usage import read_live_usage
+from processors.accounting.exact_usage import ExactUsage
+from processors.core.policy import PolicySet
+from processors.accounting.store import StoreError, UsageStore
 
 router = APIRouter(prefix="/v1", tags=["quota"])
 
@@ -92,8 +92,8 @@ async def quota(request: Request, caller: Annotated[CallerKey, Depends(caller_ke
             )
         )
 
-    raw = await redis.get(blocklist.block_key(prefix, caller.limit_key))
-    block = blocklist.decode_block(raw) if raw is not None else None
+    raw = await redis.get(denylist_entries.block_key(prefix, caller.limit_key))
+    block = denylist_entries.decode_block(raw) if raw is not None else None
     metrics.QUOTA_REPORTS.inc()
     return QuotaReport(
         api_key_id=caller.key_id,

@@ -20,14 +20,14 @@ from api.app import create_app
 from api.server import HttpServer
 from api.settings import RunSettings
 from processors.lag import watch_lag
-from processors.policy import PolicySet, load_policies
+from processors.core.policy import PolicySet, load_policies
 from processors.policy_watch import PolicySource, watch_policy_file
-from processors.reconcile import Reconciler
+from processors.accounting.reconcile import Reconciler
 from processors.registry import open_registry
-from processors.sink import UsageSink
-from processors.usage_store import UsageStore
+from processors.accounting.sink import UsageSink
+from processors.accounting.store import UsageStore
 from processors.redis_client import redis_client
-from processors.worker import PolicyWorker
+from processors.worker.worker import StreamWorker
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +49,12 @@ async def run_roles(roles: set[str], settings: RunSettings) -> None:
         log.info("policies in force", extra={"origin": source.origin, "policies": [p.name for p in policies.policies]})
         store = await _open_store(stack, roles, settings)
         if "worker" in roles:
-            worker = PolicyWorker(settings, policies)
+            worker = StreamWorker(settings, policies)
             await worker.start()
             stack.push_async_callback(worker.stop)
             source.on_change(worker.replace_policies)
             watches.append(asyncio.create_task(worker.crashed(), name="worker-watch"))
-            lag = watch_lag(settings.kafka_bootstrap, settings.worker_app_id, settings.events_topic)
+            lag = watch_lag(settings.kafka_bootstrap, settings.worker_group, settings.events_topic)
             watches.append(_background(stack, lag))
             log.info("worker started", extra={"policies": [p.name for p in policies.policies]})
         if "sink" in roles:

@@ -15,9 +15,9 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from pydantic import AfterValidator, BaseModel
 
 from api.auth import Caller, caller
-from processors import usage_queries
-from processors.usage_queries import GROUP_FIELDS, ROLLUPS, UsageQuery
-from processors.usage_store import StoreError, UsageStore
+from processors.accounting import queries as usage_queries
+from processors.accounting.queries import GROUP_FIELDS, ROLLUPS, UsageQuery
+from processors.accounting.store import StoreError, UsageStore
 
 router = APIRouter(prefix="/v1/usage", tags=["usage"])
 

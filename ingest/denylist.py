@@ -30,8 +30,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from ingest import blocklist, metrics
-from ingest.blocklist import Block, request_limit_key
+from ingest import denylist_entries, metrics
+from ingest.denylist_entries import Block, request_limit_key
 from ingest.clock import Clock, wall_clock_ms
 
 FailMode = Literal["open", "closed"]
@@ -123,7 +123,7 @@ class EdgeDenylist:
         while True:
             try:
                 async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(blocklist.channel(self._prefix))
+                    await pubsub.subscribe(denylist_entries.channel(self._prefix))
                     await self._snapshot()
                     self._synced.set()
                     self._unsynced_since = None
@@ -140,12 +140,12 @@ class EdgeDenylist:
                 await asyncio.sleep(self._reconnect_delay_s)
 
     async def _snapshot(self) -> None:
-        keys = [key async for key in self._redis.scan_iter(match=blocklist.block_key_pattern(self._prefix), count=1000)]
+        keys = [key async for key in self._redis.scan_iter(match=denylist_entries.block_key_pattern(self._prefix), count=1000)]
         fresh: dict[str, Block] = {}
         for start in range(0, len(keys), _SNAPSHOT_CHUNK):
             for raw in await self._redis.mget(keys[start : start + _SNAPSHOT_CHUNK]):
                 if raw is not None:
-                    block = blocklist.decode_block(raw)
+                    block = denylist_entries.decode_block(raw)
                     fresh[block.limit_key] = block
         self._cache = fresh
         self._kinds = Counter(block.dims for block in fresh.values())
@@ -154,7 +154,7 @@ class EdgeDenylist:
 
     def _apply(self, raw: bytes) -> None:
         try:
-            block = blocklist.decode_block(raw)
+            block = denylist_entries.decode_block(raw)
         except msgspec.DecodeError as exc:
             metrics.EDGE_REDIS_ERRORS.labels(kind="bad_message").inc()
             log.warning("ignoring malformed denylist message", extra={"error": str(exc)})

@@ -20,7 +20,7 @@ import msgspec
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ingest import metrics
-from ingest.blocklist import Block
+from ingest.denylist_entries import Block
 from ingest.clock import Clock, wall_clock_ms
 from ingest.denylist import EdgeDenylist
 from ingest.events import UsageEvent, key_id_for, new_event_id

@@ -2,7 +2,7 @@
 
 Lag is the sum over partitions of the end offset minus the group's committed offset: events the
 group has not finished yet. Read from the broker every few seconds with the admin API, so it means the
-same for the Faust worker and the sink.
+same for the worker and the sink.
 """
 
 from __future__ import annotations

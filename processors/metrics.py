@@ -20,21 +20,25 @@ PROCESSING_SECONDS = Histogram(
 REDIS_ERRORS = Counter("throttlex_worker_redis_errors_total", "Redis errors in the worker", ["kind"])
 
 EVENTS_REDELIVERED = Counter(
-    "throttlex_worker_redelivered_total", "Records Kafka delivered again after a rebalance or crash, skipped"
+    "throttlex_worker_redelivered_total",
+    "Event/key pairs skipped because the key's state already included the event (input read again after a crash or rebalance)",
 )
-RECORDS_READ_AGAIN = Counter(
-    "throttlex_worker_records_read_again_total",
-    "Records that never reached the agents, read straight from Kafka and applied",
-    ["reason"],
+FORWARDS_SENT = Counter("throttlex_worker_forwards_sent_total", "Events forwarded to the regroup topic, once per limit key")
+FORWARDS_APPLIED = Counter("throttlex_worker_forwards_applied_total", "Forwarded events read from the regroup topic")
+STATE_RECORDS_WRITTEN = Counter("throttlex_worker_state_records_total", "Key states (and tombstones) written to the changelogs")
+STATE_FLUSH_SECONDS = Histogram(
+    "throttlex_worker_state_flush_seconds",
+    "Duration of one state flush: changelog writes acknowledged and offsets committed",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
-for _reason in ("gap", "stalled"):
-    RECORDS_READ_AGAIN.labels(reason=_reason)
-REPEATED_ACKS_DROPPED = Counter(
-    "throttlex_worker_repeated_acks_dropped_total",
-    "Times Faust's acknowledged offsets held repeats (records delivered twice after a restart) that were removed",
+WORKER_ERRORS = Counter("throttlex_worker_errors_total", "Failed worker operations, by kind", ["kind"])
+WORKER_ERRORS.labels(kind="commit")
+LIVE_USAGE_DROPPED = Counter(
+    "throttlex_worker_live_usage_dropped_total",
+    "Live-usage writes dropped while Redis was behind (the key is written again at its next change)",
 )
-TRACKED_KEYS = Gauge("throttlex_worker_state_entries", "Window and denylist entries in this worker's state")
-KEYS_EVICTED = Counter("throttlex_worker_evicted_total", "State entries of idle keys dropped")
+TRACKED_KEYS = Gauge("throttlex_worker_state_entries", "Limit keys in this worker's state")
+KEYS_EVICTED = Counter("throttlex_worker_evicted_total", "Idle limit keys dropped from the state")
 POLICY_RELOADS = Counter("throttlex_policy_reloads_total", "Policy file changes, by outcome: applied, refused, or ignored (the registry's document is in force)", ["outcome"])
 for _outcome in ("applied", "refused"):
     POLICY_RELOADS.labels(outcome=_outcome)  # exported at 0 from the start

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from processors import metrics
-from processors.policy import PolicyFileError, PolicySet, parse_policies
+from processors.core.policy import PolicyFileError, PolicySet, parse_policies
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from ingest.events import key_id_for
 from ingest.keys import RESYNC, KeyRecord, decode_key, encode_key, key_channel, key_view
 from ingest.settings import ConnectionSettings
 from processors import metrics
-from processors.policy import PolicyFileError, PolicySet, parse_policies
+from processors.core.policy import PolicyFileError, PolicySet, parse_policies
 from processors.redis_client import redis_client
 from processors.topics import ensure_topics
 

@@ -20,17 +20,26 @@ class StreamSettings(ConnectionSettings):
 
 
 class WorkerSettings(StreamSettings):
-    worker_app_id: str = Field("throttlex-worker", description="Faust app id: consumer group and table topic prefix")
+    worker_group: str = Field(
+        "throttlex-worker", description="Kafka consumer group of the workers; also names their state (changelog) topics"
+    )
     policy_file: Path = Field(Path("deploy/config/policies.yaml"), description="YAML file with the policies")
+    worker_batch_max_records: int = Field(5_000, ge=1, description="most records a worker takes from Kafka per batch")
     live_flush_interval_s: float = Field(0.5, gt=0, description="how often live usage is written to Redis")
+    live_usage_max_pending_keys: int = Field(
+        200_000, ge=1, description="most keys whose live usage waits for Redis; past it the oldest wait for their next change"
+    )
     worker_session_timeout_s: float = Field(
         10.0, ge=6, description="how long Kafka waits for a silent worker before moving its partitions to others"
     )
-    stall_check_interval_s: float = Field(
-        2.0, gt=0, description="how often workers check that every partition with records left is moving"
-    )
     state_flush_interval_s: float = Field(
-        0.5, gt=0, description="how often changed window state is written to the table's changelog"
+        1.0, gt=0, description="how often changed state is written to the changelog and the offsets it covers committed"
+    )
+    state_commit_delay_s: float = Field(
+        0.0, ge=0, description="pause between writing a flush's state and committing its offsets; 0 except in crash tests"
+    )
+    max_future_skew_s: float = Field(
+        2.0, ge=0, description="how far ahead of the worker's clock an event time may be; later ones are dead-lettered"
     )
     evict_interval_s: float = Field(30.0, gt=0, description="how often the state of idle keys is dropped")
     policy_reload_interval_s: float = Field(1.0, gt=0, description="how often the policy file is checked for changes")

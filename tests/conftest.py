@@ -35,7 +35,7 @@ from ingest.events import UsageEvent, encode, key_id_for
 from ingest.keys import KeyRecord
 from ingest.settings import ConnectionSettings
 from processors.registry import open_registry
-from processors.usage_store import UsageStore
+from processors.accounting.store import UsageStore
 from processors.topics import ensure_topics
 
 S = TypeVar("S", bound=ConnectionSettings)
@@ -82,7 +82,7 @@ class Sandbox:
             "THROTTLEX_EVENTS_TOPIC": f"test-{self.tag}.events",
             "THROTTLEX_DEAD_LETTER_TOPIC": f"test-{self.tag}.deadletter",
             "THROTTLEX_REGISTRY_TOPIC": f"test-{self.tag}.registry",
-            "THROTTLEX_WORKER_APP_ID": f"test-{self.tag}-worker",
+            "THROTTLEX_WORKER_GROUP": f"test-{self.tag}-worker",
             "THROTTLEX_SINK_GROUP": f"test-{self.tag}-sink",
             "THROTTLEX_REDIS_PREFIX": f"test-{self.tag}",
             "THROTTLEX_CLICKHOUSE_DSN": f"chdb://{self.root / 'chdb'}",

@@ -13,7 +13,7 @@ import yaml
 
 from api.app import create_app
 from api.settings import ApiSettings
-from processors.policy import load_policies
+from processors.core.policy import load_policies
 from processors.policy_watch import PolicySource
 from processors.registry import Registry
 

@@ -21,7 +21,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from redis.asyncio import Redis
 
 from ingest.events import UsageEvent, encode
-from processors.usage_store import UsageStore
+from processors.accounting.store import UsageStore
 from tests.conftest import RoleProcess, Sandbox, stop_role
 from tests.e2e.deployment import INGEST, POLICIES, admin, create_key, start_deployment, wait_healthy
 from tests.factories import make_event

@@ -11,11 +11,11 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from redis.asyncio import Redis
 
-from ingest import blocklist
-from ingest.blocklist import limit_key
+from ingest import denylist_entries
+from ingest.denylist_entries import limit_key
 from ingest.clock import wall_clock_ms
 from ingest.events import encode
-from processors.windows import SlidingWindow
+from processors.core.windows import SlidingWindow
 from tests.conftest import EventSender, RoleProcess, Sandbox, eventually, free_port, role_metrics, stored_events
 from tests.factories import make_event
 
@@ -68,11 +68,11 @@ async def test_bad_events_are_dead_lettered_counted_and_skipped_and_processing_g
     for event in good:  # all of them count: the block moves on as each arrives
         reference.add(event.event_time_ms, event.cost)
     expected_until = reference.admits_at(LIMIT)
-    block_key = blocklist.block_key(sandbox.env["THROTTLEX_REDIS_PREFIX"], limit_key([("api_key", KEY_ID)]))
+    block_key = denylist_entries.block_key(sandbox.env["THROTTLEX_REDIS_PREFIX"], limit_key([("api_key", KEY_ID)]))
 
     async def blocked_after_every_good_event() -> bool:
         raw = await redis.get(block_key)
-        return raw is not None and blocklist.decode_block(raw).until_ms == expected_until
+        return raw is not None and denylist_entries.decode_block(raw).until_ms == expected_until
 
     await eventually(blocked_after_every_good_event, what="the block from every good event between the bad ones")
 

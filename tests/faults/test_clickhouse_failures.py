@@ -17,7 +17,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from ingest.clock import wall_clock_ms
-from processors.usage_store import UsageStore
+from processors.accounting.store import UsageStore
 from tests.conftest import (EVENTS_PARTITIONS, EventSender, RoleProcess, Sandbox, eventually, free_port, role_metrics,
                             start_role, stop_role)
 from tests.factories import make_event
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.faults
 FAULTY_SINK = """
 import os
 from pathlib import Path
-from processors.usage_store import StoreError, UsageStore
+from processors.accounting.store import StoreError, UsageStore
 
 refuse_while = Path(os.environ["THROTTLEX_TEST_REFUSE_INSERTS_WHILE"])
 insert = UsageStore.insert_json

@@ -12,8 +12,8 @@ from collections.abc import Callable
 import pytest
 from redis.asyncio import Redis
 
-from ingest import blocklist
-from ingest.blocklist import limit_key
+from ingest import denylist_entries
+from ingest.denylist_entries import limit_key
 from ingest.clock import wall_clock_ms
 from tests.conftest import EventSender, RoleProcess, Sandbox, eventually
 from tests.integration.test_policies import request, worker_counting
@@ -57,7 +57,7 @@ async def test_a_key_with_half_the_traffic_does_not_hold_up_other_keys_decisions
             await producer.send_all([request(key, now + i) for i in range(LIMIT - 1)])
             crossed_at = time.monotonic()
             await producer(request(key, now + LIMIT))
-            block_key = blocklist.block_key(prefix, limit_key([("api_key", key)]))
+            block_key = denylist_entries.block_key(prefix, limit_key([("api_key", key)]))
             await eventually(lambda: redis.exists(block_key), timeout_s=10, what=f"{key}'s block")
             latencies.append(time.monotonic() - crossed_at)
             await asyncio.sleep(0.2)
@@ -65,8 +65,8 @@ async def test_a_key_with_half_the_traffic_does_not_hold_up_other_keys_decisions
         stop.set()
         await load
 
-    hot_block = await redis.get(blocklist.block_key(prefix, limit_key([("api_key", "hot")])))
-    assert hot_block is not None and blocklist.decode_block(hot_block).policy == "test-limit"
+    hot_block = await redis.get(denylist_entries.block_key(prefix, limit_key([("api_key", "hot")])))
+    assert hot_block is not None and denylist_entries.decode_block(hot_block).policy == "test-limit"
     worst = max(latencies)
     print(
         f"skew: hot key {sent['hot']} events, {sent['background']} others (~{RATE_PER_S}/s, half hot); other keys "

@@ -16,8 +16,8 @@ from redis.asyncio import Redis
 
 from api.demo_gateway import create_gateway_app
 from api.server import HttpServer
-from ingest import blocklist
-from ingest.blocklist import limit_key
+from ingest import denylist_entries
+from ingest.denylist_entries import limit_key
 from ingest.clock import wall_clock_ms
 from ingest.denylist import EdgeDenylist
 from ingest.settings import GatewaySettings
@@ -103,14 +103,14 @@ async def test_redis_outage_fail_modes_no_waiting_and_resync_within_2s(
         b_key = limit_key([("api_key", hot_b)])
 
         async def all_blocked_again() -> bool:
-            stored = await redis.get(blocklist.block_key(prefix, a_key)), await redis.get(blocklist.block_key(prefix, b_key))
+            stored = await redis.get(denylist_entries.block_key(prefix, a_key)), await redis.get(denylist_entries.block_key(prefix, b_key))
             return all(stored) and all(e.blocked(a_key) and e.blocked(b_key) and not e.refusing for e in edges.values())
 
         await eventually(all_blocked_again, timeout_s=2, what="the denylist and both edges to hold A and B again")
         resync_s = time.monotonic() - back_at
         for key, times in ((a_key, a_times), (b_key, b_times)):
-            raw = await redis.get(blocklist.block_key(prefix, key))
-            assert raw is not None and blocklist.decode_block(raw).until_ms == sliding_admit(times, LIMIT, WINDOW_S)
+            raw = await redis.get(denylist_entries.block_key(prefix, key))
+            assert raw is not None and denylist_entries.decode_block(raw).until_ms == sliding_admit(times, LIMIT, WINDOW_S)
         # 200, or 429 if the gateway's own key went over its limit in the outage's first second
         await eventually(lambda: _decides(http, "gateway-key"), timeout_s=2, what="the gateway deciding again, not 503")
         print(

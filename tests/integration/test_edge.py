@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
 import pytest
 from redis.asyncio import Redis
 
-from ingest.blocklist import Block
+from ingest.denylist_entries import Block
 from ingest.clock import wall_clock_ms
 from ingest.denylist import EdgeDenylist
-from processors.denylist_writer import DenylistWriter
+from processors.worker.denylist_writer import DenylistWriter
 from tests.conftest import Sandbox, eventually, free_port
 
 pytestmark = pytest.mark.integration
@@ -32,16 +33,16 @@ async def test_blocks_of_each_key_kind_apply_to_matching_requests_and_lifts_remo
         until = wall_clock_ms() + 60_000
         tenant_route = Block("tenant=acme|route=/v1/items", until, "tenant-route", dims=("tenant", "route"))
         ip = Block("ip=10.1.2.3", until + 5_000, "per-ip", dims=("ip",))
-        assert await writer.publish(tenant_route)
+        assert await writer.publish([tenant_route]) == 1
         await eventually(lambda: edge.check(request()) is not None, timeout_s=5, what="the tenant/route block")
         assert edge.check(request(route="/v1/other")) is None
         assert edge.check(request(tenant="other")) is None
-        assert await writer.publish(ip)
+        assert await writer.publish([ip]) == 1
         await eventually(lambda: edge.check(request(tenant="other")) is not None, timeout_s=5, what="the ip block")
         found = edge.check(request())
         assert found is not None and found.policy == "per-ip"  # both match: the longer wins
 
-        assert await writer.lift(ip)
+        assert await writer.publish([msgspec.structs.replace(ip, until_ms=0)]) == 1  # a lift
         await eventually(lambda: edge.check(request(tenant="other")) is None, timeout_s=5, what="the lift")
         assert not await redis.exists(f"{prefix}:block:ip=10.1.2.3")
         late = EdgeDenylist(sandbox.redis_url, prefix)  # a gateway starting now sees the same

@@ -10,10 +10,10 @@ import pytest
 
 from ingest.clock import wall_clock_ms
 from ingest.events import UsageEvent
-from processors.exact_usage import ExactUsage
+from processors.accounting.exact_usage import ExactUsage
 from processors.settings import SinkSettings
-from processors.sink import UsageSink
-from processors.usage_store import UsageStore
+from processors.accounting.sink import UsageSink
+from processors.accounting.store import UsageStore
 from tests.conftest import EventSender, Sandbox, eventually
 from tests.factories import make_event
 from tests.integration.test_sink import committed_offsets

@@ -13,12 +13,12 @@ import msgspec
 import pytest
 from redis.asyncio import Redis
 
-from ingest import blocklist
-from ingest.blocklist import limit_key
+from ingest import denylist_entries
+from ingest.denylist_entries import limit_key
 from ingest.clock import wall_clock_ms
 from ingest.keys import EdgeKeys, KeyRecord, key_view
 from ingest.settings import ConnectionSettings
-from processors.policy import parse_policies
+from processors.core.policy import parse_policies
 from processors.registry import issue_key, open_registry
 from tests.conftest import EventSender, RoleProcess, Sandbox, eventually, redis_answers
 from tests.factories import make_event
@@ -123,7 +123,7 @@ async def test_a_policy_document_in_the_registry_reaches_a_running_worker_proces
     settings = sandbox.settings(ConnectionSettings)
     key_id = "d" * 24
     spawn("worker", "--policy-file", str(sandbox.write_policy(limit=1_000, window_s=60)))
-    block_key = blocklist.block_key(settings.redis_prefix, limit_key([("api_key", key_id)]))
+    block_key = denylist_entries.block_key(settings.redis_prefix, limit_key([("api_key", key_id)]))
     start_ms = wall_clock_ms() - 3_000
     for n in range(5):
         await producer(make_event(event_id=uuid.uuid4(), api_key_id=key_id, event_time_ms=start_ms + n, cost=1))
@@ -137,5 +137,5 @@ async def test_a_policy_document_in_the_registry_reaches_a_running_worker_proces
     await producer(make_event(event_id=uuid.uuid4(), api_key_id=key_id, event_time_ms=start_ms + 10, cost=1))
     await eventually(lambda: redis.exists(block_key), timeout_s=5, what="the block under the registry's policy")
     raw = await redis.get(block_key)
-    assert raw is not None and blocklist.decode_block(raw).policy == "tight"
+    assert raw is not None and denylist_entries.decode_block(raw).policy == "tight"
     print(f"registry policy applied by the worker process {time.monotonic() - written_at:.2f} s after the write")

@@ -14,12 +14,12 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from ingest import blocklist
-from ingest.blocklist import Block
+from ingest import denylist_entries
+from ingest.denylist_entries import Block
 from ingest.clock import wall_clock_ms
 from ingest.denylist import EdgeDenylist
 from ingest.events import UsageEvent
-from processors.windows import SlidingWindow
+from processors.core.windows import SlidingWindow
 from tests.conftest import EventSender, RoleProcess, Sandbox, eventually, free_port
 from tests.factories import make_event
 from tests.integration.test_sink import committed_offsets, end_offsets
@@ -53,8 +53,8 @@ def sliding_admit(times: list[int], limit: int, window_s: int) -> int:
 
 
 async def stored_block(redis: Redis, prefix: str, limit_key: str) -> Block | None:
-    raw = await redis.get(blocklist.block_key(prefix, limit_key))
-    return None if raw is None else blocklist.decode_block(raw)
+    raw = await redis.get(denylist_entries.block_key(prefix, limit_key))
+    return None if raw is None else denylist_entries.decode_block(raw)
 
 
 @contextlib.asynccontextmanager
@@ -116,7 +116,7 @@ async def test_several_policies_on_one_stream_each_block_their_own_key_and_shado
         "tenant=t-burst": Block("tenant=t-burst", t0 + 20_000, "tenant-burst", dims=("tenant",)),
         "ip=192.0.2.9": Block("ip=192.0.2.9", (now // HOUR_MS + 1) * HOUR_MS, "per-ip-hour", dims=("ip",)),
     }
-    block_keys = [blocklist.block_key(prefix, k) for k in expected]
+    block_keys = [denylist_entries.block_key(prefix, k) for k in expected]
     await eventually(lambda: _all_exist(redis, block_keys), what="a block for each policy")
     for limit_key, block in expected.items():
         stored = await stored_block(redis, prefix, limit_key)
@@ -133,7 +133,7 @@ async def test_several_policies_on_one_stream_each_block_their_own_key_and_shado
         assert gateway.check(values("k-calm", method="DELETE")) is None  # shadow: never blocks
 
     keys = [key.decode() async for key in redis.scan_iter(match=f"{prefix}:block:*")]
-    assert sorted(keys) == sorted(blocklist.block_key(prefix, k) for k in expected)  # nothing for the shadow policy
+    assert sorted(keys) == sorted(denylist_entries.block_key(prefix, k) for k in expected)  # nothing for the shadow policy
 
     async with httpx.AsyncClient(timeout=5) as client:
         text = (await client.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
@@ -176,7 +176,7 @@ async def test_policy_changes_apply_under_traffic_and_removal_lifts_the_block(
         removed_at = time.monotonic()
         await eventually(lambda: gateway.check(values("k-steady")) is None, timeout_s=10, what="the lift")
         assert time.monotonic() - removed_at <= 5.0
-        assert not await redis.exists(blocklist.block_key(prefix, "api_key=k-steady"))
+        assert not await redis.exists(denylist_entries.block_key(prefix, "api_key=k-steady"))
 
         # A change that does not validate is refused, and the policies in force stay.
         policy_file.write_text("policies:\n  - name: broken\n    key: [nothing]\n")
@@ -213,7 +213,7 @@ async def test_a_worker_killed_with_sigkill_resumes_with_the_same_counts(
     blocked = [request("k-blocked", now - 15_000 + 1_000 * n) for n in range(10)]
     near = [request("k-near", now - 15_000 + 1_000 * n) for n in range(9)]
     await producer.send_all(blocked + near)
-    await eventually(lambda: redis.exists(blocklist.block_key(prefix, "api_key=k-blocked")), what="the first block")
+    await eventually(lambda: redis.exists(denylist_entries.block_key(prefix, "api_key=k-blocked")), what="the first block")
     await _wait_until_worker_committed(sandbox)
 
     worker.stop(signal.SIGKILL)
@@ -249,7 +249,7 @@ async def _has_block_until(redis: Redis, prefix: str, key_id: str, until_ms: int
 
 async def _wait_until_worker_committed(sandbox: Sandbox) -> None:
     """Faust commits offsets every few seconds; wait until everything sent so far is committed."""
-    group = sandbox.env["THROTTLEX_WORKER_APP_ID"]
+    group = sandbox.env["THROTTLEX_WORKER_GROUP"]
 
     async def committed() -> bool:
         ends = await end_offsets(sandbox)

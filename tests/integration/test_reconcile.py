@@ -12,9 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from ingest.clock import wall_clock_ms
-from processors.live_usage import usage_key
-from processors.windows import SlidingWindow
-from processors.engine import encode_window
+from processors.worker.live_usage import usage_key
+from processors.core.windows import SlidingWindow
+from processors.core.state import encode_window
 from tests.conftest import EventSender, RoleProcess, Sandbox, eventually, free_port
 from tests.factories import make_event
 

@@ -12,8 +12,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from ingest.clock import wall_clock_ms
 from ingest.events import encode
-from processors.sink import event_row
-from processors.usage_store import EVENT_COLUMNS, UsageStore
+from processors.accounting.sink import event_row
+from processors.accounting.store import EVENT_COLUMNS, UsageStore
 from tests.conftest import EventSender, EVENTS_PARTITIONS, RoleProcess, Sandbox, eventually
 from tests.factories import make_event
 

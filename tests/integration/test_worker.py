@@ -9,13 +9,13 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from redis.asyncio import Redis
 
-from ingest import blocklist
-from ingest.blocklist import limit_key
+from ingest import denylist_entries
+from ingest.denylist_entries import limit_key
 from ingest.clock import wall_clock_ms
 from ingest.denylist import EdgeDenylist
 from ingest.events import UsageEvent, key_id_for
 from ingest.settings import ConnectionSettings
-from processors.windows import SlidingWindow
+from processors.core.windows import SlidingWindow
 from tests.conftest import EventSender, RoleProcess, Sandbox, eventually
 from tests.factories import make_event
 
@@ -58,11 +58,11 @@ async def test_over_limit_key_is_blocked_with_exact_ttl_and_reaches_edge_caches(
     expected_until = reference.admits_at(LIMIT)
     assert expected_until is not None
 
-    hot_key = blocklist.block_key(prefix, limit_key([("api_key", hot)]))
+    hot_key = denylist_entries.block_key(prefix, limit_key([("api_key", hot)]))
     await eventually(lambda: redis.exists(hot_key), what="the hot key's denylist entry")
     raw = await redis.get(hot_key)
     assert raw is not None
-    stored = blocklist.decode_block(raw)
+    stored = denylist_entries.decode_block(raw)
     assert stored.until_ms == expected_until
     assert stored.policy == "test-limit"
     ttl_ms = await redis.pttl(hot_key)
@@ -80,7 +80,7 @@ async def test_over_limit_key_is_blocked_with_exact_ttl_and_reaches_edge_caches(
     finally:
         await late_edge.stop()
         await early_edge.stop()
-    assert not await redis.exists(blocklist.block_key(prefix, limit_key([("api_key", calm)])))
+    assert not await redis.exists(denylist_entries.block_key(prefix, limit_key([("api_key", calm)])))
 
 
 async def test_bad_event_goes_to_the_dead_letter_topic_and_processing_continues(
@@ -97,7 +97,7 @@ async def test_bad_event_goes_to_the_dead_letter_topic_and_processing_continues(
     for n in range(3):
         await producer(request(key, start_ms + n))
 
-    block_key = blocklist.block_key(settings.redis_prefix, limit_key([("api_key", key)]))
+    block_key = denylist_entries.block_key(settings.redis_prefix, limit_key([("api_key", key)]))
     await eventually(lambda: redis.exists(block_key), what="the block after the bad event")
 
     consumer = AIOKafkaConsumer(

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 
-from ingest.blocklist import limit_key
+from ingest.denylist_entries import limit_key
 from ingest.clock import wall_clock_ms
 from ingest.denylist import EdgeDenylist
 from ingest.events import encode

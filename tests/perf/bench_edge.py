@@ -23,10 +23,10 @@ from limits.aio.strategies import (
 )
 from redis.asyncio import Redis
 
-from ingest.blocklist import Block, limit_key
+from ingest.denylist_entries import Block, limit_key
 from ingest.clock import wall_clock_ms
 from ingest.denylist import EdgeDenylist
-from processors.denylist_writer import DenylistWriter
+from processors.worker.denylist_writer import DenylistWriter
 
 KEYS = 10_000
 BLOCKED_EVERY = 10  # one key in ten is blocked
@@ -61,8 +61,7 @@ async def run(redis_url: str, runs: int, checks: int) -> dict[str, dict[str, flo
     redis = Redis.from_url(redis_url)
     writer = DenylistWriter(redis, PREFIX)
     until = wall_clock_ms() + 3_600_000
-    for n in range(0, KEYS, BLOCKED_EVERY):
-        await writer.publish(Block(limit_key([("api_key", f"key-{n}")]), until, "bench"))
+    await writer.publish([Block(limit_key([("api_key", f"key-{n}")]), until, "bench") for n in range(0, KEYS, BLOCKED_EVERY)])
     edge = EdgeDenylist(redis_url, PREFIX)
     await edge.start()
     storage = RedisStorage(redis_url.replace("redis://", "async+redis://"), implementation="redispy", key_prefix="bench")

@@ -2,14 +2,15 @@
 
     python -m tests.perf.bench_engine [--keys 20000] [--events 100000] [--runs 5]
 
-No servers: the engine runs over a dict, as the worker runs it over its Faust table (an in-memory
-dict of the same str -> bytes entries). For each algorithm:
+No servers: the engine runs over a dict of live key states, as the worker runs it per partition.
+For each algorithm:
 
 - memory per key: Python heap growth (tracemalloc) after ``--keys`` keys each counted a few events,
-  divided by the keys; it includes the state entry's key string and its msgpack value, which is what
-  the table and its changelog hold. The encoded size is reported separately.
-- per-event cost: wall time of ``engine.apply`` over ``--events`` in-order events spread over 1,000
-  keys (1 ms apart), median of ``--runs`` runs.
+  divided by the keys: the key string and its live `KeyState` with its windows. The size of the
+  key's changelog record (`encode_key_state`) is reported separately.
+- per-event cost: wall time of ``engine.apply`` (and `apply_forwarded` for the forwards it makes, as
+  the worker owning those keys would) over ``--events`` in-order events spread over 1,000 keys (1 ms
+  apart), median of ``--runs`` runs.
 
 Prints a table and merges the results into tests/perf/results.json under ``engine``.
 """
@@ -24,8 +25,10 @@ import tracemalloc
 import uuid
 from pathlib import Path
 
-from processors.engine import PolicyEngine
-from processors.policy import PolicySet, load_policies, parse_policies
+from ingest.events import UsageEvent
+from processors.core.engine import PolicyEngine
+from processors.core.policy import PolicySet, load_policies, parse_policies
+from processors.core.state import encode_key_state
 from tests.factories import make_event
 
 RESULTS = Path(__file__).with_name("results.json")
@@ -49,16 +52,21 @@ def memory_per_key(policies: PolicySet, keys: int) -> tuple[float, float]:
     """Heap bytes per key and encoded state bytes per key, after each key counted 5 events in 1 s."""
     events = [make_event(event_id=uuid.uuid4(), api_key_id=f"{n:024x}", event_time_ms=START_MS + 200 * i, cost=1)
               for n in range(keys) for i in range(5)]  # fmt: skip
-    state: dict[str, bytes] = {}
-    engine = PolicyEngine(policies, state)
+    engine = PolicyEngine(policies)
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
-    for event in events:
-        engine.apply(event)
+    apply_everywhere(engine, events)
     after = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
-    encoded = sum(len(key) + len(value) for key, value in state.items())
-    return (after - before) / keys, encoded / keys
+    encoded = sum(len(key) + len(encode_key_state(state)) for key, state in engine.state.items())
+    return (after - before) / len(engine.state), encoded / len(engine.state)
+
+
+def apply_everywhere(engine: PolicyEngine, events: list[UsageEvent]) -> None:
+    for n, event in enumerate(events):
+        outcome = engine.apply(event, (0, n))
+        for forward in outcome.forwards:
+            engine.apply_forwarded(forward, n, outcome)
 
 
 def microseconds_per_event(policies: PolicySet, events: int, runs: int) -> float:
@@ -66,10 +74,9 @@ def microseconds_per_event(policies: PolicySet, events: int, runs: int) -> float
               for n in range(events)]  # fmt: skip
     timings = []
     for _ in range(runs):
-        engine = PolicyEngine(policies, {})
+        engine = PolicyEngine(policies)
         started = time.perf_counter()
-        for event in stream:
-            engine.apply(event)
+        apply_everywhere(engine, stream)
         timings.append((time.perf_counter() - started) / events * 1e6)
     return statistics.median(timings)
 
@@ -78,7 +85,7 @@ def measure_all(keys: int, events: int, runs: int) -> dict[str, object]:
     cases = {name: single(algorithm) for name, algorithm in ALGORITHMS.items()}
     cases["the sample policy file (5 policies)"] = load_policies(SAMPLE)
     rows = {}
-    print("| policy set | heap bytes per key | encoded state bytes per key | µs per event |")
+    print("| policy set | heap bytes per key | changelog record bytes per key | µs per event |")
     print("|---|---|---|---|")
     for name, policies in cases.items():
         heap, encoded = memory_per_key(policies, keys)

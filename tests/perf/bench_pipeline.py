@@ -71,7 +71,7 @@ def worker_process(
 ) -> Iterator[tuple[subprocess.Popen[bytes], IO[bytes]]]:
     """A `throttlex worker` on topic ``bench-{tag}.events`` (stderr to a temporary file), stopped on exit."""
     env = {**os.environ, "THROTTLEX_KAFKA_BOOTSTRAP": bootstrap, "THROTTLEX_REDIS_URL": redis_url,
-           "THROTTLEX_EVENTS_TOPIC": f"bench-{tag}.events", "THROTTLEX_WORKER_APP_ID": f"bench-{tag}-worker",
+           "THROTTLEX_EVENTS_TOPIC": f"bench-{tag}.events", "THROTTLEX_WORKER_GROUP": f"bench-{tag}-worker",
            "THROTTLEX_REDIS_PREFIX": f"bench-{tag}", "THROTTLEX_METRICS_PORT": "0", "THROTTLEX_LOG_LEVEL": "WARNING"}  # fmt: skip
     with tempfile.TemporaryFile() as log:
         worker = subprocess.Popen([sys.executable, "-c", "from api.cli import main; main()", "worker", "--policy-file",

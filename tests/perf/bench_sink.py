@@ -28,9 +28,9 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from ingest.events import encode
 from processors.settings import SinkSettings
-from processors.sink import UsageSink
+from processors.accounting.sink import UsageSink
 from processors.topics import ensure_topics
-from processors.usage_store import UsageStore
+from processors.accounting.store import UsageStore
 from tests.factories import make_event
 
 RESULTS = Path(__file__).with_name("results.json")

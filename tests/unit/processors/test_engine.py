@@ -1,9 +1,10 @@
 from pathlib import Path
 
-from ingest.blocklist import Block, limit_key
+from ingest.denylist_entries import Block, limit_key
 from ingest.events import UsageEvent
-from processors.engine import PolicyEngine
-from processors.policy import PolicySet, load_policies
+from processors.core.engine import PolicyEngine
+from processors.core.state import KeyState, decode_key_state, encode_key_state
+from processors.core.policy import PolicySet, load_policies
 from tests.factories import make_event
 
 POLICIES = """
@@ -64,20 +65,22 @@ def test_shadow_policies_report_but_never_block(tmp_path: Path) -> None:
 
 
 def test_requests_refused_at_the_edge_are_not_counted(tmp_path: Path) -> None:
-    state: dict[str, bytes] = {}
+    state: dict[str, KeyState] = {}
     engine = PolicyEngine(policies(tmp_path), state)
     for t in (0, 100, 200, 300):
         outcome = engine.apply(hit(t, edge_blocked=True))
-        assert outcome.blocks == [] and outcome.counted == []
+        assert outcome.blocks == [] and outcome.touched == {}
     assert state == {}
 
 
-def test_state_survives_a_new_engine(tmp_path: Path) -> None:
-    """Window state lives in the mapping (a Faust table in the worker), not in the engine."""
-    state: dict[str, bytes] = {}
+def test_state_survives_a_new_engine_and_its_encoding(tmp_path: Path) -> None:
+    """Window state lives in the mapping (a worker partition's keys), not in the engine, and its
+    changelog record restores it exactly."""
+    state: dict[str, KeyState] = {}
     PolicyEngine(policies(tmp_path), state).apply(hit(0))
     PolicyEngine(policies(tmp_path), state).apply(hit(100))
-    outcome = PolicyEngine(policies(tmp_path), state).apply(hit(200))
+    restored = {key: decode_key_state(encode_key_state(value), policies(tmp_path)) for key, value in state.items()}
+    outcome = PolicyEngine(policies(tmp_path), restored).apply(hit(200))
     assert outcome.blocks == [Block(KEY, 1_000, "per-second")]
 
 
@@ -98,7 +101,7 @@ policies:
     key: [api_key]
     algorithm: {type: token_bucket, rate_per_s: 1, burst: 3}
 """
-    state: dict[str, bytes] = {}
+    state: dict[str, KeyState] = {}
     blocks = [PolicyEngine(policies(tmp_path, text), state).apply(hit(t)).blocks for t in (0, 0, 0, 500)]
     # Three at once empty the bucket (a token a second: one is back at 1 s); the fourth, at 0.5 s,
     # fills the hour (until 3600 s), which outlasts the bucket's block (until 2 s).
@@ -118,15 +121,47 @@ policies:
     key: [api_key, method]
     algorithm: {type: sliding_window, limit: 100, window_s: 1}
 """
-    engine = PolicyEngine(policies(tmp_path, text), {})
+    engine = PolicyEngine(policies(tmp_path, text))
     event = hit(0, api_key_id="k1", tenant="acme", route="/v1/search", client_ip="10.0.0.1")
-    assert engine.regroup(event) == {("tenant", "route"): "tenant=acme|route=/v1/search", ("ip",): "ip=10.0.0.1"}
-    local = engine.apply(event)  # only the policy keyed on api_key is applied where the event arrives
-    assert [(c.policy.name, c.limit_key) for c in local.counted] == [("per-key", "api_key=k1|method=GET")]
+    local = engine.apply(event, (3, 41))  # only the policy keyed on api_key is applied where the event arrives
+    assert list(local.touched) == ["api_key=k1|method=GET"]
+    assert [(f.dims, f.limit_key, f.source_partition, f.source_offset) for f in local.forwards] == [
+        (("tenant", "route"), "tenant=acme|route=/v1/search", 3, 41), (("ip",), "ip=10.0.0.1", 3, 41)
+    ]
     # Two keys of one tenant share the tenant's bucket once regrouped by (tenant, route).
-    engine.apply(event, ("tenant", "route"))
-    outcome = engine.apply(hit(10, api_key_id="k2", tenant="acme", route="/v1/search"), ("tenant", "route"))
+    engine.apply_forwarded(local.forwards[0])
+    later = engine.apply(hit(10, api_key_id="k2", tenant="acme", route="/v1/search"), (0, 7))
+    outcome = engine.apply_forwarded(later.forwards[0])
     assert outcome.blocks == [Block("tenant=acme|route=/v1/search", 1_000, "per-tenant-route", dims=("tenant", "route"))]
+
+
+def test_an_event_read_again_counts_once_per_key(tmp_path: Path) -> None:
+    """Input read again after a crash: a key whose state includes the offset skips it, per key; a
+    forward carries its source offset, so one sent twice counts once."""
+    text = """
+policies:
+  - name: per-key
+    key: [api_key]
+    algorithm: {type: fixed_window, limit: 100, window_s: 60}
+  - name: per-tenant
+    key: [tenant]
+    algorithm: {type: fixed_window, limit: 100, window_s: 60}
+  - name: per-ip
+    key: [ip]
+    algorithm: {type: fixed_window, limit: 100, window_s: 60}
+"""
+    engine = PolicyEngine(policies(tmp_path, text))
+    events = [hit(t, tenant="acme", client_ip="10.0.0.1") for t in (0, 1, 2)]
+    forwards = [f for n, e in enumerate(events) for f in engine.apply(e, (0, n)).forwards]
+    replayed = [engine.apply(e, (0, n)) for n, e in enumerate(events)]  # read again from the start
+    assert sum(o.repeated for o in replayed) == 3
+    forwards += [f for o in replayed for f in o.forwards]
+    for version, forward in enumerate(forwards):
+        engine.apply_forwarded(forward, version)
+    # Every key counted each event once, including the two regrouped keys of one event, which share
+    # their source offset (they are separate keys, so neither is taken for a repeat of the other).
+    used = {key: window.used_at(2) for key, state in engine.state.items() for window in state.windows.values()}
+    assert used == {KEY: 3, "tenant=acme": 3, "ip=10.0.0.1": 3}
 
 
 def test_a_quota_takes_its_limit_from_the_keys_plan(tmp_path: Path) -> None:
@@ -147,7 +182,7 @@ default_plan: free
     assert free == [[], [Block("api_key=f", day, "daily")]]  # the default plan: 2 a day
     pro = [engine.apply(hit(t, api_key_id="p", plan="pro")).blocks for t in range(5)]
     assert pro[:4] == [[], [], [], []] and pro[4] == [Block("api_key=p", day, "daily")]
-    assert all(engine.apply(hit(t, api_key_id="u", plan="unmetered")).counted == [] for t in range(10))
+    assert all(engine.apply(hit(t, api_key_id="u", plan="unmetered")).touched == {} for t in range(10))
 
 
 def test_on_breach_min_block_route_costs_and_tenant_match(tmp_path: Path) -> None:
@@ -161,14 +196,14 @@ policies:
     algorithm: {type: sliding_window, limit: 6, window_s: 1, bucket_s: 0.1}
 """
     engine = PolicyEngine(policies(tmp_path, text), {})
-    assert engine.apply(hit(0, route="/v1/search/deep", tenant="other")).counted == []
+    assert engine.apply(hit(0, route="/v1/search/deep", tenant="other")).touched == {}
     assert engine.apply(hit(0, route="/v1/search/deep")).blocks == []  # 5 units
     outcome = engine.apply(hit(200, route="/v1/search"))  # cost 1 from the event: 6 units
     assert outcome.blocks == [Block(KEY, 30_200, "search-is-dear")]  # the window admits at 1 s; 30 s minimum
 
 
 def test_removing_a_policy_lifts_its_blocks_and_changing_one_recomputes_them(tmp_path: Path) -> None:
-    state: dict[str, bytes] = {}
+    state: dict[str, KeyState] = {}
     engine = PolicyEngine(policies(tmp_path), state)
     for t in (0, 100, 200, 1_000, 1_100):
         engine.apply(hit(t))  # blocked by per-minute until 60 s
@@ -183,16 +218,27 @@ def test_removing_a_policy_lifts_its_blocks_and_changing_one_recomputes_them(tmp
     changes = engine.replace_policies(policies(tmp_path, "policies:\n  - name: other\n    key: [ip]\n"
                                                "    algorithm: {type: fixed_window, limit: 9, window_s: 1}\n"))  # fmt: skip
     assert changes == [Block(KEY, 0, "per-second")]  # nothing blocks the key any more: lifted
-    assert "d/" + KEY not in state
+    assert state[KEY].published is None and list(state[KEY].windows) == []
 
 
 def test_idle_keys_are_those_no_decision_needs(tmp_path: Path) -> None:
-    state: dict[str, bytes] = {}
-    engine = PolicyEngine(policies(tmp_path), state)
-    for t in (0, 100, 200):
+    engine = PolicyEngine(policies(tmp_path))
+    for t in (0, 100, 1_100):
         engine.apply(hit(t))
-    state["o/events/0"] = b"41"  # the worker's offset marker shares the table: never the engine's to drop
-    assert engine.idle_keys(now_ms=500) == []
-    # per-second empties at 1.2 s, watch-only too; lateness (5 s) is kept; per-minute lasts 60.2 s.
-    assert sorted(engine.idle_keys(now_ms=6_200)) == ["d/" + KEY, f"w/per-second/{KEY}", f"w/watch-only/{KEY}"]
-    assert sorted(engine.idle_keys(now_ms=65_200)) == sorted(set(state) - {"o/events/0"})
+    engine.apply(hit(0, api_key_id="other"))
+    assert engine.idle_keys(watermark_ms=1_500) == []
+    # per-second and watch-only empty at 2.1 s, but per-minute holds KEY's last event until 61 s (then
+    # 5 s of lateness); "other" had one event at 0: its windows empty at 60 s, idle at 65 s.
+    assert engine.idle_keys(watermark_ms=7_100) == []
+    assert engine.idle_keys(watermark_ms=65_000) == [limit_key([("api_key", "other")])]
+    assert sorted(engine.idle_keys(watermark_ms=66_000)) == sorted(engine.state)
+
+
+def test_a_key_with_a_block_in_force_is_not_idle(tmp_path: Path) -> None:
+    engine = PolicyEngine(policies(tmp_path, POLICIES.replace("window_s: 60, bucket_s: 1}", "window_s: 60, bucket_s: 1}\n    on_breach: {min_block_s: 600}")))
+    for t in (0, 100, 200, 300, 400):
+        engine.apply(hit(t))
+    published = engine.state[KEY].published
+    assert published is not None and published.until_ms == 600_400
+    assert engine.idle_keys(watermark_ms=600_000) == []
+    assert engine.idle_keys(watermark_ms=600_400) == [KEY]

@@ -1,7 +1,7 @@
 import re
 
-from processors.reconcile import route_regex, settled_range
-from processors.windows import SlidingWindow
+from processors.accounting.reconcile import route_regex, settled_range
+from processors.core.windows import SlidingWindow
 
 
 def test_route_globs_become_anchored_regular_expressions() -> None:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
-from processors.windows import CalendarQuota, FixedWindow, SlidingWindow, TokenBucket
+from processors.core.windows import CalendarQuota, FixedWindow, SlidingWindow, TokenBucket
 
 SECOND = 1000
 

@@ -25,10 +25,10 @@ from redis.exceptions import RedisError
 
 from ingest.clock import Clock, wall_clock_ms
 from processors import metrics
-from processors.live_usage import read_live_usage, usage_key
-from processors.policy import Match, PolicySet
-from processors.usage_store import StoreError, UsageStore
-from processors.windows import SlidingWindow
+from processors.worker.live_usage import read_live_usage, usage_key
+from processors.core.policy import Match, PolicySet
+from processors.accounting.store import StoreError, UsageStore
+from processors.core.windows import SlidingWindow
 
 log = logging.getLogger(__name__)
 

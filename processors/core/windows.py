@@ -36,7 +36,8 @@ class SlidingWindow:
     """Per-bucket cost totals of one limit key.
 
     ``counts[i]`` is the total of bucket ``head - buckets + 1 + i``, where ``head`` is the bucket of
-    ``newest_ms`` (``-1`` while empty). Memory: one int per bucket.
+    ``newest_ms`` (``-1`` while empty), and ``total`` their sum, kept as events come so that most
+    decisions take one comparison. Memory: one int per bucket.
     """
 
     window_ms: int
@@ -45,12 +46,19 @@ class SlidingWindow:
     """How late an event may be and still count; None: as late as the window reaches."""
     newest_ms: int = -1
     counts: list[int] = field(default_factory=list)
+    total: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         if self.bucket_ms <= 0 or self.window_ms <= 0 or self.window_ms % self.bucket_ms:
             raise ValueError("window_ms must be a positive multiple of bucket_ms")
         if not self.counts:
             self.counts = [0] * self.buckets
+        self.total = sum(self.counts)
+
+    @property
+    def span_ms(self) -> int:
+        """How long a unit counts, at most: live usage is kept this long after the last event."""
+        return self.window_ms
 
     @property
     def buckets(self) -> int:
@@ -73,6 +81,7 @@ class SlidingWindow:
         if index < 0:
             return False
         self.counts[index] += cost
+        self.total += cost
         return True
 
     def used_at(self, now_ms: int) -> int:
@@ -85,7 +94,7 @@ class SlidingWindow:
 
         "Now" is the newest bucket seen; the answer assumes no further events arrive.
         """
-        remaining = sum(self.counts)
+        remaining = self.total
         if remaining < limit:
             return None
         for dropped in range(1, self.buckets + 1):
@@ -108,12 +117,15 @@ class SlidingWindow:
         """Take a stored state; one of another window shape (the policy changed) is ignored."""
         if len(state) == self.buckets + 1:
             self.newest_ms, self.counts = state[0], list(state[1:])
+            self.total = sum(self.counts)
 
     def _advance(self, bucket: int) -> None:
         shift = bucket - self.head
         if shift >= self.buckets:
             self.counts = [0] * self.buckets
+            self.total = 0
         elif shift > 0:
+            self.total -= sum(self.counts[:shift])
             self.counts = self.counts[shift:] + [0] * shift
 
 
@@ -131,6 +143,10 @@ class FixedWindow:
     lateness_ms: int | None = None
     newest_ms: int | None = None
     used: int = 0
+
+    @property
+    def span_ms(self) -> int:
+        return self.window_ms
 
     def add(self, event_time_ms: int, cost: int) -> bool:
         if self.newest_ms is not None:
@@ -182,7 +198,8 @@ class TokenBucket:
     Unlike a count, the bucket depends on the order of events (a full bucket wastes refill), so events
     inside the lateness bound are kept in ``pending`` as ``[time, cost]`` pairs, one per distinct
     millisecond, and replayed in time order; older events are folded into ``settled_tat_ms``. Memory:
-    at most ``lateness_ms`` pending pairs, usually a handful.
+    at most ``lateness_ms`` pending pairs. The replay's result is kept (``_tat_ms``) and moved on
+    directly by events in time order; only an event that arrives out of order costs a replay.
     """
 
     rate_per_s: float
@@ -191,27 +208,45 @@ class TokenBucket:
     settled_tat_ms: float = 0.0
     newest_ms: int = -1
     pending: list[list[int]] = field(default_factory=list)
+    _tat_ms: float | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def interval_ms(self) -> float:
         return 1000.0 / self.rate_per_s
 
     @property
+    def span_ms(self) -> int:
+        """The time an empty bucket takes to fill."""
+        return math.ceil(self.burst * self.interval_ms)
+
+    @property
     def tat_ms(self) -> float:
-        tat = self.settled_tat_ms
-        for t, cost in self.pending:
-            tat = max(tat, float(t)) + cost * self.interval_ms
-        return tat
+        if self._tat_ms is None:
+            tat = self.settled_tat_ms
+            for t, cost in self.pending:
+                tat = max(tat, float(t)) + cost * self.interval_ms
+            self._tat_ms = tat
+        return self._tat_ms
 
     def add(self, event_time_ms: int, cost: int) -> bool:
         horizon = self.newest_ms - self.lateness_ms
         if event_time_ms < horizon:
             return False
-        at = bisect.bisect_left(self.pending, [event_time_ms])
-        if at < len(self.pending) and self.pending[at][0] == event_time_ms:
-            self.pending[at][1] += cost
+        pending = self.pending
+        if not pending or event_time_ms >= pending[-1][0]:  # in time order: the kept result moves on
+            if pending and pending[-1][0] == event_time_ms:
+                pending[-1][1] += cost
+            else:
+                pending.append([event_time_ms, cost])
+            if self._tat_ms is not None:
+                self._tat_ms = max(self._tat_ms, float(event_time_ms)) + cost * self.interval_ms
         else:
-            self.pending.insert(at, [event_time_ms, cost])
+            at = bisect.bisect_left(pending, [event_time_ms])
+            if pending[at][0] == event_time_ms:
+                pending[at][1] += cost
+            else:
+                pending.insert(at, [event_time_ms, cost])
+            self._tat_ms = None
         if event_time_ms > self.newest_ms:
             self.newest_ms = event_time_ms
             self._settle(event_time_ms - self.lateness_ms)
@@ -240,6 +275,7 @@ class TokenBucket:
         if len(state) >= 2 and len(state) % 2 == 0:
             self.settled_tat_ms, self.newest_ms = state[0], int(state[1])
             self.pending = [[int(state[i]), int(state[i + 1])] for i in range(2, len(state), 2)]
+            self._tat_ms = None
 
     def _settle(self, horizon_ms: int) -> None:
         """Fold the pending events before ``horizon_ms`` (no late event can precede them any more)."""
@@ -285,6 +321,10 @@ class CalendarQuota:
                 return True
         self.newest_ms, self.used = event_time_ms, cost
         return True
+
+    @property
+    def span_ms(self) -> int:
+        return 86_400_000 if self.period == "day" else 31 * 86_400_000
 
     def used_at(self, now_ms: int) -> int:
         if self.newest_ms is None:

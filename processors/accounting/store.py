@@ -188,7 +188,7 @@ def _statements(sql: str) -> list[str]:
 
 def _schema_files() -> list[tuple[int, str, str]]:
     files = []
-    for entry in resources.files("processors.schema").iterdir():
+    for entry in resources.files("processors.accounting.schema").iterdir():
         if entry.name.endswith(".sql"):
             files.append((int(entry.name.split("_", 1)[0]), entry.name, entry.read_text()))
     return sorted(files)

@@ -1,9 +1,9 @@
 """Live usage: each limit key's current windows, mirrored to Redis for the quota report.
 
-Workers write ``{prefix}:usage:{limit_key}`` as a hash of policy name to encoded window, coalescing
-changes and flushing them every ``live_flush_interval_s``; the entry expires one window after the
-last event. The API decodes the windows with the same code the engine uses and evaluates them at the
-current time, so a report never needs the worker's state.
+Workers write ``{prefix}:usage:{limit_key}`` as a hash of policy name to encoded window
+(`encode_window`), coalescing changes and writing them every ``live_flush_interval_s``; the entry
+expires one window after the last write. The API decodes the windows with the same code the engine
+uses and evaluates them at the current time, so a report never needs the worker's state.
 """
 
 from __future__ import annotations
@@ -12,12 +12,11 @@ import logging
 from typing import cast
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from processors import metrics
-from processors.engine import Counted, decode_window, encode_window
-from processors.policy import PolicySet
-from processors.windows import Limiter
+from processors.core.policy import PolicySet
+from processors.core.state import KeyState, decode_window, encode_window
+from processors.core.windows import Limiter
 
 log = logging.getLogger(__name__)
 
@@ -36,39 +35,46 @@ if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
 end
 """
 
+_PIPELINE_KEYS = 2_000
+"""Keys written per round trip."""
+
 
 class LiveUsageWriter:
-    def __init__(self, redis: Redis, prefix: str) -> None:
+    """Keeps the keys changed since the last write (at most ``max_pending_keys``; past that the
+    oldest are dropped and counted: their next change writes them again)."""
+
+    def __init__(self, redis: Redis, prefix: str, max_pending_keys: int) -> None:
         self._redis = redis
         self._prefix = prefix
-        self._dirty: dict[tuple[str, str], Counted] = {}
+        self._max_pending = max_pending_keys
+        self._dirty: dict[str, KeyState] = {}
         self._write_windows = redis.register_script(_WRITE_WINDOWS)
 
-    def record(self, counted: list[Counted]) -> None:
-        for item in counted:
-            self._dirty[(item.policy.name, item.limit_key)] = item
+    def record(self, touched: dict[str, KeyState]) -> None:
+        self._dirty.update(touched)
+        excess = len(self._dirty) - self._max_pending
+        if excess > 0:
+            for key in list(self._dirty)[:excess]:
+                del self._dirty[key]
+            metrics.LIVE_USAGE_DROPPED.inc(excess)
 
     async def flush(self) -> None:
-        if not self._dirty:
-            return
-        dirty, self._dirty = self._dirty, {}
-        by_key: dict[str, list[Counted]] = {}
-        for item in dirty.values():
-            by_key.setdefault(item.limit_key, []).append(item)
-        try:
+        """Write the pending keys; on a Redis error the unwritten ones stay pending and it propagates."""
+        while self._dirty:
+            keys = list(self._dirty)[:_PIPELINE_KEYS]
             async with self._redis.pipeline(transaction=False) as pipe:
-                for limit_key, items in by_key.items():
-                    expiry_ms = round(max(item.policy.algorithm.window_s for item in items) * 1000)
+                for limit_key in keys:
+                    state = self._dirty[limit_key]
+                    if not state.windows:
+                        continue
+                    expiry_ms = max(window.span_ms for window in state.windows.values())
                     fields: list[str | bytes | int] = [expiry_ms]
-                    for item in items:
-                        fields += (item.policy.name, encode_window(item.window))
+                    for name, window in state.windows.items():
+                        fields += (name, encode_window(window))
                     await self._write_windows(keys=[usage_key(self._prefix, limit_key)], args=fields, client=pipe)
                 await pipe.execute()
-        except (RedisError, OSError) as exc:
-            metrics.REDIS_ERRORS.labels(kind=type(exc).__name__).inc()
-            log.warning("live usage flush failed; will retry", extra={"error": str(exc)})
-            dirty.update(self._dirty)
-            self._dirty = dirty
+            for limit_key in keys:
+                self._dirty.pop(limit_key, None)
 
 
 async def read_live_usage(

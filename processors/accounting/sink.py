@@ -38,7 +38,7 @@ from ingest.events import EventError, decode
 from processors import metrics
 from processors.settings import SinkSettings
 from processors.topics import ensure_topics
-from processors.usage_store import EVENT_COLUMNS, StoreError, UsageStore
+from processors.accounting.store import EVENT_COLUMNS, StoreError, UsageStore
 
 log = logging.getLogger(__name__)
 

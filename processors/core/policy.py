@@ -26,9 +26,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from ingest.blocklist import DIMENSIONS, Dimension, event_limit_key
+from ingest.denylist_entries import DIMENSIONS, Dimension, event_limit_key
 from ingest.events import UsageEvent
-from processors.windows import CalendarQuota, FixedWindow, Limiter, Period, SlidingWindow, TokenBucket
+from processors.core.windows import CalendarQuota, FixedWindow, Limiter, Period, SlidingWindow, TokenBucket
 
 
 MAX_UNITS = 10**15
@@ -49,14 +49,14 @@ class Match(_Strict):
     tenants: list[str] | None = Field(None, description="tenants; all when omitted")
     plans: list[str] | None = Field(None, description="plans of the calling key; all when omitted")
 
-    def applies_to(self, event: UsageEvent, plan: str | None) -> bool:
-        if self.methods is not None and event.method.upper() not in self.methods:
+    def applies_to(self, route: str, method: str, tenant: str, plan: str | None) -> bool:
+        if self.methods is not None and method.upper() not in self.methods:
             return False
-        if self.tenants is not None and event.tenant not in self.tenants:
+        if self.tenants is not None and tenant not in self.tenants:
             return False
         if self.plans is not None and plan not in self.plans:
             return False
-        return any(fnmatch.fnmatchcase(event.route, pattern) for pattern in self.routes)
+        return any(fnmatch.fnmatchcase(route, pattern) for pattern in self.routes)
 
     @model_validator(mode="after")
     def _upper_methods(self) -> Match:
@@ -187,10 +187,15 @@ class Policy(_Strict):
         return event_limit_key(self.key, event)
 
     def cost(self, event: UsageEvent) -> int:
+        route_cost = self.route_cost(event.route)
+        return event.cost if route_cost is None else route_cost
+
+    def route_cost(self, route: str) -> int | None:
+        """The cost ``route_costs`` sets for ``route``, or None: the event's own cost counts."""
         for pattern, cost in self.route_costs.items():
-            if fnmatch.fnmatchcase(event.route, pattern):
+            if fnmatch.fnmatchcase(route, pattern):
                 return cost
-        return event.cost
+        return None
 
     def new_window(self) -> Limiter:
         return self.algorithm.new_window(round(self.allowed_lateness_s * 1000))
@@ -204,16 +209,11 @@ class Plan(_Strict):
         return self.monthly_units if period == "month" else self.daily_units
 
 
-MATCHES_REMEMBERED = 10_000
-
-
 class PolicySet(_Strict):
     policies: list[Policy]
     plans: dict[str, Plan] = Field(default_factory=dict, description="plan name to its quotas")
     default_plan: str | None = Field(None, description="the plan of keys that name none")
-    _matches: dict[tuple[str, str, str | None, str | None], list[Policy]] = PrivateAttr(default_factory=dict)
-    """Remembered answers of `matching` (route, method, tenant, plan): route globs cost more than the
-    policies' arithmetic, and a gateway's events repeat a few combinations."""
+    _by_name: dict[str, Policy] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _unique_names(self) -> PolicySet:
@@ -229,6 +229,7 @@ class PolicySet(_Strict):
                 if not any(plan.units(algorithm.period) for plan in self.plans.values()):
                     field = "monthly_units" if algorithm.period == "month" else "daily_units"
                     raise ValueError(f"policy {policy.name!r}: a quota without a limit needs plans with {field}")
+        self._by_name.update((policy.name, policy) for policy in self.policies)
         return self
 
     def plan_of(self, event: UsageEvent) -> str | None:
@@ -237,13 +238,7 @@ class PolicySet(_Strict):
 
     def matching(self, event: UsageEvent) -> list[Policy]:
         plan = self.plan_of(event)
-        combination = (event.route, event.method, event.tenant, plan)
-        found = self._matches.get(combination)
-        if found is None:
-            if len(self._matches) >= MATCHES_REMEMBERED:
-                self._matches.clear()
-            found = self._matches[combination] = [p for p in self.policies if p.match.applies_to(event, plan)]
-        return found
+        return [p for p in self.policies if p.match.applies_to(event.route, event.method, event.tenant, plan)]
 
     def limit_of(self, policy: Policy, plan: str | None) -> int | None:
         """The policy's limit for a key on ``plan``; None when that plan sets no limit for it."""
@@ -262,7 +257,7 @@ class PolicySet(_Strict):
         return plan or ""
 
     def by_name(self, name: str) -> Policy | None:
-        return next((policy for policy in self.policies if policy.name == name), None)
+        return self._by_name.get(name)
 
 
 class PolicyFileError(ValueError):

@@ -18,8 +18,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
 
 from ingest.events import EventError, decode
-from processors import usage_queries
-from processors.usage_store import UsageStore
+from processors.accounting import queries as usage_queries
+from processors.accounting.store import UsageStore
 
 _partitioner = DefaultPartitioner()
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from ingest.events import UsageEvent
-from processors.engine import PolicyEngine
-from processors.policy import Policy, PolicySet
-from processors.usage_store import UsageStore
+from processors.core.engine import PolicyEngine
+from processors.core.policy import Policy, PolicySet
+from processors.accounting.store import UsageStore
 
 
 @dataclass
@@ -37,8 +37,7 @@ def replay(policy: Policy, policies: PolicySet, events: Iterable[UsageEvent]) ->
     alone = PolicySet(
         policies=[policy.model_copy(update={"shadow": False})], plans=policies.plans, default_plan=policies.default_plan
     )
-    engine = PolicyEngine(alone, {})
-    dims = None if policy.partitioned_by_api_key else policy.key
+    engine = PolicyEngine(alone)
     result = Backtest()
     for event in events:
         result.events += 1
@@ -46,7 +45,10 @@ def replay(policy: Policy, policies: PolicySet, events: Iterable[UsageEvent]) ->
         blocked = result.keys.get(key)
         if blocked is not None and blocked.intervals[-1][1] > event.event_time_ms:
             continue  # refused at the edge under this policy
-        for block in engine.apply(event, dims).blocks:
+        outcome = engine.apply(event)
+        for forward in outcome.forwards:  # a policy not keyed on api_key: applied by its own key
+            engine.apply_forwarded(forward, into=outcome)
+        for block in outcome.blocks:
             entry = result.keys.setdefault(block.limit_key, KeyBlocks(block.limit_key))
             entry.intervals.append((event.event_time_ms, block.until_ms))
     return result

@@ -1,0 +1,162 @@
+"""Everything the worker writes to Redis, off the path that applies events.
+
+The consumer loop hands blocks and changed keys to a `RedisPublisher` and carries on; the
+publisher's own task writes them. Pending work is coalesced per limit key (the longest block, the
+latest windows), so it is bounded by the number of keys, never by the event rate. A Redis that refuses
+connections or stops answering (a stopped process, a full network buffer) only delays these writes:
+consumption and decisions go on, and what is pending is written as soon as Redis answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from ingest.clock import wall_clock_ms
+from ingest.denylist_entries import Block
+from processors import metrics
+from processors.core.state import KeyState
+from processors.worker.denylist_writer import DenylistWriter
+from processors.worker.live_usage import LiveUsageWriter
+
+log = logging.getLogger(__name__)
+
+_MAX_BACKOFF_S = 1.0
+_MARKER_TTL_S = 600
+
+
+class RedisPublisher:
+    """Writes blocks (first) and live usage (every ``live_flush_interval_s``) from its own task.
+
+    ``blocks_in_force`` gives every block the worker's current state holds: if Redis lost the denylist
+    (it restarted empty), they are written again; a marker key that only this publisher writes tells.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        prefix: str,
+        marker: str,
+        blocks_in_force: Callable[[], list[Block]],
+        *,
+        live_flush_interval_s: float,
+        max_pending_keys: int,
+    ) -> None:
+        self._redis = redis
+        self._denylist = DenylistWriter(redis, prefix)
+        self._live = LiveUsageWriter(redis, prefix, max_pending_keys)
+        self._marker = marker
+        self._marked = False
+        self._blocks_in_force = blocks_in_force
+        self._interval_s = live_flush_interval_s
+        self._blocks: dict[str, tuple[Block, int | None]] = {}
+        """Limit key -> the block to write and the event time that caused it (None: not an event)."""
+        self._active: dict[str, int] = {}  # limit key -> until_ms of the blocks written
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="redis-publisher")
+
+    async def stop(self, timeout_s: float) -> None:
+        """Write what is pending (for at most ``timeout_s``), then stop."""
+        if self._task is None:
+            return
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._write()
+
+    def block(self, block: Block, event_time_ms: int | None) -> None:
+        """Queue a block (``until_ms == 0``: a lift); a longer one already queued for the key stays."""
+        queued = self._blocks.get(block.limit_key)
+        if queued is None or block.until_ms == 0 or queued[0].until_ms == 0 or block.until_ms > queued[0].until_ms:
+            self._blocks[block.limit_key] = (block, event_time_ms)
+        self._wake.set()
+
+    def usage(self, touched: dict[str, KeyState]) -> None:
+        self._live.record(touched)
+
+    @property
+    def pending_blocks(self) -> int:
+        return len(self._blocks)
+
+    async def _run(self) -> None:
+        backoff_s = 0.05
+        next_live = time.monotonic()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, next_live - time.monotonic())):
+                    await self._wake.wait()
+            self._wake.clear()
+            live_due = time.monotonic() >= next_live
+            if live_due:
+                next_live = time.monotonic() + self._interval_s
+            if await self._write(live=live_due):
+                backoff_s = 0.05
+                continue
+            await asyncio.sleep(backoff_s)  # Redis failed: try again soon, a little later each time
+            backoff_s = min(backoff_s * 2, _MAX_BACKOFF_S)
+            self._wake.set()
+
+    async def _write(self, live: bool = True) -> bool:
+        """One round: pending blocks, then (if ``live``) the denylist check and live usage. False if
+        Redis failed; what failed stays pending."""
+        try:
+            await self._write_blocks()
+            if live:
+                await self._restore_denylist()
+                await self._live.flush()
+                self._expire_active()
+        except (RedisError, OSError) as exc:
+            metrics.REDIS_ERRORS.labels(kind=type(exc).__name__).inc()
+            log.warning("redis write failed; will retry", extra={"error": str(exc)})
+            return False
+        return True
+
+    async def _write_blocks(self) -> None:
+        if not self._blocks:
+            return
+        pending, self._blocks = self._blocks, {}
+        try:
+            written = await self._denylist.publish([block for block, _ in pending.values()])
+        except BaseException:
+            for key, item in pending.items():  # keep them, unless a newer decision came meanwhile
+                self._blocks.setdefault(key, item)
+            raise
+        now_s = time.time()
+        for block, event_time_ms in pending.values():
+            if block.until_ms == 0:
+                self._active.pop(block.limit_key, None)
+                continue
+            self._active[block.limit_key] = block.until_ms
+            if event_time_ms is not None:
+                metrics.PROCESSING_SECONDS.observe(max(0.0, now_s - event_time_ms / 1000))
+        metrics.ACTIVE_BLOCKS.set(len(self._active))
+        log.info("blocks written", extra={"blocks": written})
+
+    async def _restore_denylist(self) -> None:
+        """If Redis lost the denylist (restarted empty), write every block still in force again;
+        edges pick them up through pub/sub."""
+        if await self._redis.expire(self._marker, _MARKER_TTL_S):
+            return
+        blocks = self._blocks_in_force()
+        await self._denylist.publish(blocks)
+        await self._redis.set(self._marker, b"1", ex=_MARKER_TTL_S)
+        if self._marked:  # not the first check after start-up: Redis did lose what was written
+            metrics.DENYLIST_RESTORES.inc()
+            log.warning("Redis had lost the denylist; blocks in force written again", extra={"blocks": len(blocks)})
+        self._marked = True
+
+    def _expire_active(self) -> None:
+        now_ms = wall_clock_ms()
+        self._active = {key: until for key, until in self._active.items() if until > now_ms}
+        metrics.ACTIVE_BLOCKS.set(len(self._active))

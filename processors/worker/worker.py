@@ -1,0 +1,389 @@
+"""The stream worker: usage events in batches per partition → policy decisions → the Redis denylist.
+
+One `StreamWorker` per process, in a Kafka consumer group over two topics of equal partition count:
+
+- the **events topic**, partitioned by API key: the policies keyed on ``api_key`` are applied where
+  the events arrive, and each event is forwarded once per other limit key a matching policy uses
+  (``tenant``, ``ip``…), packed per batch (`regroup`);
+- the **regroup topic**, partitioned by those limit keys: the policies keyed on them are applied.
+
+Records are read with ``getmany`` (thousands per call), decoded with msgspec and applied to live
+`KeyState` objects kept per input partition. Blocks and live usage go to a `RedisPublisher` whose
+own task writes them, so Redis never holds up consumption. Every ``state_flush_interval_s`` the keys
+that changed are written to the partition's changelog (`changelog`), and once Kafka has acknowledged
+them, and every forward and dead letter sent before, the consumed offsets are committed. On
+assignment a partition's state is read back from its changelog; on revocation it is flushed and
+dropped. Because each stored key says which input it includes, an event is counted exactly once per
+key after any crash, restart or rebalance (see `changelog`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+import msgspec
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.structs import OffsetAndMetadata
+
+from ingest.clock import Clock, wall_clock_ms
+from ingest.denylist_entries import Block
+from ingest.events import EventError, decode
+from processors import metrics
+from processors.core.engine import Outcome, PolicyEngine
+from processors.core.policy import PolicySet
+from processors.core.state import KeyState, encode_key_state
+from processors.redis_client import redis_client
+from processors.settings import WorkerSettings
+from processors.topics import ensure_topics
+from processors.worker import changelog, regroup
+from processors.worker.publisher import RedisPublisher
+
+log = logging.getLogger(__name__)
+
+Record: TypeAlias = ConsumerRecord[bytes, bytes]
+
+
+@dataclass(eq=False)
+class Partition:
+    """One input partition this worker owns: its keys and how far they go."""
+
+    tp: TopicPartition
+    engine: PolicyEngine
+    regrouped: bool
+    next_offset: int = -1
+    """The offset after the last record applied (-1: none yet)."""
+    committed: int = -1
+    """The offset this worker last committed for it (-1: none yet)."""
+    watermark_ms: int = 0
+    """The newest event time applied: idle keys are found by it, not by the wall clock."""
+    dirty: set[str] = field(default_factory=set)
+    """Keys changed (or dropped) since the last flush."""
+
+
+class StreamWorker:
+    """Create and start inside the running event loop; `stop` flushes, commits and leaves the group."""
+
+    def __init__(self, settings: WorkerSettings, policies: PolicySet, *, clock: Clock = wall_clock_ms) -> None:
+        self._settings = settings
+        self._policies = policies
+        self._clock = clock
+        self._group = settings.worker_group
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap,
+            group_id=self._group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            session_timeout_ms=round(settings.worker_session_timeout_s * 1000),
+            heartbeat_interval_ms=2_000,
+        )
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=settings.kafka_bootstrap,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=5,
+            max_batch_size=1024 * 1024,
+            max_request_size=4 * 1024 * 1024,
+        )
+        self._redis = redis_client(settings.redis_url, settings.redis_timeout_s)
+        self._publisher = RedisPublisher(
+            self._redis,
+            settings.redis_prefix,
+            marker=f"{settings.redis_prefix}:denylist-writer:{uuid.uuid4().hex}",
+            blocks_in_force=self._blocks_in_force,
+            live_flush_interval_s=settings.live_flush_interval_s,
+            max_pending_keys=settings.live_usage_max_pending_keys,
+        )
+        self._partitions: dict[TopicPartition, Partition] = {}
+        self._parked: dict[TopicPartition, Partition] = {}
+        """Partitions revoked in a rebalance still under way: kept if they come straight back."""
+        self._deliveries: list[asyncio.Future[Any]] = []
+        """Forwards and dead letters sent since the last flush, not yet known to be acknowledged."""
+        self._regroup_partitions = settings.events_partitions
+        self._lock = asyncio.Lock()
+        """Held while records are applied or state is flushed, so a rebalance finds a consistent state."""
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        settings = self._settings
+        inputs = [settings.events_topic, settings.regroup_topic]
+        await ensure_topics(
+            settings.kafka_bootstrap,
+            {settings.events_topic: settings.events_partitions, settings.regroup_topic: settings.events_partitions,
+             settings.dead_letter_topic: 1},
+            replication_factor=settings.topic_replication_factor,
+        )  # fmt: skip
+        await self._producer.start()
+        counts = {topic: len(await self._producer.partitions_for(topic)) for topic in inputs}
+        self._regroup_partitions = counts[settings.regroup_topic]
+        await ensure_topics(
+            settings.kafka_bootstrap,
+            {changelog.changelog_topic(self._group, topic): count for topic, count in counts.items()},
+            replication_factor=settings.topic_replication_factor,
+            configs={changelog.changelog_topic(self._group, topic): changelog.TOPIC_CONFIG for topic in inputs},
+        )
+        self._consumer.subscribe(inputs, listener=_Rebalance(self))
+        await self._consumer.start()
+        self._publisher.start()
+        self._task = asyncio.create_task(self._run(), name="stream-worker")
+
+    async def crashed(self) -> BaseException:
+        """Wait until the consumer loop fails for good; return why (never returns after `stop`)."""
+        assert self._task is not None
+        await asyncio.wait([self._task])
+        error = None if self._task.cancelled() else self._task.exception()
+        if error is None:
+            await asyncio.Event().wait()  # stopped on request: never a crash
+        assert error is not None
+        return error
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._task is not None:
+            await asyncio.wait([self._task])
+        try:
+            async with self._lock:
+                await self._flush(list(self._partitions.values()))
+        except KafkaError as exc:
+            log.warning("final flush failed; the next owner reads the rest again", extra={"error": str(exc)})
+        await self._consumer.stop()
+        await self._producer.stop()
+        await self._publisher.stop(timeout_s=5.0)
+        await self._redis.aclose()
+
+    async def replace_policies(self, policies: PolicySet) -> None:
+        """Apply a changed policy set now; blocks of removed or changed policies are recomputed."""
+        async with self._lock:
+            self._policies = policies
+            now_ms = self._clock()
+            changed = 0
+            for part in self._partitions.values():
+                changes = part.engine.replace_policies(policies)
+                part.dirty.update(part.engine.state)
+                for block in changes:
+                    lift = block if block.until_ms > now_ms else msgspec.structs.replace(block, until_ms=0)
+                    self._publisher.block(lift, None)
+                changed += len(changes)
+        log.info("policies replaced", extra={"policies": [p.name for p in policies.policies], "blocks_changed": changed})
+
+    # The consumer loop -----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        settings = self._settings
+        next_flush = next_evict = time.monotonic()
+        while not self._stopping.is_set():
+            fetched = await self._consumer.getmany(timeout_ms=100, max_records=settings.worker_batch_max_records)
+            async with self._lock:
+                for tp, records in fetched.items():
+                    part = self._partitions.get(tp)
+                    if part is None or not records:
+                        continue  # revoked meanwhile: its next owner reads them
+                    if part.regrouped:
+                        await self._apply_forwards(part, records)
+                    else:
+                        await self._apply_events(part, records)
+                now = time.monotonic()
+                if now >= next_flush:
+                    await self._flush(list(self._partitions.values()))
+                    next_flush = now + settings.state_flush_interval_s
+                if now >= next_evict:
+                    self._evict()
+                    next_evict = now + settings.evict_interval_s
+
+    async def _apply_events(self, part: Partition, records: list[Record]) -> None:
+        skew_ms = round(self._settings.max_future_skew_s * 1000)
+        now_ms = self._clock()
+        outcome = Outcome()
+        engine, partition = part.engine, part.tp.partition
+        watermark = part.watermark_ms
+        applied = 0
+        for record in records:
+            try:
+                event = decode(record.value or b"")
+            except EventError as exc:
+                await self._dead_letter(record, exc.kind, exc.reason)
+                continue
+            t = event.event_time_ms
+            if t > now_ms + skew_ms:
+                reason = (f"event time {t} is {(t - now_ms) / 1000:.1f} s ahead of the worker's clock "
+                          f"(at most {self._settings.max_future_skew_s:g} s allowed)")  # fmt: skip
+                await self._dead_letter(record, "future_event_time", reason)
+                continue
+            if t > watermark:
+                watermark = t
+            engine.apply(event, (partition, record.offset), outcome)
+            applied += 1
+        part.watermark_ms = watermark
+        part.next_offset = records[-1].offset + 1
+        metrics.EVENTS_CONSUMED.inc(applied)
+        for target, value in regroup.pack(outcome.forwards, self._regroup_partitions):
+            self._deliveries.append(await self._producer.send(self._settings.regroup_topic, value, partition=target))
+        metrics.FORWARDS_SENT.inc(len(outcome.forwards))
+        self._conclude(part, outcome)
+
+    async def _apply_forwards(self, part: Partition, records: list[Record]) -> None:
+        outcome = Outcome()
+        engine = part.engine
+        watermark = part.watermark_ms
+        applied = 0
+        for record in records:
+            try:
+                forwards = regroup.unpack(record.value or b"")
+            except msgspec.DecodeError as exc:
+                await self._dead_letter(record, "malformed", f"not a regroup record: {exc}")
+                continue
+            for forward in forwards:
+                if forward.event_time_ms > watermark:
+                    watermark = forward.event_time_ms
+                engine.apply_forwarded(forward, record.offset, outcome)
+            applied += len(forwards)
+        part.watermark_ms = watermark
+        part.next_offset = records[-1].offset + 1
+        metrics.FORWARDS_APPLIED.inc(applied)
+        self._conclude(part, outcome)
+
+    def _conclude(self, part: Partition, outcome: Outcome) -> None:
+        """Hand a batch's results on: changed keys to the next flush and to live usage, blocks to Redis."""
+        part.dirty.update(outcome.touched)
+        self._publisher.usage(outcome.touched)
+        for block in outcome.blocks:
+            metrics.DECISIONS.labels(policy=block.policy, outcome="block").inc()
+            self._publisher.block(block, outcome.breaches.get(block.limit_key))
+        for block in outcome.shadow_blocks:
+            metrics.DECISIONS.labels(policy=block.policy, outcome="shadow_block").inc()
+        if outcome.late:
+            metrics.EVENTS_LATE.inc(outcome.late)
+        if outcome.repeated:
+            metrics.EVENTS_REDELIVERED.inc(outcome.repeated)
+
+    async def _dead_letter(self, record: Record, kind: str, reason: str) -> None:
+        """Forward the original bytes with the reason in a ``reason`` header, and carry on."""
+        metrics.EVENTS_DEAD_LETTERED.labels(reason=kind).inc()
+        log.warning("dead-lettered event", extra={"reason": reason, "partition": record.partition, "offset": record.offset})
+        delivery = await self._producer.send(
+            self._settings.dead_letter_topic, record.value, key=record.key, headers=[("reason", reason.encode())]
+        )
+        self._deliveries.append(delivery)
+
+    # State: flush, eviction, rebalancing ------------------------------------------------------------
+
+    async def _flush(self, partitions: list[Partition]) -> None:
+        """Write the changed keys of ``partitions`` to their changelogs; once Kafka has acknowledged
+        them and every forward and dead letter sent before, commit the offsets they cover."""
+        started = time.perf_counter()
+        sends = []
+        for part in partitions:
+            topic = changelog.changelog_topic(self._group, part.tp.topic)
+            state = part.engine.state
+            for key in part.dirty:
+                value = encode_key_state(state[key]) if key in state else None
+                sends.append(await self._producer.send(topic, value, key=key.encode(), partition=part.tp.partition))
+            metrics.STATE_RECORDS_WRITTEN.inc(len(part.dirty))
+            part.dirty.clear()
+        deliveries, self._deliveries = self._deliveries + sends, []
+        await asyncio.gather(*deliveries)  # a refusal here stops the worker: its restart reads on from the commit
+        if self._settings.state_commit_delay_s:
+            await asyncio.sleep(self._settings.state_commit_delay_s)
+        offsets = {p.tp: p.next_offset for p in partitions if p.next_offset > p.committed}
+        if offsets:
+            try:
+                await self._consumer.commit({tp: OffsetAndMetadata(offset, "") for tp, offset in offsets.items()})
+            except (CommitFailedError, KafkaError) as exc:  # the partitions moved: their new owner reads on
+                metrics.WORKER_ERRORS.labels(kind="commit").inc()
+                log.warning("offset commit failed", extra={"error": str(exc)})
+                return
+            for part in partitions:
+                if part.tp in offsets:
+                    part.committed = offsets[part.tp]
+        metrics.STATE_FLUSH_SECONDS.observe(time.perf_counter() - started)
+
+    def _evict(self) -> None:
+        """Drop idle keys (by each partition's event-time watermark) whose state is already covered by
+        a commit, so reading the input again can never reach them."""
+        evicted = tracked = 0
+        for part in self._partitions.values():
+            state = part.engine.state
+            for key in part.engine.idle_keys(part.watermark_ms):
+                if state[key].version < part.committed:
+                    del state[key]
+                    part.dirty.add(key)
+                    evicted += 1
+            tracked += len(state)
+        metrics.TRACKED_KEYS.set(tracked)
+        if evicted:
+            metrics.KEYS_EVICTED.inc(evicted)
+            log.info("evicted idle keys", extra={"evicted": evicted, "tracked": tracked})
+
+    def _blocks_in_force(self) -> list[Block]:
+        now_ms = self._clock()
+        return [block for part in self._partitions.values() for block in part.engine.blocks_in_force(now_ms)]
+
+    async def _revoked(self, revoked: set[TopicPartition]) -> None:
+        """Flush everything (the forwards of every partition must be durable before any commit), then
+        put the revoked partitions aside until the assignment says whether they come back."""
+        async with self._lock:
+            try:
+                await self._flush(list(self._partitions.values()))
+            except KafkaError as exc:
+                log.warning("flush before a rebalance failed", extra={"error": str(exc)})
+            for tp in revoked:
+                part = self._partitions.pop(tp, None)
+                if part is not None:
+                    self._parked[tp] = part
+
+    async def _assigned(self, assigned: set[TopicPartition]) -> None:
+        """Take over ``assigned``: a partition given back unchanged keeps its state in memory, every
+        other one is read from its changelog. Blocks in force are queued for Redis again (the previous
+        owner may have decided them without writing them)."""
+        async with self._lock:
+            started = time.perf_counter()
+            parked, self._parked = self._parked, {}
+            committed = await self._committed(assigned) if parked else {}
+            restore = []
+            for tp in assigned:
+                part = parked.get(tp)
+                if part is not None and part.committed == part.next_offset == committed.get(tp, -1):
+                    self._partitions[tp] = part
+                else:
+                    restore.append(tp)
+            changelogs = [TopicPartition(changelog.changelog_topic(self._group, tp.topic), tp.partition) for tp in restore]
+            states = await changelog.restore(self._settings.kafka_bootstrap, changelogs, self._policies)
+            now_ms = self._clock()
+            keys = 0
+            for tp, source in zip(restore, changelogs):
+                engine = PolicyEngine(self._policies, states[source])
+                self._partitions[tp] = Partition(tp, engine, regrouped=tp.topic == self._settings.regroup_topic)
+                for block in engine.blocks_in_force(now_ms):
+                    self._publisher.block(block, None)
+                keys += len(engine.state)
+            log.info("partitions assigned", extra={"partitions": sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),
+                     "restored": len(restore), "keys_restored": keys, "seconds": round(time.perf_counter() - started, 3)})  # fmt: skip
+
+    async def _committed(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=self._settings.kafka_bootstrap)
+        await admin.start()
+        try:
+            offsets = await admin.list_consumer_group_offsets(self._group, partitions=list(partitions))
+        finally:
+            await admin.close()
+        return {tp: meta.offset for tp, meta in offsets.items()}
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, worker: StreamWorker) -> None:
+        self._worker = worker
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._worker._revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self._worker._assigned(assigned)
