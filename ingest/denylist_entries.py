@@ -66,6 +66,8 @@ def limit_key(pairs: list[tuple[str, str]]) -> str:
 
 def event_limit_key(dims: tuple[str, ...], event: UsageEvent) -> str:
     """The limit key of ``event`` for a policy keyed on ``dims`` (in `DIMENSIONS` order)."""
+    if len(dims) == 1:  # the usual case, on every event: spare the join
+        return f"{dims[0]}={getattr(event, _EVENT_FIELD[dims[0]])}"
     return limit_key([(dim, getattr(event, _EVENT_FIELD[dim])) for dim in dims])
 
 

@@ -37,6 +37,9 @@ LIVE_USAGE_DROPPED = Counter(
     "throttlex_worker_live_usage_dropped_total",
     "Live-usage writes dropped while Redis was behind (the key is written again at its next change)",
 )
+ASSIGNED_PARTITIONS = Gauge(
+    "throttlex_worker_assigned_partitions", "Input partitions (events and regroup topics) this worker owns"
+)
 TRACKED_KEYS = Gauge("throttlex_worker_state_entries", "Limit keys in this worker's state")
 KEYS_EVICTED = Counter("throttlex_worker_evicted_total", "Idle limit keys dropped from the state")
 POLICY_RELOADS = Counter("throttlex_policy_reloads_total", "Policy file changes, by outcome: applied, refused, or ignored (the registry's document is in force)", ["outcome"])

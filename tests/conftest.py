@@ -25,7 +25,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 from prometheus_client.parser import text_string_to_metric_families
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
@@ -34,7 +34,11 @@ from redis.exceptions import RedisError
 from ingest.events import UsageEvent, encode, key_id_for
 from ingest.keys import KeyRecord
 from ingest.settings import ConnectionSettings
+from processors.core.policy import PolicySet
+from processors.core.state import KeyState
 from processors.registry import open_registry
+from processors.worker.changelog import changelog_topic
+from processors.worker.changelog import restore as restore_changelog
 from processors.accounting.store import UsageStore
 from processors.topics import ensure_topics
 
@@ -355,3 +359,49 @@ def private_kafka(tmp_path: Path) -> Iterator[PrivateKafka]:
         yield kafka
     finally:
         kafka.run("down")
+
+
+async def topic_ends(sandbox: Sandbox, topics: list[str]) -> dict[TopicPartition, int]:
+    """The end offset of every partition of ``topics``."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=sandbox.kafka_bootstrap)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for topic in topics for p in range(EVENTS_PARTITIONS)]
+        ends: dict[TopicPartition, int] = await consumer.end_offsets(partitions)
+        return ends
+    finally:
+        await consumer.stop()
+
+
+async def wait_until_worker_committed(sandbox: Sandbox, timeout_s: float = 60.0) -> None:
+    """Wait until the workers have committed everything on the events and regroup topics, so every
+    event sent so far is applied and its state written."""
+    group = sandbox.env["THROTTLEX_WORKER_GROUP"]
+    events = sandbox.env["THROTTLEX_EVENTS_TOPIC"]
+
+    async def committed() -> bool:
+        ends = await topic_ends(sandbox, [events, f"{events}.regrouped"])
+        admin = AIOKafkaAdminClient(bootstrap_servers=sandbox.kafka_bootstrap)
+        await admin.start()
+        try:
+            done = {tp: meta.offset for tp, meta in (await admin.list_consumer_group_offsets(group)).items()}
+        finally:
+            await admin.close()
+        return all(done.get(tp, 0) >= end for tp, end in ends.items())
+
+    await eventually(committed, timeout_s=timeout_s, what="the workers to commit every event")
+
+
+async def worker_state(sandbox: Sandbox, policies: PolicySet) -> dict[str, KeyState]:
+    """Every limit key's state as the workers' changelogs hold it (what a new worker would restore)."""
+    group = sandbox.env["THROTTLEX_WORKER_GROUP"]
+    events = sandbox.env["THROTTLEX_EVENTS_TOPIC"]
+    sources = [TopicPartition(changelog_topic(group, topic), p)
+               for topic in (events, f"{events}.regrouped") for p in range(EVENTS_PARTITIONS)]  # fmt: skip
+    states = await restore_changelog(sandbox.kafka_bootstrap, sources, policies)
+    return {key: state for keys in states.values() for key, state in keys.items()}
+
+
+def window_counts(states: dict[str, KeyState], policy: str, now_ms: int) -> dict[str, int]:
+    """Units each key's window of ``policy`` holds at ``now_ms`` (keys without that window left out)."""
+    return {key: state.windows[policy].used_at(now_ms) for key, state in states.items() if policy in state.windows}

@@ -196,10 +196,10 @@ class TokenBucket:
     less than one token, and admitted at the instant it holds one again.
 
     Unlike a count, the bucket depends on the order of events (a full bucket wastes refill), so events
-    inside the lateness bound are kept in ``pending`` as ``[time, cost]`` pairs, one per distinct
-    millisecond, and replayed in time order; older events are folded into ``settled_tat_ms``. Memory:
-    at most ``lateness_ms`` pending pairs. The replay's result is kept (``_tat_ms``) and moved on
-    directly by events in time order; only an event that arrives out of order costs a replay.
+    inside the lateness bound are kept in ``pending`` as ``[time, cost, tat after it]``, one per
+    distinct millisecond, in time order; older events are folded into ``settled_tat_ms``. An event in
+    time order moves ``tat_ms`` on directly; one that arrives out of order is inserted and the entries
+    after it are replayed. Memory: at most ``lateness_ms`` pending entries.
     """
 
     rate_per_s: float
@@ -207,8 +207,7 @@ class TokenBucket:
     lateness_ms: int = 0
     settled_tat_ms: float = 0.0
     newest_ms: int = -1
-    pending: list[list[int]] = field(default_factory=list)
-    _tat_ms: float | None = field(default=None, init=False, repr=False, compare=False)
+    pending: list[list[float]] = field(default_factory=list)
 
     @property
     def interval_ms(self) -> float:
@@ -221,32 +220,19 @@ class TokenBucket:
 
     @property
     def tat_ms(self) -> float:
-        if self._tat_ms is None:
-            tat = self.settled_tat_ms
-            for t, cost in self.pending:
-                tat = max(tat, float(t)) + cost * self.interval_ms
-            self._tat_ms = tat
-        return self._tat_ms
+        return self.pending[-1][2] if self.pending else self.settled_tat_ms
 
     def add(self, event_time_ms: int, cost: int) -> bool:
         horizon = self.newest_ms - self.lateness_ms
         if event_time_ms < horizon:
             return False
         pending = self.pending
-        if not pending or event_time_ms >= pending[-1][0]:  # in time order: the kept result moves on
-            if pending and pending[-1][0] == event_time_ms:
-                pending[-1][1] += cost
-            else:
-                pending.append([event_time_ms, cost])
-            if self._tat_ms is not None:
-                self._tat_ms = max(self._tat_ms, float(event_time_ms)) + cost * self.interval_ms
+        at = len(pending) if not pending or event_time_ms > pending[-1][0] else bisect.bisect_left(pending, [event_time_ms])
+        if at < len(pending) and pending[at][0] == event_time_ms:
+            pending[at][1] += cost
         else:
-            at = bisect.bisect_left(pending, [event_time_ms])
-            if pending[at][0] == event_time_ms:
-                pending[at][1] += cost
-            else:
-                pending.insert(at, [event_time_ms, cost])
-            self._tat_ms = None
+            pending.insert(at, [event_time_ms, cost, 0.0])
+        self._replay(at)
         if event_time_ms > self.newest_ms:
             self.newest_ms = event_time_ms
             self._settle(event_time_ms - self.lateness_ms)
@@ -269,23 +255,29 @@ class TokenBucket:
         return math.ceil(tat) if self.newest_ms >= 0 and tat > self.newest_ms else None
 
     def to_state(self) -> list[float]:
-        return [self.settled_tat_ms, self.newest_ms, *(x for pair in self.pending for x in pair)]
+        return [self.settled_tat_ms, self.newest_ms, *(x for t, cost, _ in self.pending for x in (int(t), int(cost)))]
 
     def restore(self, state: list[float]) -> None:
         if len(state) >= 2 and len(state) % 2 == 0:
             self.settled_tat_ms, self.newest_ms = state[0], int(state[1])
-            self.pending = [[int(state[i]), int(state[i + 1])] for i in range(2, len(state), 2)]
-            self._tat_ms = None
+            self.pending = [[int(state[i]), int(state[i + 1]), 0.0] for i in range(2, len(state), 2)]
+            self._replay(0)
+
+    def _replay(self, start: int) -> None:
+        """Recompute the ``tat`` of the pending entries from ``start`` on."""
+        pending, interval = self.pending, self.interval_ms
+        tat = pending[start - 1][2] if start else self.settled_tat_ms
+        for index in range(start, len(pending)):
+            entry = pending[index]
+            tat = max(tat, entry[0]) + entry[1] * interval
+            entry[2] = tat
 
     def _settle(self, horizon_ms: int) -> None:
         """Fold the pending events before ``horizon_ms`` (no late event can precede them any more)."""
-        settled = 0
-        for t, cost in self.pending:
-            if t >= horizon_ms:
-                break
-            self.settled_tat_ms = max(self.settled_tat_ms, float(t)) + cost * self.interval_ms
-            settled += 1
-        del self.pending[:settled]
+        settled = bisect.bisect_left(self.pending, [horizon_ms])
+        if settled:
+            self.settled_tat_ms = self.pending[settled - 1][2]
+            del self.pending[:settled]
 
 
 Period = Literal["day", "month"]

@@ -40,8 +40,10 @@ async def restore(
     states: dict[TopicPartition, dict[str, KeyState]] = {tp: {} for tp in partitions}
     if not partitions:
         return states
+    # "earliest" also for the position a fresh assignment starts from: with "latest", that reset could
+    # land after the seek below and the partition would look read to its end.
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                                max_partition_fetch_bytes=8 * 1024 * 1024)  # fmt: skip
+                                auto_offset_reset="earliest", max_partition_fetch_bytes=8 * 1024 * 1024)  # fmt: skip
     await consumer.start()
     try:
         consumer.assign(partitions)

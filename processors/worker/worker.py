@@ -20,6 +20,7 @@ key after any crash, restart or rebalance (see `changelog`).
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 import uuid
@@ -37,7 +38,7 @@ from ingest.clock import Clock, wall_clock_ms
 from ingest.denylist_entries import Block
 from ingest.events import EventError, decode
 from processors import metrics
-from processors.core.engine import Outcome, PolicyEngine
+from processors.core.engine import Forward, Outcome, PolicyEngine
 from processors.core.policy import PolicySet
 from processors.core.state import KeyState, encode_key_state
 from processors.redis_client import redis_client
@@ -81,7 +82,9 @@ class StreamWorker:
             group_id=self._group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            max_partition_fetch_bytes=4 * 1024 * 1024,
+            # Small fetches per partition keep the partitions of one batch close in event time, so the
+            # regrouped keys see their events nearly in order (a token bucket replays out-of-order ones).
+            max_partition_fetch_bytes=1024 * 1024,
             session_timeout_ms=round(settings.worker_session_timeout_s * 1000),
             heartbeat_interval_ms=2_000,
         )
@@ -231,10 +234,10 @@ class StreamWorker:
         self._conclude(part, outcome)
 
     async def _apply_forwards(self, part: Partition, records: list[Record]) -> None:
-        outcome = Outcome()
-        engine = part.engine
-        watermark = part.watermark_ms
-        applied = 0
+        """Apply a batch of regroup records. Their forwards are merged by event time across the events
+        partitions they came from (each one's own order kept), so a key sees its events nearly in
+        time order however unevenly the events partitions were read."""
+        by_source: dict[int, list[tuple[int, Forward, int]]] = {}
         for record in records:
             try:
                 forwards = regroup.unpack(record.value or b"")
@@ -242,10 +245,16 @@ class StreamWorker:
                 await self._dead_letter(record, "malformed", f"not a regroup record: {exc}")
                 continue
             for forward in forwards:
-                if forward.event_time_ms > watermark:
-                    watermark = forward.event_time_ms
-                engine.apply_forwarded(forward, record.offset, outcome)
-            applied += len(forwards)
+                by_source.setdefault(forward.source_partition, []).append((forward.event_time_ms, forward, record.offset))
+        outcome = Outcome()
+        engine = part.engine
+        watermark = part.watermark_ms
+        applied = 0
+        for t, forward, offset in heapq.merge(*by_source.values(), key=_event_time):
+            engine.apply_forwarded(forward, offset, outcome)
+            if t > watermark:
+                watermark = t
+            applied += 1
         part.watermark_ms = watermark
         part.next_offset = records[-1].offset + 1
         metrics.FORWARDS_APPLIED.inc(applied)
@@ -339,6 +348,7 @@ class StreamWorker:
                 part = self._partitions.pop(tp, None)
                 if part is not None:
                     self._parked[tp] = part
+            metrics.ASSIGNED_PARTITIONS.set(len(self._partitions))
 
     async def _assigned(self, assigned: set[TopicPartition]) -> None:
         """Take over ``assigned``: a partition given back unchanged keeps its state in memory, every
@@ -365,6 +375,8 @@ class StreamWorker:
                 for block in engine.blocks_in_force(now_ms):
                     self._publisher.block(block, None)
                 keys += len(engine.state)
+            metrics.ASSIGNED_PARTITIONS.set(len(self._partitions))
+            metrics.TRACKED_KEYS.set(sum(len(part.engine.state) for part in self._partitions.values()))
             log.info("partitions assigned", extra={"partitions": sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),
                      "restored": len(restore), "keys_restored": keys, "seconds": round(time.perf_counter() - started, 3)})  # fmt: skip
 
@@ -376,6 +388,10 @@ class StreamWorker:
         finally:
             await admin.close()
         return {tp: meta.offset for tp, meta in offsets.items()}
+
+
+def _event_time(item: tuple[int, Forward, int]) -> int:
+    return item[0]
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -6,17 +6,18 @@ import uuid
 from collections.abc import Callable
 
 import pytest
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from redis.asyncio import Redis
 
 from ingest import denylist_entries
 from ingest.denylist_entries import limit_key
 from ingest.clock import wall_clock_ms
 from ingest.denylist import EdgeDenylist
-from ingest.events import UsageEvent, key_id_for
+from ingest.events import UsageEvent, encode, key_id_for
 from ingest.settings import ConnectionSettings
 from processors.core.windows import SlidingWindow
-from tests.conftest import EventSender, RoleProcess, Sandbox, eventually
+from processors.worker import regroup
+from tests.conftest import EVENTS_PARTITIONS, EventSender, RoleProcess, Sandbox, eventually
 from tests.factories import make_event
 
 pytestmark = pytest.mark.integration
@@ -100,6 +101,73 @@ async def test_bad_event_goes_to_the_dead_letter_topic_and_processing_continues(
     block_key = denylist_entries.block_key(settings.redis_prefix, limit_key([("api_key", key)]))
     await eventually(lambda: redis.exists(block_key), what="the block after the bad event")
 
+    [record] = await dead_letters(sandbox, 1)
+    assert record.value == b'{"v": 7, "event_id": "x"}'
+    assert record.key == key.encode()
+    assert dict(record.headers)["reason"] == b"unknown schema version 7 (this build reads v1)"
+
+
+async def test_an_event_under_two_regrouped_policies_counts_for_both_on_one_regroup_partition(
+    sandbox: Sandbox, spawn: Callable[..., RoleProcess], producer: EventSender, redis: Redis
+) -> None:
+    """One event matches a policy on [tenant] and one on [ip]; both limit keys are regrouped to the same
+    partition, carrying the same source offset. Each key counts it, so both limits block."""
+    prefix = sandbox.env["THROTTLEX_REDIS_PREFIX"]
+    policy_file = sandbox.root / "policies.yaml"
+    policy_file.write_text(
+        "policies:\n"
+        "  - name: per-tenant\n    key: [tenant]\n    algorithm: {type: sliding_window, limit: 5, window_s: 60, bucket_s: 1}\n"
+        "  - name: per-ip\n    key: [ip]\n    algorithm: {type: sliding_window, limit: 5, window_s: 60, bucket_s: 1}\n"
+    )
+    tenant = "acme"
+    ip = next(f"192.0.2.{n}" for n in range(1, 255)
+              if regroup.partition_of(f"ip=192.0.2.{n}", EVENTS_PARTITIONS) == regroup.partition_of(f"tenant={tenant}", EVENTS_PARTITIONS))  # fmt: skip
+    spawn("worker", "--policy-file", str(policy_file))
+    start_ms = wall_clock_ms() - 2_000
+    events = [make_event(event_id=uuid.uuid4(), api_key_id=f"key-{n}", tenant=tenant, client_ip=ip,
+                         event_time_ms=start_ms + 100 * n, cost=1) for n in range(5)]  # fmt: skip
+    await producer.send_all(events)
+    reference = SlidingWindow(60_000, 1_000)
+    for event in events:
+        reference.add(event.event_time_ms, 1)
+    until = reference.admits_at(5)
+    for key, policy in ((f"tenant={tenant}", "per-tenant"), (f"ip={ip}", "per-ip")):
+        block_key = denylist_entries.block_key(prefix, key)
+        await eventually(lambda: redis.exists(block_key), what=f"the {policy} block")
+        raw = await redis.get(block_key)
+        assert raw is not None
+        assert (denylist_entries.decode_block(raw).policy, denylist_entries.decode_block(raw).until_ms) == (policy, until)
+
+
+async def test_an_event_from_the_future_is_dead_lettered_and_moves_no_window(
+    sandbox: Sandbox, spawn: Callable[..., RoleProcess], producer: EventSender, redis: Redis
+) -> None:
+    settings = sandbox.settings(ConnectionSettings)
+    key = key_id_for("clock-ahead", settings.key_salt_bytes)
+    spawn("worker", "--policy-file", str(sandbox.write_policy(limit=3, window_s=60)))
+    year_ahead = request(key, wall_clock_ms() + 365 * 86_400_000)
+    await producer(year_ahead)
+    start_ms = wall_clock_ms()
+    current = [request(key, start_ms + n) for n in range(3)]
+    for event in current:
+        await producer(event)
+
+    # The current events count as if the future one had never come: three of three, blocked.
+    block_key = denylist_entries.block_key(settings.redis_prefix, limit_key([("api_key", key)]))
+    await eventually(lambda: redis.exists(block_key), what="the block from the three current events")
+    raw = await redis.get(block_key)
+    assert raw is not None
+    reference = SlidingWindow(WINDOW_S * 1000, 1000)
+    for event in current:
+        reference.add(event.event_time_ms, 1)
+    assert denylist_entries.decode_block(raw).until_ms == reference.admits_at(3)
+    [record] = await dead_letters(sandbox, 1)
+    assert record.value == encode(year_ahead)
+    reason = dict(record.headers)["reason"].decode()
+    assert reason.startswith("event time ") and "ahead of the worker's clock (at most 2 s allowed)" in reason
+
+
+async def dead_letters(sandbox: Sandbox, count: int) -> list[ConsumerRecord[bytes, bytes]]:
     consumer = AIOKafkaConsumer(
         sandbox.env["THROTTLEX_DEAD_LETTER_TOPIC"],
         bootstrap_servers=sandbox.kafka_bootstrap,
@@ -108,9 +176,6 @@ async def test_bad_event_goes_to_the_dead_letter_topic_and_processing_continues(
     )
     await consumer.start()
     try:
-        record = await consumer.getone()
+        return [await consumer.getone() for _ in range(count)]
     finally:
         await consumer.stop()
-    assert record.value == b'{"v": 7, "event_id": "x"}'
-    assert record.key == key.encode()
-    assert dict(record.headers)["reason"] == b"unknown schema version 7 (this build reads v1)"
