@@ -302,7 +302,7 @@ async def role_metrics(port: int) -> Samples:
     """A role's /metrics as (name, sorted labels) -> value; empty while the role does not answer."""
     try:
         async with httpx.AsyncClient(timeout=5) as client:
-            text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+            text = (await client.get(f"http://127.0.0.1:{port}/metrics", headers={"Accept-Encoding": "identity"})).text
     except httpx.TransportError:
         return {}
     return {

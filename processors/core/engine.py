@@ -32,7 +32,7 @@ MATCHES_REMEMBERED = 10_000
 """Route, method, tenant and plan combinations whose matching policies are remembered."""
 
 
-class Forward(msgspec.Struct, array_like=True, frozen=True):
+class Forward(msgspec.Struct, array_like=True, frozen=True, gc=False):
     """An event on its way to the worker of one of its limit keys that is not keyed on ``api_key``:
     only what the policies keyed on ``dims`` need, and where the event came from."""
 

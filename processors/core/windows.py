@@ -24,7 +24,9 @@ bucket boundary at which the window holds fewer than ``limit``.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
+import operator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
@@ -197,9 +199,13 @@ class TokenBucket:
 
     Unlike a count, the bucket depends on the order of events (a full bucket wastes refill), so events
     inside the lateness bound are kept in ``pending`` as ``[time, cost, tat after it]``, one per
-    distinct millisecond, in time order; older events are folded into ``settled_tat_ms``. An event in
-    time order moves ``tat_ms`` on directly; one that arrives out of order is inserted and the entries
-    after it are replayed. Memory: at most ``lateness_ms`` pending entries.
+    distinct millisecond, in time order; older events are folded into ``settled_tat_ms``. Memory: at
+    most ``lateness_ms`` pending entries.
+
+    An event in time order moves ``tat`` on directly. One that arrives out of order is inserted, and
+    the entries after it are replayed only when an answer needs them: until then their ``tat`` is
+    short by at most ``interval_ms`` times the cost inserted out of order (``_missing_cost``), which is
+    often enough to tell that the bucket still admits.
     """
 
     rate_per_s: float
@@ -208,6 +214,9 @@ class TokenBucket:
     settled_tat_ms: float = 0.0
     newest_ms: int = -1
     pending: list[list[float]] = field(default_factory=list)
+    _stale_from: int | None = field(default=None, init=False, repr=False, compare=False)
+    """The first pending entry whose ``tat`` may be short (None: all are exact)."""
+    _missing_cost: int = field(default=0, init=False, repr=False, compare=False)
 
     @property
     def interval_ms(self) -> float:
@@ -220,6 +229,7 @@ class TokenBucket:
 
     @property
     def tat_ms(self) -> float:
+        self._make_exact()
         return self.pending[-1][2] if self.pending else self.settled_tat_ms
 
     def add(self, event_time_ms: int, cost: int) -> bool:
@@ -227,12 +237,21 @@ class TokenBucket:
         if event_time_ms < horizon:
             return False
         pending = self.pending
-        at = len(pending) if not pending or event_time_ms > pending[-1][0] else bisect.bisect_left(pending, [event_time_ms])
-        if at < len(pending) and pending[at][0] == event_time_ms:
-            pending[at][1] += cost
+        if not pending or event_time_ms > pending[-1][0]:
+            tat = pending[-1][2] if pending else self.settled_tat_ms
+            pending.append([event_time_ms, cost, max(tat, event_time_ms) + cost * self.interval_ms])
+        elif event_time_ms == pending[-1][0]:  # the same formula as a replay, so results never drift
+            last = pending[-1]
+            last[1] += cost
+            last[2] = max(pending[-2][2] if len(pending) > 1 else self.settled_tat_ms, last[0]) + last[1] * self.interval_ms
         else:
-            pending.insert(at, [event_time_ms, cost, 0.0])
-        self._replay(at)
+            at = bisect.bisect_left(pending, [event_time_ms])
+            if pending[at][0] == event_time_ms:
+                pending[at][1] += cost
+            else:
+                pending.insert(at, [event_time_ms, cost, 0.0])
+            self._stale_from = at if self._stale_from is None else min(at, self._stale_from)
+            self._missing_cost += cost
         if event_time_ms > self.newest_ms:
             self.newest_ms = event_time_ms
             self._settle(event_time_ms - self.lateness_ms)
@@ -247,6 +266,10 @@ class TokenBucket:
         """``limit`` is the burst: blocked while fewer than one of ``limit`` tokens is left."""
         if self.newest_ms < 0:  # no event yet
             return None
+        if self._stale_from is not None:
+            highest = self.pending[-1][2] + self._missing_cost * self.interval_ms
+            if highest - (limit - 1) * self.interval_ms < self.newest_ms - 1.0:  # 1 ms: far beyond float error
+                return None
         admit_ms = self.tat_ms - (limit - 1) * self.interval_ms
         return math.ceil(admit_ms) if admit_ms > self.newest_ms else None
 
@@ -255,30 +278,42 @@ class TokenBucket:
         return math.ceil(tat) if self.newest_ms >= 0 and tat > self.newest_ms else None
 
     def to_state(self) -> list[float]:
-        return [self.settled_tat_ms, self.newest_ms, *(x for t, cost, _ in self.pending for x in (int(t), int(cost)))]
+        return [self.settled_tat_ms, self.newest_ms, *itertools.chain.from_iterable(map(_time_and_cost, self.pending))]
 
     def restore(self, state: list[float]) -> None:
         if len(state) >= 2 and len(state) % 2 == 0:
             self.settled_tat_ms, self.newest_ms = state[0], int(state[1])
             self.pending = [[int(state[i]), int(state[i + 1]), 0.0] for i in range(2, len(state), 2)]
-            self._replay(0)
+            self._stale_from = 0
+            self._make_exact()
 
-    def _replay(self, start: int) -> None:
-        """Recompute the ``tat`` of the pending entries from ``start`` on."""
+    def _make_exact(self) -> None:
+        """Replay the entries whose ``tat`` may be short."""
+        start = self._stale_from
+        if start is None:
+            return
         pending, interval = self.pending, self.interval_ms
         tat = pending[start - 1][2] if start else self.settled_tat_ms
         for index in range(start, len(pending)):
             entry = pending[index]
             tat = max(tat, entry[0]) + entry[1] * interval
             entry[2] = tat
+        self._stale_from, self._missing_cost = None, 0
 
     def _settle(self, horizon_ms: int) -> None:
         """Fold the pending events before ``horizon_ms`` (no late event can precede them any more)."""
         settled = bisect.bisect_left(self.pending, [horizon_ms])
-        if settled:
-            self.settled_tat_ms = self.pending[settled - 1][2]
-            del self.pending[:settled]
+        if not settled:
+            return
+        if self._stale_from is not None and self._stale_from < settled:
+            self._make_exact()
+        self.settled_tat_ms = self.pending[settled - 1][2]
+        del self.pending[:settled]
+        if self._stale_from is not None:
+            self._stale_from -= settled
 
+
+_time_and_cost = operator.itemgetter(0, 1)
 
 Period = Literal["day", "month"]
 

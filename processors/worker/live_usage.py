@@ -8,6 +8,7 @@ uses and evaluates them at the current time, so a report never needs the worker'
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import cast
 
@@ -25,19 +26,23 @@ def usage_key(prefix: str, limit_key: str) -> str:
     return f"{prefix}:usage:{limit_key}"
 
 
-# One command per key instead of three (HSET, PEXPIRE GT, PEXPIRE NX): writes the windows and extends,
-# never shortens, the expiry (a longer policy's window may have set a later one). ARGV: expiry in ms,
-# then field/value pairs. A key without an expiry (PTTL -1) or a new key (-2) gets one.
+# One script call writes many keys: for each, its windows, and an expiry that is extended, never
+# shortened (a longer policy's window may have set a later one); a key without an expiry (PTTL -1) or a
+# new key (-2) gets one. ARGV, per key in KEYS order: expiry in ms, the number of windows, then
+# name/value pairs.
 _WRITE_WINDOWS = """
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
-if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
-  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+local at = 1
+for i, key in ipairs(KEYS) do
+  local expiry, count = tonumber(ARGV[at]), tonumber(ARGV[at + 1])
+  redis.call('HSET', key, unpack(ARGV, at + 2, at + 1 + 2 * count))
+  if redis.call('PTTL', key) < expiry then
+    redis.call('PEXPIRE', key, expiry)
+  end
+  at = at + 2 + 2 * count
 end
 """
 
-_PIPELINE_KEYS = 2_000
-"""Keys written per round trip."""
-
+_KEYS_PER_CALL = 500
 
 class LiveUsageWriter:
     """Keeps the keys changed since the last write (at most ``max_pending_keys``; past that the
@@ -61,20 +66,22 @@ class LiveUsageWriter:
     async def flush(self) -> None:
         """Write the pending keys; on a Redis error the unwritten ones stay pending and it propagates."""
         while self._dirty:
-            keys = list(self._dirty)[:_PIPELINE_KEYS]
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for limit_key in keys:
-                    state = self._dirty[limit_key]
-                    if not state.windows:
-                        continue
-                    expiry_ms = max(window.span_ms for window in state.windows.values())
-                    fields: list[str | bytes | int] = [expiry_ms]
+            batch = {key: self._dirty.pop(key) for key in list(itertools.islice(self._dirty, _KEYS_PER_CALL))}
+            names: list[str] = []
+            args: list[str | bytes | int] = []
+            for limit_key, state in batch.items():
+                if state.windows:
+                    names.append(usage_key(self._prefix, limit_key))
+                    args += (max(window.span_ms for window in state.windows.values()), len(state.windows))
                     for name, window in state.windows.items():
-                        fields += (name, encode_window(window))
-                    await self._write_windows(keys=[usage_key(self._prefix, limit_key)], args=fields, client=pipe)
-                await pipe.execute()
-            for limit_key in keys:
-                self._dirty.pop(limit_key, None)
+                        args += (name, encode_window(window))
+            try:
+                if names:
+                    await self._write_windows(keys=names, args=args)
+            except BaseException:
+                for limit_key, state in batch.items():  # not written: pending again, unless changed meanwhile
+                    self._dirty.setdefault(limit_key, state)
+                raise
 
 
 async def read_live_usage(

@@ -20,6 +20,7 @@ key after any crash, restart or rebalance (see `changelog`).
 from __future__ import annotations
 
 import asyncio
+import gc
 import heapq
 import logging
 import time
@@ -118,6 +119,10 @@ class StreamWorker:
 
     async def start(self) -> None:
         settings = self._settings
+        # The state is millions of long-lived objects and each batch allocates thousands that die young:
+        # collect the young generation every 100,000 allocations instead of 700 (measured: about a fifth
+        # less CPU per event with the sample policies).
+        gc.set_threshold(100_000, 50, 100)
         inputs = [settings.events_topic, settings.regroup_topic]
         await ensure_topics(
             settings.kafka_bootstrap,
@@ -184,8 +189,9 @@ class StreamWorker:
         settings = self._settings
         next_flush = next_evict = time.monotonic()
         while not self._stopping.is_set():
-            fetched = await self._consumer.getmany(timeout_ms=100, max_records=settings.worker_batch_max_records)
+            fetched = await self._fetch()
             async with self._lock:
+                forwards = []
                 for tp, records in fetched.items():
                     part = self._partitions.get(tp)
                     if part is None or not records:
@@ -193,7 +199,8 @@ class StreamWorker:
                     if part.regrouped:
                         await self._apply_forwards(part, records)
                     else:
-                        await self._apply_events(part, records)
+                        forwards.append(await self._apply_events(part, records))
+                await self._forward(forwards)
                 now = time.monotonic()
                 if now >= next_flush:
                     await self._flush(list(self._partitions.values()))
@@ -202,7 +209,26 @@ class StreamWorker:
                     self._evict()
                     next_evict = now + settings.evict_interval_s
 
-    async def _apply_events(self, part: Partition, records: list[Record]) -> None:
+    async def _fetch(self) -> dict[TopicPartition, list[Record]]:
+        """Up to ``worker_batch_max_records`` records, an even share from each partition that has some,
+        so that the partitions of one batch stay close in event time (waits up to 100 ms for any)."""
+        assigned = self._consumer.assignment()
+        share = max(1, self._settings.worker_batch_max_records // max(1, len(assigned)))
+        fetched: dict[TopicPartition, list[Record]] = await self._consumer.getmany(timeout_ms=100, max_records=share)
+        for tp in assigned:
+            if tp not in fetched:
+                fetched.update(await self._consumer.getmany(tp, timeout_ms=0, max_records=share))
+        return fetched
+
+    async def _forward(self, forwards: list[list[Forward]]) -> None:
+        """Send a batch's forwards (one list per events partition, in offset order) to the regroup
+        topic, merged by event time so that each regrouped key receives its events nearly in order."""
+        merged = list(heapq.merge(*forwards, key=_forward_time)) if len(forwards) > 1 else [f for fs in forwards for f in fs]
+        for target, value in regroup.pack(merged, self._regroup_partitions):
+            self._deliveries.append(await self._producer.send(self._settings.regroup_topic, value, partition=target))
+        metrics.FORWARDS_SENT.inc(len(merged))
+
+    async def _apply_events(self, part: Partition, records: list[Record]) -> list[Forward]:
         skew_ms = round(self._settings.max_future_skew_s * 1000)
         now_ms = self._clock()
         outcome = Outcome()
@@ -228,10 +254,8 @@ class StreamWorker:
         part.watermark_ms = watermark
         part.next_offset = records[-1].offset + 1
         metrics.EVENTS_CONSUMED.inc(applied)
-        for target, value in regroup.pack(outcome.forwards, self._regroup_partitions):
-            self._deliveries.append(await self._producer.send(self._settings.regroup_topic, value, partition=target))
-        metrics.FORWARDS_SENT.inc(len(outcome.forwards))
         self._conclude(part, outcome)
+        return outcome.forwards
 
     async def _apply_forwards(self, part: Partition, records: list[Record]) -> None:
         """Apply a batch of regroup records. Their forwards are merged by event time across the events
@@ -392,6 +416,10 @@ class StreamWorker:
 
 def _event_time(item: tuple[int, Forward, int]) -> int:
     return item[0]
+
+
+def _forward_time(forward: Forward) -> int:
+    return forward.event_time_ms
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]

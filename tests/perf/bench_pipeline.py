@@ -1,7 +1,7 @@
 """Pipeline throughput of `throttlex worker` processes draining a backlog.
 
 Each run produces ``events`` events to a fresh topic first (5,000 keys, 20 tenants, 1,000 addresses,
-10 events per millisecond of event time), then starts the workers and reads their metrics every 50 ms:
+10 events per millisecond of event time), then starts the workers and reads their metrics every 100 ms:
 the run is timed from the first event a worker applies until every event is applied and every event
 forwarded to the regroup topic has been applied there too. CPU is the worker processes' user +
 system time over the same span (their threads included). A backlog drained this way is the highest
@@ -116,7 +116,7 @@ async def one_run(bootstrap: str, redis_url: str, events: int, policy_file: Path
             applied, sent, forwarded = await _progress(ports)
             if applied >= events and forwarded >= sent:
                 break
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.1)
         else:
             raise RuntimeError(f"the workers did not finish within 600 s ({applied:,.0f} of {events:,} events)")
         elapsed = time.perf_counter() - started
