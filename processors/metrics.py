@@ -23,8 +23,15 @@ EVENTS_REDELIVERED = Counter(
     "throttlex_worker_redelivered_total",
     "Event/key pairs skipped because the key's state already included the event (input read again after a crash or rebalance)",
 )
-FORWARDS_SENT = Counter("throttlex_worker_forwards_sent_total", "Events forwarded to the regroup topic, once per limit key")
-FORWARDS_APPLIED = Counter("throttlex_worker_forwards_applied_total", "Forwarded events read from the regroup topic")
+FORWARDS = Counter(
+    "throttlex_worker_forwards_total",
+    "Events forwarded to a regrouped limit key: applied at once (this worker owns the key's regroup "
+    "partition) or sent through the regroup topic",
+    ["route"],
+)
+for _route in ("local", "kafka"):
+    FORWARDS.labels(route=_route)
+FORWARDS_RECEIVED = Counter("throttlex_worker_forwards_received_total", "Forwarded events read from the regroup topic")
 STATE_RECORDS_WRITTEN = Counter("throttlex_worker_state_records_total", "Key states (and tombstones) written to the changelogs")
 STATE_FLUSH_SECONDS = Histogram(
     "throttlex_worker_state_flush_seconds",

@@ -58,6 +58,8 @@ class _Rule:
     cost: int | None
     """The policy's route cost for this route, or None: the event's own cost."""
     min_block_ms: int
+    name: str
+    shadow: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +98,7 @@ class PolicyEngine:
         self.policies = policies
         self.state: dict[str, KeyState] = {} if state is None else state
         self._groups: dict[tuple[str, str, str, str | None], tuple[_Group, ...]] = {}
+        self._regrouped: dict[tuple[str, str, str, str | None, tuple[str, ...]], _Group | None] = {}
 
     def apply(self, event: UsageEvent, origin: tuple[int, int] | None = None, into: Outcome | None = None) -> Outcome:
         """Apply the matching policies keyed on ``api_key``; forward the event for the others.
@@ -130,23 +133,32 @@ class PolicyEngine:
         regroup record that carried it."""
         outcome = Outcome() if into is None else into
         plan = forward.plan or self.policies.default_plan
-        for group in self._matching(forward.route, forward.method, forward.tenant, plan):
-            if group.dims != forward.dims:
-                continue
-            key = forward.limit_key
-            state = self.state.get(key)
-            if state is None:
-                state = self.state[key] = KeyState()
-            if state.sources is None:
-                state.sources = {}
+        combination = (forward.route, forward.method, forward.tenant, plan, forward.dims)
+        try:
+            group = self._regrouped[combination]
+        except KeyError:
+            matching = self._matching(forward.route, forward.method, forward.tenant, plan)
+            group = self._regrouped[combination] = next((g for g in matching if g.dims == forward.dims), None)
+            if len(self._regrouped) > MATCHES_REMEMBERED:
+                self._regrouped.clear()
+        if group is None:
+            return outcome
+        key = forward.limit_key
+        state = self.state.get(key)
+        if state is None:
+            state = self.state[key] = KeyState(sources={})
+        elif state.sources is None:
+            state.sources = {}
+        if forward.source_offset >= 0:
             sources = state.sources
-            if forward.source_offset >= 0:
-                if sources.get(forward.source_partition, -1) >= forward.source_offset:
-                    outcome.repeated += 1
-                    continue
-                sources[forward.source_partition] = forward.source_offset
-            state.version = max(state.version, version)
-            self._count(key, state, group, forward.event_time_ms, forward.cost, plan, outcome)
+            assert sources is not None
+            if sources.get(forward.source_partition, -1) >= forward.source_offset:
+                outcome.repeated += 1
+                return outcome
+            sources[forward.source_partition] = forward.source_offset
+        if version > state.version:
+            state.version = version
+        self._count(key, state, group, forward.event_time_ms, forward.cost, plan, outcome)
         return outcome
 
     def _count(
@@ -157,10 +169,9 @@ class PolicyEngine:
         windows = state.windows
         strongest: Block | None = None
         for rule in group.rules:
-            policy = rule.policy
-            window = windows.get(policy.name)
+            window = windows.get(rule.name)
             if window is None:
-                window = windows[policy.name] = policy.new_window()
+                window = windows[rule.name] = rule.policy.new_window()
             if not window.add(t, cost if rule.cost is None else rule.cost):
                 outcome.late += 1
                 continue
@@ -169,10 +180,10 @@ class PolicyEngine:
                 continue
             if rule.min_block_ms:
                 until = max(until, t + rule.min_block_ms)
-            if policy.shadow:
-                outcome.shadow_blocks.append(Block(key, until, policy.name, dims=group.dims))
+            if rule.shadow:
+                outcome.shadow_blocks.append(Block(key, until, rule.name, dims=group.dims))
             elif strongest is None or until > strongest.until_ms:
-                strongest = Block(key, until, policy.name, dims=group.dims)
+                strongest = Block(key, until, rule.name, dims=group.dims)
         if strongest is not None and (state.published is None or strongest.until_ms > state.published.until_ms):
             state.published = strongest
             outcome.blocks.append(strongest)
@@ -185,6 +196,7 @@ class PolicyEngine:
         or an unblock (``until_ms=0``)."""
         old, self.policies = self.policies, policies
         self._groups.clear()
+        self._regrouped.clear()
         changes = []
         for key, state in self.state.items():
             for name, window in list(state.windows.items()):
@@ -255,6 +267,7 @@ class PolicyEngine:
             limit = self.policies.limit_of(policy, plan)
             if limit is None:  # e.g. a quota whose units the key's plan does not set
                 continue
-            rule = _Rule(policy, limit, policy.route_cost(route), round(policy.on_breach.min_block_s * 1000))
+            min_block_ms = round(policy.on_breach.min_block_s * 1000)
+            rule = _Rule(policy, limit, policy.route_cost(route), min_block_ms, policy.name, policy.shadow)
             by_dims.setdefault(policy.key, []).append(rule)
         return tuple(_Group(dims, tuple(rules)) for dims, rules in by_dims.items())

@@ -73,16 +73,21 @@ class SlidingWindow:
     def add(self, event_time_ms: int, cost: int) -> bool:
         """Count ``cost`` units at ``event_time_ms``; False (nothing counted) for a late event: one
         beyond the lateness bound, or whose bucket has already left the window."""
-        if self.lateness_ms is not None and event_time_ms < self.newest_ms - self.lateness_ms:
+        newest = self.newest_ms
+        if self.lateness_ms is not None and event_time_ms < newest - self.lateness_ms:
             return False
         bucket = event_time_ms // self.bucket_ms
-        if event_time_ms > self.newest_ms:
-            self._advance(bucket)
+        head = newest // self.bucket_ms
+        if event_time_ms > newest:
+            if bucket > head:
+                self._advance(bucket)
+                head = bucket
             self.newest_ms = event_time_ms
-        index = bucket - (self.head - self.buckets + 1)
+        counts = self.counts
+        index = bucket - head + len(counts) - 1
         if index < 0:
             return False
-        self.counts[index] += cost
+        counts[index] += cost
         self.total += cost
         return True
 
@@ -122,13 +127,15 @@ class SlidingWindow:
             self.total = sum(self.counts)
 
     def _advance(self, bucket: int) -> None:
+        counts = self.counts
         shift = bucket - self.head
-        if shift >= self.buckets:
-            self.counts = [0] * self.buckets
+        if shift >= len(counts):
+            counts[:] = [0] * len(counts)
             self.total = 0
         elif shift > 0:
-            self.total -= sum(self.counts[:shift])
-            self.counts = self.counts[shift:] + [0] * shift
+            self.total -= sum(counts[:shift])
+            del counts[:shift]
+            counts.extend([0] * shift)
 
 
 @dataclass(slots=True)
@@ -151,14 +158,19 @@ class FixedWindow:
         return self.window_ms
 
     def add(self, event_time_ms: int, cost: int) -> bool:
-        if self.newest_ms is not None:
-            if self.lateness_ms is not None and event_time_ms < self.newest_ms - self.lateness_ms:
-                return False
-            if self._index(event_time_ms) < self._index(self.newest_ms):
-                return self.lateness_ms is not None
-        if self.newest_ms is None or self._index(event_time_ms) > self._index(self.newest_ms):
+        newest = self.newest_ms
+        if newest is None:
+            self.newest_ms, self.used = event_time_ms, cost
+            return True
+        if self.lateness_ms is not None and event_time_ms < newest - self.lateness_ms:
+            return False
+        index, newest_index = self._index(event_time_ms), self._index(newest)
+        if index < newest_index:
+            return self.lateness_ms is not None
+        if index > newest_index:
             self.used = 0
-        self.newest_ms = event_time_ms if self.newest_ms is None else max(self.newest_ms, event_time_ms)
+        if event_time_ms > newest:
+            self.newest_ms = event_time_ms
         self.used += cost
         return True
 
@@ -200,7 +212,7 @@ class TokenBucket:
     Unlike a count, the bucket depends on the order of events (a full bucket wastes refill), so events
     inside the lateness bound are kept in ``pending`` as ``[time, cost, tat after it]``, one per
     distinct millisecond, in time order; older events are folded into ``settled_tat_ms``. Memory: at
-    most ``lateness_ms`` pending entries.
+    most ``lateness_ms`` + 32 pending entries.
 
     An event in time order moves ``tat`` on directly. One that arrives out of order is inserted, and
     the entries after it are replayed only when an answer needs them: until then their ``tat`` is
@@ -301,10 +313,12 @@ class TokenBucket:
         self._stale_from, self._missing_cost = None, 0
 
     def _settle(self, horizon_ms: int) -> None:
-        """Fold the pending events before ``horizon_ms`` (no late event can precede them any more)."""
-        settled = bisect.bisect_left(self.pending, [horizon_ms])
-        if not settled:
+        """Fold the pending events before ``horizon_ms`` (no late event can precede them any more), a
+        few dozen at a time: ``add`` refuses events before the horizon whatever ``pending`` holds."""
+        pending = self.pending
+        if len(pending) <= SETTLE_AT_ONCE or pending[SETTLE_AT_ONCE][0] >= horizon_ms:
             return
+        settled = bisect.bisect_left(pending, [horizon_ms])
         if self._stale_from is not None and self._stale_from < settled:
             self._make_exact()
         self.settled_tat_ms = self.pending[settled - 1][2]
@@ -314,6 +328,7 @@ class TokenBucket:
 
 
 _time_and_cost = operator.itemgetter(0, 1)
+SETTLE_AT_ONCE = 32
 
 Period = Literal["day", "month"]
 

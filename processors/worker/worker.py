@@ -111,7 +111,7 @@ class StreamWorker:
         """Partitions revoked in a rebalance still under way: kept if they come straight back."""
         self._deliveries: list[asyncio.Future[Any]] = []
         """Forwards and dead letters sent since the last flush, not yet known to be acknowledged."""
-        self._regroup_partitions = settings.events_partitions
+        self._regroup_tps: list[TopicPartition] = []
         self._lock = asyncio.Lock()
         """Held while records are applied or state is flushed, so a rebalance finds a consistent state."""
         self._stopping = asyncio.Event()
@@ -132,7 +132,7 @@ class StreamWorker:
         )  # fmt: skip
         await self._producer.start()
         counts = {topic: len(await self._producer.partitions_for(topic)) for topic in inputs}
-        self._regroup_partitions = counts[settings.regroup_topic]
+        self._regroup_tps = [TopicPartition(settings.regroup_topic, p) for p in range(counts[settings.regroup_topic])]
         await ensure_topics(
             settings.kafka_bootstrap,
             {changelog.changelog_topic(self._group, topic): count for topic, count in counts.items()},
@@ -221,12 +221,31 @@ class StreamWorker:
         return fetched
 
     async def _forward(self, forwards: list[list[Forward]]) -> None:
-        """Send a batch's forwards (one list per events partition, in offset order) to the regroup
-        topic, merged by event time so that each regrouped key receives its events nearly in order."""
+        """Hand a batch's forwards (one list per events partition, in offset order) to the owners of
+        their limit keys, merged by event time so that each regrouped key receives its events nearly
+        in order. A key whose regroup partition this worker owns gets its forward at once; the others
+        go through the regroup topic. Either way a key counts a forward once (`KeyState.sources`), so
+        whichever worker owns the partition after a crash or rebalance, nothing counts twice."""
         merged = list(heapq.merge(*forwards, key=_forward_time)) if len(forwards) > 1 else [f for fs in forwards for f in fs]
-        for target, value in regroup.pack(merged, self._regroup_partitions):
+        remote: list[Forward] = []
+        local: dict[TopicPartition, Outcome] = {}
+        for forward in merged:
+            part = self._partitions.get(self._regroup_tps[regroup.partition_of(forward.limit_key, len(self._regroup_tps))])
+            if part is None:
+                remote.append(forward)
+                continue
+            outcome = local.get(part.tp)
+            if outcome is None:
+                outcome = local[part.tp] = Outcome()
+            part.engine.apply_forwarded(forward, into=outcome)
+            if forward.event_time_ms > part.watermark_ms:
+                part.watermark_ms = forward.event_time_ms
+        for tp, outcome in local.items():
+            self._conclude(self._partitions[tp], outcome)
+        for target, value in regroup.pack(remote, len(self._regroup_tps)):
             self._deliveries.append(await self._producer.send(self._settings.regroup_topic, value, partition=target))
-        metrics.FORWARDS_SENT.inc(len(merged))
+        metrics.FORWARDS.labels(route="local").inc(len(merged) - len(remote))
+        metrics.FORWARDS.labels(route="kafka").inc(len(remote))
 
     async def _apply_events(self, part: Partition, records: list[Record]) -> list[Forward]:
         skew_ms = round(self._settings.max_future_skew_s * 1000)
@@ -258,10 +277,10 @@ class StreamWorker:
         return outcome.forwards
 
     async def _apply_forwards(self, part: Partition, records: list[Record]) -> None:
-        """Apply a batch of regroup records. Their forwards are merged by event time across the events
-        partitions they came from (each one's own order kept), so a key sees its events nearly in
-        time order however unevenly the events partitions were read."""
-        by_source: dict[int, list[tuple[int, Forward, int]]] = {}
+        outcome = Outcome()
+        engine = part.engine
+        watermark = part.watermark_ms
+        applied = 0
         for record in records:
             try:
                 forwards = regroup.unpack(record.value or b"")
@@ -269,19 +288,13 @@ class StreamWorker:
                 await self._dead_letter(record, "malformed", f"not a regroup record: {exc}")
                 continue
             for forward in forwards:
-                by_source.setdefault(forward.source_partition, []).append((forward.event_time_ms, forward, record.offset))
-        outcome = Outcome()
-        engine = part.engine
-        watermark = part.watermark_ms
-        applied = 0
-        for t, forward, offset in heapq.merge(*by_source.values(), key=_event_time):
-            engine.apply_forwarded(forward, offset, outcome)
-            if t > watermark:
-                watermark = t
-            applied += 1
+                engine.apply_forwarded(forward, record.offset, outcome)
+                if forward.event_time_ms > watermark:
+                    watermark = forward.event_time_ms
+            applied += len(forwards)
         part.watermark_ms = watermark
         part.next_offset = records[-1].offset + 1
-        metrics.FORWARDS_APPLIED.inc(applied)
+        metrics.FORWARDS_RECEIVED.inc(applied)
         self._conclude(part, outcome)
 
     def _conclude(self, part: Partition, outcome: Outcome) -> None:
@@ -412,10 +425,6 @@ class StreamWorker:
         finally:
             await admin.close()
         return {tp: meta.offset for tp, meta in offsets.items()}
-
-
-def _event_time(item: tuple[int, Forward, int]) -> int:
-    return item[0]
 
 
 def _forward_time(forward: Forward) -> int:
