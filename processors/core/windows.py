@@ -32,6 +32,10 @@ from datetime import datetime, timedelta
 from typing import Literal
 from zoneinfo import ZoneInfo
 
+SETTLE_AT_ONCE = 32
+"""A token bucket folds its settled events in groups of at least this many."""
+_time_and_cost = operator.itemgetter(0, 1)
+
 
 @dataclass(slots=True)
 class SlidingWindow:
@@ -290,6 +294,7 @@ class TokenBucket:
         return math.ceil(tat) if self.newest_ms >= 0 and tat > self.newest_ms else None
 
     def to_state(self) -> list[float]:
+        self._settle(self.newest_ms - self.lateness_ms, at_once=1)  # store no more than the lateness needs
         return [self.settled_tat_ms, self.newest_ms, *itertools.chain.from_iterable(map(_time_and_cost, self.pending))]
 
     def restore(self, state: list[float]) -> None:
@@ -312,11 +317,11 @@ class TokenBucket:
             entry[2] = tat
         self._stale_from, self._missing_cost = None, 0
 
-    def _settle(self, horizon_ms: int) -> None:
-        """Fold the pending events before ``horizon_ms`` (no late event can precede them any more), a
-        few dozen at a time: ``add`` refuses events before the horizon whatever ``pending`` holds."""
+    def _settle(self, horizon_ms: int, at_once: int = SETTLE_AT_ONCE) -> None:
+        """Fold the pending events before ``horizon_ms`` (no late event can precede them any more), once
+        at least ``at_once`` can be: ``add`` refuses events before the horizon whatever ``pending`` holds."""
         pending = self.pending
-        if len(pending) <= SETTLE_AT_ONCE or pending[SETTLE_AT_ONCE][0] >= horizon_ms:
+        if len(pending) < at_once or pending[at_once - 1][0] >= horizon_ms:
             return
         settled = bisect.bisect_left(pending, [horizon_ms])
         if self._stale_from is not None and self._stale_from < settled:
@@ -327,8 +332,6 @@ class TokenBucket:
             self._stale_from -= settled
 
 
-_time_and_cost = operator.itemgetter(0, 1)
-SETTLE_AT_ONCE = 32
 
 Period = Literal["day", "month"]
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 
 from ingest.events import encode
 from processors.topics import ensure_topics
@@ -122,8 +123,20 @@ async def one_run(bootstrap: str, redis_url: str, events: int, policy_file: Path
             raise RuntimeError(f"the workers did not finish within 600 s ({applied:,.0f} of {events:,} events)")
         elapsed = time.perf_counter() - started
         cpu = sum(cpu_seconds(w.pid) for w, _ in processes) - cpu_started
+    await delete_topics(bootstrap, tag)
     counted = events - first
     return {"events_per_s": counted / elapsed, "cpu_us_per_event": cpu / counted * 1e6, "seconds": elapsed}
+
+
+async def delete_topics(bootstrap: str, tag: str) -> None:
+    """Remove a run's topics (events, regroup, the workers' changelogs), so that the broker does not
+    keep compacting and serving them during the runs after it."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics([topic for topic in await admin.list_topics() if f"bench-{tag}" in topic])
+    finally:
+        await admin.close()
 
 
 SETS = {"sample_policies": SAMPLE, "per_key_policies": PER_KEY, "no_policies": NO_POLICIES}
