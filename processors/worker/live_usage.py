@@ -64,8 +64,13 @@ class LiveUsageWriter:
             metrics.LIVE_USAGE_DROPPED.inc(excess)
 
     async def flush(self) -> None:
-        """Write the pending keys; on a Redis error the unwritten ones stay pending and it propagates."""
-        while self._dirty:
+        """Write every pending key; on a Redis error the unwritten ones stay pending and it propagates."""
+        while await self.write_some():
+            pass
+
+    async def write_some(self) -> bool:
+        """Write up to 500 pending keys in one call; whether more are pending."""
+        if self._dirty:
             batch = {key: self._dirty.pop(key) for key in list(itertools.islice(self._dirty, _KEYS_PER_CALL))}
             names: list[str] = []
             args: list[str | bytes | int] = []
@@ -82,6 +87,7 @@ class LiveUsageWriter:
                 for limit_key, state in batch.items():  # not written: pending again, unless changed meanwhile
                     self._dirty.setdefault(limit_key, state)
                 raise
+        return bool(self._dirty)
 
 
 async def read_live_usage(

@@ -90,37 +90,39 @@ class RedisPublisher:
         return len(self._blocks)
 
     async def _run(self) -> None:
+        """Blocks as soon as they come; every ``live_flush_interval_s`` a round of live usage, written
+        500 keys at a time with the blocks that came meanwhile before each part."""
         backoff_s = 0.05
-        next_live = time.monotonic()
+        next_round = time.monotonic()
+        live_left = False
         while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(0.0, next_live - time.monotonic())):
-                    await self._wake.wait()
+            if not live_left:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, next_round - time.monotonic())):
+                        await self._wake.wait()
             self._wake.clear()
-            live_due = time.monotonic() >= next_live
-            if live_due:
-                next_live = time.monotonic() + self._interval_s
-            if await self._write(live=live_due):
-                backoff_s = 0.05
+            try:
+                await self._write_blocks()
+                if not live_left and time.monotonic() >= next_round:
+                    next_round = time.monotonic() + self._interval_s
+                    await self._restore_denylist()
+                    self._expire_active()
+                    live_left = True
+                if live_left:
+                    live_left = await self._live.write_some()
+            except (RedisError, OSError) as exc:
+                metrics.REDIS_ERRORS.labels(kind=type(exc).__name__).inc()
+                log.warning("redis write failed; will retry", extra={"error": str(exc), "retry_in_s": backoff_s})
+                await asyncio.sleep(backoff_s)  # try again soon, a little later each time
+                backoff_s = min(backoff_s * 2, _MAX_BACKOFF_S)
+                self._wake.set()
                 continue
-            await asyncio.sleep(backoff_s)  # Redis failed: try again soon, a little later each time
-            backoff_s = min(backoff_s * 2, _MAX_BACKOFF_S)
-            self._wake.set()
+            backoff_s = 0.05
 
-    async def _write(self, live: bool = True) -> bool:
-        """One round: pending blocks, then (if ``live``) the denylist check and live usage. False if
-        Redis failed; what failed stays pending."""
-        try:
-            await self._write_blocks()
-            if live:
-                await self._restore_denylist()
-                await self._live.flush()
-                self._expire_active()
-        except (RedisError, OSError) as exc:
-            metrics.REDIS_ERRORS.labels(kind=type(exc).__name__).inc()
-            log.warning("redis write failed; will retry", extra={"error": str(exc)})
-            return False
-        return True
+    async def _write(self) -> None:
+        """Everything pending, at once (on the way out)."""
+        await self._write_blocks()
+        await self._live.flush()
 
     async def _write_blocks(self) -> None:
         if not self._blocks:

@@ -116,6 +116,8 @@ class StreamWorker:
         """Held while records are applied or state is flushed, so a rebalance finds a consistent state."""
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._committing: asyncio.Task[None] | None = None
+        """The last flush's commit, under way or done."""
 
     async def start(self) -> None:
         settings = self._settings
@@ -203,7 +205,7 @@ class StreamWorker:
                 await self._forward(forwards)
                 now = time.monotonic()
                 if now >= next_flush:
-                    await self._flush(list(self._partitions.values()))
+                    await self._start_flush(list(self._partitions.values()))
                     next_flush = now + settings.state_flush_interval_s
                 if now >= next_evict:
                     self._evict()
@@ -323,8 +325,18 @@ class StreamWorker:
     # State: flush, eviction, rebalancing ------------------------------------------------------------
 
     async def _flush(self, partitions: list[Partition]) -> None:
-        """Write the changed keys of ``partitions`` to their changelogs; once Kafka has acknowledged
-        them and every forward and dead letter sent before, commit the offsets they cover."""
+        """Write the changed keys of ``partitions`` and commit the offsets they cover; return when done."""
+        await self._start_flush(partitions)
+        assert self._committing is not None
+        await self._committing
+
+    async def _start_flush(self, partitions: list[Partition]) -> None:
+        """Hand the changed keys of ``partitions`` to the producer for their changelogs, and commit the
+        offsets they cover in the background, once Kafka has acknowledged them and every forward and
+        dead letter sent before. One flush at a time: this waits for the one before (and raises what
+        stopped it, so a flush Kafka refused stops the worker, whose restart reads on from the commit)."""
+        if self._committing is not None:
+            await self._committing
         started = time.perf_counter()
         sends = []
         for part in partitions:
@@ -336,20 +348,24 @@ class StreamWorker:
             metrics.STATE_RECORDS_WRITTEN.inc(len(part.dirty))
             part.dirty.clear()
         deliveries, self._deliveries = self._deliveries + sends, []
-        await asyncio.gather(*deliveries)  # a refusal here stops the worker: its restart reads on from the commit
+        covered = {part: part.next_offset for part in partitions if part.next_offset > part.committed}
+        self._committing = asyncio.create_task(self._commit_when_written(deliveries, covered, started), name="commit")
+
+    async def _commit_when_written(
+        self, deliveries: list[asyncio.Future[Any]], covered: dict[Partition, int], started: float
+    ) -> None:
+        await asyncio.gather(*deliveries)
         if self._settings.state_commit_delay_s:
             await asyncio.sleep(self._settings.state_commit_delay_s)
-        offsets = {p.tp: p.next_offset for p in partitions if p.next_offset > p.committed}
-        if offsets:
+        if covered:
             try:
-                await self._consumer.commit({tp: OffsetAndMetadata(offset, "") for tp, offset in offsets.items()})
+                await self._consumer.commit({part.tp: OffsetAndMetadata(offset, "") for part, offset in covered.items()})
             except (CommitFailedError, KafkaError) as exc:  # the partitions moved: their new owner reads on
                 metrics.WORKER_ERRORS.labels(kind="commit").inc()
                 log.warning("offset commit failed", extra={"error": str(exc)})
                 return
-            for part in partitions:
-                if part.tp in offsets:
-                    part.committed = offsets[part.tp]
+            for part, offset in covered.items():
+                part.committed = max(part.committed, offset)
         metrics.STATE_FLUSH_SECONDS.observe(time.perf_counter() - started)
 
     def _evict(self) -> None:

@@ -2,8 +2,8 @@
 in an edge cache, under background traffic at a given rate.
 
 One `throttlex worker` runs a per-key limit of 50 requests per 10 s. This process plays the
-gateways: it produces background events for 10,000 calm keys at the target rate and, every half
-second, starts a new hot key that requests 200 times a second. Each hot request is checked against an
+gateways: it produces background events for 10,000 calm keys at the target rate and, every tenth
+of a second, starts a new hot key (100 in all) that requests 200 times a second. Each hot request is checked against an
 edge cache (`EdgeDenylist`, as the middleware does) and only an admitted request emits an event. The
 latency of a hot key is the time from emitting its 50th event to its block appearing in the cache;
 its overshoot is how many requests were admitted beyond the 50. A key not blocked within
@@ -31,7 +31,7 @@ from processors.topics import ensure_topics
 from tests.factories import make_event
 from tests.perf.bench_pipeline import worker_process
 
-LIMIT, HOT_RATE, HOT_KEYS = 50, 200, 12
+LIMIT, HOT_RATE, HOT_KEYS = 50, 200, 100
 POLICY = f"""policies:
   - name: per-key-10s
     key: [api_key]
@@ -86,7 +86,7 @@ async def one_rate(bootstrap: str, redis_url: str, rate: int, give_up_s: float) 
             hot_keys = []
             for n in range(HOT_KEYS):
                 hot_keys.append(asyncio.create_task(hot(f"hot-{tag}-{n}")))
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(0.1)
             outcomes = await asyncio.gather(*hot_keys)
             stop.set()
             await load
