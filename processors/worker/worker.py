@@ -331,30 +331,37 @@ class StreamWorker:
         await self._committing
 
     async def _start_flush(self, partitions: list[Partition]) -> None:
-        """Hand the changed keys of ``partitions`` to the producer for their changelogs, and commit the
-        offsets they cover in the background, once Kafka has acknowledged them and every forward and
-        dead letter sent before. One flush at a time: this waits for the one before (and raises what
-        stopped it, so a flush Kafka refused stops the worker, whose restart reads on from the commit)."""
+        """Take the changed keys of ``partitions`` and the offsets they cover, and write and commit them
+        in the background while consumption goes on. One flush at a time: this waits for the one before
+        (and raises what stopped it, so a flush Kafka refused stops the worker, whose restart reads on
+        from its last commit)."""
         if self._committing is not None:
             await self._committing
-        started = time.perf_counter()
-        sends = []
+        changed = []
         for part in partitions:
+            changed.append((part, part.dirty))
+            part.dirty = set()
+        deliveries, self._deliveries = self._deliveries, []
+        covered = {part: part.next_offset for part in partitions if part.next_offset > part.committed}
+        self._committing = asyncio.create_task(self._write_and_commit(changed, deliveries, covered), name="flush")
+
+    async def _write_and_commit(
+        self, changed: list[tuple[Partition, set[str]]], deliveries: list[asyncio.Future[Any]], covered: dict[Partition, int]
+    ) -> None:
+        """Write each changed key's state as it is now (it may include events after the covered offsets:
+        its version says so), then, once Kafka has acknowledged every record sent before, commit."""
+        started = time.perf_counter()
+        sends = list(deliveries)
+        for part, keys in changed:
             topic = changelog.changelog_topic(self._group, part.tp.topic)
             state = part.engine.state
-            for key in part.dirty:
+            for n, key in enumerate(keys):
                 value = encode_key_state(state[key]) if key in state else None
                 sends.append(await self._producer.send(topic, value, key=key.encode(), partition=part.tp.partition))
-            metrics.STATE_RECORDS_WRITTEN.inc(len(part.dirty))
-            part.dirty.clear()
-        deliveries, self._deliveries = self._deliveries + sends, []
-        covered = {part: part.next_offset for part in partitions if part.next_offset > part.committed}
-        self._committing = asyncio.create_task(self._commit_when_written(deliveries, covered, started), name="commit")
-
-    async def _commit_when_written(
-        self, deliveries: list[asyncio.Future[Any]], covered: dict[Partition, int], started: float
-    ) -> None:
-        await asyncio.gather(*deliveries)
+                if n % 500 == 499:
+                    await asyncio.sleep(0)  # let the consumer loop go on between parts of a large flush
+            metrics.STATE_RECORDS_WRITTEN.inc(len(keys))
+        await asyncio.gather(*sends)
         if self._settings.state_commit_delay_s:
             await asyncio.sleep(self._settings.state_commit_delay_s)
         if covered:
