@@ -86,6 +86,9 @@ class StreamWorker:
             # Small fetches per partition keep the partitions of one batch close in event time, so the
             # regrouped keys see their events nearly in order (a token bucket replays out-of-order ones).
             max_partition_fetch_bytes=1024 * 1024,
+            # A fetch for partitions with nothing new (the regroup topic, often) is held by the broker
+            # this long, and the partitions that do have records wait behind it: keep it short.
+            fetch_max_wait_ms=20,
             session_timeout_ms=round(settings.worker_session_timeout_s * 1000),
             heartbeat_interval_ms=2_000,
         )
@@ -213,13 +216,16 @@ class StreamWorker:
 
     async def _fetch(self) -> dict[TopicPartition, list[Record]]:
         """Up to ``worker_batch_max_records`` records, an even share from each partition that has some,
-        so that the partitions of one batch stay close in event time (waits up to 100 ms for any)."""
+        so that the partitions of one batch stay close in event time; if none has any, wait up to
+        100 ms for the first. (aiokafka fetches nothing new while any partition of a broker still has
+        records waiting, so each batch takes every partition's records, up to its share.)"""
         assigned = self._consumer.assignment()
         share = max(1, self._settings.worker_batch_max_records // max(1, len(assigned)))
-        fetched: dict[TopicPartition, list[Record]] = await self._consumer.getmany(timeout_ms=100, max_records=share)
+        fetched: dict[TopicPartition, list[Record]] = {}
         for tp in assigned:
-            if tp not in fetched:
-                fetched.update(await self._consumer.getmany(tp, timeout_ms=0, max_records=share))
+            fetched.update(await self._consumer.getmany(tp, timeout_ms=0, max_records=share))
+        if not fetched:
+            fetched = await self._consumer.getmany(timeout_ms=100, max_records=share)
         return fetched
 
     async def _forward(self, forwards: list[list[Forward]]) -> None:
@@ -361,7 +367,12 @@ class StreamWorker:
                 if n % 500 == 499:
                     await asyncio.sleep(0)  # let the consumer loop go on between parts of a large flush
             metrics.STATE_RECORDS_WRITTEN.inc(len(keys))
-        await asyncio.gather(*sends)
+        # Wait for the producer's batches rather than for each record (a callback per record costs more
+        # than the write), then look at each record's outcome.
+        await self._producer.flush()
+        for delivery in sends:
+            if delivery.exception() is not None:
+                raise delivery.exception()  # type: ignore[misc]
         if self._settings.state_commit_delay_s:
             await asyncio.sleep(self._settings.state_commit_delay_s)
         if covered:

@@ -1,9 +1,9 @@
 """Detection latency and overshoot: from the event that takes a key over its limit to the block being
 in an edge cache, under background traffic at a given rate.
 
-One `throttlex worker` runs a per-key limit of 50 requests per 10 s. This process plays the
-gateways: it produces background events for 10,000 calm keys at the target rate and, every tenth
-of a second, starts a new hot key (100 in all) that requests 200 times a second. Each hot request is checked against an
+One `throttlex worker` runs a per-key limit of 50 requests per 10 s. A second process produces
+background events for 10,000 calm keys at the target rate; this one plays a gateway: every tenth of
+a second it starts a new hot key (100 in all) that requests 200 times a second. Each hot request is checked against an
 edge cache (`EdgeDenylist`, as the middleware does) and only an admitted request emits an event. The
 latency of a hot key is the time from emitting its 50th event to its block appearing in the cache;
 its overshoot is how many requests were admitted beyond the 50. A key not blocked within
@@ -12,8 +12,12 @@ its overshoot is how many requests were admitted beyond the 50. A key not blocke
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import os
 import secrets
+import subprocess
+import sys
 import statistics
 import tempfile
 import time
@@ -57,15 +61,6 @@ async def one_rate(bootstrap: str, redis_url: str, rate: int, give_up_s: float) 
             event = make_event(event_id=uuid.uuid4(), api_key_id=key_id, event_time_ms=wall_clock_ms(), cost=1)
             await producer.send(topic, encode(event), key=key_id.encode())
 
-        async def background() -> None:
-            sent, started = 0, time.perf_counter()
-            while not stop.is_set():
-                due = int((time.perf_counter() - started) * rate)
-                for _ in range(due - sent):
-                    await emit(f"calm-{sent % 10_000}")
-                    sent += 1
-                await asyncio.sleep(0.005)
-
         async def hot(key_id: str) -> tuple[float, int]:
             admitted, crossed_at = 0, 0.0
             deadline = time.perf_counter() + give_up_s
@@ -81,15 +76,17 @@ async def one_rate(bootstrap: str, redis_url: str, rate: int, give_up_s: float) 
 
         try:
             await _wait_until_counting(edge, emit)
-            load = asyncio.create_task(background())
+            load = subprocess.Popen([sys.executable, "-m", "tests.perf.bench_detection", "--background", str(rate),
+                                     "--topic", topic, "--seconds", str(60 + HOT_KEYS * give_up_s)],
+                                    stdout=subprocess.DEVNULL)  # fmt: skip
             await asyncio.sleep(2)  # let the background rate settle
             hot_keys = []
             for n in range(HOT_KEYS):
                 hot_keys.append(asyncio.create_task(hot(f"hot-{tag}-{n}")))
                 await asyncio.sleep(0.1)
             outcomes = await asyncio.gather(*hot_keys)
-            stop.set()
-            await load
+            load.terminate()
+            load.wait()
         finally:
             stop.set()
             await edge.stop()
@@ -126,3 +123,32 @@ async def run(bootstrap: str, redis_url: str, rates: list[int], give_up_s: float
         print(f"  detection at {rate:,} events/s: p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, "
               f"overshoot max {r['overshoot_requests_max']:.0f}", flush=True)  # fmt: skip
     return results
+
+
+async def _background(bootstrap: str, topic: str, rate: int, seconds: float) -> None:
+    """Produce events of 10,000 calm keys at ``rate`` per second for ``seconds``."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5,
+                                compression_type="lz4")  # fmt: skip
+    await producer.start()
+    try:
+        sent, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            due = int((time.perf_counter() - started) * rate)
+            for _ in range(due - sent):
+                key_id = f"calm-{sent % 10_000}"
+                event = make_event(event_id=uuid.uuid4(), api_key_id=key_id, event_time_ms=wall_clock_ms(), cost=1)
+                await producer.send(topic, encode(event), key=key_id.encode())
+                sent += 1
+            await asyncio.sleep(0.005)
+    finally:
+        await producer.stop()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="the background load of the detection benchmark")
+    parser.add_argument("--background", type=int, required=True, help="events per second")
+    parser.add_argument("--topic", required=True)
+    parser.add_argument("--seconds", type=float, required=True)
+    args = parser.parse_args()
+    bootstrap = os.environ.get("THROTTLEX_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+    asyncio.run(_background(bootstrap, args.topic, args.background, args.seconds))
