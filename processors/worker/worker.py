@@ -50,6 +50,9 @@ from processors.worker.publisher import RedisPublisher
 
 log = logging.getLogger(__name__)
 
+ALIGN_MS = 1_000
+"""How far ahead in record time one events partition may run of another while catching up."""
+
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
 
 
@@ -115,6 +118,8 @@ class StreamWorker:
         self._deliveries: list[asyncio.Future[Any]] = []
         """Forwards and dead letters sent since the last flush, not yet known to be acknowledged."""
         self._regroup_tps: list[TopicPartition] = []
+        self._held: dict[TopicPartition, list[Record]] = {}
+        """Records fetched but held back to keep the events partitions in step (see `_fetch`)."""
         self._lock = asyncio.Lock()
         """Held while records are applied or state is flushed, so a rebalance finds a consistent state."""
         self._stopping = asyncio.Event()
@@ -215,18 +220,35 @@ class StreamWorker:
                     next_evict = now + settings.evict_interval_s
 
     async def _fetch(self) -> dict[TopicPartition, list[Record]]:
-        """Up to ``worker_batch_max_records`` records, an even share from each partition that has some,
-        so that the partitions of one batch stay close in event time; if none has any, wait up to
-        100 ms for the first. (aiokafka fetches nothing new while any partition of a broker still has
-        records waiting, so each batch takes every partition's records, up to its share.)"""
+        """The next batch: up to ``worker_batch_max_records`` records, an even share from each partition
+        that has some (if none has any, wait up to 100 ms for the first).
+
+        The events partitions are kept in step by record time: records more than ``ALIGN_MS`` newer
+        than the newest record of the events partition furthest behind (one with more to read) are
+        held back for a later batch. Catching up after a restart, partitions would otherwise drift
+        apart in event time, and a regrouped key, fed by all of them, would take the events of the
+        partition behind for late ones. (aiokafka fetches nothing new while any partition of a broker
+        still has records waiting, so every partition's waiting records are taken, up to its share.)
+        """
         assigned = self._consumer.assignment()
         share = max(1, self._settings.worker_batch_max_records // max(1, len(assigned)))
         fetched: dict[TopicPartition, list[Record]] = {}
         for tp in assigned:
-            fetched.update(await self._consumer.getmany(tp, timeout_ms=0, max_records=share))
+            held = self._held.pop(tp, [])
+            more = (await self._consumer.getmany(tp, timeout_ms=0, max_records=share)).get(tp, []) if len(held) < share else []
+            if held or more:
+                fetched[tp] = held + more
         if not fetched:
             fetched = await self._consumer.getmany(timeout_ms=100, max_records=share)
-        return fetched
+        behind = [records[-1].timestamp for tp, records in fetched.items()
+                  if tp.topic == self._settings.events_topic and records[-1].offset + 1 < (self._consumer.highwater(tp) or 0)]  # fmt: skip
+        if behind:
+            bound = min(behind) + ALIGN_MS
+            for tp, records in list(fetched.items()):
+                if tp.topic == self._settings.events_topic and records[-1].timestamp > bound:
+                    cut = next(i for i, record in enumerate(records) if record.timestamp > bound)
+                    self._held[tp], fetched[tp] = records[cut:], records[:cut]
+        return {tp: records for tp, records in fetched.items() if records}
 
     async def _forward(self, forwards: list[list[Forward]]) -> None:
         """Hand a batch's forwards (one list per events partition, in offset order) to the owners of
@@ -416,6 +438,7 @@ class StreamWorker:
             except KafkaError as exc:
                 log.warning("flush before a rebalance failed", extra={"error": str(exc)})
             for tp in revoked:
+                self._held.pop(tp, None)  # never applied: the partition's next owner reads them
                 part = self._partitions.pop(tp, None)
                 if part is not None:
                     self._parked[tp] = part
