@@ -7,7 +7,7 @@ import sys
 
 from pythonjsonlogger.json import JsonFormatter
 
-_NOISY = ("faust", "mode", "aiokafka", "kafka", "uvicorn.access", "uvicorn.error")
+_NOISY = ("aiokafka", "kafka", "uvicorn.access", "uvicorn.error")
 
 
 def configure_logging(level: str, *, role: str) -> None:
@@ -25,5 +25,3 @@ def configure_logging(level: str, *, role: str) -> None:
     root.setLevel(level)
     for name in _NOISY:  # client libraries are chatty at INFO; their warnings still show
         logging.getLogger(name).setLevel(max(logging.getLevelName(level), logging.WARNING))
-    # Faust warns each time a burst of table writes fills its producer buffer; that is routine here.
-    logging.getLogger("faust.transport.producer").setLevel(logging.ERROR)

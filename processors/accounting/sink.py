@@ -1,6 +1,6 @@
 """The usage sink: Kafka events into ClickHouse exactly once, in large batches.
 
-A plain aiokafka consumer with manual commits (not a Faust agent: a Faust stream acknowledges events
+A plain aiokafka consumer with manual commits (not a stream framework's agent, which acknowledges events
 even when the code handling them raised). Exactly-once comes from three steps per batch, each batch
 holding one Kafka partition's offsets ``first..last``:
 

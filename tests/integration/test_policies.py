@@ -248,7 +248,7 @@ async def _has_block_until(redis: Redis, prefix: str, key_id: str, until_ms: int
 
 
 async def _wait_until_worker_committed(sandbox: Sandbox) -> None:
-    """Faust commits offsets every few seconds; wait until everything sent so far is committed."""
+    """The worker commits offsets after each state flush; wait until everything sent so far is committed."""
     group = sandbox.env["THROTTLEX_WORKER_GROUP"]
 
     async def committed() -> bool:
