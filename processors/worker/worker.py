@@ -4,7 +4,8 @@ One `StreamWorker` per process, in a Kafka consumer group over two topics of equ
 
 - the **events topic**, partitioned by API key: the policies keyed on ``api_key`` are applied where
   the events arrive, and each event is forwarded once per other limit key a matching policy uses
-  (``tenant``, ``ip``…), packed per batch (`regroup`);
+  (``tenant``, ``ip``…): applied at once when this worker owns that key's regroup partition, else
+  packed per batch into the regroup topic (`regroup`);
 - the **regroup topic**, partitioned by those limit keys: the policies keyed on them are applied.
 
 Records are read with ``getmany`` (thousands per call), decoded with msgspec and applied to live
@@ -86,8 +87,8 @@ class StreamWorker:
             group_id=self._group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            # Small fetches per partition keep the partitions of one batch close in event time, so the
-            # regrouped keys see their events nearly in order (a token bucket replays out-of-order ones).
+            # At most 1 MB per partition and fetch: with the even share per partition in `_fetch`, the
+            # partitions of one batch stay close in event time.
             max_partition_fetch_bytes=1024 * 1024,
             # A fetch for partitions with nothing new (the regroup topic, often) is held by the broker
             # this long, and the partitions that do have records wait behind it: keep it short.
@@ -125,7 +126,7 @@ class StreamWorker:
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._committing: asyncio.Task[None] | None = None
-        """The last flush's commit, under way or done."""
+        """The last flush (its writes and its commit), under way or done."""
 
     async def start(self) -> None:
         settings = self._settings
