@@ -37,6 +37,7 @@ from aiokafka.structs import OffsetAndMetadata
 from ingest.events import EventError, decode
 from processors import metrics
 from processors.settings import SinkSettings
+from processors.tasks import crash_of
 from processors.topics import ensure_topics
 from processors.accounting.store import EVENT_COLUMNS, StoreError, UsageStore
 
@@ -136,12 +137,7 @@ class UsageSink:
     async def crashed(self) -> BaseException:
         """Wait until the sink loop fails for good (it retries ClickHouse errors itself); return why."""
         assert self._task is not None
-        await asyncio.wait([self._task])
-        if self._task.cancelled() or self._task.exception() is None:
-            await asyncio.Event().wait()  # stopped on request: never a crash
-        error = self._task.exception()
-        assert error is not None
-        return error
+        return await crash_of(self._task)
 
     async def stop(self) -> None:
         """Insert and commit what has been read, then leave the consumer group."""

@@ -45,6 +45,7 @@ from processors.core.policy import PolicySet
 from processors.core.state import KeyState, encode_key_state
 from processors.redis_client import redis_client
 from processors.settings import WorkerSettings
+from processors.tasks import crash_of
 from processors.topics import ensure_topics
 from processors.worker import changelog, regroup
 from processors.worker.publisher import RedisPublisher
@@ -158,12 +159,7 @@ class StreamWorker:
     async def crashed(self) -> BaseException:
         """Wait until the consumer loop fails for good; return why (never returns after `stop`)."""
         assert self._task is not None
-        await asyncio.wait([self._task])
-        error = None if self._task.cancelled() else self._task.exception()
-        if error is None:
-            await asyncio.Event().wait()  # stopped on request: never a crash
-        assert error is not None
-        return error
+        return await crash_of(self._task)
 
     async def stop(self) -> None:
         self._stopping.set()
