@@ -442,8 +442,8 @@ class StreamWorker:
             metrics.ASSIGNED_PARTITIONS.set(len(self._partitions))
 
     async def _assigned(self, assigned: set[TopicPartition]) -> None:
-        """Take over ``assigned``: a partition given back unchanged keeps its state in memory, every
-        other one is read from its changelog. Blocks in force are queued for Redis again (the previous
+        """Take over ``assigned``: a partition given back with no commit by another worker keeps its
+        state in memory, every other one is read from its changelog. Blocks in force are queued for Redis again (the previous
         owner may have decided them without writing them)."""
         async with self._lock:
             started = time.perf_counter()
@@ -452,7 +452,10 @@ class StreamWorker:
             restore = []
             for tp in assigned:
                 part = parked.get(tp)
-                if part is not None and part.committed == part.next_offset == committed.get(tp, -1):
+                if part is not None and part.committed == committed.get(tp, -1):
+                    # Nobody committed on it since this worker did, so its state here holds everything
+                    # the changelog could add; records after the commit come again and are skipped by
+                    # every key that has them (a broker restart ends this way, without a restore).
                     self._partitions[tp] = part
                 else:
                     restore.append(tp)
