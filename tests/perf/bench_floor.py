@@ -18,9 +18,11 @@ import argparse
 import asyncio
 import os
 import secrets
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 
@@ -80,8 +82,10 @@ def _confluent(bootstrap: str, topic: str, events: int) -> tuple[float, float]:
 async def _faust(bootstrap: str, topic: str, events: int) -> tuple[float, float]:
     import faust
 
+    data_dir = tempfile.mkdtemp(prefix="throttlex-faust-floor-")  # Faust writes its table directory here
     app = faust.App(f"floor-{uuid.uuid4().hex}", broker=f"kafka://{bootstrap}", store="memory://", web_enabled=False,
-                    consumer_auto_offset_reset="earliest", key_serializer="raw", value_serializer="raw")  # fmt: skip
+                    consumer_auto_offset_reset="earliest", key_serializer="raw", value_serializer="raw",
+                    datadir=data_dir)  # fmt: skip
     source = app.topic(topic, key_type=bytes, value_type=bytes)
     done = asyncio.Event()
     seen, started, cpu = 0, 0.0, 0.0
@@ -103,6 +107,7 @@ async def _faust(bootstrap: str, topic: str, events: int) -> tuple[float, float]
         return time.perf_counter() - started, _cpu_s() - cpu
     finally:
         await app.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def _consume(kind: str, bootstrap: str, topic: str, events: int) -> None:
