@@ -79,13 +79,3 @@ def restored_window(policy: Policy, values: list[Any]) -> Limiter:
     window = policy.new_window()
     window.restore(values)
     return window
-
-
-def encode_window(window: Limiter) -> bytes:
-    """One window alone, as the live usage in Redis holds it (msgpack: a short list of numbers)."""
-    return _encoder.encode(window.to_state())
-
-
-def decode_window(raw: bytes, policy: Policy) -> Limiter:
-    """Rebuild a window written by `encode_window`; one of another shape starts afresh."""
-    return restored_window(policy, msgspec.msgpack.decode(raw))

@@ -1,9 +1,11 @@
 """Live usage: each limit key's current windows, mirrored to Redis for the quota report.
 
-Workers write ``{prefix}:usage:{limit_key}`` as a hash of policy name to encoded window
-(`encode_window`), coalescing changes and writing them every ``live_flush_interval_s``; the entry
-expires one window after the last write. The API decodes the windows with the same code the engine
-uses and evaluates them at the current time, so a report never needs the worker's state.
+Workers write ``{prefix}:usage:{limit_key}`` as one string, the key's windows encoded together
+(`encode_live_usage`: a msgpack map of policy name to window state), coalescing changes and writing
+them every ``live_flush_interval_s``; the entry expires one window (the longest of its policies) after
+the last write. A limit key belongs to one worker partition, so one writer owns the whole entry. The
+API decodes the windows with the same code the engine uses and evaluates them at the current time, so
+a report never needs the worker's state.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ import itertools
 import logging
 from typing import cast
 
+import msgspec
 from redis.asyncio import Redis
 
 from processors import metrics
 from processors.core.policy import PolicySet
-from processors.core.state import KeyState, decode_window, encode_window
+from processors.core.state import KeyState, restored_window
 from processors.core.windows import Limiter
 
 log = logging.getLogger(__name__)
@@ -26,21 +29,30 @@ def usage_key(prefix: str, limit_key: str) -> str:
     return f"{prefix}:usage:{limit_key}"
 
 
-# One script call writes many keys: for each, its windows, and an expiry that is extended, never
-# shortened (a longer policy's window may have set a later one); a key without an expiry (PTTL -1) or a
-# new key (-2) gets one. ARGV, per key in KEYS order: expiry in ms, the number of windows, then
-# name/value pairs.
+# One script call writes many keys: for each, its encoded windows and their expiry in ms (ARGV, two
+# per key in KEYS order). Few arguments per key keep redis-py's command packing cheap.
 _WRITE_WINDOWS = """
-local at = 1
 for i, key in ipairs(KEYS) do
-  local expiry, count = tonumber(ARGV[at]), tonumber(ARGV[at + 1])
-  redis.call('HSET', key, unpack(ARGV, at + 2, at + 1 + 2 * count))
-  if redis.call('PTTL', key) < expiry then
-    redis.call('PEXPIRE', key, expiry)
-  end
-  at = at + 2 + 2 * count
+  redis.call('SET', key, ARGV[2 * i], 'PX', ARGV[2 * i - 1])
 end
 """
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode_live_usage(windows: dict[str, Limiter]) -> bytes:
+    return _encoder.encode({name: window.to_state() for name, window in windows.items()})
+
+
+def decode_live_usage(raw: bytes, policies: PolicySet) -> dict[str, Limiter]:
+    """The windows of `encode_live_usage` whose policy still exists (one of another shape starts afresh)."""
+    windows = {}
+    for name, values in msgspec.msgpack.decode(raw, type=dict[str, list[int | float]]).items():
+        policy = policies.by_name(name)
+        if policy is not None:
+            windows[policy.name] = restored_window(policy, values)
+    return windows
+
 
 _KEYS_PER_CALL = 500
 
@@ -73,13 +85,11 @@ class LiveUsageWriter:
         if self._dirty:
             batch = {key: self._dirty.pop(key) for key in list(itertools.islice(self._dirty, _KEYS_PER_CALL))}
             names: list[str] = []
-            args: list[str | bytes | int] = []
+            args: list[bytes | int] = []
             for limit_key, state in batch.items():
                 if state.windows:
                     names.append(usage_key(self._prefix, limit_key))
-                    args += (max(window.span_ms for window in state.windows.values()), len(state.windows))
-                    for name, window in state.windows.items():
-                        args += (name, encode_window(window))
+                    args += (max(window.span_ms for window in state.windows.values()), encode_live_usage(state.windows))
             try:
                 if names:
                     await self._write_windows(keys=names, args=args)
@@ -94,11 +104,5 @@ async def read_live_usage(
     redis: Redis, prefix: str, limit_key: str, policies: PolicySet
 ) -> dict[str, Limiter]:
     """The stored window of every known policy for ``limit_key`` (policies with no traffic are absent)."""
-    # ThrottleX's Redis clients never decode responses, so names and values are bytes.
-    stored = cast(dict[bytes, bytes], await redis.hgetall(usage_key(prefix, limit_key)))
-    windows = {}
-    for name, raw in stored.items():
-        policy = policies.by_name(name.decode())
-        if policy is not None:
-            windows[policy.name] = decode_window(raw, policy)
-    return windows
+    raw = cast(bytes | None, await redis.get(usage_key(prefix, limit_key)))
+    return {} if raw is None else decode_live_usage(raw, policies)

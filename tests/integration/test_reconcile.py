@@ -12,9 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from ingest.clock import wall_clock_ms
-from processors.worker.live_usage import usage_key
+from processors.worker.live_usage import encode_live_usage, usage_key
 from processors.core.windows import SlidingWindow
-from processors.core.state import encode_window
 from tests.conftest import EventSender, RoleProcess, Sandbox, eventually, free_port
 from tests.factories import make_event
 
@@ -69,7 +68,7 @@ async def test_drift_is_zero_when_live_counts_match_and_shows_when_they_do_not(
         ghost = SlidingWindow(60_000, 1_000)
         ghost.add(now - 30_000, 7)
         prefix = sandbox.env["THROTTLEX_REDIS_PREFIX"]
-        await redis.hset(usage_key(prefix, "api_key=ghost"), "test-limit", encode_window(ghost))
+        await redis.set(usage_key(prefix, "api_key=ghost"), encode_live_usage({"test-limit": ghost}))
 
         async def drift_seen() -> bool:
             return await metric(api, "throttlex_reconciliation_drift_units") == 7
