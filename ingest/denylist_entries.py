@@ -23,7 +23,7 @@ from ingest.events import UsageEvent
 
 Dimension = Literal["api_key", "tenant", "ip", "route", "method"]
 DIMENSIONS: tuple[Dimension, ...] = ("api_key", "tenant", "ip", "route", "method")
-_EVENT_FIELD: dict[str, str] = {"api_key": "api_key_id", "tenant": "tenant", "ip": "client_ip", "route": "route",
+EVENT_FIELD: dict[str, str] = {"api_key": "api_key_id", "tenant": "tenant", "ip": "client_ip", "route": "route",
                                 "method": "method"}  # fmt: skip
 
 
@@ -67,8 +67,8 @@ def limit_key(pairs: list[tuple[str, str]]) -> str:
 def event_limit_key(dims: tuple[str, ...], event: UsageEvent) -> str:
     """The limit key of ``event`` for a policy keyed on ``dims`` (in `DIMENSIONS` order)."""
     if len(dims) == 1:  # the usual case, on every event: spare the join
-        return f"{dims[0]}={getattr(event, _EVENT_FIELD[dims[0]])}"
-    return limit_key([(dim, getattr(event, _EVENT_FIELD[dim])) for dim in dims])
+        return f"{dims[0]}={getattr(event, EVENT_FIELD[dims[0]])}"
+    return limit_key([(dim, getattr(event, EVENT_FIELD[dim])) for dim in dims])
 
 
 def request_limit_key(dims: tuple[str, ...], values: Mapping[str, str]) -> str:

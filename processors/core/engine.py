@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from ingest.denylist_entries import Block, event_limit_key
+from ingest.denylist_entries import EVENT_FIELD, Block, event_limit_key
 from ingest.events import UsageEvent
 from processors.core.policy import Policy, PolicySet
 from processors.core.state import KeyState, restored_window
@@ -68,10 +68,19 @@ class _Group:
 
     dims: tuple[str, ...]
     rules: tuple[_Rule, ...]
+    local: bool
+    """Keyed on ``api_key``: applied where the event arrives, not forwarded."""
+    attr: str | None
+    """For one dimension, the event field holding its value (the key is ``dim=value``); else None."""
+    prefix: str
 
-    @property
-    def local(self) -> bool:
-        return "api_key" in self.dims
+    @classmethod
+    def of(cls, dims: tuple[str, ...], rules: tuple[_Rule, ...]) -> _Group:
+        attr = EVENT_FIELD[dims[0]] if len(dims) == 1 else None
+        return cls(dims, rules, "api_key" in dims, attr, f"{dims[0]}=")
+
+    def key_of(self, event: UsageEvent) -> str:
+        return self.prefix + getattr(event, self.attr) if self.attr is not None else event_limit_key(self.dims, event)
 
 
 @dataclass(slots=True)
@@ -111,9 +120,11 @@ class PolicyEngine:
         plan = event.plan or self.policies.default_plan
         source_partition, source_offset = (-1, -1) if origin is None else origin
         t = event.event_time_ms
-        for group in self._matching(event.route, event.method, event.tenant, plan):
-            dims = group.dims
-            key = "api_key=" + event.api_key_id if dims == ("api_key",) else event_limit_key(dims, event)
+        groups = self._groups.get((event.route, event.method, event.tenant, plan))
+        if groups is None:
+            groups = self._matching(event.route, event.method, event.tenant, plan)
+        for group in groups:
+            key = group.key_of(event)
             if group.local:
                 state = self.state.get(key)
                 if state is None:
@@ -124,7 +135,7 @@ class PolicyEngine:
                 state.version = source_offset
                 self._count(key, state, group, t, event.cost, plan, outcome)
             else:
-                outcome.forwards.append(Forward(dims, key, event.route, event.method, event.tenant, event.plan,
+                outcome.forwards.append(Forward(group.dims, key, event.route, event.method, event.tenant, event.plan,
                                                 event.cost, t, source_partition, source_offset))  # fmt: skip
         return outcome
 
@@ -270,4 +281,4 @@ class PolicyEngine:
             min_block_ms = round(policy.on_breach.min_block_s * 1000)
             rule = _Rule(policy, limit, policy.route_cost(route), min_block_ms, policy.name, policy.shadow)
             by_dims.setdefault(policy.key, []).append(rule)
-        return tuple(_Group(dims, tuple(rules)) for dims, rules in by_dims.items())
+        return tuple(_Group.of(dims, tuple(rules)) for dims, rules in by_dims.items())

@@ -24,9 +24,7 @@ bucket boundary at which the window holds fewer than ``limit``.
 from __future__ import annotations
 
 import bisect
-import itertools
 import math
-import operator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
@@ -34,7 +32,6 @@ from zoneinfo import ZoneInfo
 
 SETTLE_AT_ONCE = 32
 """A token bucket folds its settled events in groups of at least this many."""
-_time_and_cost = operator.itemgetter(0, 1)
 
 
 @dataclass(slots=True)
@@ -168,7 +165,8 @@ class FixedWindow:
             return True
         if self.lateness_ms is not None and event_time_ms < newest - self.lateness_ms:
             return False
-        index, newest_index = self._index(event_time_ms), self._index(newest)
+        origin, window = self.origin_ms, self.window_ms
+        index, newest_index = (event_time_ms - origin) // window, (newest - origin) // window
         if index < newest_index:
             return self.lateness_ms is not None
         if index > newest_index:
@@ -214,9 +212,9 @@ class TokenBucket:
     less than one token, and admitted at the instant it holds one again.
 
     Unlike a count, the bucket depends on the order of events (a full bucket wastes refill), so events
-    inside the lateness bound are kept in ``pending`` as ``[time, cost, tat after it]``, one per
-    distinct millisecond, in time order; older events are folded into ``settled_tat_ms``. Memory: at
-    most ``lateness_ms`` + 32 pending entries.
+    inside the lateness bound are kept pending, one entry per distinct millisecond in time order, as
+    three parallel lists: ``times``, ``costs`` and ``tats`` (the ``tat`` after the entry); older events
+    are folded into ``settled_tat_ms``. Memory: at most ``lateness_ms`` + 32 pending entries.
 
     An event in time order moves ``tat`` on directly. One that arrives out of order is inserted, and
     the entries after it are replayed only when an answer needs them: until then their ``tat`` is
@@ -229,14 +227,17 @@ class TokenBucket:
     lateness_ms: int = 0
     settled_tat_ms: float = 0.0
     newest_ms: int = -1
-    pending: list[list[float]] = field(default_factory=list)
+    times: list[int] = field(default_factory=list)
+    costs: list[int] = field(default_factory=list)
+    tats: list[float] = field(default_factory=list)
+    interval_ms: float = field(init=False, repr=False, compare=False)
+    """Milliseconds per token."""
     _stale_from: int | None = field(default=None, init=False, repr=False, compare=False)
     """The first pending entry whose ``tat`` may be short (None: all are exact)."""
     _missing_cost: int = field(default=0, init=False, repr=False, compare=False)
 
-    @property
-    def interval_ms(self) -> float:
-        return 1000.0 / self.rate_per_s
+    def __post_init__(self) -> None:
+        self.interval_ms = 1000.0 / self.rate_per_s
 
     @property
     def span_ms(self) -> int:
@@ -245,32 +246,40 @@ class TokenBucket:
 
     @property
     def tat_ms(self) -> float:
-        self._make_exact()
-        return self.pending[-1][2] if self.pending else self.settled_tat_ms
+        if self._stale_from is not None:
+            self._make_exact()
+        return self.tats[-1] if self.tats else self.settled_tat_ms
 
     def add(self, event_time_ms: int, cost: int) -> bool:
-        horizon = self.newest_ms - self.lateness_ms
-        if event_time_ms < horizon:
+        newest = self.newest_ms
+        if event_time_ms < newest - self.lateness_ms:
             return False
-        pending = self.pending
-        if not pending or event_time_ms > pending[-1][0]:
-            tat = pending[-1][2] if pending else self.settled_tat_ms
-            pending.append([event_time_ms, cost, max(tat, event_time_ms) + cost * self.interval_ms])
-        elif event_time_ms == pending[-1][0]:  # the same formula as a replay, so results never drift
-            last = pending[-1]
-            last[1] += cost
-            last[2] = max(pending[-2][2] if len(pending) > 1 else self.settled_tat_ms, last[0]) + last[1] * self.interval_ms
+        times, tats = self.times, self.tats
+        if not times or event_time_ms > times[-1]:
+            tat = tats[-1] if tats else self.settled_tat_ms
+            times.append(event_time_ms)
+            self.costs.append(cost)
+            tats.append((tat if tat > event_time_ms else event_time_ms) + cost * self.interval_ms)
+        elif event_time_ms == times[-1]:  # the same formula as a replay, so results never drift
+            costs = self.costs
+            costs[-1] += cost
+            tat = tats[-2] if len(tats) > 1 else self.settled_tat_ms
+            tats[-1] = (tat if tat > event_time_ms else event_time_ms) + costs[-1] * self.interval_ms
         else:
-            at = bisect.bisect_left(pending, [event_time_ms])
-            if pending[at][0] == event_time_ms:
-                pending[at][1] += cost
+            at = bisect.bisect_left(times, event_time_ms)
+            if times[at] == event_time_ms:
+                self.costs[at] += cost
             else:
-                pending.insert(at, [event_time_ms, cost, 0.0])
+                times.insert(at, event_time_ms)
+                self.costs.insert(at, cost)
+                tats.insert(at, 0.0)
             self._stale_from = at if self._stale_from is None else min(at, self._stale_from)
             self._missing_cost += cost
-        if event_time_ms > self.newest_ms:
+        if event_time_ms > newest:
             self.newest_ms = event_time_ms
-            self._settle(event_time_ms - self.lateness_ms)
+            horizon = event_time_ms - self.lateness_ms
+            if len(times) >= SETTLE_AT_ONCE and times[SETTLE_AT_ONCE - 1] < horizon:
+                self._settle(horizon)
         return True
 
     def used_at(self, now_ms: int) -> int:
@@ -283,10 +292,11 @@ class TokenBucket:
         if self.newest_ms < 0:  # no event yet
             return None
         if self._stale_from is not None:
-            highest = self.pending[-1][2] + self._missing_cost * self.interval_ms
+            highest = self.tats[-1] + self._missing_cost * self.interval_ms
             if highest - (limit - 1) * self.interval_ms < self.newest_ms - 1.0:  # 1 ms: far beyond float error
                 return None
-        admit_ms = self.tat_ms - (limit - 1) * self.interval_ms
+            self._make_exact()
+        admit_ms = (self.tats[-1] if self.tats else self.settled_tat_ms) - (limit - 1) * self.interval_ms
         return math.ceil(admit_ms) if admit_ms > self.newest_ms else None
 
     def empties_at(self) -> int | None:
@@ -294,13 +304,22 @@ class TokenBucket:
         return math.ceil(tat) if self.newest_ms >= 0 and tat > self.newest_ms else None
 
     def to_state(self) -> list[float]:
-        self._settle(self.newest_ms - self.lateness_ms, at_once=1)  # store no more than the lateness needs
-        return [self.settled_tat_ms, self.newest_ms, *itertools.chain.from_iterable(map(_time_and_cost, self.pending))]
+        """``[settled_tat_ms, newest_ms, time, cost, time, cost…]`` of the entries the lateness still needs."""
+        horizon = self.newest_ms - self.lateness_ms
+        if self.times and self.times[0] < horizon:
+            self._settle(horizon)  # store no more than the lateness needs
+        times = self.times
+        state: list[float] = [self.settled_tat_ms, self.newest_ms, *times, *times]
+        state[2::2] = times
+        state[3::2] = self.costs
+        return state
 
     def restore(self, state: list[float]) -> None:
         if len(state) >= 2 and len(state) % 2 == 0:
             self.settled_tat_ms, self.newest_ms = state[0], int(state[1])
-            self.pending = [[int(state[i]), int(state[i + 1]), 0.0] for i in range(2, len(state), 2)]
+            self.times = [int(t) for t in state[2::2]]
+            self.costs = [int(c) for c in state[3::2]]
+            self.tats = [0.0] * len(self.times)
             self._stale_from = 0
             self._make_exact()
 
@@ -309,28 +328,26 @@ class TokenBucket:
         start = self._stale_from
         if start is None:
             return
-        pending, interval = self.pending, self.interval_ms
-        tat = pending[start - 1][2] if start else self.settled_tat_ms
-        for index in range(start, len(pending)):
-            entry = pending[index]
-            tat = max(tat, entry[0]) + entry[1] * interval
-            entry[2] = tat
+        times, costs, tats, interval = self.times, self.costs, self.tats, self.interval_ms
+        tat = tats[start - 1] if start else self.settled_tat_ms
+        for index in range(start, len(times)):
+            t = times[index]
+            tat = (tat if tat > t else t) + costs[index] * interval
+            tats[index] = tat
         self._stale_from, self._missing_cost = None, 0
 
-    def _settle(self, horizon_ms: int, at_once: int = SETTLE_AT_ONCE) -> None:
-        """Fold the pending events before ``horizon_ms`` (no late event can precede them any more), once
-        at least ``at_once`` can be: ``add`` refuses events before the horizon whatever ``pending`` holds."""
-        pending = self.pending
-        if len(pending) < at_once or pending[at_once - 1][0] >= horizon_ms:
+    def _settle(self, horizon_ms: int) -> None:
+        """Fold the pending events before ``horizon_ms`` (no late event can precede them any more):
+        ``add`` refuses events before the horizon whatever is pending."""
+        settled = bisect.bisect_left(self.times, horizon_ms)
+        if not settled:
             return
-        settled = bisect.bisect_left(pending, [horizon_ms])
         if self._stale_from is not None and self._stale_from < settled:
             self._make_exact()
-        self.settled_tat_ms = self.pending[settled - 1][2]
-        del self.pending[:settled]
+        self.settled_tat_ms = self.tats[settled - 1]
+        del self.times[:settled], self.costs[:settled], self.tats[:settled]
         if self._stale_from is not None:
             self._stale_from -= settled
-
 
 
 Period = Literal["day", "month"]

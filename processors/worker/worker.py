@@ -26,6 +26,7 @@ import heapq
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
@@ -54,6 +55,8 @@ log = logging.getLogger(__name__)
 
 ALIGN_MS = 1_000
 """How far ahead in record time one events partition may run of another while catching up."""
+
+REGROUP_PARTITIONS_REMEMBERED = 100_000
 
 FLUSH_STEP = 200
 """Keys encoded between two turns of the event loop in a flush: small enough that the consumer's
@@ -124,6 +127,8 @@ class StreamWorker:
         self._deliveries: list[asyncio.Future[Any]] = []
         """Forwards and dead letters sent since the last flush, not yet known to be acknowledged."""
         self._regroup_tps: list[TopicPartition] = []
+        self._regroup_partitions: dict[str, int] = {}
+        """Limit key -> its regroup partition, for the keys seen lately (a hash per forward costs more)."""
         self._held: dict[TopicPartition, list[Record]] = {}
         """Records taken from the consumer and not applied yet (see `_fetch`)."""
         self._generation = 0
@@ -278,8 +283,9 @@ class StreamWorker:
         merged = list(heapq.merge(*forwards, key=_forward_time)) if len(forwards) > 1 else [f for fs in forwards for f in fs]
         remote: list[Forward] = []
         local: dict[TopicPartition, Outcome] = {}
+        partition_of = self._regroup_partition_of
         for forward in merged:
-            part = self._partitions.get(self._regroup_tps[regroup.partition_of(forward.limit_key, len(self._regroup_tps))])
+            part = self._partitions.get(self._regroup_tps[partition_of(forward.limit_key)])
             if part is None:
                 remote.append(forward)
                 continue
@@ -295,6 +301,14 @@ class StreamWorker:
             self._deliveries.append(await self._producer.send(self._settings.regroup_topic, value, partition=target))
         metrics.FORWARDS.labels(route="local").inc(len(merged) - len(remote))
         metrics.FORWARDS.labels(route="kafka").inc(len(remote))
+
+    def _regroup_partition_of(self, limit_key: str) -> int:
+        partition = self._regroup_partitions.get(limit_key)
+        if partition is None:
+            if len(self._regroup_partitions) >= REGROUP_PARTITIONS_REMEMBERED:
+                self._regroup_partitions.clear()
+            partition = self._regroup_partitions[limit_key] = regroup.partition_of(limit_key, len(self._regroup_tps))
+        return partition
 
     async def _apply_events(self, part: Partition, records: list[Record]) -> list[Forward]:
         skew_ms = round(self._settings.max_future_skew_s * 1000)
@@ -351,10 +365,11 @@ class StreamWorker:
         part.dirty.update(outcome.touched)
         self._publisher.usage(outcome.touched)
         for block in outcome.blocks:
-            metrics.DECISIONS.labels(policy=block.policy, outcome="block").inc()
             self._publisher.block(block, outcome.breaches.get(block.limit_key))
-        for block in outcome.shadow_blocks:
-            metrics.DECISIONS.labels(policy=block.policy, outcome="shadow_block").inc()
+        # A key over its limit takes a decision on every event: count them per policy, once a batch.
+        for kind, blocks in (("block", outcome.blocks), ("shadow_block", outcome.shadow_blocks)):
+            for policy, decisions in Counter(block.policy for block in blocks).items():
+                metrics.DECISIONS.labels(policy=policy, outcome=kind).inc(decisions)
         if outcome.late:
             metrics.EVENTS_LATE.inc(outcome.late)
         if outcome.repeated:

@@ -276,7 +276,7 @@ def test_token_bucket_out_of_order_within_the_bound_equals_time_order(
         previous = t
     assert_bucket_matches(bucket, burst, rate, owed, now_ms=max(t for t, _ in accepted))
     # memory stays bounded by the lateness (one entry per millisecond) and the entries folded at once
-    assert len(bucket.pending) <= lateness_ms + 1 + SETTLE_AT_ONCE
+    assert len(bucket.times) <= lateness_ms + 1 + SETTLE_AT_ONCE
 
 
 @settings(max_examples=300, deadline=None)
