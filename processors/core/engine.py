@@ -157,16 +157,19 @@ class PolicyEngine:
         key = forward.limit_key
         state = self.state.get(key)
         if state is None:
-            state = self.state[key] = KeyState(sources={})
+            sources: dict[int, int] = {}
+            state = self.state[key] = KeyState(sources=sources)
         elif state.sources is None:
-            state.sources = {}
-        if forward.source_offset >= 0:
+            sources = state.sources = {}
+        else:
             sources = state.sources
-            assert sources is not None
-            if sources.get(forward.source_partition, -1) >= forward.source_offset:
+        offset = forward.source_offset
+        if offset >= 0:
+            partition = forward.source_partition
+            if sources.get(partition, -1) >= offset:
                 outcome.repeated += 1
                 return outcome
-            sources[forward.source_partition] = forward.source_offset
+            sources[partition] = offset
         if version > state.version:
             state.version = version
         self._count(key, state, group, forward.event_time_ms, forward.cost, plan, outcome)

@@ -24,6 +24,7 @@ import asyncio
 import gc
 import heapq
 import logging
+import operator
 import time
 import uuid
 from collections import Counter
@@ -280,7 +281,8 @@ class StreamWorker:
         in order. A key whose regroup partition this worker owns gets its forward at once; the others
         go through the regroup topic. Either way a key counts a forward once (`KeyState.sources`), so
         whichever worker owns the partition after a crash or rebalance, nothing counts twice."""
-        merged = list(heapq.merge(*forwards, key=_forward_time)) if len(forwards) > 1 else [f for fs in forwards for f in fs]
+        forwards = [items for items in forwards if items]
+        merged = list(heapq.merge(*forwards, key=_event_time)) if len(forwards) > 1 else [f for fs in forwards for f in fs]
         remote: list[Forward] = []
         local: dict[TopicPartition, Outcome] = {}
         partition_of = self._regroup_partition_of
@@ -530,8 +532,7 @@ class StreamWorker:
         return {tp: meta.offset for tp, meta in offsets.items()}
 
 
-def _forward_time(forward: Forward) -> int:
-    return forward.event_time_ms
+_event_time = operator.attrgetter("event_time_ms")
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
