@@ -183,9 +183,10 @@ class PolicyEngine:
         windows = state.windows
         strongest: Block | None = None
         for rule in group.rules:
-            window = windows.get(rule.name)
+            name = rule.name
+            window = windows.get(name)
             if window is None:
-                window = windows[rule.name] = rule.policy.new_window()
+                window = windows[name] = rule.policy.new_window()
             if not window.add(t, cost if rule.cost is None else rule.cost):
                 outcome.late += 1
                 continue

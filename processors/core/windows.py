@@ -371,14 +371,18 @@ class CalendarQuota:
     """The period of ``newest_ms`` as ``[start, end)`` in Unix ms (a cache, not state)."""
 
     def add(self, event_time_ms: int, cost: int) -> bool:
-        if self.newest_ms is not None:
-            if self.lateness_ms is not None and event_time_ms < self.newest_ms - self.lateness_ms:
+        newest = self.newest_ms
+        if newest is not None:
+            if self.lateness_ms is not None and event_time_ms < newest - self.lateness_ms:
                 return False
-            start, end = self._period_of(self.newest_ms)
+            start, end = self._bounds
+            if not start <= newest < end:
+                start, end = self._period_of(newest)
             if event_time_ms < start:
                 return self.lateness_ms is not None  # a closed period: no decision depends on it
             if event_time_ms < end:
-                self.newest_ms = max(self.newest_ms, event_time_ms)
+                if event_time_ms > newest:
+                    self.newest_ms = event_time_ms
                 self.used += cost
                 return True
         self.newest_ms, self.used = event_time_ms, cost
@@ -394,7 +398,9 @@ class CalendarQuota:
         return self.used if now_ms < self._period_of(self.newest_ms)[1] else 0
 
     def admits_at(self, limit: int) -> int | None:
-        return self._period_of(self.newest_ms)[1] if self.newest_ms is not None and self.used >= limit else None
+        if self.used < limit or self.newest_ms is None:
+            return None
+        return self._period_of(self.newest_ms)[1]
 
     def empties_at(self) -> int | None:
         return self._period_of(self.newest_ms)[1] if self.newest_ms is not None and self.used else None
