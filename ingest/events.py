@@ -68,6 +68,9 @@ class EventError(ValueError):
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(UsageEvent)
+
+decode_valid = _decoder.decode
+"""`decode` for hot loops: the same validation, msgspec's own errors (call `decode` for the reason)."""
 _version_probe = msgspec.json.Decoder(dict[str, object])
 
 

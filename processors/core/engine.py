@@ -79,8 +79,6 @@ class _Group:
         attr = EVENT_FIELD[dims[0]] if len(dims) == 1 else None
         return cls(dims, rules, "api_key" in dims, attr, f"{dims[0]}=")
 
-    def key_of(self, event: UsageEvent) -> str:
-        return self.prefix + getattr(event, self.attr) if self.attr is not None else event_limit_key(self.dims, event)
 
 
 @dataclass(slots=True)
@@ -124,7 +122,8 @@ class PolicyEngine:
         if groups is None:
             groups = self._matching(event.route, event.method, event.tenant, plan)
         for group in groups:
-            key = group.key_of(event)
+            attr = group.attr
+            key = group.prefix + getattr(event, attr) if attr is not None else event_limit_key(group.dims, event)
             if group.local:
                 state = self.state.get(key)
                 if state is None:

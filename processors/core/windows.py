@@ -130,7 +130,11 @@ class SlidingWindow:
     def _advance(self, bucket: int) -> None:
         counts = self.counts
         shift = bucket - self.head
-        if shift >= len(counts):
+        if shift == 1:  # the usual step: one bucket on
+            self.total -= counts[0]
+            del counts[0]
+            counts.append(0)
+        elif shift >= len(counts):
             counts[:] = [0] * len(counts)
             self.total = 0
         elif shift > 0:

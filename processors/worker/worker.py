@@ -40,7 +40,7 @@ from aiokafka.structs import OffsetAndMetadata
 
 from ingest.clock import Clock, wall_clock_ms
 from ingest.denylist_entries import Block
-from ingest.events import EventError, decode
+from ingest.events import EventError, decode, decode_valid
 from processors import metrics
 from processors.core.engine import Forward, Outcome, PolicyEngine
 from processors.core.policy import PolicySet
@@ -321,9 +321,12 @@ class StreamWorker:
         applied = 0
         for record in records:
             try:
-                event = decode(record.value or b"")
-            except EventError as exc:
-                await self._dead_letter(record, exc.kind, exc.reason)
+                event = decode_valid(record.value)
+            except (msgspec.DecodeError, TypeError):  # not an event: `decode` says why
+                try:
+                    decode(record.value or b"")
+                except EventError as exc:
+                    await self._dead_letter(record, exc.kind, exc.reason)
                 continue
             t = event.event_time_ms
             if t > now_ms + skew_ms:
