@@ -77,6 +77,9 @@ def key_channel(prefix: str) -> str:
     return f"{prefix}:apikeys"
 
 
+_CACHE_HITS = metrics.KEY_LOOKUPS.labels(source="cache")
+
+
 class KeyLookupUnavailable(Exception):
     """Redis could not be asked about a key this cache has not seen."""
 
@@ -112,6 +115,15 @@ class EdgeKeys:
             await asyncio.gather(self._task, return_exceptions=True)
         await self._redis.aclose()
 
+    def cached(self, key_id: str) -> KeyRecord | None:
+        """The key's record if it is cached and may call now: the request path's check, no await. None
+        otherwise; then `usable` decides (it may ask Redis)."""
+        record = self._known.get(key_id)
+        if record is None or not record.admits(key_id, self._clock()):
+            return None
+        _CACHE_HITS.inc()
+        return record
+
     async def usable(self, key_id: str) -> KeyRecord | None:
         """The key's record if it may call now; None for an unknown, suspended, revoked or expired key.
 
@@ -126,7 +138,7 @@ class EdgeKeys:
             if record is None:
                 return None
         else:
-            metrics.KEY_LOOKUPS.labels(source="cache").inc()
+            _CACHE_HITS.inc()
         return record if record.admits(key_id, self._clock()) else None
 
     async def _fetch(self, key_id: str) -> KeyRecord | None:

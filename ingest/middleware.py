@@ -28,6 +28,10 @@ from ingest.keys import EdgeKeys, KeyLookupUnavailable
 from ingest.producer import EventProducer
 
 
+_OUTCOMES = {outcome: metrics.REQUESTS.labels(outcome=outcome)
+             for outcome in ("unauthenticated", "refused_unavailable", "blocked", "admitted")}  # fmt: skip
+
+
 class ThrottleXMiddleware:
     def __init__(
         self,
@@ -58,7 +62,7 @@ class ThrottleXMiddleware:
             return
         api_key = _header(scope, self._header)
         if api_key is None and self._keys is None:
-            metrics.REQUESTS.labels(outcome="unauthenticated").inc()
+            _OUTCOMES["unauthenticated"].inc()
             await self.app(scope, receive, send)
             return
         if api_key is None:
@@ -68,11 +72,13 @@ class ThrottleXMiddleware:
         key_id = key_id_for(api_key, self._salt)
         tenant, plan = self._tenant, ""
         if self._keys is not None:
-            try:
-                record = await self._keys.usable(key_id)
-            except KeyLookupUnavailable:
-                await _refuse(send, 503, "cannot check the API key now; try again")
-                return
+            record = self._keys.cached(key_id)
+            if record is None:
+                try:
+                    record = await self._keys.usable(key_id)
+                except KeyLookupUnavailable:
+                    await _refuse(send, 503, "cannot check the API key now; try again")
+                    return
             if record is None:
                 await _refuse(send, 401, "unknown, suspended, revoked or expired API key")
                 return
@@ -84,16 +90,16 @@ class ThrottleXMiddleware:
                   "method": scope["method"]}  # fmt: skip
         block = self._denylist.check(values)
         if self._denylist.refusing:  # fail-closed and Redis out of reach for too long
-            metrics.REQUESTS.labels(outcome="refused_unavailable").inc()
+            _OUTCOMES["refused_unavailable"].inc()
             block = Block(limit_key="", until_ms=received_ms + 1_000, policy="")
             sent_bytes = await _send_error(send, 503, block, received_ms, "rate limiter unavailable; try again")
             status = 503
         elif block is not None:
-            metrics.REQUESTS.labels(outcome="blocked").inc()
+            _OUTCOMES["blocked"].inc()
             sent_bytes = await _send_error(send, 429, block, received_ms, "rate limit exceeded")
             status = 429
         else:
-            metrics.REQUESTS.labels(outcome="admitted").inc()
+            _OUTCOMES["admitted"].inc()
             response = _ResponseMeter(send)
             await self.app(scope, receive, response)
             status, sent_bytes = response.status, response.body_bytes

@@ -1,5 +1,10 @@
-"""Through a real gateway: the same FastAPI route behind ThrottleX and behind slowapi, each served by
-one uvicorn process and driven by `wrk` on loopback; requests per second and latency percentiles.
+"""Through a real gateway: the same FastAPI route bare (no rate limiter), behind ThrottleX (API keys
+checked against the registry, or any key admitted) and behind slowapi, each served by one uvicorn
+process and driven by `wrk` on loopback, interleaved run by run.
+
+Per gateway: requests per second, latency p50/p99/max (`wrk --latency`), CPU-µs per request of the
+server process (all its threads, librdkafka's included), and for ThrottleX the events on its topic
+against the requests it served (every request must emit one).
 """
 
 from __future__ import annotations
@@ -11,16 +16,26 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from ingest.events import key_id_for
 from ingest.keys import KeyRecord
 from ingest.settings import GatewaySettings
 from processors.registry import open_registry
+from processors.topics import ensure_topics
 from tests.conftest import free_port
 
-APPS = {"throttlex": "tests.perf.gateway_apps:throttlex_app", "slowapi": "tests.perf.gateway_apps:slowapi_app"}
+APPS = {
+    "bare": "tests.perf.gateway_apps:bare_app",
+    "throttlex": "tests.perf.gateway_apps:throttlex_app",
+    "throttlex_any_key": "tests.perf.gateway_apps:throttlex_any_key_app",
+    "slowapi": "tests.perf.gateway_apps:slowapi_app",
+}
+EMITTING = ("throttlex", "throttlex_any_key")
+PARTITIONS = 4
 
 
 def _serve(target: str, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -47,38 +62,86 @@ def _wrk(port: int, seconds: int, connections: int) -> dict[str, float]:
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    requests = float(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
-    return {"req_per_s": rps, "p50_ms": _percentile(output, "50%"), "p99_ms": _percentile(output, "99%"),
+    latency_max = re.search(r"^\s+Latency\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)", output, re.M).groups()  # type: ignore[union-attr]
+    return {"req_per_s": rps, "requests": requests, "p50_ms": _percentile(output, "50%"),
+            "p99_ms": _percentile(output, "99%"), "max_ms": _in_ms(*latency_max),
             "non_2xx": float(errors.group(1)) if errors else 0.0}  # fmt: skip
 
 
 def _percentile(output: str, label: str) -> float:
-    value, unit = re.search(rf"^\s+{re.escape(label)}\s+([\d.]+)(us|ms|s)\s*$", output, re.M).groups()  # type: ignore[union-attr]
+    return _in_ms(*re.search(rf"^\s+{re.escape(label)}\s+([\d.]+)(us|ms|s)\s*$", output, re.M).groups())  # type: ignore[union-attr]
+
+
+def _in_ms(value: str, unit: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-async def _register_keys(env: dict[str, str]) -> None:
-    """The gateway admits registered keys only: register the two the benchmark sends."""
-    settings = GatewaySettings(
-        events_topic=env["THROTTLEX_EVENTS_TOPIC"], redis_prefix=env["THROTTLEX_REDIS_PREFIX"],
-        registry_topic=env["THROTTLEX_REGISTRY_TOPIC"],
-    )  # fmt: skip
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _accounted(port: int) -> float:
+    """Requests the gateway accounted (admitted or refused with 429/503), from its own metrics."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    return sum(float(value) for outcome, value in re.findall(r'^throttlex_gateway_requests_total\{outcome="(\w+)"\} (\S+)$', text, re.M)
+               if outcome in ("admitted", "blocked", "refused_unavailable"))  # fmt: skip
+
+
+async def _prepare(env: dict[str, str], topics: list[str]) -> None:
+    """The gateway admits registered keys only: register the two the benchmark sends; make the topics."""
+    settings = GatewaySettings(redis_prefix=env["THROTTLEX_REDIS_PREFIX"], registry_topic=env["THROTTLEX_REGISTRY_TOPIC"])
+    await ensure_topics(settings.kafka_bootstrap, {topic: PARTITIONS for topic in topics})
     async with open_registry(settings) as registry:
         for plain in ("warm-up", "bench-key"):
             await registry.put_key(KeyRecord(key_id=key_id_for(plain, settings.key_salt_bytes), tenant="bench"))
 
 
-def run(runs: int, seconds: int, connections: int, env: dict[str, str]) -> dict[str, dict[str, float]]:
-    """Median results per gateway; the ThrottleX one checks each request's key against the registry."""
-    asyncio.run(_register_keys(env))
-    results: dict[str, list[dict[str, float]]] = {name: [] for name in APPS}
-    servers = {name: (port := free_port(), _serve(target, port, {**os.environ, **env})) for name, target in APPS.items()}
+async def _events_on(bootstrap: str, topic: str) -> int:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
     try:
+        ends = await consumer.end_offsets([TopicPartition(topic, p) for p in range(PARTITIONS)])
+        starts = await consumer.beginning_offsets(list(ends))
+    finally:
+        await consumer.stop()
+    return sum(ends[tp] - starts[tp] for tp in ends)
+
+
+def _events_emitted(bootstrap: str, topic: str, accounted: float) -> float:
+    """Events on ``topic`` once the gateway's producer has delivered what it holds (30 s at most)."""
+    deadline = time.monotonic() + 30
+    while (events := asyncio.run(_events_on(bootstrap, topic))) < accounted and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return float(events)
+
+
+def run(runs: int, seconds: int, connections: int, env: dict[str, str], tag: str) -> dict[str, dict[str, float]]:
+    """Median results per gateway (the events check over all runs)."""
+    topics = {name: f"bench-gateway-{tag}-{name}.events" for name in EMITTING}
+    asyncio.run(_prepare(env, list(topics.values())))
+    bootstrap = os.environ.get("THROTTLEX_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in APPS}
+    servers = {}
+    try:
+        for name, target in APPS.items():
+            port = free_port()
+            servers[name] = (port, _serve(target, port, {**os.environ, **env, "THROTTLEX_EVENTS_TOPIC": topics.get(name, "unused")}))
         for run_number in range(runs):  # interleaved: each run of each gateway sees the same machine
-            for name, (port, _) in servers.items():
-                results[name].append(_wrk(port, seconds, connections))
+            for name, (port, server) in servers.items():
+                cpu = _cpu_s(server.pid)
+                result = _wrk(port, seconds, connections)
+                result["cpu_us_per_request"] = (_cpu_s(server.pid) - cpu) / max(1.0, result["requests"]) * 1e6
+                results[name].append(result)
             print(f"  gateway run {run_number + 1}/{runs}: "
                   + ", ".join(f"{n} {r[-1]['req_per_s']:,.0f} req/s" for n, r in results.items()), flush=True)  # fmt: skip
+        medians = {name: {k: statistics.median(r[k] for r in runs_) for k in runs_[0]} for name, runs_ in results.items()}
+        for name in EMITTING:
+            accounted = _accounted(servers[name][0])
+            medians[name]["requests_accounted"] = accounted
+            medians[name]["events_emitted"] = _events_emitted(bootstrap, topics[name], accounted)
     finally:
         for _, server in servers.values():
             server.terminate()
@@ -86,4 +149,4 @@ def run(runs: int, seconds: int, connections: int, env: dict[str, str]) -> dict[
                 server.wait(30)
             except subprocess.TimeoutExpired:
                 server.kill()
-    return {name: {k: statistics.median(r[k] for r in runs_) for k in runs_[0]} for name, runs_ in results.items()}
+    return medians

@@ -1,5 +1,7 @@
-"""The two gateways compared in the gateway benchmark: the same route behind ThrottleX's middleware
-and behind slowapi (the `limits` library on the same Redis, moving window, checked per request).
+"""The gateways compared in the gateway benchmark, all serving the same route: the bare app (no rate
+limiter), the app behind ThrottleX's middleware (keys checked against the registry, or any key
+admitted), and the app behind slowapi (the `limits` library on the same Redis, moving window,
+checked per request).
 
 Run with uvicorn's ``--factory``; settings come from ``THROTTLEX_*`` variables.
 """
@@ -16,8 +18,22 @@ from ingest.settings import GatewaySettings
 LIMIT = "1000000000/hour"  # never reached: every request does the full work of being admitted
 
 
+def bare_app() -> FastAPI:
+    app = FastAPI(title="the same route with no rate limiter")
+
+    @app.get("/v1/items/{item_id}")
+    async def item(item_id: int) -> dict[str, int | str]:
+        return {"id": item_id, "name": f"item {item_id}"}
+
+    return app
+
+
 def throttlex_app() -> FastAPI:
-    return create_gateway_app(GatewaySettings())
+    return create_gateway_app(GatewaySettings(edge_keys="registry"))
+
+
+def throttlex_any_key_app() -> FastAPI:
+    return create_gateway_app(GatewaySettings(edge_keys="any"))
 
 
 def slowapi_app() -> FastAPI:
