@@ -81,6 +81,9 @@ class Partition:
     """The newest event time applied: idle keys are found by it, not by the wall clock."""
     dirty: set[str] = field(default_factory=set)
     """Keys changed (or dropped) since the last flush."""
+    catch_up_to: int = 0
+    """For a regroup partition: the end offset it had when assigned. Until the records before it are
+    applied, forwards to it go through Kafka too (see `StreamWorker._local_targets`)."""
 
 
 class StreamWorker:
@@ -128,6 +131,8 @@ class StreamWorker:
         self._deliveries: list[asyncio.Future[Any]] = []
         """Forwards and dead letters sent since the last flush, not yet known to be acknowledged."""
         self._regroup_tps: list[TopicPartition] = []
+        self._sent: dict[int, asyncio.Future[Any]] = {}
+        """Per regroup partition, the delivery of the last regroup record this worker sent to it."""
         self._regroup_partitions: dict[str, int] = {}
         """Limit key -> its regroup partition, for the keys seen lately (a hash per forward costs more)."""
         self._held: dict[TopicPartition, list[Record]] = {}
@@ -286,8 +291,9 @@ class StreamWorker:
         remote: list[Forward] = []
         local: dict[TopicPartition, Outcome] = {}
         partition_of = self._regroup_partition_of
+        targets = self._local_targets()
         for forward in merged:
-            part = self._partitions.get(self._regroup_tps[partition_of(forward.limit_key)])
+            part = targets[partition_of(forward.limit_key)]
             if part is None:
                 remote.append(forward)
                 continue
@@ -300,9 +306,35 @@ class StreamWorker:
         for tp, outcome in local.items():
             self._conclude(self._partitions[tp], outcome)
         for target, value in regroup.pack(remote, len(self._regroup_tps)):
-            self._deliveries.append(await self._producer.send(self._settings.regroup_topic, value, partition=target))
+            delivery = await self._producer.send(self._settings.regroup_topic, value, partition=target)
+            self._deliveries.append(delivery)
+            self._sent[target] = delivery
         metrics.FORWARDS.labels(route="local").inc(len(merged) - len(remote))
         metrics.FORWARDS.labels(route="kafka").inc(len(remote))
+
+    def _local_targets(self) -> list[Partition | None]:
+        """Per regroup partition, this worker's `Partition` if forwards to it may be applied at once,
+        else None (they go through Kafka).
+
+        A key takes a forward only if it is newer than the last one it took from the same events
+        partition, so a forward applied at once must never overtake an older one still in the regroup
+        topic: one sent by this worker before it owned the partition (or while catching up), or by the
+        events partition's previous owner before a rebalance. So forwards are applied at once only
+        once the partition's records up to its end offset at assignment are applied, and every regroup
+        record this worker sent to it has been read back."""
+        targets: list[Partition | None] = []
+        for tp in self._regroup_tps:
+            part = self._partitions.get(tp)
+            if part is not None and part.next_offset < part.catch_up_to:
+                part = None
+            sent = self._sent.get(tp.partition)
+            if part is not None and sent is not None:
+                if sent.done() and sent.exception() is None and sent.result().offset < part.next_offset:
+                    del self._sent[tp.partition]
+                else:
+                    part = None
+            targets.append(part)
+        return targets
 
     def _regroup_partition_of(self, limit_key: str) -> int:
         partition = self._regroup_partitions.get(limit_key)
@@ -510,6 +542,9 @@ class StreamWorker:
                     self._partitions[tp] = part
                 else:
                     restore.append(tp)
+            regrouped = [tp for tp in assigned if tp.topic == self._settings.regroup_topic]
+            ends = await self._consumer.end_offsets(regrouped) if regrouped else {}
+            starts = await self._committed(regrouped) if regrouped else {}
             changelogs = [TopicPartition(changelog.changelog_topic(self._group, tp.topic), tp.partition) for tp in restore]
             states = await changelog.restore(self._settings.kafka_bootstrap, changelogs, self._policies)
             now_ms = self._clock()
@@ -520,6 +555,8 @@ class StreamWorker:
                 for block in engine.blocks_in_force(now_ms):
                     self._publisher.block(block, None)
                 keys += len(engine.state)
+            for tp in regrouped:  # records sent before this assignment are applied before any forward at once
+                self._partitions[tp].catch_up_to = ends[tp] if ends[tp] > max(0, starts.get(tp, -1)) else 0
             metrics.ASSIGNED_PARTITIONS.set(len(self._partitions))
             metrics.TRACKED_KEYS.set(sum(len(part.engine.state) for part in self._partitions.values()))
             log.info("partitions assigned", extra={"partitions": sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),
