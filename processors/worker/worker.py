@@ -526,12 +526,12 @@ class StreamWorker:
 
     async def _assigned(self, assigned: set[TopicPartition]) -> None:
         """Take over ``assigned``: a partition given back with no commit by another worker keeps its
-        state in memory, every other one is read from its changelog. Blocks in force are queued for Redis again (the previous
-        owner may have decided them without writing them)."""
+        state in memory, every other one is read from its changelog. Blocks in force are queued for
+        Redis again (the previous owner may have decided them without writing them)."""
         async with self._lock:
             started = time.perf_counter()
             parked, self._parked = self._parked, {}
-            committed = await self._committed(assigned) if parked else {}
+            committed = await self._committed(assigned)
             restore = []
             for tp in assigned:
                 part = parked.get(tp)
@@ -544,7 +544,6 @@ class StreamWorker:
                     restore.append(tp)
             regrouped = [tp for tp in assigned if tp.topic == self._settings.regroup_topic]
             ends = await self._consumer.end_offsets(regrouped) if regrouped else {}
-            starts = await self._committed(regrouped) if regrouped else {}
             changelogs = [TopicPartition(changelog.changelog_topic(self._group, tp.topic), tp.partition) for tp in restore]
             states = await changelog.restore(self._settings.kafka_bootstrap, changelogs, self._policies)
             now_ms = self._clock()
@@ -556,7 +555,7 @@ class StreamWorker:
                     self._publisher.block(block, None)
                 keys += len(engine.state)
             for tp in regrouped:  # records sent before this assignment are applied before any forward at once
-                self._partitions[tp].catch_up_to = ends[tp] if ends[tp] > max(0, starts.get(tp, -1)) else 0
+                self._partitions[tp].catch_up_to = ends[tp] if ends[tp] > max(0, committed.get(tp, -1)) else 0
             metrics.ASSIGNED_PARTITIONS.set(len(self._partitions))
             metrics.TRACKED_KEYS.set(sum(len(part.engine.state) for part in self._partitions.values()))
             log.info("partitions assigned", extra={"partitions": sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),
