@@ -27,6 +27,7 @@ from processors.registry import open_registry
 from processors.accounting.sink import UsageSink
 from processors.accounting.store import UsageStore
 from processors.redis_client import redis_client
+from processors.tasks import tune_gc
 from processors.worker.worker import StreamWorker
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ async def run_roles(roles: set[str], settings: RunSettings) -> None:
         watch = watch_policy_file(settings.policy_file, settings.policy_reload_interval_s, source.file_changed)
         watches.append(_background(stack, watch))
         watches.append(_background(stack, registry.follow(source.registry_changed)))
+        tune_gc()
         log.info("running", extra={"roles": sorted(roles)})
         stopping = asyncio.create_task(stop.wait(), name="signal-watch")
         await asyncio.wait([stopping, *watches], return_when=asyncio.FIRST_COMPLETED)

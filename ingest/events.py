@@ -22,7 +22,7 @@ LATEST_EVENT_MS = 4_102_444_800_000
 _Text = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
 
-class UsageEvent(msgspec.Struct, tag_field="v", tag=SCHEMA_VERSION, frozen=True, kw_only=True):
+class UsageEvent(msgspec.Struct, tag_field="v", tag=SCHEMA_VERSION, frozen=True, kw_only=True, gc=False):
     """One request seen by a gateway.
 
     `event_time_ms` is when the gateway received the request (Unix epoch, milliseconds); windows are
@@ -31,6 +31,9 @@ class UsageEvent(msgspec.Struct, tag_field="v", tag=SCHEMA_VERSION, frozen=True,
     accounted but never count towards a window, so a blocked client is not kept blocked by its retries.
     `api_key_id` is a keyed hash of the caller's API key (see `key_id_for`); the plain key never leaves
     the gateway. An event without ``v`` is read as version 1, the first version of the contract.
+
+    Instances hold scalars only, so the garbage collector does not track them (``gc=False``): consumers
+    holding tens of thousands of decoded events would otherwise pay for collections that find nothing.
     """
 
     event_id: uuid.UUID

@@ -15,7 +15,13 @@ After a crash anywhere in between, the partition's next owner reads the intent, 
 same batch (it waits for offset ``last`` and goes no further) and inserts it with the same token: a
 batch that had landed is dropped as a duplicate, one that had not lands now. Inserts that fail are
 retried with backoff and nothing is committed meanwhile, so no event is lost; an insert ClickHouse refuses as
-such (a schema mismatch) stops the sink with the reason instead.
+such (a schema mismatch) stops the sink with the reason instead. A batch is one block (at most
+``sink_batch_max_rows``, below ClickHouse's ``min_insert_block_size_rows``), so it lands whole or not at all.
+
+Records are validated and turned into Arrow columns as they are read (`processors.accounting.rows`),
+and the next batches are read while the previous ones are inserted: ClickHouse works on its own thread
+outside the GIL, so reading and inserting share the machine's cores. One write is in flight at a time,
+so each partition's commits stay in order.
 """
 
 from __future__ import annotations
@@ -23,67 +29,57 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from bisect import bisect_right
 from dataclasses import dataclass
-import uuid
 from typing import TypeAlias
 
-import msgspec
-
+import pyarrow as pa
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
-from ingest.events import EventError, decode
 from processors import metrics
 from processors.settings import SinkSettings
 from processors.tasks import crash_of
 from processors.topics import ensure_topics
-from processors.accounting.store import EVENT_COLUMNS, StoreError, UsageStore
+from processors.accounting.rows import EVENT_SCHEMA, arrow_stream, event_rows
+from processors.accounting.store import StoreError, UsageStore
 
 log = logging.getLogger(__name__)
 
 _MAX_BACKOFF_S = 10.0
 _INFLIGHT = "inflight:"
+_READ_STEP = 5_000
 
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
 
 
-class EventRow(msgspec.Struct):
-    """A ``usage_events`` row as ClickHouse reads it in ``JSONEachRow`` (fields in `EVENT_COLUMNS` order)."""
+class _Pending:
+    """What was read from one partition and is not in a batch yet: every offset read, and the valid
+    events among them as rows (in Arrow record batches, one per read)."""
 
-    event_id: uuid.UUID
-    event_time: float  # seconds; encoded in the shortest exact decimal, so the milliseconds stay exact
-    api_key_id: str
-    tenant: str
-    route: str
-    method: str
-    status: int
-    latency_ms: float
-    response_bytes: int
-    cost: int
-    client_ip: str
-    edge_blocked: bool
-    plan: str
-    schema_version: int
-    kafka_partition: int
-    kafka_offset: int
+    __slots__ = ("offsets", "row_offsets", "rows")
 
+    def __init__(self) -> None:
+        self.offsets: list[int] = []
+        self.row_offsets: list[int] = []
+        self.rows: list[pa.RecordBatch] = []
 
-_encode_row = msgspec.json.Encoder().encode
+    def add(self, tp: TopicPartition, records: list[Record]) -> None:
+        rows, row_offsets = event_rows(records, tp.partition)
+        self.offsets += [record.offset for record in records]
+        self.row_offsets += row_offsets
+        self.rows.append(rows)
 
-
-def event_row(record: Record) -> bytes | None:
-    """The ``usage_events`` row (JSON) for one Kafka record, or None if it is not a valid event."""
-    try:
-        event = decode(record.value or b"")
-    except EventError:
-        return None
-    return _encode_row(EventRow(
-        event.event_id, event.event_time_ms / 1000, event.api_key_id, event.tenant, event.route, event.method,
-        event.status, event.latency_ms, event.response_bytes, event.cost, event.client_ip, event.edge_blocked,
-        event.plan, event.schema_version, record.partition, record.offset,
-    ))  # fmt: skip
+    def take(self, tp: TopicPartition, count: int) -> Batch:
+        """The first ``count`` records read, as a batch."""
+        first, last = self.offsets[0], self.offsets[count - 1]
+        stored = bisect_right(self.row_offsets, last)
+        table = pa.Table.from_batches(self.rows, EVENT_SCHEMA)
+        self.rows = table.slice(stored).to_batches()
+        del self.offsets[:count], self.row_offsets[:stored]
+        return Batch(tp, first, last, table.slice(0, stored), skipped=count - stored)
 
 
 @dataclass(frozen=True)
@@ -91,15 +87,11 @@ class Batch:
     """The records of one partition from ``first`` to ``last`` offset, inserted as one block."""
 
     tp: TopicPartition
-    records: list[Record]
-
-    @property
-    def first(self) -> int:
-        return int(self.records[0].offset)
-
-    @property
-    def last(self) -> int:
-        return int(self.records[-1].offset)
+    first: int
+    last: int
+    rows: pa.Table
+    skipped: int
+    """Records in ``first..last`` that are not valid events: never stored."""
 
     @property
     def token(self) -> str:
@@ -117,11 +109,13 @@ class UsageSink:
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=4 * 1024 * 1024,
         )
-        self._pending: dict[TopicPartition, list[Record]] = {}
+        self._pending: dict[TopicPartition, _Pending] = {}
         self._fences: dict[TopicPartition, int] = {}
         """Partitions whose next batch must end exactly at this offset (an intent left by a crash)."""
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._writing: asyncio.Task[None] | None = None
+        """The batches being inserted while the next ones are read (at most one write at a time)."""
 
     async def start(self) -> None:
         settings = self._settings
@@ -159,6 +153,10 @@ class UsageSink:
             committed = await admin.list_consumer_group_offsets(self._settings.sink_group, partitions=list(assigned))
         finally:
             await admin.close()
+        # Every assigned partition is read again from its committed offset: the intents found there
+        # are the whole truth now, and nothing read before counts.
+        self._fences = {}
+        self._pending.clear()
         for tp, meta in committed.items():
             if meta.metadata.startswith(_INFLIGHT):
                 self._fences[tp] = int(meta.metadata.removeprefix(_INFLIGHT))
@@ -168,12 +166,21 @@ class UsageSink:
                 )
 
     async def _run(self) -> None:
-        while not self._stopping.is_set():
-            await self._collect()
-            batches = self._take_batches()
-            if batches:
-                await self._write(batches)
-            self._consumer.resume(*self._consumer.paused())
+        try:
+            while not self._stopping.is_set():
+                await self._collect()
+                await self._finish_write()
+                batches = self._take_batches()
+                if batches and await self._commit_intents(batches):  # before reading on: it is quick while nothing is read
+                    self._writing = asyncio.create_task(self._write(batches), name="usage-sink-write")
+                self._consumer.resume(*self._consumer.paused())
+        finally:
+            await self._finish_write()
+
+    async def _finish_write(self) -> None:
+        if self._writing is not None:
+            writing, self._writing = self._writing, None
+            await writing
 
     async def _collect(self) -> None:
         """Read until enough rows are pending, the flush interval has passed, or a stop is requested.
@@ -184,20 +191,24 @@ class UsageSink:
         settings = self._settings
         deadline = time.monotonic() + settings.sink_flush_interval_s
         while not self._stopping.is_set():
-            unfenced = sum(len(records) for tp, records in self._pending.items() if tp not in self._fences)
+            unfenced = sum(len(pending.offsets) for tp, pending in self._pending.items() if tp not in self._fences)
             room = settings.sink_batch_max_rows - unfenced
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0 or (room <= 0 and not self._incomplete_fences()):
                 return
             if room <= 0:
                 self._consumer.pause(*(tp for tp in self._consumer.assignment() if tp not in self._fences))
-            fetched = await self._consumer.getmany(timeout_ms=min(left_ms, 200), max_records=max(room, 1_000))
+            # In steps, yielding between them: getmany does not yield while it has records buffered, and the
+            # write of the previous batches (its commits, its insert) must go on meanwhile.
+            fetched = await self._consumer.getmany(timeout_ms=min(left_ms, 200), max_records=_READ_STEP)
             for tp, records in fetched.items():
-                self._pending.setdefault(tp, []).extend(records)
+                self._pending.setdefault(tp, _Pending()).add(tp, records)
+            await asyncio.sleep(0)
 
     def _incomplete_fences(self) -> bool:
         return any(
-            not (records := self._pending.get(tp)) or records[-1].offset < fence for tp, fence in self._fences.items()
+            not (pending := self._pending.get(tp)) or not pending.offsets or pending.offsets[-1] < fence
+            for tp, fence in self._fences.items()
         )
 
     def _take_batches(self) -> list[Batch]:
@@ -207,25 +218,28 @@ class UsageSink:
         stops there; every other partition flushes all it has.
         """
         batches = []
-        for tp, records in list(self._pending.items()):
+        for tp, pending in self._pending.items():
             fence = self._fences.get(tp)
             if fence is None:
-                cut = len(records)
-            elif records and records[-1].offset >= fence:
-                cut = next(i for i, record in enumerate(records) if record.offset >= fence) + 1
+                cut = len(pending.offsets)
+            elif pending.offsets and pending.offsets[-1] >= fence:
+                cut = bisect_right(pending.offsets, fence)
             else:
                 continue
             if cut:
-                batches.append(Batch(tp, records[:cut]))
-                self._pending[tp] = records[cut:]
+                batches.append(pending.take(tp, cut))
         return batches
 
-    async def _write(self, batches: list[Batch]) -> None:
+    async def _commit_intents(self, batches: list[Batch]) -> bool:
         try:
             await self._consumer.commit({b.tp: OffsetAndMetadata(b.first, f"{_INFLIGHT}{b.last}") for b in batches})
         except (CommitFailedError, KafkaError) as exc:
             self._forget(batches, f"intent commit failed: {exc!r}")
-            return
+            return False
+        return True
+
+    async def _write(self, batches: list[Batch]) -> None:
+        """Insert batches whose intents are committed, then commit their ends."""
         for batch in batches:
             if not await self._insert(batch):
                 return  # stopping while ClickHouse fails: nothing committed, the intents stay
@@ -234,23 +248,24 @@ class UsageSink:
         try:
             await self._consumer.commit({b.tp: OffsetAndMetadata(b.last + 1, "") for b in batches})
         except (CommitFailedError, KafkaError) as exc:
-            # Inserted but not committed: the partition's next owner replays the intent, and the
+            # Inserted but not committed: whoever owns the partition next replays the intent, and the
             # deduplication token makes that replay a no-op.
             self._forget(batches, f"commit after insert failed: {exc!r}")
             return
         for batch in batches:
-            self._fences.pop(batch.tp, None)
+            if self._fences.get(batch.tp) == batch.last:
+                del self._fences[batch.tp]
 
     async def _insert(self, batch: Batch) -> bool:
         """Insert one batch, retrying with backoff; False if a stop came before it succeeded."""
-        rows = [row for row in map(event_row, batch.records) if row is not None]
-        metrics.SINK_SKIPPED.inc(len(batch.records) - len(rows))
-        backoff_s = 0.2
+        metrics.SINK_SKIPPED.inc(batch.skipped)
+        rows, backoff_s = batch.rows.num_rows, 0.2
+        data = arrow_stream(batch.rows) if rows else b""
         while True:
             started = time.perf_counter()
             try:
                 if rows:
-                    await self._store.insert_json("usage_events", rows, EVENT_COLUMNS, dedup_token=batch.token)
+                    await self._store.insert_arrow("usage_events", data, EVENT_SCHEMA.names, dedup_token=batch.token)
             except StoreError as exc:
                 metrics.SINK_ERRORS.labels(kind="insert").inc()
                 if not exc.retriable:
@@ -266,17 +281,26 @@ class UsageSink:
                     backoff_s = min(backoff_s * 2, _MAX_BACKOFF_S)
                     continue
             metrics.SINK_INSERT_SECONDS.observe(time.perf_counter() - started)
-            metrics.SINK_ROWS.inc(len(rows))
-            log.debug("batch inserted", extra={"batch": batch.token, "rows": len(rows)})
+            metrics.SINK_ROWS.inc(rows)
+            log.debug("batch inserted", extra={"batch": batch.token, "rows": rows})
             return True
 
     def _forget(self, batches: list[Batch], reason: str) -> None:
-        """Drop batches this sink may no longer commit (their partitions moved to another owner)."""
+        """Give up batches whose offsets could not be committed.
+
+        Their partitions are read again from the batch's first offset, by whoever owns them next: this
+        sink, if they are still its own (a replay fenced at the batch's end, in case its intent landed).
+        What was read past them is dropped and read again after them.
+        """
         metrics.SINK_ERRORS.labels(kind="commit").inc()
         log.warning("dropping batches after a failed commit; their partitions will be replayed", extra={"reason": reason})
+        assigned = self._consumer.assignment()
         for batch in batches:
             self._pending.pop(batch.tp, None)
             self._fences.pop(batch.tp, None)
+            if batch.tp in assigned:
+                self._consumer.seek(batch.tp, batch.first)
+                self._fences[batch.tp] = batch.last
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]

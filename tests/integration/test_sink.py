@@ -6,14 +6,15 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from ingest.clock import wall_clock_ms
 from ingest.events import encode
-from processors.accounting.sink import event_row
-from processors.accounting.store import EVENT_COLUMNS, UsageStore
+from processors.accounting.rows import EVENT_SCHEMA, arrow_stream, event_rows
+from processors.accounting.store import UsageStore
 from tests.conftest import EventSender, EVENTS_PARTITIONS, RoleProcess, Sandbox, eventually
 from tests.factories import make_event
 
@@ -88,19 +89,24 @@ async def test_every_event_lands_in_clickhouse_once(
 
 
 async def test_rows_keep_every_field_exactly(tmp_path: Path) -> None:
-    """The sink's JSON rows, parsed by ClickHouse itself, hold each event's values unchanged."""
+    """The sink's rows, read by ClickHouse itself from the Arrow stream, hold each event's values unchanged;
+    records that are not valid events are left out."""
     events = [
         make_event(event_id=uuid.uuid4(), event_time_ms=1_790_000_000_123, latency_ms=0.5, edge_blocked=True, plan="pro"),
         make_event(event_id=uuid.uuid4(), event_time_ms=4_102_444_799_999, route='/v1/"quoted"/ünïcode\\path', tenant="globex",
-                   method="POST", status=429, response_bytes=2**40, cost=1_000_000, client_ip="2001:db8::1"),  # fmt: skip
+                   method="POST", status=429, response_bytes=2**64 - 1, cost=1_000_000, client_ip="2001:db8::1"),  # fmt: skip
+        make_event(event_id=uuid.UUID(int=0), event_time_ms=946_684_800_000, latency_ms=0.0, response_bytes=0, cost=0),
     ]
-    records = [ConsumerRecord("events", 3, 70 + n, 0, 0, None, encode(e), None, 0, 0, []) for n, e in enumerate(events)]
-    rows = [row for row in map(event_row, records) if row is not None]
+    values = [encode(events[0]), b"\x00 not json", encode(events[1]), None, encode(events[2])]
+    records = [ConsumerRecord("events", 3, 70 + n, 0, 0, None, value, None, 0, 0, []) for n, value in enumerate(values)]
+    rows, offsets = event_rows(records, 3)
+    assert offsets == [70, 72, 74]
     store = UsageStore(f"chdb://{tmp_path / 'chdb'}")
     await store.open()
     try:
         await store.migrate()
-        await store.insert_json("usage_events", rows, EVENT_COLUMNS, dedup_token="events/3/70-71")
+        stream = arrow_stream(pa.Table.from_batches([rows]))
+        await store.insert_arrow("usage_events", stream, EVENT_SCHEMA.names, dedup_token="events/3/70-74")
         stored = await store.query(
             "SELECT event_id, toUnixTimestamp64Milli(event_time), api_key_id, tenant, route, method, status, latency_ms, "
             "response_bytes, cost, client_ip, edge_blocked, plan, schema_version, kafka_partition, kafka_offset "
@@ -110,7 +116,7 @@ async def test_rows_keep_every_field_exactly(tmp_path: Path) -> None:
         await store.close()
     expected = [
         (e.event_id, e.event_time_ms, e.api_key_id, e.tenant, e.route, e.method, e.status, e.latency_ms, e.response_bytes,
-         e.cost, e.client_ip, e.edge_blocked, e.plan, e.schema_version, 3, 70 + n)
-        for n, e in enumerate(events)
+         e.cost, e.client_ip, e.edge_blocked, e.plan, e.schema_version, 3, offset)
+        for e, offset in zip(events, offsets)
     ]  # fmt: skip
     assert [tuple(row) for row in stored] == expected

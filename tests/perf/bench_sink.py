@@ -3,9 +3,14 @@
     make bench-sink            # or: python -m tests.perf.bench_sink --events 200000 --runs 3
 
 Each run produces the events to a fresh topic, then times one `UsageSink` (in this process, on a
-fresh chDB directory) from start until every offset is committed. Prints a table and merges the
-medians into tests/perf/results.json under ``pipeline.sink``. Needs the local Kafka
-(deploy/local/services.sh up).
+fresh chDB directory, the garbage collector tuned as the roles run it) from start until every offset is
+committed. Prints a table and merges the medians into tests/perf/results.json under ``pipeline.sink``.
+Needs the local Kafka (deploy/local/services.sh up).
+
+`formats` compares, without Kafka, what one 50,000-row insert costs in each form the sink could hand
+ClickHouse: JSON rows re-encoded from the decoded events (the sink before), the events' own JSON bytes
+with the Kafka position appended and parsed by ClickHouse, and an Arrow stream built from the decoded
+events (the sink now). Every form validates the events with the contract's decoder first.
 """
 
 from __future__ import annotations
@@ -22,13 +27,18 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
+import msgspec
+import pyarrow as pa
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from ingest.events import encode
+from ingest.events import decode_valid, encode
+from processors.accounting.rows import EVENT_SCHEMA, arrow_stream, event_rows
 from processors.settings import SinkSettings
 from processors.accounting.sink import UsageSink
+from processors.tasks import tune_gc
 from processors.topics import ensure_topics
 from processors.accounting.store import UsageStore
 from tests.factories import make_event
@@ -53,13 +63,112 @@ async def produce(bootstrap: str, topic: str, events: int) -> None:
         await producer.stop()
 
 
-async def committed(bootstrap: str, group: str) -> int:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        return sum(meta.offset for meta in (await admin.list_consumer_group_offsets(group)).values() if meta.offset > 0)
-    finally:
-        await admin.close()
+class _Record(NamedTuple):
+    offset: int
+    value: bytes
+
+
+class _JsonRow(msgspec.Struct):
+    """The row the sink built before the Arrow stream: every field re-encoded as JSON."""
+
+    event_id: uuid.UUID
+    event_time: float
+    api_key_id: str
+    tenant: str
+    route: str
+    method: str
+    status: int
+    latency_ms: float
+    response_bytes: int
+    cost: int
+    client_ip: str
+    edge_blocked: bool
+    plan: str
+    schema_version: int
+    kafka_partition: int
+    kafka_offset: int
+
+
+def _json_rows(records: list[_Record]) -> bytes:
+    encode_row = msgspec.json.Encoder().encode
+    rows = []
+    for record in records:
+        e = decode_valid(record.value)
+        rows.append(encode_row(_JsonRow(e.event_id, e.event_time_ms / 1000, e.api_key_id, e.tenant, e.route, e.method,
+                                        e.status, e.latency_ms, e.response_bytes, e.cost, e.client_ip, e.edge_blocked,
+                                        e.plan, e.schema_version, 0, record.offset)))  # fmt: skip
+    return b"\n".join(rows)
+
+
+def _event_bytes(records: list[_Record]) -> bytes:
+    rows = []
+    for record in records:
+        decode_valid(record.value)  # validated, then handed over as it came
+        rows.append(record.value[:-1] + b',"kafka_partition":0,"kafka_offset":%d}' % record.offset)
+    return b"\n".join(rows)
+
+
+def _arrow(records: list[_Record]) -> bytes:
+    rows, _ = event_rows(records, 0)
+    return arrow_stream(pa.Table.from_batches([rows]))
+
+
+_WIRE_COLUMNS = ["v", "event_id", "event_time_ms", *EVENT_SCHEMA.names[2:13], "kafka_partition", "kafka_offset"]
+_READ_WIRE_EVENTS = [  # only in the benchmark's own database: lets ClickHouse read the events' own fields
+    "ALTER TABLE usage_events ADD COLUMN event_time_ms Int64 EPHEMERAL",
+    "ALTER TABLE usage_events ADD COLUMN v UInt8 EPHEMERAL 1",
+    "ALTER TABLE usage_events MODIFY COLUMN event_time DateTime64(3, 'UTC') DEFAULT fromUnixTimestamp64Milli(event_time_ms, 'UTC')",
+    "ALTER TABLE usage_events MODIFY COLUMN schema_version UInt8 DEFAULT v",
+    "ALTER TABLE usage_events MODIFY COLUMN cost UInt32 DEFAULT 1",
+]
+FORMATS = {
+    "json_rows": ("JSON rows re-encoded from the decoded events (the sink before)", _json_rows, "JSONEachRow", list(EVENT_SCHEMA.names)),
+    "event_bytes": ("the events' own JSON, Kafka position appended", _event_bytes, "JSONEachRow", _WIRE_COLUMNS),
+    "arrow": ("Arrow stream from the decoded events (the sink now)", _arrow, "ArrowStream", list(EVENT_SCHEMA.names)),
+}  # fmt: skip
+
+
+async def formats(rows: int = 50_000, runs: int = 3) -> dict[str, dict[str, float]]:
+    """Median CPU-µs per row to build each form in Python and to insert it (ClickHouse, all its threads)."""
+    now_ms = int(time.time() * 1000)
+    records = [_Record(n, encode(make_event(event_id=uuid.uuid4(), api_key_id=f"key-{n % 500}", event_time_ms=now_ms + n)))
+               for n in range(rows)]  # fmt: skip
+    tune_gc()  # as the sink runs
+    results = {}
+    with tempfile.TemporaryDirectory() as directory:
+        store = UsageStore(f"chdb://{directory}/chdb")
+        await store.open()
+        try:
+            await store.migrate()
+            for statement in _READ_WIRE_EVENTS:
+                await store.command(statement)
+            for name, (_, build, fmt, columns) in FORMATS.items():
+                build_us, insert_us = [], []
+                for run in range(runs):
+                    cpu = time.process_time()
+                    data = build(records)
+                    build_us.append((time.process_time() - cpu) / rows * 1e6)
+                    cpu = _process_cpu_s()
+                    await store._call(lambda: store._client.raw_insert(  # the store's own client and thread
+                        "usage_events", columns, data, fmt=fmt, settings={"insert_deduplication_token": f"{name}-{run}"}))  # fmt: skip
+                    insert_us.append((_process_cpu_s() - cpu) / rows * 1e6)
+                results[name] = {"build_cpu_us_per_row": statistics.median(build_us),
+                                 "insert_cpu_us_per_row": statistics.median(insert_us)}  # fmt: skip
+                results[name]["total_cpu_us_per_row"] = sum(results[name].values())
+            [(stored,)] = await store.query("SELECT count() FROM usage_events")
+        finally:
+            await store.close()
+    assert stored == rows * runs * len(FORMATS), f"{stored} rows stored"
+    return results
+
+
+def _process_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread: ClickHouse parses and writes on its own
+    return usage.ru_utime + usage.ru_stime
+
+
+async def committed(admin: AIOKafkaAdminClient, group: str) -> int:
+    return sum(meta.offset for meta in (await admin.list_consumer_group_offsets(group)).values() if meta.offset > 0)
 
 
 async def one_run(bootstrap: str, events: int, batch_max_rows: int) -> dict[str, float]:
@@ -73,13 +182,17 @@ async def one_run(bootstrap: str, events: int, batch_max_rows: int) -> dict[str,
         await store.open()
         await store.migrate()
         sink = UsageSink(settings, store)
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        tune_gc()
         cpu_before = resource.getrusage(resource.RUSAGE_SELF)
         started = time.perf_counter()
         await sink.start()
-        while await committed(bootstrap, settings.sink_group) < events:
+        while await committed(admin, settings.sink_group) < events:
             await asyncio.sleep(0.05)
         elapsed = time.perf_counter() - started
         cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+        await admin.close()
         await sink.stop()
         [(rows,)] = await store.query("SELECT count() FROM usage_events")
         await store.close()
@@ -116,8 +229,19 @@ async def main() -> None:
         "batch_max_rows": args.batch_max_rows,
         "runs": [{key: round(value, 3) for key, value in run.items()} for run in runs],
     }
+    forms = await formats()
+    print_formats(forms)
+    results["pipeline"]["sink_formats"] = {name: {key: round(value, 2) for key, value in v.items()} for name, v in forms.items()}
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {RESULTS}")
+
+
+def print_formats(forms: dict[str, dict[str, float]]) -> None:
+    print("\n| one 50,000-row insert into usage_events (3 rollups) | build, CPU-µs/row | insert, CPU-µs/row | total |")
+    print("|---|---|---|---|")
+    for name, v in forms.items():
+        print(f"| {FORMATS[name][0]} | {v['build_cpu_us_per_row']:.2f} | {v['insert_cpu_us_per_row']:.2f} | "
+              f"{v['total_cpu_us_per_row']:.2f} |")  # fmt: skip
 
 
 if __name__ == "__main__":
