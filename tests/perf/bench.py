@@ -93,6 +93,7 @@ def main() -> None:
     floors = bench_floor.run(bootstrap, runs, 100_000 if args.quick else 300_000)
     worker = asyncio.run(bench_pipeline.run(bootstrap, redis_url, runs, 150_000 if args.quick else 400_000))
     sink_rows = sink(bootstrap, runs, 50_000 if args.quick else 200_000)
+    sink_formats = asyncio.run(bench_sink.formats(runs=runs))
     print("5/6 detection", flush=True)
     detection = asyncio.run(bench_detection.run(bootstrap, redis_url, [1_000, 10_000, 20_000]))
     print("6/6 whole system", flush=True)
@@ -113,6 +114,7 @@ def main() -> None:
             "worker": {name: {k: round(v, 2) for k, v in r.items()} for name, r in worker.items()},
             "sink": {"rows_per_s": round(sink_rows["rows_per_s"]),
                      "cpu_s_per_100k_rows": round(sink_rows["cpu_s_per_100k_rows"], 2)},
+            "sink_formats": {name: {k: round(v, 2) for k, v in r.items()} for name, r in sink_formats.items()},
         },  # fmt: skip
         "detection": {
             "p99_ms_at_10k_eps": round(detection["10000"]["p99_ms"], 1),
@@ -179,6 +181,12 @@ def report(r: dict[str, Any]) -> str:
                        [[names[name], f"{v['events_per_s']:,.0f}", f"{v['cpu_us_per_event']:.1f}"] for name, v in w.items()]
                        + [["sink into chDB (batches ≤ 50,000)", f"{p['sink']['rows_per_s']:,} rows/s",
                            f"{p['sink']['cpu_s_per_100k_rows'] * 10:.1f} per row"]]))  # fmt: skip
+    if "sink_formats" in p:
+        parts.append(table("4c. What one 50,000-row insert into `usage_events` (and its 3 rollups) costs, by the form the sink hands ClickHouse",
+                           ["form (every one validates each event with the contract's decoder first)", "build in Python, CPU-µs/row",
+                            "insert, CPU-µs/row (ClickHouse, all threads)", "total"],
+                           [[bench_sink.FORMATS[name][0], f"{v['build_cpu_us_per_row']:.2f}", f"{v['insert_cpu_us_per_row']:.2f}",
+                             f"{v['total_cpu_us_per_row']:.2f}"] for name, v in p["sink_formats"].items()]))  # fmt: skip
     parts.append(f"Two workers against one: {r['ratios']['worker_2_vs_1']}× (the machine has 2 cores and runs Kafka "
                  "and Redis too).\n")  # fmt: skip
     d = r["detection"]["by_rate"]
