@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
+from zoneinfo import ZoneInfo
 
 from aiokafka.errors import KafkaError
 from fastapi import APIRouter, Depends, Request
@@ -17,7 +18,7 @@ from ingest.clock import wall_clock_ms
 from processors.accounting import queries as usage_queries
 from processors.worker.live_usage import read_live_usage
 from processors.accounting.exact_usage import ExactUsage
-from processors.core.policy import PolicySet
+from processors.core.policy import PolicySet, QuotaAlgorithm
 from processors.accounting.store import StoreError, UsageStore
 
 router = APIRouter(prefix="/v1", tags=["quota"])
@@ -116,8 +117,7 @@ async def _plan_quota(request: Request, caller: CallerKey, now: datetime) -> Pla
         return None
     plan = policies.plans[plan_name]
     key_id = caller.key_id
-    start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    end = (start + timedelta(days=32)).replace(day=1)
+    start, end = _month_around(now, _plan_zone(policies))
     try:
         used = await exact.billable_units(store, key_id, start, end)
         last_hour = await usage_queries.billable_units(store, key_id, now - timedelta(hours=1), now + timedelta(minutes=1))
@@ -134,3 +134,21 @@ async def _plan_quota(request: Request, caller: CallerKey, now: datetime) -> Pla
         plan=plan_name, period_start=start, period_end=end, limit_units=plan.monthly_units,
         used_units=used, remaining_units=remaining, runs_out_at=runs_out_at,
     )  # fmt: skip
+
+
+def _plan_zone(policies: PolicySet) -> ZoneInfo:
+    """The time zone whose months the plan quota counts in: that of the policy enforcing monthly quotas
+    per key, if there is one, else UTC."""
+    for policy in policies.policies:
+        algorithm = policy.algorithm
+        if isinstance(algorithm, QuotaAlgorithm) and algorithm.period == "month" and policy.key == ("api_key",):
+            return algorithm.zone
+    return ZoneInfo("UTC")
+
+
+def _month_around(now: datetime, zone: ZoneInfo) -> tuple[datetime, datetime]:
+    """The calendar month in ``zone`` holding ``now``, as UTC instants ``[start, end)``."""
+    local = now.astimezone(zone)
+    start = datetime(local.year, local.month, 1, tzinfo=zone)
+    end = datetime(local.year + local.month // 12, local.month % 12 + 1, 1, tzinfo=zone)
+    return start.astimezone(UTC), end.astimezone(UTC)

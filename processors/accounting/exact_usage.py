@@ -3,8 +3,9 @@
 The key's events are all in one partition (the producer keys by ``api_key_id`` with Kafka's default
 partitioner). Everything below the sink group's committed offset, and below the highest offset
 ClickHouse holds for that partition, is stored; call the larger of the two the split. ClickHouse is
-asked for the key's events below the split and Kafka is read from the split to its end, so no event
-is counted twice or missed, even while the sink inserts in between. (Right after a sink crash, until
+asked for the key's units below the split (per-minute rollups, with raw rows only for minutes written
+since the split; see `queries.stored_billable_units`) and Kafka is read from the split to its end, so no
+event is counted twice or missed, even while the sink inserts in between, and raw retention changes nothing. (Right after a sink crash, until
 it has replayed its interrupted batch, part of that batch can be missing from the count.)
 """
 
@@ -51,12 +52,14 @@ class ExactUsage:
             [description] = await self._admin.describe_topics([self._topic])
             ordered = sorted(p["partition"] for p in description["partitions"])
             if not ordered:  # no such topic: nothing on the way
-                return await usage_queries.stored_billable_units(store, api_key_id, start, end, below_offset=None)
+                return await usage_queries.stored_billable_units(store, api_key_id, start, end, partition=0, below_offset=2**63)
             tp = TopicPartition(self._topic, _partitioner(key, ordered, ordered))
             committed = await self._admin.list_consumer_group_offsets(self._sink_group, partitions=[tp])
             stored = await self._stored_end(store, tp.partition)
             begin = max(committed[tp].offset if tp in committed else 0, stored)
-            stored_units = await usage_queries.stored_billable_units(store, api_key_id, start, end, below_offset=begin)
+            stored_units = await usage_queries.stored_billable_units(
+                store, api_key_id, start, end, partition=tp.partition, below_offset=begin
+            )
             end_offset = (await self._consumer.end_offsets([tp]))[tp]
             if begin >= end_offset:
                 return stored_units
@@ -83,6 +86,6 @@ class ExactUsage:
     @staticmethod
     async def _stored_end(store: UsageStore, partition: int) -> int:
         [(highest, rows)] = await store.query(
-            "SELECT max(kafka_offset), count() FROM usage_events WHERE kafka_partition = {p:UInt16}", {"p": partition}
+            "SELECT max(top_offset), count() FROM usage_stored_offsets WHERE kafka_partition = {p:UInt16}", {"p": partition}
         )
         return int(highest) + 1 if rows else 0

@@ -88,9 +88,14 @@ def rows_of(events: Sequence[UsageEvent], partition: int, offsets: Sequence[int]
 
 
 def arrow_stream(table: pa.Table) -> bytes:
-    """``table`` in the Arrow IPC stream format (ClickHouse's ``ArrowStream``)."""
+    """``table`` in the Arrow IPC stream format (ClickHouse's ``ArrowStream``), as one record batch.
+
+    ClickHouse makes a block of each record batch and gives the n-th block of an insert the deduplication
+    token ``<token>_<n>``; a batch rebuilt after a crash is read in other steps than the first time, so
+    only a single record batch makes the replay the same block under the same token.
+    """
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, EVENT_SCHEMA) as writer:
-        writer.write_table(table)
+        writer.write_table(table.combine_chunks())
     stream: bytes = sink.getvalue().to_pybytes()
     return stream

@@ -2,8 +2,8 @@
 
 The store is chosen by DSN: ``chdb:///path`` runs the ClickHouse engine in process (chDB; one process
 may open a directory at a time), ``http(s)://user:password@host:8123/database`` talks to a server.
-Both use clickhouse-connect's synchronous client (chDB has no async one), run on a single dedicated
-thread so the event loop never blocks and calls never interleave. Native errors become `StoreError`.
+Both use clickhouse-connect's synchronous clients (chDB has no async one), each on a dedicated thread so
+the event loop never blocks: one writes, one reads (`UsageStore`). Native errors become `StoreError`.
 """
 
 from __future__ import annotations
@@ -61,12 +61,25 @@ def check_dsn(dsn: str) -> str:
     return scheme
 
 
+class _Session:
+    """One ClickHouse client and the one thread its calls run on, in order."""
+
+    def __init__(self, name: str) -> None:
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self.client: Any = None
+
+
 class UsageStore:
+    """Two sessions: one writes (inserts, schema changes), one reads (every query). Each has its own
+    client and thread, so a slow analyst query or quota read never holds up the sink's inserts, and a
+    large insert never delays a read; with chDB both clients are connections to the one engine the
+    process hosts."""
+
     def __init__(self, dsn: str) -> None:
         self._scheme = check_dsn(dsn)
         self._dsn = dsn
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")
-        self._client: Any = None
+        self._writer = _Session("clickhouse-write")
+        self._reader = _Session("clickhouse-read")
 
     @property
     def embedded(self) -> bool:
@@ -75,14 +88,16 @@ class UsageStore:
     async def open(self) -> None:
         if self.embedded:
             Path(urlparse(self._dsn).path).mkdir(parents=True, exist_ok=True)
-        self._client = await self._call(lambda: clickhouse_connect.get_client(dsn=self._dsn))
+        for session in (self._writer, self._reader):
+            session.client = await self._call(session, lambda: clickhouse_connect.get_client(dsn=self._dsn))
 
     async def close(self) -> None:
-        """Close the client; an embedded engine must be closed before the process exits."""
-        if self._client is not None:
-            client, self._client = self._client, None
-            await self._call(client.close)
-        self._thread.shutdown(wait=True)
+        """Close the clients; an embedded engine must be closed before the process exits."""
+        for session in (self._reader, self._writer):
+            if session.client is not None:
+                client, session.client = session.client, None
+                await self._call(session, client.close)
+            session.thread.shutdown(wait=True)
 
     async def migrate(self) -> list[str]:
         """Apply the schema files not applied yet, in order; returns the names applied now."""
@@ -111,10 +126,10 @@ class UsageStore:
             await self.command("ALTER TABLE usage_events REMOVE TTL")
 
     async def command(self, sql: str) -> None:
-        await self._call(functools.partial(self._client.command, sql))
+        await self._call(self._writer, functools.partial(self._writer.client.command, sql))
 
     async def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
-        result = await self._call(functools.partial(self._client.query, sql, parameters=parameters))
+        result = await self._call(self._reader, functools.partial(self._reader.client.query, sql, parameters=parameters))
         return [tuple(row) for row in result.result_rows]
 
     async def insert(
@@ -123,19 +138,25 @@ class UsageStore:
         """Insert synchronously. With ``dedup_token``, a block already inserted under the same token is
         dropped, in ``table`` and in the materialized views it feeds."""
         insert = functools.partial(
-            self._client.insert, table, rows, column_names=list(columns), settings=_insert_settings(dedup_token)
+            self._writer.client.insert, table, rows, column_names=list(columns), settings=_insert_settings(dedup_token)
         )
-        await self._call(insert)
+        await self._call(self._writer, insert)
 
     async def insert_arrow(
         self, table: str, stream: bytes, columns: Sequence[str], *, dedup_token: str | None = None
     ) -> None:
         """Like `insert`, for rows given as an Arrow IPC stream (see `processors.accounting.rows`):
         typed columns ClickHouse reads almost as they are, far cheaper than rows it must parse."""
+        await self.insert_formatted(table, stream, columns, "ArrowStream", dedup_token=dedup_token)
+
+    async def insert_formatted(
+        self, table: str, data: bytes, columns: Sequence[str], fmt: str, *, dedup_token: str | None = None
+    ) -> None:
+        """Insert ``data`` in one of ClickHouse's input formats (``ArrowStream``, ``JSONEachRow``, ...)."""
         insert = functools.partial(
-            self._client.raw_insert, table, list(columns), stream, settings=_insert_settings(dedup_token), fmt="ArrowStream"
+            self._writer.client.raw_insert, table, list(columns), data, settings=_insert_settings(dedup_token), fmt=fmt
         )
-        await self._call(insert)
+        await self._call(self._writer, insert)
 
     async def ping(self) -> bool:
         try:
@@ -143,9 +164,10 @@ class UsageStore:
         except StoreError:
             return False
 
-    async def _call(self, fn: Callable[[], T]) -> T:
+    @staticmethod
+    async def _call(session: _Session, fn: Callable[[], T]) -> T:
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
+            return await asyncio.get_running_loop().run_in_executor(session.thread, fn)
         except OperationalError as exc:  # connection-level: the server may come back
             metrics.CLICKHOUSE_ERRORS.labels(kind="connection").inc()
             raise StoreError(_first_line(exc), retriable=True) from exc

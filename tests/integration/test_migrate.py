@@ -16,7 +16,8 @@ async def test_migrations_apply_once(tmp_path: Path) -> None:
     env = {"THROTTLEX_CLICKHOUSE_DSN": f"chdb://{tmp_path / 'chdb'}"}
     first = throttlex("migrate", env=env)
     assert first.returncode == 0, first.stderr
-    assert first.stdout.strip() == "applied: 0001_usage_events.sql, 0002_exactly_once_and_rollups.sql, 0003_key_plan.sql"
+    assert first.stdout.strip() == ("applied: 0001_usage_events.sql, 0002_exactly_once_and_rollups.sql, 0003_key_plan.sql, "
+                                    "0004_units_per_minute.sql, 0005_deduplication_bounds.sql")  # fmt: skip
     again = throttlex("migrate", env=env)
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip() == "schema is up to date"
@@ -29,7 +30,7 @@ async def test_migrations_apply_once(tmp_path: Path) -> None:
     finally:
         await store.close()
     assert "event_time" in columns and "cost" in columns and "edge_blocked" in columns
-    assert sorted(versions) == [(1,), (2,), (3,)]
+    assert sorted(versions) == [(1,), (2,), (3,), (4,), (5,)]
 
     with_retention = throttlex("migrate", env={**env, "THROTTLEX_RAW_RETENTION_DAYS": "400"})
     assert with_retention.returncode == 0, with_retention.stderr
@@ -46,3 +47,40 @@ async def create_query(dsn: str) -> str:
         return str(create)
     finally:
         await store.close()
+
+
+async def test_the_units_rollup_takes_in_what_was_stored_before_it(tmp_path: Path) -> None:
+    """Migration 0004 fills the per-minute units and the stored offsets from the raw rows already there,
+    once: run again after an interruption, it adds nothing."""
+    store = UsageStore(f"chdb://{tmp_path / 'chdb'}")
+    await store.open()
+    try:
+        await store.migrate()
+        for table in ("usage_units_per_minute_mv", "usage_stored_offsets_mv"):
+            await store.command(f"DROP VIEW {table}")  # as before 0004: raw rows only
+        for table in ("usage_units_per_minute", "usage_stored_offsets"):
+            await store.command(f"TRUNCATE TABLE {table}")
+        await store.command(
+            "INSERT INTO usage_events (event_id, event_time, api_key_id, tenant, route, method, status, latency_ms, "
+            "response_bytes, cost, client_ip, edge_blocked, schema_version, kafka_partition, kafka_offset) "
+            "SELECT generateUUIDv4(), toDateTime64('2026-03-01 00:00:00', 3, 'UTC') + number * 7, 'key-' || toString(number % 3), "
+            "'acme', '/', 'GET', 200, 1, 1, 1 + number % 4, '', number % 5 = 0, 1, 2, 100 + number FROM numbers(1000)"
+        )
+        for _ in range(2):  # the second run stands for one interrupted after the backfill
+            await store.command("DELETE FROM throttlex_schema_migrations WHERE version IN (4, 5)")
+            assert await store.migrate() == ["0004_units_per_minute.sql", "0005_deduplication_bounds.sql"]
+        units = dict(await store.query(
+            "SELECT api_key_id, sum(billable_units) FROM usage_units_per_minute GROUP BY api_key_id"))  # fmt: skip
+        raw = dict(await store.query(
+            "SELECT api_key_id, sumIf(cost, NOT edge_blocked) FROM usage_events GROUP BY api_key_id"))  # fmt: skip
+        offsets = await store.query("SELECT kafka_partition, max(top_offset) FROM usage_stored_offsets GROUP BY kafka_partition")
+        windows = await store.query(
+            "SELECT name, extract(create_table_query, 'non_replicated_deduplication_window = (\\d+)'), "
+            "extract(create_table_query, 'replicated_deduplication_window_seconds = (\\d+)') FROM system.tables "
+            "WHERE database = currentDatabase() AND engine LIKE '%MergeTree' AND name != 'throttlex_schema_migrations'"
+        )
+    finally:
+        await store.close()
+    assert units == raw and len(units) == 3
+    assert offsets == [(2, 1099)]
+    assert len(windows) == 6 and all(window == "10000" and seconds == "604800" for _, window, seconds in windows), windows

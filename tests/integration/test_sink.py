@@ -120,3 +120,23 @@ async def test_rows_keep_every_field_exactly(tmp_path: Path) -> None:
         for e, offset in zip(events, offsets)
     ]  # fmt: skip
     assert [tuple(row) for row in stored] == expected
+
+
+async def test_a_batch_rebuilt_from_other_reads_is_dropped_as_a_duplicate(tmp_path: Path) -> None:
+    """After a crash the batch is read again in other steps; inserted under its token it must be a
+    duplicate of the first insert, in the raw table and the rollups, however its reads were split."""
+    values = [encode(make_event(event_id=uuid.uuid4(), event_time_ms=1_790_000_000_000 + n, cost=1 + n % 3)) for n in range(10)]
+    records = [ConsumerRecord("events", 0, n, 0, 0, None, value, None, 0, 0, []) for n, value in enumerate(values)]
+    first_reads = pa.Table.from_batches([event_rows(records[:4], 0)[0], event_rows(records[4:], 0)[0]])
+    replay_reads = pa.Table.from_batches([event_rows(records[:7], 0)[0], event_rows(records[7:], 0)[0]])
+    store = UsageStore(f"chdb://{tmp_path / 'chdb'}")
+    await store.open()
+    try:
+        await store.migrate()
+        for table in (first_reads, replay_reads):
+            await store.insert_arrow("usage_events", arrow_stream(table), EVENT_SCHEMA.names, dedup_token="events/0/0-9")
+        [(rows, cost)] = await store.query("SELECT count(), sum(cost) FROM usage_events")
+        [(requests,)] = await store.query("SELECT sum(requests) FROM usage_per_minute")
+    finally:
+        await store.close()
+    assert (rows, requests, cost) == (10, 10, sum(1 + n % 3 for n in range(10)))

@@ -149,8 +149,7 @@ async def formats(rows: int = 50_000, runs: int = 3) -> dict[str, dict[str, floa
                     data = build(records)
                     build_us.append((time.process_time() - cpu) / rows * 1e6)
                     cpu = _process_cpu_s()
-                    await store._call(lambda: store._client.raw_insert(  # the store's own client and thread
-                        "usage_events", columns, data, fmt=fmt, settings={"insert_deduplication_token": f"{name}-{run}"}))  # fmt: skip
+                    await store.insert_formatted("usage_events", data, columns, fmt, dedup_token=f"{name}-{run}")
                     insert_us.append((_process_cpu_s() - cpu) / rows * 1e6)
                 results[name] = {"build_cpu_us_per_row": statistics.median(build_us),
                                  "insert_cpu_us_per_row": statistics.median(insert_us)}  # fmt: skip

@@ -1,0 +1,140 @@
+"""Plan quota and billing, compared with a computation over the events sent: with part of them still on
+Kafka, with everything stored, after raw retention deleted the month's early rows, and for days and a
+month of the policy's time zone (Europe/Berlin, whose midnights are not UTC's)."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from ingest.events import UsageEvent
+from processors.accounting import queries
+from processors.accounting.exact_usage import ExactUsage
+from processors.accounting.sink import UsageSink
+from processors.accounting.store import UsageStore
+from processors.settings import SinkSettings
+from tests.conftest import EventSender, Sandbox, eventually
+from tests.factories import make_event
+from tests.integration.test_sink import committed_offsets
+
+pytestmark = pytest.mark.integration
+
+ZONE = ZoneInfo("Europe/Berlin")
+KEY = "key-quota"
+
+
+def berlin_midnight(year: int, month: int, day: int) -> datetime:
+    return datetime(year, month, day, tzinfo=ZONE).astimezone(UTC)
+
+
+def events_around(moments: list[datetime], key: str, seed: int) -> list[UsageEvent]:
+    """Events every 7 minutes and some seconds from 90 minutes before to 90 minutes after each moment."""
+    events: list[UsageEvent] = []
+    for moment in moments:
+        for step in range(-13, 14):
+            at = moment + timedelta(minutes=7 * step, seconds=(step * seed) % 60, milliseconds=step % 1000)
+            n = len(events)
+            events.append(make_event(event_id=uuid.uuid4(), api_key_id=key, event_time_ms=int(at.timestamp() * 1000),
+                                     cost=1 + (n + seed) % 4, edge_blocked=(n + seed) % 7 == 0))  # fmt: skip
+    return events
+
+
+def billable(events: list[UsageEvent], start: datetime, end: datetime, key: str = KEY) -> int:
+    start_ms, end_ms = start.timestamp() * 1000, end.timestamp() * 1000
+    return sum(e.cost for e in events if e.api_key_id == key and not e.edge_blocked and start_ms <= e.event_time_ms < end_ms)
+
+
+async def test_plan_quota_and_billing_equal_the_events_sent(sandbox: Sandbox, producer: EventSender) -> None:
+    env = sandbox.env
+    now = datetime.now(UTC)
+    # The Berlin month holding the day 45 days ago: wholly past, and old enough for retention to reach into.
+    local = (now - timedelta(days=45)).astimezone(ZONE)
+    month_start = berlin_midnight(local.year, local.month, 1)
+    month_end = berlin_midnight(local.year + local.month // 12, local.month % 12 + 1, 1)
+    mid_day = berlin_midnight(local.year, local.month, 15)
+    day_after = berlin_midnight(local.year, local.month, 16)
+    moments = [month_start, mid_day, month_end] + [month_start + timedelta(hours=31 * h) for h in range(1, 23)]
+
+    first = events_around(moments, KEY, seed=3) + events_around(moments[:3], "key-other", seed=5)
+    # Sent after the first sink run stops: still on Kafka at the first check, some of them late for minutes
+    # already stored.
+    second = events_around(moments[:3], KEY, seed=11)
+    everything = first + second
+    ranges = {
+        "Berlin month": (month_start, month_end),
+        "Berlin day at the month's start": (month_start, month_start + timedelta(days=1)),
+        "Berlin day in the middle": (mid_day, day_after),
+    }
+    uneven = (month_start + timedelta(minutes=40, seconds=17), month_end - timedelta(minutes=3, milliseconds=500))
+
+    store = UsageStore(env["THROTTLEX_CLICKHOUSE_DSN"])
+    await store.open()
+    await store.migrate()
+    exact = ExactUsage(sandbox.kafka_bootstrap, env["THROTTLEX_EVENTS_TOPIC"], env["THROTTLEX_SINK_GROUP"])
+    await exact.start()
+    settings = SinkSettings(kafka_bootstrap=sandbox.kafka_bootstrap, events_topic=env["THROTTLEX_EVENTS_TOPIC"],
+                            sink_group=env["THROTTLEX_SINK_GROUP"], clickhouse_dsn=env["THROTTLEX_CLICKHOUSE_DSN"])  # fmt: skip
+
+    async def store_all(count: int) -> None:
+        sink = UsageSink(settings, store)
+        await sink.start()
+        try:
+            async def stored() -> bool:
+                return sum(o for o in (await committed_offsets(sandbox)).values() if o > 0) == count
+
+            await eventually(stored, what=f"the sink to store {count} events")
+        finally:
+            await sink.stop()
+
+    async def check(what: str) -> None:
+        for name, (start, end) in ranges.items():
+            used = await exact.billable_units(store, KEY, start, end)
+            assert used == billable(everything, start, end), f"{what}: {name}"
+
+    try:
+        await producer.send_all(first)
+        await store_all(len(first))
+        await producer.send_all(second)
+        await check("part on Kafka")
+        used = await exact.billable_units(store, KEY, *uneven)
+        assert used == billable(everything, *uneven), "part on Kafka, a range cutting minutes"
+
+        await store_all(len(everything))
+        await check("everything stored")
+        assert await exact.billable_units(store, KEY, *uneven) == billable(everything, *uneven)
+
+        # Split at an offset in the middle of the key's partition: minutes holding events on both sides
+        # are summed from the raw rows below it, so the total is that of exactly those rows.
+        rows = await store.query(
+            "SELECT kafka_partition, kafka_offset, toUnixTimestamp64Milli(event_time), cost, edge_blocked FROM usage_events "
+            "WHERE api_key_id = {k:String} ORDER BY kafka_offset", {"k": KEY},
+        )  # fmt: skip
+        partition, split = rows[0][0], rows[len(rows) // 2][1]
+        month_ms = (month_start.timestamp() * 1000, month_end.timestamp() * 1000)
+        below = sum(cost for _, offset, at_ms, cost, blocked in rows
+                    if offset < split and not blocked and month_ms[0] <= at_ms < month_ms[1])  # fmt: skip
+        assert 0 < below < billable(everything, month_start, month_end)
+        assert below == await queries.stored_billable_units(
+            store, KEY, month_start, month_end, partition=partition, below_offset=split
+        )
+
+        # Raw retention: keep the raw rows of the last days only, cutting the month in two.
+        cutoff = month_start + timedelta(days=12)
+        await store.apply_retention(math.ceil((now - cutoff) / timedelta(days=1)))
+        await store.command("OPTIMIZE TABLE usage_events FINAL")  # applies the TTL now rather than at a merge
+        [(early, left)] = await store.query(
+            "SELECT countIf(event_time < {cutoff:DateTime64(3, 'UTC')}), count() FROM usage_events "
+            "WHERE api_key_id = {k:String}", {"cutoff": month_start + timedelta(days=2), "k": KEY},
+        )  # fmt: skip
+        assert early == 0 and 0 < left < sum(1 for e in everything if e.api_key_id == KEY)
+        await check("after raw retention")
+        utc_days = (month_start.replace(hour=0), month_end.replace(hour=0) + timedelta(days=1))
+        [bill] = await queries.billing(store, *utc_days, KEY)
+        assert bill["billable_units"] == billable(everything, *utc_days)
+    finally:
+        await exact.stop()
+        await store.close()
