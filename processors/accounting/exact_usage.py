@@ -52,14 +52,12 @@ class ExactUsage:
             [description] = await self._admin.describe_topics([self._topic])
             ordered = sorted(p["partition"] for p in description["partitions"])
             if not ordered:  # no such topic: nothing on the way
-                return await usage_queries.stored_billable_units(store, api_key_id, start, end, partition=0, below_offset=2**63)
+                return await self._stored_units(store, api_key_id, start, end, partition=0, below_offset=2**63)
             tp = TopicPartition(self._topic, _partitioner(key, ordered, ordered))
             committed = await self._admin.list_consumer_group_offsets(self._sink_group, partitions=[tp])
             stored = await self._stored_end(store, tp.partition)
             begin = max(committed[tp].offset if tp in committed else 0, stored)
-            stored_units = await usage_queries.stored_billable_units(
-                store, api_key_id, start, end, partition=tp.partition, below_offset=begin
-            )
+            stored_units = await self._stored_units(store, api_key_id, start, end, partition=tp.partition, below_offset=begin)
             end_offset = (await self._consumer.end_offsets([tp]))[tp]
             if begin >= end_offset:
                 return stored_units
@@ -82,6 +80,8 @@ class ExactUsage:
                     if not event.edge_blocked and start_ms <= event.event_time_ms < end_ms:
                         units += event.cost
             return units
+
+    _stored_units = staticmethod(usage_queries.stored_billable_units)
 
     @staticmethod
     async def _stored_end(store: UsageStore, partition: int) -> int:

@@ -218,12 +218,13 @@ class UsageSink:
         stops there; every other partition flushes all it has.
         """
         batches = []
-        for tp, pending in self._pending.items():
+        for tp, pending in list(self._pending.items()):
             fence = self._fences.get(tp)
             if fence is None:
                 cut = len(pending.offsets)
             elif pending.offsets and pending.offsets[-1] >= fence:
                 cut = bisect_right(pending.offsets, fence)
+                del self._fences[tp]  # the replayed batch is cut; a failed commit sets the fence again
             else:
                 continue
             if cut:
@@ -251,10 +252,6 @@ class UsageSink:
             # Inserted but not committed: whoever owns the partition next replays the intent, and the
             # deduplication token makes that replay a no-op.
             self._forget(batches, f"commit after insert failed: {exc!r}")
-            return
-        for batch in batches:
-            if self._fences.get(batch.tp) == batch.last:
-                del self._fences[batch.tp]
 
     async def _insert(self, batch: Batch) -> bool:
         """Insert one batch, retrying with backoff; False if a stop came before it succeeded."""

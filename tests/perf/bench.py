@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from processors.topics import ensure_topics
-from tests.perf import bench_detection, bench_edge, bench_engine, bench_floor, bench_gateway, bench_pipeline, bench_sink, bench_system
+from tests.perf import (bench_detection, bench_edge, bench_engine, bench_floor, bench_gateway, bench_pipeline, bench_quota,
+                        bench_sink, bench_system)
 
 ROOT = Path(__file__).parents[2]
 RESULTS = Path(__file__).with_name("results.json")
@@ -94,6 +95,8 @@ def main() -> None:
     worker = asyncio.run(bench_pipeline.run(bootstrap, redis_url, runs, 150_000 if args.quick else 400_000))
     sink_rows = sink(bootstrap, runs, 50_000 if args.quick else 200_000)
     sink_formats = asyncio.run(bench_sink.formats(runs=runs))
+    quota = asyncio.run(bench_quota.run(bootstrap, 1_000_000 if args.quick else 10_000_000, 10_000, 50_000,
+                                        100 if args.quick else 300))  # fmt: skip
     print("5/6 detection", flush=True)
     detection = asyncio.run(bench_detection.run(bootstrap, redis_url, [1_000, 10_000, 20_000]))
     print("6/6 whole system", flush=True)
@@ -116,6 +119,7 @@ def main() -> None:
                      "cpu_s_per_100k_rows": round(sink_rows["cpu_s_per_100k_rows"], 2)},
             "sink_formats": {name: {k: round(v, 2) for k, v in r.items()} for name, r in sink_formats.items()},
         },  # fmt: skip
+        "quota": quota,
         "detection": {
             "p99_ms_at_10k_eps": round(detection["10000"]["p99_ms"], 1),
             "overshoot_requests_at_10k_eps": detection["10000"]["overshoot_requests_max"],
@@ -187,6 +191,17 @@ def report(r: dict[str, Any]) -> str:
                             "insert, CPU-µs/row (ClickHouse, all threads)", "total"],
                            [[bench_sink.FORMATS[name][0], f"{v['build_cpu_us_per_row']:.2f}", f"{v['insert_cpu_us_per_row']:.2f}",
                              f"{v['total_cpu_us_per_row']:.2f}"] for name, v in p["sink_formats"].items()]))  # fmt: skip
+    if "quota" in r:
+        q = r["quota"]
+        parts.append(table(f"4d. A key's plan-quota usage for the month, {q['stored_events']:,} events of {q['keys']:,} keys stored, "
+                           f"while the sink stores {q['sink_rows_per_s']:,} rows/s (offered {q['offered_rate']:,}), one process",
+                           ["read", "p50 ms", "p99 ms"],
+                           [["per-minute rollups, raw rows only below the split in minutes stored since (now)",
+                             f"{q['current']['p50_ms']:.1f}", f"{q['current']['p99_ms']:.1f}"],
+                            ["the key's raw rows, and the partition's for its highest offset (before)",
+                             f"{q['before']['p50_ms']:.1f}", f"{q['before']['p99_ms']:.1f}"]]))  # fmt: skip
+        parts.append("What `GET /v1/quota` spends on the plan quota (ClickHouse and the Kafka tail), measured "
+                     "on `ExactUsage` in the process that runs the sink, as `throttlex run` does.\n")  # fmt: skip
     parts.append(f"Two workers against one: {r['ratios']['worker_2_vs_1']}× (the machine has 2 cores and runs Kafka "
                  "and Redis too).\n")  # fmt: skip
     d = r["detection"]["by_rate"]
@@ -270,6 +285,8 @@ def goals(r: dict[str, Any]) -> list[list[str]]:
         ("worker: ≥ 100,000 events/s per process (policies on api_key)", f"{w['per_key_policies']['events_per_s']:,.0f}",
          w["per_key_policies"]["events_per_s"] >= 100_000),
         ("sink: ≥ 200,000 rows/s into chDB", f"{p['sink']['rows_per_s']:,}", p["sink"]["rows_per_s"] >= 200_000),
+        *([("quota: plan usage read p99 < 20 ms (10 M events stored, sink storing 50,000 rows/s)",
+            f"{r['quota']['current']['p99_ms']:.1f} ms", r["quota"]["current"]["p99_ms"] < 20)] if "quota" in r else []),
         ("detection: p99 < 100 ms at 10,000 events/s", _ms(by_rate["10000"]["p99_ms"]), by_rate["10000"]["p99_ms"] < 100),
         ("whole system: ThrottleX ≤ 1/5 of limits' CPU per request", f"{share:.2f} of it", share <= 0.2),
     ]  # fmt: skip
