@@ -186,7 +186,7 @@ def report(r: dict[str, Any]) -> str:
                        + [["sink into chDB (batches ≤ 50,000)", f"{p['sink']['rows_per_s']:,} rows/s",
                            f"{p['sink']['cpu_s_per_100k_rows'] * 10:.1f} per row"]]))  # fmt: skip
     if "sink_formats" in p:
-        parts.append(table("4c. What one 50,000-row insert into `usage_events` (and its 3 rollups) costs, by the form the sink hands ClickHouse",
+        parts.append(table("4c. What one 50,000-row insert into `usage_events` (and the rollups it feeds) costs, by the form the sink hands ClickHouse",
                            ["form (every one validates each event with the contract's decoder first)", "build in Python, CPU-µs/row",
                             "insert, CPU-µs/row (ClickHouse, all threads)", "total"],
                            [[bench_sink.FORMATS[name][0], f"{v['build_cpu_us_per_row']:.2f}", f"{v['insert_cpu_us_per_row']:.2f}",

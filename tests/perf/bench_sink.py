@@ -236,7 +236,7 @@ async def main() -> None:
 
 
 def print_formats(forms: dict[str, dict[str, float]]) -> None:
-    print("\n| one 50,000-row insert into usage_events (3 rollups) | build, CPU-µs/row | insert, CPU-µs/row | total |")
+    print("\n| one 50,000-row insert into usage_events and its rollups | build, CPU-µs/row | insert, CPU-µs/row | total |")
     print("|---|---|---|---|")
     for name, v in forms.items():
         print(f"| {FORMATS[name][0]} | {v['build_cpu_us_per_row']:.2f} | {v['insert_cpu_us_per_row']:.2f} | "
