@@ -6,8 +6,9 @@ the sink inserts.
 One process, as `throttlex run` is: a fresh chDB directory holding ``--stored`` events of ``--keys`` keys,
 spread over the current month, and a `UsageSink` storing what a load process produces at ``--rate``
 events a second to a fresh topic. Meanwhile random keys' month usage is read, alternately by the
-current code (per-minute rollups) and by the code before it (a scan of the key's raw rows, and of the
-partition's for its highest stored offset), and the latencies are compared. The history is stored under
+current code (per-minute rollups, and the tail follower for what is not stored yet) and by the code
+before it (a scan of the key's raw rows, of the partition's for its highest stored offset, and a read
+of the partition's unstored records from Kafka on every call), and the latencies are compared. The history is stored under
 partitions 4-7, which the live topic does not have, so the live offsets start at 0 and the reads split
 ClickHouse from Kafka as in production. Needs the local Kafka (deploy/local/services.sh up).
 """
@@ -29,9 +30,12 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client import REGISTRY
 
-from ingest.events import encode
+from ingest.events import decode, encode
 from processors.accounting.exact_usage import ExactUsage
 from processors.accounting.sink import UsageSink
 from processors.accounting.store import UsageStore
@@ -43,27 +47,56 @@ from tests.factories import make_event
 PARTITIONS = 4
 
 
-class RawScanUsage(ExactUsage):
-    """The plan quota as computed before the per-minute rollup: the key's raw rows, summed on every call."""
+class RawScanUsage:
+    """The plan quota as computed before the per-minute rollup and the tail follower: on every call, the
+    key's raw rows summed, the partition's raw rows scanned for its highest offset, and the partition's
+    records from the split to its end read from Kafka."""
 
-    @staticmethod
-    async def _stored_end(store: UsageStore, partition: int) -> int:
-        [(highest, rows)] = await store.query(
-            "SELECT max(kafka_offset), count() FROM usage_events WHERE kafka_partition = {p:UInt16}", {"p": partition}
-        )
-        return int(highest) + 1 if rows else 0
+    def __init__(self, bootstrap: str, topic: str, sink_group: str) -> None:
+        self._topic, self._sink_group = topic, sink_group
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        self._admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        self._lock = asyncio.Lock()
 
-    @staticmethod
-    async def _stored_units(
-        store: UsageStore, api_key_id: str, start: datetime, end: datetime, *, partition: int, below_offset: int
-    ) -> int:
-        [(total,)] = await store.query(
-            "SELECT sum(cost) FROM usage_events WHERE api_key_id = {k:String} AND NOT edge_blocked "
-            "AND event_time >= {start:DateTime64(3, 'UTC')} AND event_time < {end:DateTime64(3, 'UTC')} "
-            "AND kafka_offset < {below:UInt64}",
-            {"k": api_key_id, "start": start, "end": end, "below": below_offset},
-        )
-        return int(total or 0)
+    async def start(self) -> None:
+        await self._consumer.start()
+        await self._admin.start()
+
+    async def stop(self) -> None:
+        await self._consumer.stop()
+        await self._admin.close()
+
+    async def billable_units(self, store: UsageStore, api_key_id: str, start: datetime, end: datetime) -> int:
+        key = api_key_id.encode()
+        async with self._lock:
+            [description] = await self._admin.describe_topics([self._topic])
+            ordered = sorted(p["partition"] for p in description["partitions"])
+            tp = TopicPartition(self._topic, DefaultPartitioner()(key, ordered, ordered))
+            committed = await self._admin.list_consumer_group_offsets(self._sink_group, partitions=[tp])
+            [(highest, rows)] = await store.query(
+                "SELECT max(kafka_offset), count() FROM usage_events WHERE kafka_partition = {p:UInt16}", {"p": tp.partition}
+            )
+            begin = max(committed[tp].offset if tp in committed else 0, int(highest) + 1 if rows else 0)
+            [(total,)] = await store.query(
+                "SELECT sum(cost) FROM usage_events WHERE api_key_id = {k:String} AND NOT edge_blocked "
+                "AND event_time >= {start:DateTime64(3, 'UTC')} AND event_time < {end:DateTime64(3, 'UTC')} "
+                "AND kafka_offset < {below:UInt64}",
+                {"k": api_key_id, "start": start, "end": end, "below": begin},
+            )
+            units = int(total or 0)
+            end_offset = (await self._consumer.end_offsets([tp]))[tp]
+            if begin >= end_offset:
+                return units
+            self._consumer.assign([tp])
+            self._consumer.seek(tp, begin)
+            start_ms, end_ms = int(start.timestamp() * 1000), int(end.timestamp() * 1000)
+            while await self._consumer.position(tp) < end_offset:
+                for record in (await self._consumer.getmany(tp, timeout_ms=500)).get(tp, []):
+                    if record.offset < end_offset and record.key == key:
+                        event = decode(record.value or b"")
+                        if not event.edge_blocked and start_ms <= event.event_time_ms < end_ms:
+                            units += event.cost
+            return units
 
 
 def _sink_rows() -> float:
