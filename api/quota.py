@@ -15,7 +15,6 @@ from api import metrics
 from api.auth import CallerKey, caller_key
 from ingest import denylist_entries
 from ingest.clock import wall_clock_ms
-from processors.accounting import queries as usage_queries
 from processors.worker.live_usage import read_live_usage
 from processors.accounting.exact_usage import ExactUsage
 from processors.core.policy import PolicySet, QuotaAlgorithm
@@ -120,7 +119,7 @@ async def _plan_quota(request: Request, caller: CallerKey, now: datetime) -> Pla
     start, end = _month_around(now, _plan_zone(policies))
     try:
         used = await exact.billable_units(store, key_id, start, end)
-        last_hour = await usage_queries.billable_units(store, key_id, now - timedelta(hours=1), now + timedelta(minutes=1))
+        last_hour = await exact.billable_units(store, key_id, now - timedelta(hours=1), now + timedelta(minutes=1))
     except (StoreError, KafkaError):
         return None
     remaining = max(0, plan.monthly_units - used)

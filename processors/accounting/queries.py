@@ -80,16 +80,6 @@ async def billing(store: UsageStore, start: datetime, end: datetime, api_key_id:
     return [dict(zip(("tenant", "api_key_id", *TOTALS), row, strict=True)) for row in rows]
 
 
-async def billable_units(store: UsageStore, api_key_id: str, start: datetime, end: datetime) -> int:
-    """Billable cost units of one key over ``[start, end)``, at minute resolution."""
-    sql = (
-        "SELECT sum(billable_units) FROM usage_per_minute WHERE api_key_id = {api_key_id:String} "
-        "AND bucket >= {start:DateTime('UTC')} AND bucket < {end:DateTime('UTC')}"
-    )
-    [(total,)] = await store.query(sql, {"api_key_id": api_key_id, "start": start, "end": end})
-    return int(total or 0)
-
-
 async def stored_billable_units(
     store: UsageStore, api_key_id: str, start: datetime, end: datetime, *, partition: int, below_offset: int
 ) -> int:

@@ -68,7 +68,7 @@ class _Pending:
 
     def add(self, tp: TopicPartition, records: list[Record]) -> None:
         rows, row_offsets = event_rows(records, tp.partition)
-        self.offsets += [record.offset for record in records]
+        self.offsets += row_offsets if len(row_offsets) == len(records) else [record.offset for record in records]
         self.row_offsets += row_offsets
         self.rows.append(rows)
 

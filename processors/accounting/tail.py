@@ -104,8 +104,8 @@ class TailFollower:
         """Start following the topic's partitions, if it has any yet (a no-op once following)."""
         if self._task is not None:
             return
-        await self._consumer.topics()  # fresh metadata: the topic may have been made since this client started
-        tps = [TopicPartition(self._topic, p) for p in sorted(self._consumer.partitions_for_topic(self._topic) or ())]
+        [description] = await self._admin.describe_topics([self._topic])  # none yet if the topic is not made yet
+        tps = [TopicPartition(self._topic, p["partition"]) for p in sorted(description["partitions"], key=lambda p: p["partition"])]
         if not tps:
             return
         self._consumer.assign(tps)

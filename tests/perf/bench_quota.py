@@ -1,7 +1,7 @@
 """The plan quota's used units (what ``GET /v1/quota`` asks ClickHouse and Kafka) over a long history, while
 the sink inserts.
 
-    python -m tests.perf.bench_quota --stored 10000000 --keys 10000 --rate 50000
+    python -m tests.perf.bench_quota --stored 10000000 --keys 10000 --rate 50000   # also part of make bench
 
 One process, as `throttlex run` is: a fresh chDB directory holding ``--stored`` events of ``--keys`` keys,
 spread over the current month, and a `UsageSink` storing what a load process produces at ``--rate``
@@ -10,7 +10,8 @@ current code (per-minute rollups, and the tail follower for what is not stored y
 before it (a scan of the key's raw rows, of the partition's for its highest stored offset, and a read
 of the partition's unstored records from Kafka on every call), and the latencies are compared. The history is stored under
 partitions 4-7, which the live topic does not have, so the live offsets start at 0 and the reads split
-ClickHouse from Kafka as in production. Needs the local Kafka (deploy/local/services.sh up).
+ClickHouse from Kafka as in production. Prints the medians and merges them into tests/perf/results.json
+under ``quota``. Needs the local Kafka (deploy/local/services.sh up).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import tempfile
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -45,6 +47,7 @@ from processors.topics import ensure_topics
 from tests.factories import make_event
 
 PARTITIONS = 4
+RESULTS = Path(__file__).with_name("results.json")
 
 
 class RawScanUsage:
@@ -209,7 +212,12 @@ def main() -> None:
     if args.load is not None:
         load(bootstrap, args.topic, args.load, args.keys)
         return
-    print(json.dumps(asyncio.run(run(bootstrap, args.stored, args.keys, args.rate, args.calls)), indent=2))
+    result = asyncio.run(run(bootstrap, args.stored, args.keys, args.rate, args.calls))
+    print(json.dumps(result, indent=2))
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results["quota"] = result
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
 
 
 if __name__ == "__main__":
