@@ -45,9 +45,6 @@ assert UsageEvent.__struct_fields__ == (
 ), "UsageEvent's fields changed: update EVENT_SCHEMA"  # fmt: skip
 
 
-_value, _offset = operator.attrgetter("value"), operator.attrgetter("offset")
-
-
 class Record(Protocol):
     @property
     def offset(self) -> int: ...
@@ -61,8 +58,8 @@ def event_rows(records: Sequence[Record], partition: int) -> tuple[pa.RecordBatc
     Records that are not valid events are left out: the worker dead-letters them, the sink never stores them.
     """
     try:
-        events = list(map(decode_valid, map(_value, records)))
-        offsets = list(map(_offset, records))
+        events = [decode_valid(record.value) for record in records]  # type: ignore[arg-type]
+        offsets = [record.offset for record in records]
     except (msgspec.DecodeError, TypeError):  # one is not an event (TypeError: a record without a value)
         events, offsets = [], []
         for record in records:

@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 _MAX_BACKOFF_S = 10.0
 _INFLIGHT = "inflight:"
-_READ_STEP = 5_000
+_READ_STEP = 1_000
 
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
 
@@ -68,7 +68,7 @@ class _Pending:
 
     def add(self, tp: TopicPartition, records: list[Record]) -> None:
         rows, row_offsets = event_rows(records, tp.partition)
-        self.offsets += row_offsets if len(row_offsets) == len(records) else [record.offset for record in records]
+        self.offsets += [record.offset for record in records]
         self.row_offsets += row_offsets
         self.rows.append(rows)
 
@@ -198,8 +198,9 @@ class UsageSink:
                 return
             if room <= 0:
                 self._consumer.pause(*(tp for tp in self._consumer.assignment() if tp not in self._fences))
-            # In steps, yielding between them: getmany does not yield while it has records buffered, and the
-            # write of the previous batches (its commits, its insert) must go on meanwhile.
+            # In steps of a few milliseconds, yielding between them: getmany does not yield while it has records
+            # buffered, and the write of the previous batches (its commits, its insert) and, in `throttlex run`,
+            # the API's requests must go on meanwhile.
             fetched = await self._consumer.getmany(timeout_ms=min(left_ms, 200), max_records=_READ_STEP)
             for tp, records in fetched.items():
                 self._pending.setdefault(tp, _Pending()).add(tp, records)

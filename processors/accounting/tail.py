@@ -148,7 +148,7 @@ class TailFollower:
         stored: dict[int, int] = {}
         next_trim = asyncio.get_running_loop().time() + _TRIM_EVERY_S
         while True:
-            fetched = await self._consumer.getmany(timeout_ms=200, max_records=10_000)
+            fetched = await self._consumer.getmany(timeout_ms=200, max_records=1_000)  # a few ms of the loop at a time
             for tp, records in fetched.items():
                 tail = self._tails[tp.partition]
                 tail.add(records)
