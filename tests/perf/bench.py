@@ -196,12 +196,14 @@ def report(r: dict[str, Any]) -> str:
         parts.append(table(f"4d. A key's plan-quota usage for the month, {q['stored_events']:,} events of {q['keys']:,} keys stored, "
                            f"while the sink stores {q['sink_rows_per_s']:,} rows/s (offered {q['offered_rate']:,}), one process",
                            ["read", "p50 ms", "p99 ms"],
-                           [["per-minute rollups, raw rows only below the split in minutes stored since (now)",
+                           [["now: per-minute rollups (raw rows only for minutes stored since the split), unstored tail from the follower",
                              f"{q['current']['p50_ms']:.1f}", f"{q['current']['p99_ms']:.1f}"],
-                            ["the key's raw rows, and the partition's for its highest offset (before)",
+                            ["before: the key's raw rows, the partition's for its highest offset, its tail read from Kafka per call",
                              f"{q['before']['p50_ms']:.1f}", f"{q['before']['p99_ms']:.1f}"]]))  # fmt: skip
         parts.append("What `GET /v1/quota` spends on the plan quota (ClickHouse and the Kafka tail), measured "
-                     "on `ExactUsage` in the process that runs the sink, as `throttlex run` does.\n")  # fmt: skip
+                     "on `ExactUsage` in the process that runs the sink, as `throttlex run` does"
+                     + (" (measured alone, by `python -m tests.perf.bench_quota`, after the full run)" if q.get("measured_alone") else "")
+                     + ".\n")  # fmt: skip
     parts.append(f"Two workers against one: {r['ratios']['worker_2_vs_1']}× (the machine has 2 cores and runs Kafka "
                  "and Redis too).\n")  # fmt: skip
     d = r["detection"]["by_rate"]
