@@ -16,7 +16,7 @@ from api.auth import CallerKey, caller_key
 from ingest import denylist_entries
 from ingest.clock import wall_clock_ms
 from processors.worker.live_usage import read_live_usage
-from processors.accounting.exact_usage import ExactUsage
+from processors.accounting.exact_usage import ExactUsage, TailMovedError
 from processors.core.policy import PolicySet, QuotaAlgorithm
 from processors.accounting.store import StoreError, UsageStore
 
@@ -120,7 +120,7 @@ async def _plan_quota(request: Request, caller: CallerKey, now: datetime) -> Pla
     try:
         used = await exact.billable_units(store, key_id, start, end)
         last_hour = await exact.billable_units(store, key_id, now - timedelta(hours=1), now + timedelta(minutes=1))
-    except (StoreError, KafkaError):
+    except (StoreError, KafkaError, TailMovedError):
         return None
     remaining = max(0, plan.monthly_units - used)
     runs_out_at = None

@@ -44,7 +44,7 @@ class UsageEvent(msgspec.Struct, tag_field="v", tag=SCHEMA_VERSION, frozen=True,
     method: Annotated[str, msgspec.Meta(min_length=1, max_length=16)]
     status: Annotated[int, msgspec.Meta(ge=100, le=599)]
     latency_ms: Annotated[float, msgspec.Meta(ge=0)]
-    response_bytes: Annotated[int, msgspec.Meta(ge=0)]
+    response_bytes: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]  # what msgspec bounds (int64); ClickHouse stores UInt64
     cost: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 1
     client_ip: Annotated[str, msgspec.Meta(max_length=64)] = ""
     edge_blocked: bool = False

@@ -1,14 +1,15 @@
 """Exact live usage of one key: what ClickHouse holds plus what is still on its way there.
 
 The key's events are all in one partition (the producer keys by ``api_key_id`` with Kafka's default
-partitioner). Everything below the sink group's committed offset, and below the highest offset
-ClickHouse holds for that partition, is stored; call the larger of the two the split. ClickHouse is
-asked for the key's units below the split (per-minute rollups, with raw rows only for minutes written
-since the split; see `queries.stored_billable_units`), and the records from the split to the
-partition's end offset are looked up in the `TailFollower`, which reads the topic as it grows; so no
+partitioner). Everything below the sink group's committed offset is stored, in every table (the sink
+commits after its insert has returned); call it the split. ClickHouse is asked for the key's units
+below the split (per-minute rollups, with raw rows for minutes that also hold events stored above
+it; see `queries.stored_billable_units`), and the records from the split to the partition's end
+offset, stored or not, are looked up in the `TailFollower`, which reads the topic as it grows. So no
 event is counted twice or missed, even while the sink inserts in between, and raw retention changes
-nothing. (Right after a sink crash, until it has replayed its interrupted batch, part of that batch
-can be missing from the count.)
+nothing. The split is read before the end offset, so whatever arrives meanwhile lies past the end.
+
+A partition added to the topic after the first read is not seen until the process restarts.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from processors.accounting.store import UsageStore
 from processors.accounting.tail import TailFollower
 
 _partitioner = DefaultPartitioner()
+_ATTEMPTS = 3
 
 
 class ExactUsage:
@@ -55,23 +57,22 @@ class ExactUsage:
             return await self._stored_units(store, api_key_id, start, end, partition=0, below_offset=2**63)
         partition = _partitioner(key, partitions, partitions)
         tp = TopicPartition(self._topic, partition)
-        end_offset = await self._tail.end_offset(partition)  # before the split: whatever is stored meanwhile is below it
-        committed = await self._admin.list_consumer_group_offsets(self._sink_group, partitions=[tp])
-        stored = await self._stored_end(store, partition)
-        begin = max(committed[tp].offset if tp in committed else 0, stored)
-        units = await self._stored_units(store, api_key_id, start, end, partition=partition, below_offset=begin)
-        if begin < end_offset:
-            start_ms, end_ms = int(start.timestamp() * 1000), int(end.timestamp() * 1000)
-            units += await self._tail.billable_units(
-                partition, key, begin, end_offset, start_ms, end_ms, wait_s=self._max_read_s
-            )
-        return units
+        start_ms, end_ms = int(start.timestamp() * 1000), int(end.timestamp() * 1000)
+        for _ in range(_ATTEMPTS):
+            committed = await self._admin.list_consumer_group_offsets(self._sink_group, partitions=[tp])
+            split = max(committed[tp].offset, 0) if tp in committed else 0
+            end_offset = await self._tail.end_offset(partition)
+            units = await self._stored_units(store, api_key_id, start, end, partition=partition, below_offset=split)
+            if split >= end_offset:
+                return units
+            tail = await self._tail.billable_units(partition, key, split, end_offset, start_ms, end_ms, wait_s=self._max_read_s)
+            if tail is not None:
+                return units + tail
+            # This read took so long that the follower has dropped records it needed (stored since): again.
+        raise TailMovedError(f"the usage tail moved past {_ATTEMPTS} reads of {api_key_id}'s usage in a row")
 
     _stored_units = staticmethod(usage_queries.stored_billable_units)
 
-    @staticmethod
-    async def _stored_end(store: UsageStore, partition: int) -> int:
-        [(highest, rows)] = await store.query(
-            "SELECT max(top_offset), count() FROM usage_stored_offsets WHERE kafka_partition = {p:UInt16}", {"p": partition}
-        )
-        return int(highest) + 1 if rows else 0
+
+class TailMovedError(RuntimeError):
+    """Reads kept taking longer than the follower keeps what they need (a ClickHouse far too slow)."""

@@ -86,10 +86,11 @@ async def stored_billable_units(
     """Billable units of one key over ``[start, end)`` stored below ``below_offset`` of its partition.
 
     Whole minutes come from ``usage_units_per_minute``, so the read does not grow with the history and
-    holds after raw retention. A minute whose highest offset is not below the split (events stored
-    since the split was taken, or late ones landing in an older minute) is summed from the raw rows
-    below the split instead, and so are the parts of minutes ``start`` and ``end`` cut (none for
-    periods starting at midnight in any time zone).
+    holds after raw retention. A minute whose highest offset is not below the split (it also holds
+    events stored above it: the sink's batch in flight, or a late event landing in an older minute) is
+    summed from the raw rows below the split instead, and so are the parts of minutes ``start`` and
+    ``end`` cut (none for periods starting at midnight in any time zone). Those raw rows must still be
+    there: recent minutes always are; a late event older than the raw retention is not.
     """
     first_minute = _ceil_minute(start)
     end_minute = max(_floor_minute(end), first_minute)

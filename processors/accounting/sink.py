@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 _MAX_BACKOFF_S = 10.0
 _INFLIGHT = "inflight:"
 _READ_STEP = 1_000
+_REVOKE_WAIT_S = 10.0
 
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
 
@@ -114,8 +115,10 @@ class UsageSink:
         """Partitions whose next batch must end exactly at this offset (an intent left by a crash)."""
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._writing: asyncio.Task[None] | None = None
+        self._writing: asyncio.Task[bool] | None = None
         """The batches being inserted while the next ones are read (at most one write at a time)."""
+        self._assigning = False
+        """A rebalance is under way: no batch is cut or committed until the new assignment is loaded."""
 
     async def start(self) -> None:
         settings = self._settings
@@ -140,47 +143,71 @@ class UsageSink:
             await asyncio.wait([self._task])
         await self._consumer.stop()
 
-    def partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+    async def partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Finish the write in flight while its commits can still land, then forget what was read.
+
+        A write still inserting after `_REVOKE_WAIT_S` (ClickHouse failing) is cancelled: its intents stay
+        in Kafka for the next owner to replay, and no late commit of it can land once the partitions are
+        someone else's.
+        """
+        self._assigning = True  # nothing is cut or committed until the next assignment is loaded
+        if self._writing is not None and not self._writing.done():
+            done, _ = await asyncio.wait([self._writing], timeout=_REVOKE_WAIT_S)
+            if not done:
+                self._writing.cancel()
+                await asyncio.wait([self._writing])
         for tp in revoked:  # not committed: the next owner reads them again
             self._pending.pop(tp, None)
             self._fences.pop(tp, None)
 
     async def partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        """Load the intents left on newly assigned partitions: their next batches are fixed."""
+        """Load the intents left on the assigned partitions (their next batches are fixed) and read every
+        partition again from its committed offset: records the consumer returned while this ran are
+        read again, after the fences are in place."""
+        self._assigning = True  # until the intents are loaded: if that fails, nothing is cut (better than a replay at other bounds)
         admin = AIOKafkaAdminClient(bootstrap_servers=self._settings.kafka_bootstrap)
         await admin.start()
         try:
             committed = await admin.list_consumer_group_offsets(self._settings.sink_group, partitions=list(assigned))
         finally:
             await admin.close()
-        # Every assigned partition is read again from its committed offset: the intents found there
-        # are the whole truth now, and nothing read before counts.
-        self._fences = {}
-        self._pending.clear()
-        for tp, meta in committed.items():
+        fences = {}
+        for tp in assigned:
+            meta = committed.get(tp)
+            # Nothing committed: from the start (an offset retention has deleted resets to the earliest kept).
+            self._consumer.seek(tp, meta.offset if meta is not None and meta.offset >= 0 else 0)
+            if meta is None:
+                continue
             if meta.metadata.startswith(_INFLIGHT):
-                self._fences[tp] = int(meta.metadata.removeprefix(_INFLIGHT))
-                log.info(
-                    "replaying an interrupted batch",
-                    extra={"partition": tp.partition, "from": meta.offset, "to": self._fences[tp]},
-                )
+                fences[tp] = int(meta.metadata.removeprefix(_INFLIGHT))
+                log.info("replaying an interrupted batch", extra={"partition": tp.partition, "from": meta.offset, "to": fences[tp]})
+        # In the same step as the seeks (no await between): what was read before them is dropped.
+        self._pending.clear()
+        self._fences = fences
+        self._assigning = False
 
     async def _run(self) -> None:
         try:
             while not self._stopping.is_set():
                 await self._collect()
-                await self._finish_write()
-                batches = self._take_batches()
+                if not await self._finish_write():
+                    return  # stopped while ClickHouse failed: that write's intents must stay for the next start
+                batches = [] if self._assigning else self._take_batches()
                 if batches and await self._commit_intents(batches):  # before reading on: it is quick while nothing is read
                     self._writing = asyncio.create_task(self._write(batches), name="usage-sink-write")
                 self._consumer.resume(*self._consumer.paused())
         finally:
             await self._finish_write()
 
-    async def _finish_write(self) -> None:
-        if self._writing is not None:
-            writing, self._writing = self._writing, None
-            await writing
+    async def _finish_write(self) -> bool:
+        """Wait for the write in flight; False if it gave up (a stop came while inserts failed)."""
+        if self._writing is None:
+            return True
+        writing, self._writing = self._writing, None
+        await asyncio.wait([writing])
+        if writing.cancelled():
+            return True  # at a revocation: the partitions' next owner replays its intents
+        return writing.result()  # raises what stopped it for good (an insert ClickHouse refuses as such)
 
     async def _collect(self) -> None:
         """Read until enough rows are pending, the flush interval has passed, or a stop is requested.
@@ -240,11 +267,11 @@ class UsageSink:
             return False
         return True
 
-    async def _write(self, batches: list[Batch]) -> None:
-        """Insert batches whose intents are committed, then commit their ends."""
+    async def _write(self, batches: list[Batch]) -> bool:
+        """Insert batches whose intents are committed, then commit their ends; False if a stop came first."""
         for batch in batches:
             if not await self._insert(batch):
-                return  # stopping while ClickHouse fails: nothing committed, the intents stay
+                return False  # stopping while ClickHouse fails: nothing committed, the intents stay
         if self._settings.sink_commit_delay_s:
             await asyncio.sleep(self._settings.sink_commit_delay_s)
         try:
@@ -253,6 +280,7 @@ class UsageSink:
             # Inserted but not committed: whoever owns the partition next replays the intent, and the
             # deduplication token makes that replay a no-op.
             self._forget(batches, f"commit after insert failed: {exc!r}")
+        return True
 
     async def _insert(self, batch: Batch) -> bool:
         """Insert one batch, retrying with backoff; False if a stop came before it succeeded."""
@@ -306,7 +334,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self._sink = sink
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        self._sink.partitions_revoked(revoked)
+        await self._sink.partitions_revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         await self._sink.partitions_assigned(assigned)

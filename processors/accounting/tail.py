@@ -21,12 +21,14 @@ from collections.abc import Sequence
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 
 from ingest.events import EventError, decode
 
 log = logging.getLogger(__name__)
 
 _TRIM_EVERY_S = 5.0
+_RETRY_S = 1.0
 
 
 class KeyTail:
@@ -90,6 +92,7 @@ class TailFollower:
         self._positions: dict[int, int] = {}
         self._advanced = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
+        self._starting = asyncio.Lock()
 
     @property
     def partitions(self) -> list[int]:
@@ -102,21 +105,22 @@ class TailFollower:
 
     async def follow(self) -> None:
         """Start following the topic's partitions, if it has any yet (a no-op once following)."""
-        if self._task is not None:
-            return
-        [description] = await self._admin.describe_topics([self._topic])  # none yet if the topic is not made yet
-        tps = [TopicPartition(self._topic, p["partition"]) for p in sorted(description["partitions"], key=lambda p: p["partition"])]
-        if not tps:
-            return
-        self._consumer.assign(tps)
-        committed = await self._admin.list_consumer_group_offsets(self._sink_group, partitions=tps)
-        for tp in tps:
-            offset = committed[tp].offset if tp in committed and committed[tp].offset >= 0 else 0
-            self._consumer.seek(tp, offset)
-            self._tails[tp.partition] = KeyTail()
-            self._tails[tp.partition].lowest = offset
-            self._positions[tp.partition] = offset
-        self._task = asyncio.create_task(self._follow(), name="tail-follower")
+        async with self._starting:  # two first reads at once start one follower
+            if self._task is not None:
+                return
+            [description] = await self._admin.describe_topics([self._topic])  # no partitions if not made yet
+            tps = [TopicPartition(self._topic, p["partition"]) for p in description["partitions"]]
+            if not tps:
+                return
+            self._consumer.assign(tps)
+            committed = await self._admin.list_consumer_group_offsets(self._sink_group, partitions=tps)
+            for tp in tps:
+                offset = committed[tp].offset if tp in committed and committed[tp].offset >= 0 else 0
+                self._consumer.seek(tp, offset)
+                self._tails[tp.partition] = KeyTail()
+                self._tails[tp.partition].lowest = offset
+                self._positions[tp.partition] = offset
+            self._task = asyncio.create_task(self._follow(), name="tail-follower")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -131,16 +135,19 @@ class TailFollower:
 
     async def billable_units(
         self, partition: int, key: bytes, from_offset: int, until_offset: int, start_ms: int, end_ms: int, *, wait_s: float
-    ) -> int:
+    ) -> int | None:
         """Units of ``key``'s events in ``[from_offset, until_offset)``, once the follower has read that far
-        (at most ``wait_s``: then what it has read)."""
+        (at most ``wait_s``: then what it has read); None if it no longer holds ``from_offset`` (dropped
+        as stored since: read the split again)."""
         async with self._advanced:
             try:
                 await asyncio.wait_for(self._advanced.wait_for(lambda: self._positions[partition] >= until_offset), wait_s)
             except TimeoutError:
                 log.warning("the usage tail is behind; counting what it has read", extra={"partition": partition})
         tail = self._tails[partition]
-        return tail.billable_units(key, max(from_offset, tail.lowest), start_ms, end_ms)
+        if from_offset < tail.lowest:
+            return None
+        return tail.billable_units(key, from_offset, start_ms, end_ms)
 
     async def _follow(self) -> None:
         tps = [TopicPartition(self._topic, p) for p in self._tails]
@@ -148,21 +155,26 @@ class TailFollower:
         stored: dict[int, int] = {}
         next_trim = asyncio.get_running_loop().time() + _TRIM_EVERY_S
         while True:
-            fetched = await self._consumer.getmany(timeout_ms=200, max_records=1_000)  # a few ms of the loop at a time
-            for tp, records in fetched.items():
-                tail = self._tails[tp.partition]
-                tail.add(records)
-                self._positions[tp.partition] = await self._consumer.position(tp)
-                if tail.records > per_partition:
-                    log.warning("the usage tail is too long; dropping its oldest records", extra={"partition": tp.partition})
-                    tail.drop_below(records[-1].offset - per_partition // 2)
-            if fetched:
-                async with self._advanced:
-                    self._advanced.notify_all()
-            if asyncio.get_running_loop().time() >= next_trim:
-                # Drop what the sink had committed at the previous round: a read started since cannot need it.
-                for partition, offset in stored.items():
-                    self._tails[partition].drop_below(offset)
-                committed = await self._admin.list_consumer_group_offsets(self._sink_group, partitions=tps)
-                stored = {tp.partition: meta.offset for tp, meta in committed.items() if meta.offset >= 0}
-                next_trim = asyncio.get_running_loop().time() + _TRIM_EVERY_S
+            try:
+                fetched = await self._consumer.getmany(timeout_ms=200, max_records=1_000)  # a few ms of the loop at a time
+                for tp, records in fetched.items():
+                    tail = self._tails[tp.partition]
+                    tail.add(records)
+                    self._positions[tp.partition] = await self._consumer.position(tp)
+                    if tail.records > per_partition:
+                        log.warning("the usage tail is too long; dropping its oldest records", extra={"partition": tp.partition})
+                        tail.drop_below(records[-1].offset - per_partition // 2)
+                if fetched:
+                    async with self._advanced:
+                        self._advanced.notify_all()
+                if asyncio.get_running_loop().time() >= next_trim:
+                    # Drop what the sink had committed at the previous round: a read since has a split at least as
+                    # high, and one that began before and is still running reads its split again.
+                    for partition, offset in stored.items():
+                        self._tails[partition].drop_below(offset)
+                    committed = await self._admin.list_consumer_group_offsets(self._sink_group, partitions=tps)
+                    stored = {tp.partition: meta.offset for tp, meta in committed.items() if meta.offset >= 0}
+                    next_trim = asyncio.get_running_loop().time() + _TRIM_EVERY_S
+            except KafkaError as exc:  # the clients reconnect by themselves; keep following
+                log.warning("the usage tail could not read Kafka; trying again", extra={"error": repr(exc)})
+                await asyncio.sleep(_RETRY_S)

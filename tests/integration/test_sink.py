@@ -94,7 +94,7 @@ async def test_rows_keep_every_field_exactly(tmp_path: Path) -> None:
     events = [
         make_event(event_id=uuid.uuid4(), event_time_ms=1_790_000_000_123, latency_ms=0.5, edge_blocked=True, plan="pro"),
         make_event(event_id=uuid.uuid4(), event_time_ms=4_102_444_799_999, route='/v1/"quoted"/ünïcode\\path', tenant="globex",
-                   method="POST", status=429, response_bytes=2**64 - 1, cost=1_000_000, client_ip="2001:db8::1"),  # fmt: skip
+                   method="POST", status=429, response_bytes=2**63 - 1, cost=1_000_000, client_ip="2001:db8::1"),  # fmt: skip
         make_event(event_id=uuid.UUID(int=0), event_time_ms=946_684_800_000, latency_ms=0.0, response_bytes=0, cost=0),
     ]
     values = [encode(events[0]), b"\x00 not json", encode(events[1]), None, encode(events[2])]
@@ -128,7 +128,8 @@ async def test_a_batch_rebuilt_from_other_reads_is_dropped_as_a_duplicate(tmp_pa
     values = [encode(make_event(event_id=uuid.uuid4(), event_time_ms=1_790_000_000_000 + n, cost=1 + n % 3)) for n in range(10)]
     records = [ConsumerRecord("events", 0, n, 0, 0, None, value, None, 0, 0, []) for n, value in enumerate(values)]
     first_reads = pa.Table.from_batches([event_rows(records[:4], 0)[0], event_rows(records[4:], 0)[0]])
-    replay_reads = pa.Table.from_batches([event_rows(records[:7], 0)[0], event_rows(records[7:], 0)[0]])
+    replay_reads = pa.Table.from_batches([event_rows(records[:2], 0)[0], event_rows(records[2:7], 0)[0],
+                                          event_rows(records[7:], 0)[0]])  # fmt: skip
     store = UsageStore(f"chdb://{tmp_path / 'chdb'}")
     await store.open()
     try:

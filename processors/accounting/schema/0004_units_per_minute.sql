@@ -16,36 +16,19 @@ PARTITION BY toYYYYMM(bucket)
 ORDER BY (api_key_id, bucket, kafka_partition)
 SETTINGS non_replicated_deduplication_window = 1000;
 
--- Each partition's highest stored offset: where a reader's split starts (one row per partition and insert
--- until merged, so reading it costs nothing whatever the history).
-CREATE TABLE IF NOT EXISTS usage_stored_offsets
-(
-    kafka_partition UInt16,
-    top_offset      SimpleAggregateFunction(max, UInt64)
-)
-ENGINE = AggregatingMergeTree
-ORDER BY kafka_partition
-SETTINGS non_replicated_deduplication_window = 1000;
+-- What was stored before this table existed (raw rows retention deleted before cannot come back). Run
+-- migrations with the sinks stopped: then the table holds nothing but this backfill until the view below
+-- exists, and emptying it first makes a migration interrupted mid-insert and run again count once.
+TRUNCATE TABLE usage_units_per_minute;
 
--- What was stored before these tables existed (run migrations with the sinks stopped); only into empty
--- tables, so a migration interrupted and run again never counts twice.
 INSERT INTO usage_units_per_minute
 SELECT api_key_id, toStartOfMinute(event_time) AS bucket, kafka_partition,
        sumIf(cost, NOT usage_events.edge_blocked) AS billable_units, max(kafka_offset) AS top_offset
 FROM usage_events
-WHERE (SELECT count() FROM usage_units_per_minute) = 0
 GROUP BY api_key_id, bucket, kafka_partition;
-
-INSERT INTO usage_stored_offsets
-SELECT kafka_partition, max(kafka_offset) AS top_offset FROM usage_events
-WHERE (SELECT count() FROM usage_stored_offsets) = 0
-GROUP BY kafka_partition;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS usage_units_per_minute_mv TO usage_units_per_minute AS
 SELECT api_key_id, toStartOfMinute(event_time) AS bucket, kafka_partition,
        sumIf(cost, NOT usage_events.edge_blocked) AS billable_units, max(kafka_offset) AS top_offset
 FROM usage_events
-GROUP BY api_key_id, bucket, kafka_partition;
-
-CREATE MATERIALIZED VIEW IF NOT EXISTS usage_stored_offsets_mv TO usage_stored_offsets AS
-SELECT kafka_partition, max(kafka_offset) AS top_offset FROM usage_events GROUP BY kafka_partition
+GROUP BY api_key_id, bucket, kafka_partition

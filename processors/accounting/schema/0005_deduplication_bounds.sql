@@ -12,6 +12,4 @@ ALTER TABLE usage_per_hour MODIFY SETTING non_replicated_deduplication_window = 
 ALTER TABLE usage_per_day MODIFY SETTING non_replicated_deduplication_window = 10000,
     replicated_deduplication_window = 10000, replicated_deduplication_window_seconds = 604800;
 ALTER TABLE usage_units_per_minute MODIFY SETTING non_replicated_deduplication_window = 10000,
-    replicated_deduplication_window = 10000, replicated_deduplication_window_seconds = 604800;
-ALTER TABLE usage_stored_offsets MODIFY SETTING non_replicated_deduplication_window = 10000,
     replicated_deduplication_window = 10000, replicated_deduplication_window_seconds = 604800

@@ -40,6 +40,7 @@ def test_cost_defaults_to_one() -> None:
         (raw_with(route="x" * 5000), "invalid", "$.route"),
         (raw_with(event_time_ms=0), "invalid", "$.event_time_ms"),
         (raw_with(event_time_ms=7_258_118_400_000), "invalid", "$.event_time_ms"),  # 2200
+        (raw_with(response_bytes=2**64), "invalid", "$.response_bytes"),  # more than the sink can store
     ],
 )
 def test_bad_events_are_rejected_with_a_reason(raw: bytes, kind: str, fragment: str) -> None:
