@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -22,7 +23,7 @@ from processors.accounting.exact_usage import ExactUsage
 from processors.core.policy import PolicySet
 from processors.policy_watch import PolicySource
 from processors.registry import Registry
-from processors.accounting.store import UsageStore
+from processors.accounting.store import StoreError, UsageStore
 from processors.redis_client import redis_client
 
 log = logging.getLogger(__name__)
@@ -52,9 +53,15 @@ def create_app(
         except KafkaError as exc:  # /healthz reports Kafka; POST /v1/events answers 503
             log.warning("Kafka not reachable at start-up", extra={"error": str(exc)})
             app.state.producer = app.state.exact_usage = None
+        preparing = None
+        if store is not None and app.state.exact_usage is not None:
+            preparing = asyncio.create_task(_prepare_plan_ledger(app.state.exact_usage, store, source.current))
         try:
             yield
         finally:
+            if preparing is not None:
+                preparing.cancel()
+                await asyncio.gather(preparing, return_exceptions=True)
             if app.state.producer is not None:
                 await app.state.producer.stop()
                 await app.state.exact_usage.stop()
@@ -127,3 +134,15 @@ async def _check_clickhouse(request: Request) -> str:
     if store is None:
         return "not checked"
     return "ok" if await store.ping() else "error: query failed"
+
+
+async def _prepare_plan_ledger(exact: ExactUsage, store: UsageStore, policies: PolicySet) -> None:
+    """Load every key's plan usage at start-up, so the first quota read does not wait for it."""
+    started = time.perf_counter()
+    try:
+        await exact.prepare(store, quota.plan_zone(policies))
+    except (StoreError, KafkaError) as exc:  # the first quota read tries again
+        log.warning("could not load the plan ledger at start-up", extra={"error": str(exc)})
+        return
+    log.info("plan ledger loaded", extra={"seconds": round(time.perf_counter() - started, 2)})
+

@@ -16,7 +16,7 @@ from api.auth import CallerKey, caller_key
 from ingest import denylist_entries
 from ingest.clock import wall_clock_ms
 from processors.worker.live_usage import read_live_usage
-from processors.accounting.exact_usage import ExactUsage, TailMovedError
+from processors.accounting.exact_usage import ExactUsage
 from processors.core.policy import PolicySet, QuotaAlgorithm
 from processors.accounting.store import StoreError, UsageStore
 
@@ -116,12 +116,11 @@ async def _plan_quota(request: Request, caller: CallerKey, now: datetime) -> Pla
         return None
     plan = policies.plans[plan_name]
     key_id = caller.key_id
-    start, end = _month_around(now, _plan_zone(policies))
     try:
-        used = await exact.billable_units(store, key_id, start, end)
-        last_hour = await exact.billable_units(store, key_id, now - timedelta(hours=1), now + timedelta(minutes=1))
-    except (StoreError, KafkaError, TailMovedError):
+        usage = await exact.plan_usage(store, key_id, plan_zone(policies), now)
+    except (StoreError, KafkaError):
         return None
+    start, end, used, last_hour = usage.month_start, usage.month_end, usage.month_units, usage.last_hour_units
     remaining = max(0, plan.monthly_units - used)
     runs_out_at = None
     if remaining == 0:
@@ -135,7 +134,7 @@ async def _plan_quota(request: Request, caller: CallerKey, now: datetime) -> Pla
     )  # fmt: skip
 
 
-def _plan_zone(policies: PolicySet) -> ZoneInfo:
+def plan_zone(policies: PolicySet) -> ZoneInfo:
     """The time zone whose months the plan quota counts in: that of the policy enforcing monthly quotas
     per key, if there is one, else UTC."""
     for policy in policies.policies:
@@ -143,11 +142,3 @@ def _plan_zone(policies: PolicySet) -> ZoneInfo:
         if isinstance(algorithm, QuotaAlgorithm) and algorithm.period == "month" and policy.key == ("api_key",):
             return algorithm.zone
     return ZoneInfo("UTC")
-
-
-def _month_around(now: datetime, zone: ZoneInfo) -> tuple[datetime, datetime]:
-    """The calendar month in ``zone`` holding ``now``, as UTC instants ``[start, end)``."""
-    local = now.astimezone(zone)
-    start = datetime(local.year, local.month, 1, tzinfo=zone)
-    end = datetime(local.year + local.month // 12, local.month % 12 + 1, 1, tzinfo=zone)
-    return start.astimezone(UTC), end.astimezone(UTC)

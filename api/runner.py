@@ -27,7 +27,7 @@ from processors.registry import open_registry
 from processors.accounting.sink import UsageSink
 from processors.accounting.store import UsageStore
 from processors.redis_client import redis_client
-from processors.tasks import tune_gc
+from processors.tasks import LoopThread, share_interpreter_often, tune_gc
 from processors.worker.worker import StreamWorker
 
 log = logging.getLogger(__name__)
@@ -50,11 +50,11 @@ async def run_roles(roles: set[str], settings: RunSettings) -> None:
         log.info("policies in force", extra={"origin": source.origin, "policies": [p.name for p in policies.policies]})
         store = await _open_store(stack, roles, settings)
         if "worker" in roles:
-            worker = StreamWorker(settings, policies)
-            await worker.start()
-            stack.push_async_callback(worker.stop)
-            source.on_change(worker.replace_policies)
-            watches.append(asyncio.create_task(worker.crashed(), name="worker-watch"))
+            worker_loop = _loop_thread(stack, "worker")
+            worker = await worker_loop.start(lambda: StreamWorker(settings, policies))
+            stack.push_async_callback(lambda: worker_loop.run(worker.stop()))
+            source.on_change(lambda changed: worker_loop.run(worker.replace_policies(changed)))
+            watches.append(asyncio.create_task(worker_loop.run(worker.crashed()), name="worker-watch"))
             lag = watch_lag(settings.kafka_bootstrap, settings.worker_group, settings.events_topic)
             watches.append(_background(stack, lag))
             log.info("worker started", extra={"policies": [p.name for p in policies.policies]})
@@ -74,6 +74,7 @@ async def run_roles(roles: set[str], settings: RunSettings) -> None:
         watches.append(_background(stack, watch))
         watches.append(_background(stack, registry.follow(source.registry_changed)))
         tune_gc()
+        share_interpreter_often()
         log.info("running", extra={"roles": sorted(roles)})
         stopping = asyncio.create_task(stop.wait(), name="signal-watch")
         await asyncio.wait([stopping, *watches], return_when=asyncio.FIRST_COMPLETED)
@@ -104,11 +105,11 @@ async def _start_sink(
     stack: contextlib.AsyncExitStack, settings: RunSettings, policies: PolicySet, store: UsageStore
 ) -> list[asyncio.Task[BaseException]]:
     """The sink, and the reconciliation loop that runs where ClickHouse is."""
-    sink = UsageSink(settings, store)
-    await sink.start()
-    stack.push_async_callback(sink.stop)
+    sink_loop = _loop_thread(stack, "sink")
+    sink = await sink_loop.start(lambda: UsageSink(settings, store))
+    stack.push_async_callback(lambda: sink_loop.run(sink.stop()))
     watches = [
-        asyncio.create_task(sink.crashed(), name="sink-watch"),
+        asyncio.create_task(sink_loop.run(sink.crashed()), name="sink-watch"),
         _background(stack, watch_lag(settings.kafka_bootstrap, settings.sink_group, settings.events_topic)),
     ]
     if settings.reconcile_interval_s:
@@ -121,6 +122,14 @@ async def _start_sink(
         watches.append(_background(stack, reconciler.run(settings.reconcile_interval_s)))
     log.info("sink started")
     return watches
+
+
+def _loop_thread(stack: contextlib.AsyncExitStack, name: str) -> LoopThread:
+    """A loop of its own for a stream role, so requests to the API never wait behind its batches; closed
+    after the role's stop (the exit stack runs callbacks in reverse)."""
+    thread = LoopThread(name)
+    stack.callback(thread.close)
+    return thread
 
 
 def _background(stack: contextlib.AsyncExitStack, loop: Coroutine[Any, Any, None]) -> asyncio.Task[BaseException]:

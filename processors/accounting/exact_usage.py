@@ -1,78 +1,104 @@
-"""Exact live usage of one key: what ClickHouse holds plus what is still on its way there.
+"""A key's plan usage, exact and live: what ClickHouse holds plus what is still on its way there.
 
-The key's events are all in one partition (the producer keys by ``api_key_id`` with Kafka's default
-partitioner). Everything below the sink group's committed offset is stored, in every table (the sink
-commits after its insert has returned); call it the split. ClickHouse is asked for the key's units
-below the split (per-minute rollups, with raw rows for minutes that also hold events stored above
-it; see `queries.stored_billable_units`), and the records from the split to the partition's end
-offset, stored or not, are looked up in the `TailFollower`, which reads the topic as it grows. So no
-event is counted twice or missed, even while the sink inserts in between, and raw retention changes
-nothing. The split is read before the end offset, so whatever arrives meanwhile lies past the end.
+A key's plan month is read from the `PlanLedger`, which holds every key's units per month of the plan's
+time zone. It is loaded at the sink group's committed offsets (below them every table holds every
+event; see `ledger`) and a `TailFollower` feeds it every event from those offsets on. So no event is
+counted twice or missed, even while the sink inserts, and raw retention changes nothing; and a read is
+a dictionary lookup, whatever the history.
 
-A partition added to the topic after the first read is not seen until the process restarts.
+A partition added to the topic after the ledger was loaded is not followed until the process restarts.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+import asyncio
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
 
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.structs import TopicPartition
 
-from processors.accounting import queries as usage_queries
+from processors.accounting.ledger import HOUR_MS, MINUTE_MS, PlanLedger, month_around
 from processors.accounting.store import UsageStore
 from processors.accounting.tail import TailFollower
 
 _partitioner = DefaultPartitioner()
-_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class PlanUsage:
+    month_start: datetime
+    month_end: datetime
+    month_units: int
+    last_hour_units: int
 
 
 class ExactUsage:
-    """Answers any number of reads at once; the tail is read once for all of them."""
+    """Answers any number of reads at once, from one ledger and one follower (started by the first read,
+    or by `prepare`)."""
 
-    def __init__(self, bootstrap: str, topic: str, sink_group: str, *, max_read_s: float = 2.0) -> None:
+    def __init__(self, bootstrap: str, topic: str, sink_group: str) -> None:
+        self._bootstrap = bootstrap
         self._topic = topic
         self._sink_group = sink_group
-        self._max_read_s = max_read_s
-        self._tail = TailFollower(bootstrap, topic, sink_group)
         self._admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        self._offsets = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)  # end offsets only
+        self._follower: TailFollower | None = None
+        self._partitions: list[int] = []
+        self._starting = asyncio.Lock()
 
     async def start(self) -> None:
         await self._admin.start()
-        await self._tail.start()
+        await self._offsets.start()
 
     async def stop(self) -> None:
-        await self._tail.stop()
+        if self._follower is not None:
+            await self._follower.stop()
+        await self._offsets.stop()
         await self._admin.close()
 
-    async def billable_units(self, store: UsageStore, api_key_id: str, start: datetime, end: datetime) -> int:
-        """Billable units of ``api_key_id``'s events with event time in ``[start, end)``, exactly: those
-        ClickHouse holds below an offset of the key's partition, plus those on Kafka from that offset."""
-        key = api_key_id.encode()
-        if not self._tail.partitions:
-            await self._tail.follow()  # the topic may have been made since
-        partitions = self._tail.partitions
-        if not partitions:  # no such topic yet: nothing on the way
-            return await self._stored_units(store, api_key_id, start, end, partition=0, below_offset=2**63)
-        partition = _partitioner(key, partitions, partitions)
-        tp = TopicPartition(self._topic, partition)
-        start_ms, end_ms = int(start.timestamp() * 1000), int(end.timestamp() * 1000)
-        for _ in range(_ATTEMPTS):
-            committed = await self._admin.list_consumer_group_offsets(self._sink_group, partitions=[tp])
-            split = max(committed[tp].offset, 0) if tp in committed else 0
-            end_offset = await self._tail.end_offset(partition)
-            units = await self._stored_units(store, api_key_id, start, end, partition=partition, below_offset=split)
-            if split >= end_offset:
-                return units
-            tail = await self._tail.billable_units(partition, key, split, end_offset, start_ms, end_ms, wait_s=self._max_read_s)
-            if tail is not None:
-                return units + tail
-            # This read took so long that the follower has dropped records it needed (stored since): again.
-        raise TailMovedError(f"the usage tail moved past {_ATTEMPTS} reads of {api_key_id}'s usage in a row")
+    async def prepare(self, store: UsageStore, zone: ZoneInfo, now: datetime | None = None) -> PlanLedger:
+        """The ledger of ``zone``'s months, loaded now if it is not yet (the first read waits for it),
+        holding the months from the one before ``now``'s. Another zone's ledger is replaced."""
+        follower = self._follower
+        if follower is not None and follower.ledger.zone == zone and follower.alive:
+            return follower.ledger
+        async with self._starting:  # reads arriving meanwhile wait for this one load
+            if self._follower is not None:
+                if self._follower.ledger.zone == zone and self._follower.alive:
+                    return self._follower.ledger
+                await self._follower.stop()
+                self._follower = None
+            [description] = await self._admin.describe_topics([self._topic])  # no partitions if not made yet
+            tps = [TopicPartition(self._topic, p["partition"]) for p in description["partitions"]]
+            committed = await self._admin.list_consumer_group_offsets(self._sink_group, partitions=tps) if tps else {}
+            splits = {tp.partition: max(committed[tp].offset, 0) if tp in committed else 0 for tp in tps}
+            ledger = PlanLedger(zone, now or datetime.now(UTC))
+            await ledger.load(store, splits)
+            if not splits:  # no topic yet, so nothing on its way: a ledger for this read only
+                return ledger
+            self._partitions = sorted(splits)
+            self._follower = TailFollower(self._bootstrap, self._topic, splits, ledger)
+            return ledger
 
-    _stored_units = staticmethod(usage_queries.stored_billable_units)
-
-
-class TailMovedError(RuntimeError):
-    """Reads kept taking longer than the follower keeps what they need (a ClickHouse far too slow)."""
+    async def plan_usage(
+        self, store: UsageStore, api_key_id: str, zone: ZoneInfo, now: datetime, *, settle_s: float = 0.0
+    ) -> PlanUsage:
+        """``api_key_id``'s billable units in the month of ``zone`` holding ``now``, and in the hour before
+        ``now`` (whole minutes): every event the follower has read counted once, whether stored yet or
+        not. The follower reads events within milliseconds of their arrival while it keeps up;
+        ``settle_s`` first waits (at most that long) for it to reach the key's partition's end offset,
+        so that everything sent before the call is counted, at the cost of a round trip to the broker."""
+        month_start, month_end = month_around(now, zone)
+        ledger = await self.prepare(store, zone, now)
+        follower = self._follower
+        if settle_s > 0 and follower is not None:
+            partition = _partitioner(api_key_id.encode(), self._partitions, self._partitions)
+            tp = TopicPartition(self._topic, partition)
+            await follower.wait_until_read(partition, (await self._offsets.end_offsets([tp]))[tp], settle_s)
+        now_ms = int(now.timestamp() * 1000)
+        last_hour = ledger.units_between(api_key_id, now_ms - HOUR_MS, now_ms + MINUTE_MS)
+        return PlanUsage(month_start, month_end, ledger.month_units(api_key_id, month_start), last_hour)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from processors.accounting.store import UsageStore
@@ -78,50 +78,3 @@ async def billing(store: UsageStore, start: datetime, end: datetime, api_key_id:
     )
     rows = await store.query(sql, {"start": start, "end": end, **parameters})
     return [dict(zip(("tenant", "api_key_id", *TOTALS), row, strict=True)) for row in rows]
-
-
-async def stored_billable_units(
-    store: UsageStore, api_key_id: str, start: datetime, end: datetime, *, partition: int, below_offset: int
-) -> int:
-    """Billable units of one key over ``[start, end)`` stored below ``below_offset`` of its partition.
-
-    Whole minutes come from ``usage_units_per_minute``, so the read does not grow with the history and
-    holds after raw retention. A minute whose highest offset is not below the split (it also holds
-    events stored above it: the sink's batch in flight, or a late event landing in an older minute) is
-    summed from the raw rows below the split instead, and so are the parts of minutes ``start`` and
-    ``end`` cut (none for periods starting at midnight in any time zone). Those raw rows must still be
-    there: recent minutes always are; a late event older than the raw retention is not.
-    """
-    first_minute = _ceil_minute(start)
-    end_minute = max(_floor_minute(end), first_minute)
-    settled_sql = (
-        "SELECT sumIf(units, kafka_partition != {p:UInt16} OR top < {below:UInt64}), "
-        "groupArrayIf(bucket, kafka_partition = {p:UInt16} AND top >= {below:UInt64}) "
-        "FROM (SELECT bucket, kafka_partition, sum(billable_units) AS units, max(top_offset) AS top "
-        "FROM usage_units_per_minute WHERE api_key_id = {api_key_id:String} "
-        "AND bucket >= {first:DateTime('UTC')} AND bucket < {end:DateTime('UTC')} GROUP BY bucket, kafka_partition)"
-    )
-    parameters: dict[str, Any] = {"api_key_id": api_key_id, "p": partition, "below": below_offset,
-                                  "first": first_minute, "end": end_minute}  # fmt: skip
-    [(settled, unsettled)] = await store.query(settled_sql, parameters)
-    units = int(settled or 0)
-    if not unsettled and first_minute == start and end_minute == end:
-        return units
-    raw_sql = (
-        "SELECT sum(cost) FROM usage_events WHERE api_key_id = {api_key_id:String} AND NOT edge_blocked "
-        "AND kafka_partition = {p:UInt16} AND kafka_offset < {below:UInt64} "
-        "AND event_time >= {start:DateTime64(3, 'UTC')} AND event_time < {stop:DateTime64(3, 'UTC')} "
-        "AND (event_time < {first:DateTime('UTC')} OR event_time >= {end:DateTime('UTC')} "
-        "OR toStartOfMinute(event_time) IN {unsettled:Array(DateTime('UTC'))})"
-    )
-    [(raw,)] = await store.query(raw_sql, {**parameters, "start": start, "stop": end, "unsettled": list(unsettled)})
-    return units + int(raw or 0)
-
-
-def _floor_minute(moment: datetime) -> datetime:
-    return moment.replace(second=0, microsecond=0)
-
-
-def _ceil_minute(moment: datetime) -> datetime:
-    floor = _floor_minute(moment)
-    return floor if floor == moment else floor + timedelta(minutes=1)

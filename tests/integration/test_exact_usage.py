@@ -1,52 +1,74 @@
-"""Exact usage = ClickHouse below the split + Kafka from the split: the same total before the sink has
-stored anything, after it has stored everything, and in between."""
+"""A key's plan usage = ClickHouse below the split + every event the follower reads from the split: the
+same total before the sink has stored anything, after it has stored everything, and in between, for a
+ledger loaded at each of those moments and for one following since the start."""
 
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
 
 import pytest
 
 from ingest.clock import wall_clock_ms
 from ingest.events import UsageEvent
 from processors.accounting.exact_usage import ExactUsage
-from processors.settings import SinkSettings
+from processors.accounting.ledger import month_around
 from processors.accounting.sink import UsageSink
 from processors.accounting.store import UsageStore
+from processors.settings import SinkSettings
 from tests.conftest import EventSender, Sandbox, eventually
 from tests.factories import make_event
 from tests.integration.test_sink import committed_offsets
 
 pytestmark = pytest.mark.integration
 
+UTC_ZONE = ZoneInfo("UTC")
 
-async def test_exact_usage_counts_each_event_once_wherever_it_is(sandbox: Sandbox, producer: EventSender) -> None:
+
+async def test_plan_usage_counts_each_event_once_wherever_it_is(sandbox: Sandbox, producer: EventSender) -> None:
     env = sandbox.env
     store = UsageStore(env["THROTTLEX_CLICKHOUSE_DSN"])
     await store.open()
     await store.migrate()
-    exact = ExactUsage(sandbox.kafka_bootstrap, env["THROTTLEX_EVENTS_TOPIC"], env["THROTTLEX_SINK_GROUP"])
-    await exact.start()
+
+    def reader() -> ExactUsage:
+        return ExactUsage(sandbox.kafka_bootstrap, env["THROTTLEX_EVENTS_TOPIC"], env["THROTTLEX_SINK_GROUP"])
+
+    following = reader()
+    await following.start()
     sink = UsageSink(
         SinkSettings(kafka_bootstrap=sandbox.kafka_bootstrap, events_topic=env["THROTTLEX_EVENTS_TOPIC"],
                      sink_group=env["THROTTLEX_SINK_GROUP"], clickhouse_dsn=env["THROTTLEX_CLICKHOUSE_DSN"]),
         store,
     )  # fmt: skip
-    now = wall_clock_ms()
-    start, end = datetime.now(UTC) - timedelta(hours=1), datetime.now(UTC) + timedelta(hours=1)
+    now_ms = wall_clock_ms()
+    now = datetime.fromtimestamp(now_ms / 1000, tz=UTC)
+    start_ms, end_ms = (int(t.timestamp() * 1000) for t in month_around(now, UTC_ZONE))
 
     def burst(n: int) -> list[UsageEvent]:
-        return [make_event(event_id=uuid.uuid4(), api_key_id=f"key-{i % 4}", event_time_ms=now - i, cost=1 + i % 3,
+        return [make_event(event_id=uuid.uuid4(), api_key_id=f"key-{i % 4}", event_time_ms=now_ms - i, cost=1 + i % 3,
                            edge_blocked=i % 10 == 0) for i in range(n)]  # fmt: skip
 
     def expected(events: list[UsageEvent]) -> int:
-        return sum(e.cost for e in events if e.api_key_id == "key-1" and not e.edge_blocked)
+        return sum(e.cost for e in events
+                   if e.api_key_id == "key-1" and not e.edge_blocked and start_ms <= e.event_time_ms < end_ms)  # fmt: skip
+
+    async def check(total: int, what: str) -> None:
+        fresh = reader()  # loads its ledger now
+        await fresh.start()
+        try:
+            for name, usage in (("loaded now", fresh), ("following", following)):
+                month = (await usage.plan_usage(store, "key-1", UTC_ZONE, now, settle_s=10)).month_units
+                assert month == total, f"{what}, ledger {name}"
+        finally:
+            await fresh.stop()
 
     try:
         first = burst(400)
+        await following.plan_usage(store, "key-1", UTC_ZONE, now)  # loads with nothing stored or sent
         await producer.send_all(first)
-        assert await exact.billable_units(store, "key-1", start, end) == expected(first)  # all still on Kafka
+        await check(expected(first), "all still on Kafka")
 
         await sink.start()
 
@@ -54,12 +76,12 @@ async def test_exact_usage_counts_each_event_once_wherever_it_is(sandbox: Sandbo
             return sum(o for o in (await committed_offsets(sandbox)).values() if o > 0) == len(first)
 
         await eventually(all_stored, what="the sink to store the first burst")
-        assert await exact.billable_units(store, "key-1", start, end) == expected(first)  # all in ClickHouse
+        await check(expected(first), "all in ClickHouse")
 
         second = burst(300)
         await producer.send_all(second)
-        assert await exact.billable_units(store, "key-1", start, end) == expected(first) + expected(second)
+        await check(expected(first) + expected(second), "some stored, some on Kafka")
     finally:
         await sink.stop()
-        await exact.stop()
+        await following.stop()
         await store.close()

@@ -4,14 +4,17 @@ the sink inserts.
     python -m tests.perf.bench_quota --stored 10000000 --keys 10000 --rate 50000   # also part of make bench
 
 One process, as `throttlex run` is: a fresh chDB directory holding ``--stored`` events of ``--keys`` keys,
-spread over the current month, and a `UsageSink` storing what a load process produces at ``--rate``
-events a second to a fresh topic. Meanwhile random keys' month usage is read, alternately by the
-current code (per-minute rollups, and the tail follower for what is not stored yet) and by the code
-before it (a scan of the key's raw rows, of the partition's for its highest stored offset, and a read
-of the partition's unstored records from Kafka on every call), and the latencies are compared. The history is stored under
-partitions 4-7, which the live topic does not have, so the live offsets start at 0 and the reads split
-ClickHouse from Kafka as in production. Prints the medians and merges them into tests/perf/results.json
-under ``quota``. Needs the local Kafka (deploy/local/services.sh up).
+spread over the current month, and a `UsageSink` on a loop thread of its own storing what a load process
+produces at ``--rate`` events a second to a fresh topic. Meanwhile random keys' month usage is read with
+`ExactUsage.plan_usage`, what ``GET /v1/quota`` calls: the ledger every key's plan month is kept in
+(the first read loads it, and the bench waits for the follower to catch up before measuring).
+
+The reads before it, measured by this bench in this scenario (BENCHMARKS.md of commit 70fddc5): a key's
+per-minute rollups in ClickHouse plus the unstored tail on every call, 61 ms p50 / 332 ms p99; a scan
+of the key's raw rows and of the partition's unstored records on Kafka on every call, 125 / 696 ms.
+The history is stored under partitions 4-7, which the live topic does not have, so the live offsets
+start at 0 and the reads split ClickHouse from Kafka as in production. Prints the medians and merges them
+into tests/perf/results.json under ``quota``. Needs the local Kafka (deploy/local/services.sh up).
 """
 
 from __future__ import annotations
@@ -31,75 +34,23 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client import REGISTRY
 
-from ingest.events import decode, encode
+from ingest.events import encode
 from processors.accounting.exact_usage import ExactUsage
 from processors.accounting.sink import UsageSink
 from processors.accounting.store import UsageStore
 from processors.settings import SinkSettings
-from processors.tasks import tune_gc
+from processors.tasks import LoopThread, share_interpreter_often, tune_gc
 from processors.topics import ensure_topics
 from tests.factories import make_event
 
 PARTITIONS = 4
+UTC_ZONE = ZoneInfo("UTC")
+READ_EVERY_S = 0.02
 RESULTS = Path(__file__).with_name("results.json")
-
-
-class RawScanUsage:
-    """The plan quota as computed before the per-minute rollup and the tail follower: on every call, the
-    key's raw rows summed, the partition's raw rows scanned for its highest offset, and the partition's
-    records from the split to its end read from Kafka."""
-
-    def __init__(self, bootstrap: str, topic: str, sink_group: str) -> None:
-        self._topic, self._sink_group = topic, sink_group
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-        self._admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-        self._lock = asyncio.Lock()
-
-    async def start(self) -> None:
-        await self._consumer.start()
-        await self._admin.start()
-
-    async def stop(self) -> None:
-        await self._consumer.stop()
-        await self._admin.close()
-
-    async def billable_units(self, store: UsageStore, api_key_id: str, start: datetime, end: datetime) -> int:
-        key = api_key_id.encode()
-        async with self._lock:
-            [description] = await self._admin.describe_topics([self._topic])
-            ordered = sorted(p["partition"] for p in description["partitions"])
-            tp = TopicPartition(self._topic, DefaultPartitioner()(key, ordered, ordered))
-            committed = await self._admin.list_consumer_group_offsets(self._sink_group, partitions=[tp])
-            [(highest, rows)] = await store.query(
-                "SELECT max(kafka_offset), count() FROM usage_events WHERE kafka_partition = {p:UInt16}", {"p": tp.partition}
-            )
-            begin = max(committed[tp].offset if tp in committed else 0, int(highest) + 1 if rows else 0)
-            [(total,)] = await store.query(
-                "SELECT sum(cost) FROM usage_events WHERE api_key_id = {k:String} AND NOT edge_blocked "
-                "AND event_time >= {start:DateTime64(3, 'UTC')} AND event_time < {end:DateTime64(3, 'UTC')} "
-                "AND kafka_offset < {below:UInt64}",
-                {"k": api_key_id, "start": start, "end": end, "below": begin},
-            )
-            units = int(total or 0)
-            end_offset = (await self._consumer.end_offsets([tp]))[tp]
-            if begin >= end_offset:
-                return units
-            self._consumer.assign([tp])
-            self._consumer.seek(tp, begin)
-            start_ms, end_ms = int(start.timestamp() * 1000), int(end.timestamp() * 1000)
-            while await self._consumer.position(tp) < end_offset:
-                for record in (await self._consumer.getmany(tp, timeout_ms=500)).get(tp, []):
-                    if record.offset < end_offset and record.key == key:
-                        event = decode(record.value or b"")
-                        if not event.edge_blocked and start_ms <= event.event_time_ms < end_ms:
-                            units += event.cost
-            return units
 
 
 def _sink_rows() -> float:
@@ -137,41 +88,48 @@ async def run(bootstrap: str, stored: int, keys: int, rate: int, calls: int) -> 
         print(f"  stored {stored:,} events of {keys:,} keys in {fill_s:.0f} s", flush=True)
 
         current = ExactUsage(bootstrap, topic, group)
-        before = RawScanUsage(bootstrap, topic, group)
-        sink = UsageSink(settings, store)
-        for usage in (current, before):
-            await usage.start()
+        await current.start()
         tune_gc()
-        await sink.start()
+        share_interpreter_often()  # as throttlex run does
+        sink_loop = LoopThread("sink")  # as in throttlex run: the sink on a loop of its own
+        sink = await sink_loop.start(lambda: UsageSink(settings, store))
         load = subprocess.Popen([sys.executable, "-m", "tests.perf.bench_quota", "--load", str(rate), "--topic", topic,
                                  "--keys", str(keys)], stdout=subprocess.DEVNULL)  # fmt: skip
         try:
             while _sink_rows() < rate:  # the sink is storing the live load
                 await asyncio.sleep(0.1)
-            rng = random.Random(7)
-            latencies: dict[str, list[float]] = {"current": [], "before": []}
+            loaded = time.perf_counter()
+            await current.plan_usage(store, "key-0", UTC_ZONE, datetime.now(UTC))  # the first read loads the ledger
+            ledger_load_s = time.perf_counter() - loaded
+            for partition in range(PARTITIONS):  # the follower catches up with what arrived meanwhile
+                await current.plan_usage(store, f"key-{partition}", UTC_ZONE, datetime.now(UTC), settle_s=60)
+            catch_up_s = time.perf_counter() - loaded - ledger_load_s
+            print(f"  ledger loaded in {ledger_load_s:.1f} s, follower caught up {catch_up_s:.1f} s later", flush=True)
+            latencies: list[float] = []
             rows_before, measured = _sink_rows(), time.perf_counter()
-            for n in range(calls):
-                key = f"key-{rng.randrange(keys)}"
-                for name, usage in (("current", current), ("before", before))[:: 1 if n % 2 else -1]:
-                    started = time.perf_counter()
-                    await usage.billable_units(store, key, start, end)
-                    latencies[name].append((time.perf_counter() - started) * 1000)
+            loop = asyncio.get_running_loop()
+            rng, due = random.Random(7), loop.time()
+            for _ in range(calls):
+                # A read arrives every READ_EVERY_S, as requests do, and waits for the loop like them: its
+                # latency counts from when it was due (a read never yielding would hold the loop for itself).
+                due = max(due + READ_EVERY_S, loop.time())
+                await asyncio.sleep(due - loop.time())
+                await current.plan_usage(store, f"key-{rng.randrange(keys)}", UTC_ZONE, datetime.now(UTC))
+                latencies.append((loop.time() - due) * 1000)
             sink_rows_per_s = (_sink_rows() - rows_before) / (time.perf_counter() - measured)
         finally:
             load.terminate()
             load.wait()
-            await sink.stop()
-            for usage in (current, before):
-                await usage.stop()
+            await sink_loop.run(sink.stop())
+            sink_loop.close()
+            await current.stop()
             await store.close()
-    result: dict[str, Any] = {"stored_events": stored, "keys": keys, "offered_rate": rate,
-                              "sink_rows_per_s": round(sink_rows_per_s)}  # fmt: skip
-    for name, values in latencies.items():
-        ordered = sorted(values)
-        result[name] = {"p50_ms": round(statistics.median(ordered), 2),
-                        "p99_ms": round(ordered[int(len(ordered) * 0.99) - 1], 2)}  # fmt: skip
-    return result
+    ordered = sorted(latencies)
+    return {"stored_events": stored, "keys": keys, "offered_rate": rate, "sink_rows_per_s": round(sink_rows_per_s),
+            "ledger_load_s": round(ledger_load_s, 2), "catch_up_s": round(catch_up_s, 2), "reads": calls,
+            "current": {"p50_ms": round(statistics.median(ordered), 2), "p99_ms": round(ordered[int(len(ordered) * 0.99) - 1], 2)},
+            "before": {"p50_ms": 61.0, "p99_ms": 332.0, "measured_at": "70fddc5"},
+            "raw_scan": {"p50_ms": 125.0, "p99_ms": 696.0, "measured_at": "70fddc5"}}  # fmt: skip
 
 
 def load(bootstrap: str, topic: str, rate: int, keys: int) -> None:
@@ -204,7 +162,7 @@ def main() -> None:
     parser.add_argument("--stored", type=int, default=10_000_000, help="events stored before the reads")
     parser.add_argument("--keys", type=int, default=10_000)
     parser.add_argument("--rate", type=int, default=50_000, help="events a second the sink stores meanwhile")
-    parser.add_argument("--calls", type=int, default=300, help="reads of each kind")
+    parser.add_argument("--calls", type=int, default=1_000, help="reads, one every 20 ms")
     parser.add_argument("--load", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--topic", help=argparse.SUPPRESS)
     args = parser.parse_args()

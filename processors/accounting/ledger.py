@@ -1,0 +1,153 @@
+"""Every key's billable units per plan month, kept in memory as the events arrive.
+
+A plan-quota read (`GET /v1/quota`) asked ClickHouse for the key's month on every call: a few
+milliseconds on an idle machine, tens while the sink inserts. The ledger asks once, for every key, and
+then follows the events topic, so a read is a dictionary lookup however long the history.
+
+How it stays exact: the ledger is loaded at the offsets the follower starts reading from (the sink
+group's committed offsets, below which every table holds every event): the units stored below those
+offsets, per key and month, come from ClickHouse (`load`, one query for all keys); every event at or
+past them is added as the follower reads it (`add`). No event is in both, none in neither, and the
+sink inserting meanwhile changes nothing. Months are those of the plan's time zone; a ledger serves
+one zone (a new zone loads a new ledger). The units of each minute of the last hour are kept beside
+them, for the plan's forecast.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Iterable
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import msgspec
+
+from ingest.events import decode_valid
+from processors.accounting.store import UsageStore
+
+MINUTE_MS = 60_000
+HOUR_MS = 3_600_000
+_RECENT_MS = HOUR_MS + 2 * MINUTE_MS  # minutes kept for `units_between`: the last hour and a margin
+_FUTURE_MS = 400 * 24 * HOUR_MS  # events further ahead are counted in no month kept here
+
+# The units of each key and minute since {since} stored below the split: whole minutes from the per-minute
+# rollup, and from the raw rows below the split the minutes that also hold events stored at or past it
+# (the batch the sink had in flight, late events). Partitions not among {parts} are wholly stored.
+_STORED_MINUTES = """
+SELECT api_key_id, bucket, sum(billable_units) AS units
+FROM usage_units_per_minute WHERE bucket >= {since:DateTime('UTC')}
+GROUP BY api_key_id, bucket, kafka_partition
+HAVING NOT mapContains(mapFromArrays({parts:Array(UInt16)}, {offsets:Array(UInt64)}), kafka_partition)
+    OR max(top_offset) < mapFromArrays({parts:Array(UInt16)}, {offsets:Array(UInt64)})[kafka_partition]
+UNION ALL
+SELECT api_key_id, toStartOfMinute(event_time) AS bucket, sum(cost) AS units
+FROM usage_events
+WHERE event_time >= {since:DateTime('UTC')} AND NOT edge_blocked
+    AND mapContains(mapFromArrays({parts:Array(UInt16)}, {offsets:Array(UInt64)}), kafka_partition)
+    AND kafka_offset < mapFromArrays({parts:Array(UInt16)}, {offsets:Array(UInt64)})[kafka_partition]
+    AND (api_key_id, toStartOfMinute(event_time), kafka_partition) IN (
+        SELECT api_key_id, bucket, kafka_partition FROM usage_units_per_minute
+        WHERE bucket >= {since:DateTime('UTC')} AND mapContains(mapFromArrays({parts:Array(UInt16)}, {offsets:Array(UInt64)}), kafka_partition)
+        GROUP BY api_key_id, bucket, kafka_partition
+        HAVING max(top_offset) >= mapFromArrays({parts:Array(UInt16)}, {offsets:Array(UInt64)})[kafka_partition])
+GROUP BY api_key_id, bucket
+"""
+_MONTHS = f"""
+SELECT api_key_id, toStartOfMonth(bucket, {{zone:String}}) AS month, sum(units)
+FROM ({_STORED_MINUTES}) GROUP BY api_key_id, month
+"""
+_RECENT_MINUTES = f"""
+SELECT api_key_id, bucket, sum(units) FROM ({_STORED_MINUTES})
+WHERE bucket >= {{recent:DateTime('UTC')}} GROUP BY api_key_id, bucket
+"""
+
+
+def month_around(moment: datetime, zone: ZoneInfo) -> tuple[datetime, datetime]:
+    """The calendar month in ``zone`` holding ``moment``, as UTC instants ``[start, end)``."""
+    local = moment.astimezone(zone)
+    start = datetime(local.year, local.month, 1, tzinfo=zone)
+    end = datetime(local.year + local.month // 12, local.month % 12 + 1, 1, tzinfo=zone)
+    return start.astimezone(UTC), end.astimezone(UTC)
+
+
+def _ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+class PlanLedger:
+    """Billable units per key: per month of ``zone`` from the month before ``now``'s, and per minute of
+    the last hour. Loaded once (`load`), then fed every event read from the split on (`add`)."""
+
+    def __init__(self, zone: ZoneInfo, now: datetime) -> None:
+        self.zone = zone
+        self._now = now
+        self._months: dict[int, dict[str, int]] = {}  # month start (UTC ms) -> key -> units
+        self._minutes: dict[int, dict[str, int]] = {}  # minute (UTC ms) -> key -> units
+        previous, _ = month_around(month_around(now, zone)[0] - timedelta(days=1), zone)
+        self._bounds = [_ms(previous)]  # month starts in order (UTC ms); the last one ends the last month kept
+        self._extend_to(_ms(now))
+
+    async def load(self, store: UsageStore, splits: dict[int, int]) -> None:
+        """Add the units stored below ``splits`` (partition -> offset) of every key: one query per granularity."""
+        now, previous = self._now, datetime.fromtimestamp(self._bounds[0] / 1000, tz=UTC)
+        parameters: dict[str, Any] = {"since": previous, "parts": list(splits), "offsets": list(splits.values()),
+                                      "zone": self.zone.key}  # fmt: skip
+        for key_id, month, units in await store.query(_MONTHS, parameters):
+            counts = self._months[self._local_midnight_ms(month)]
+            counts[key_id] = counts.get(key_id, 0) + int(units)
+        recent = datetime.fromtimestamp((_ms(now) - _RECENT_MS) // MINUTE_MS * 60, tz=UTC)
+        for key_id, minute, units in await store.query(_RECENT_MINUTES, {**parameters, "recent": recent}):
+            counts = self._minutes.setdefault(_ms(minute.replace(tzinfo=UTC)), {})
+            counts[key_id] = counts.get(key_id, 0) + int(units)
+
+    def add(self, values: Iterable[bytes | None], now_ms: int) -> None:
+        """Count the events among ``values`` (read in offset order past the split) as the sink will
+        store them: what the contract refuses is never stored, edge-blocked requests are not billable."""
+        months, minutes, bounds = self._months, self._minutes, self._bounds
+        recent = now_ms - _RECENT_MS
+        for value in values:
+            try:
+                event = decode_valid(value)  # type: ignore[arg-type]
+            except (msgspec.DecodeError, TypeError):
+                continue
+            if event.edge_blocked:
+                continue
+            at, cost, key_id = event.event_time_ms, event.cost, event.api_key_id
+            if at >= bounds[-1]:
+                if at > now_ms + _FUTURE_MS:
+                    continue  # a clock years ahead: no plan month counts it yet
+                self._extend_to(at)
+            index = bisect_right(bounds, at) - 1
+            if index >= 0:  # not older than the months kept
+                month = months[bounds[index]]
+                month[key_id] = month.get(key_id, 0) + cost
+            if recent <= at < now_ms + HOUR_MS:
+                minute = minutes.setdefault(at - at % MINUTE_MS, {})
+                minute[key_id] = minute.get(key_id, 0) + cost
+        for old in [minute for minute in minutes if minute < recent]:
+            del minutes[old]
+
+    def month_units(self, key_id: str, month_start: datetime) -> int:
+        """``key_id``'s units in the month of this ledger's zone starting at ``month_start``."""
+        if _ms(month_start) < self._bounds[0]:
+            raise ValueError(f"the ledger holds months from {self._bounds[0]} ms on, not {month_start}")
+        return self._months.get(_ms(month_start), {}).get(key_id, 0)
+
+    def units_between(self, key_id: str, start_ms: int, end_ms: int) -> int:
+        """``key_id``'s units in the whole minutes from ``start_ms``'s to before ``end_ms`` (within the last hour)."""
+        first = start_ms - start_ms % MINUTE_MS
+        return sum(units.get(key_id, 0) for minute, units in list(self._minutes.items()) if first <= minute < end_ms)
+
+    def _extend_to(self, at_ms: int) -> None:
+        """Keep months up to and including the one holding ``at_ms``."""
+        while self._bounds[-1] <= at_ms:
+            start = datetime.fromtimestamp(self._bounds[-1] / 1000, tz=UTC)
+            self._months[self._bounds[-1]] = {}
+            self._bounds.append(_ms(month_around(start, self.zone)[1]))
+
+    def _local_midnight_ms(self, month: date) -> int:
+        start = _ms(datetime(month.year, month.month, 1, tzinfo=self.zone))
+        if start not in self._months:
+            self._extend_to(start)
+        return start
