@@ -23,7 +23,7 @@ from processors.accounting.exact_usage import ExactUsage
 from processors.core.policy import PolicySet
 from processors.policy_watch import PolicySource
 from processors.registry import Registry
-from processors.accounting.store import StoreError, UsageStore
+from processors.accounting.store import UsageStore
 from processors.redis_client import redis_client
 
 log = logging.getLogger(__name__)
@@ -141,8 +141,8 @@ async def _prepare_plan_ledger(exact: ExactUsage, store: UsageStore, policies: P
     started = time.perf_counter()
     try:
         await exact.prepare(store, quota.plan_zone(policies))
-    except (StoreError, KafkaError) as exc:  # the first quota read tries again
-        log.warning("could not load the plan ledger at start-up", extra={"error": str(exc)})
+    except Exception:  # the first quota read tries again
+        log.exception("could not load the plan ledger at start-up")
         return
     log.info("plan ledger loaded", extra={"seconds": round(time.perf_counter() - started, 2)})
 

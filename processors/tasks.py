@@ -38,7 +38,7 @@ SWITCH_INTERVAL_S = 0.001
 
 def share_interpreter_often() -> None:
     """Hand the interpreter lock between threads every millisecond instead of every five. With the stream
-    roles and the usage follower on loop threads of their own (`LoopThread`), a request to the API
+    roles on loop threads of their own (`LoopThread`) and the usage follower on a thread of its own, a request to the API
     waits for the lock, not for their batches: at most this long each time, and a request takes it a
     few times. Measured with the sink storing 50,000 rows/s beside the API (`tests/perf/bench_quota.py`):
     a plan-quota read's p99 from about 18 to 10 ms, the sink as fast."""

@@ -12,6 +12,7 @@ A partition added to the topic after the ledger was loaded is not followed until
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
@@ -24,6 +25,8 @@ from aiokafka.structs import TopicPartition
 from processors.accounting.ledger import HOUR_MS, MINUTE_MS, PlanLedger, month_around
 from processors.accounting.store import UsageStore
 from processors.accounting.tail import TailFollower
+
+log = logging.getLogger(__name__)
 
 _partitioner = DefaultPartitioner()
 
@@ -55,8 +58,10 @@ class ExactUsage:
         await self._offsets.start()
 
     async def stop(self) -> None:
-        if self._follower is not None:
-            await self._follower.stop()
+        async with self._starting:  # a load under way finishes first, so its follower is stopped too
+            follower, self._follower = self._follower, None
+        if follower is not None:
+            await follower.stop()
         await self._offsets.stop()
         await self._admin.close()
 
@@ -70,8 +75,10 @@ class ExactUsage:
             if self._follower is not None:
                 if self._follower.ledger.zone == zone and self._follower.alive:
                     return self._follower.ledger
-                await self._follower.stop()
-                self._follower = None
+                if not self._follower.alive:
+                    log.error("the usage follower stopped; loading the plan ledger again", extra={"error": repr(self._follower.failure)})
+                old, self._follower = self._follower, None
+                await old.stop()
             [description] = await self._admin.describe_topics([self._topic])  # no partitions if not made yet
             tps = [TopicPartition(self._topic, p["partition"]) for p in description["partitions"]]
             committed = await self._admin.list_consumer_group_offsets(self._sink_group, partitions=tps) if tps else {}

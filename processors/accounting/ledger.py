@@ -31,35 +31,31 @@ HOUR_MS = 3_600_000
 _RECENT_MS = HOUR_MS + 2 * MINUTE_MS  # minutes kept for `units_between`: the last hour and a margin
 _FUTURE_MS = 400 * 24 * HOUR_MS  # events further ahead are counted in no month kept here
 
-# The units of each key and minute since {since} stored below the split: whole minutes from the per-minute
-# rollup, and from the raw rows below the split the minutes that also hold events stored at or past it
-# (the batch the sink had in flight, late events). Partitions not among {parts} are wholly stored.
-_STORED_MINUTES = """
-SELECT api_key_id, bucket, sum(billable_units) AS units
-FROM usage_units_per_minute WHERE bucket >= {since:DateTime('UTC')}
-GROUP BY api_key_id, bucket, kafka_partition
-HAVING NOT mapContains(mapFromArrays({parts:Array(UInt16)}, {offsets:Array(UInt64)}), kafka_partition)
-    OR max(top_offset) < mapFromArrays({parts:Array(UInt16)}, {offsets:Array(UInt64)})[kafka_partition]
-UNION ALL
-SELECT api_key_id, toStartOfMinute(event_time) AS bucket, sum(cost) AS units
+# One read of the per-minute rollup (one snapshot: a sink insert landing meanwhile cannot make a minute
+# count twice or not at all), per key and month of the zone: the units of the minutes wholly below the
+# split, those of the last hour's such minutes, and the minutes that also hold events stored at or past
+# it (the sink's batch in flight, late events), which `_UNSETTLED` then sums from the raw rows below the
+# split. Partitions not among {parts} (no longer in the topic) are wholly stored.
+_SETTLED = """
+SELECT api_key_id, toStartOfMonth(bucket, {zone:String}) AS month, sumIf(units, settled),
+       groupArrayIf((bucket, units), settled AND bucket >= {recent:DateTime('UTC')}),
+       groupArrayIf((bucket, kafka_partition), NOT settled)
+FROM (
+    SELECT api_key_id, bucket, kafka_partition, sum(billable_units) AS units,
+           NOT has({parts:Array(UInt16)}, kafka_partition)
+               OR max(top_offset) < {offsets:Array(UInt64)}[indexOf({parts:Array(UInt16)}, kafka_partition)] AS settled
+    FROM usage_units_per_minute WHERE bucket >= {since:DateTime('UTC')}
+    GROUP BY api_key_id, bucket, kafka_partition
+)
+GROUP BY api_key_id, month
+"""
+_UNSETTLED = """
+SELECT api_key_id, toStartOfMinute(event_time) AS bucket, sum(cost)
 FROM usage_events
-WHERE event_time >= {since:DateTime('UTC')} AND NOT edge_blocked
-    AND mapContains(mapFromArrays({parts:Array(UInt16)}, {offsets:Array(UInt64)}), kafka_partition)
-    AND kafka_offset < mapFromArrays({parts:Array(UInt16)}, {offsets:Array(UInt64)})[kafka_partition]
-    AND (api_key_id, toStartOfMinute(event_time), kafka_partition) IN (
-        SELECT api_key_id, bucket, kafka_partition FROM usage_units_per_minute
-        WHERE bucket >= {since:DateTime('UTC')} AND mapContains(mapFromArrays({parts:Array(UInt16)}, {offsets:Array(UInt64)}), kafka_partition)
-        GROUP BY api_key_id, bucket, kafka_partition
-        HAVING max(top_offset) >= mapFromArrays({parts:Array(UInt16)}, {offsets:Array(UInt64)})[kafka_partition])
+WHERE NOT edge_blocked AND event_time >= {since:DateTime('UTC')}
+    AND (api_key_id, toStartOfMinute(event_time), kafka_partition) IN {minutes:Array(Tuple(String, DateTime('UTC'), UInt16))}
+    AND kafka_offset < {offsets:Array(UInt64)}[indexOf({parts:Array(UInt16)}, kafka_partition)]
 GROUP BY api_key_id, bucket
-"""
-_MONTHS = f"""
-SELECT api_key_id, toStartOfMonth(bucket, {{zone:String}}) AS month, sum(units)
-FROM ({_STORED_MINUTES}) GROUP BY api_key_id, month
-"""
-_RECENT_MINUTES = f"""
-SELECT api_key_id, bucket, sum(units) FROM ({_STORED_MINUTES})
-WHERE bucket >= {{recent:DateTime('UTC')}} GROUP BY api_key_id, bucket
 """
 
 
@@ -89,17 +85,33 @@ class PlanLedger:
         self._extend_to(_ms(now))
 
     async def load(self, store: UsageStore, splits: dict[int, int]) -> None:
-        """Add the units stored below ``splits`` (partition -> offset) of every key: one query per granularity."""
+        """Add the units stored below ``splits`` (partition -> offset) of every key: two queries in all."""
         now, previous = self._now, datetime.fromtimestamp(self._bounds[0] / 1000, tz=UTC)
-        parameters: dict[str, Any] = {"since": previous, "parts": list(splits), "offsets": list(splits.values()),
-                                      "zone": self.zone.key}  # fmt: skip
-        for key_id, month, units in await store.query(_MONTHS, parameters):
-            counts = self._months[self._local_midnight_ms(month)]
-            counts[key_id] = counts.get(key_id, 0) + int(units)
         recent = datetime.fromtimestamp((_ms(now) - _RECENT_MS) // MINUTE_MS * 60, tz=UTC)
-        for key_id, minute, units in await store.query(_RECENT_MINUTES, {**parameters, "recent": recent}):
-            counts = self._minutes.setdefault(_ms(minute.replace(tzinfo=UTC)), {})
-            counts[key_id] = counts.get(key_id, 0) + int(units)
+        parameters: dict[str, Any] = {"since": previous, "recent": recent, "parts": list(splits),
+                                      "offsets": list(splits.values()), "zone": self.zone.key}  # fmt: skip
+        unsettled = []
+        for key_id, month, units, minutes, later in await store.query(_SETTLED, parameters):
+            self._count(key_id, self._local_midnight_ms(month), int(units))
+            for minute, minute_units in minutes:
+                self._count_minute(key_id, _ms(minute.replace(tzinfo=UTC)), int(minute_units))
+            unsettled += [(key_id, minute, partition) for minute, partition in later]
+        if unsettled:
+            for key_id, minute, units in await store.query(_UNSETTLED, {**parameters, "minutes": unsettled}):
+                at = _ms(minute.replace(tzinfo=UTC))
+                if at >= self._bounds[-1]:
+                    self._extend_to(at)
+                self._count(key_id, self._bounds[bisect_right(self._bounds, at) - 1], int(units))
+                if at >= _ms(recent):
+                    self._count_minute(key_id, at, int(units))
+
+    def _count(self, key_id: str, month_ms: int, units: int) -> None:
+        counts = self._months[month_ms]
+        counts[key_id] = counts.get(key_id, 0) + units
+
+    def _count_minute(self, key_id: str, minute_ms: int, units: int) -> None:
+        counts = self._minutes.setdefault(minute_ms, {})
+        counts[key_id] = counts.get(key_id, 0) + units
 
     def add(self, values: Iterable[bytes | None], now_ms: int) -> None:
         """Count the events among ``values`` (read in offset order past the split) as the sink will

@@ -42,6 +42,7 @@ class TailFollower:
         self._consumer = Consumer({
             "bootstrap.servers": bootstrap, "group.id": f"throttlex-ledger-{uuid.uuid4()}",
             "enable.auto.commit": False, "enable.auto.offset.store": False, "fetch.wait.max.ms": 50,
+            "auto.offset.reset": "earliest",  # an offset gone with retention: what is left, as the sink reads it
         })  # fmt: skip
         self._consumer.assign([TopicPartition(topic, partition, offset) for partition, offset in offsets.items()])
         self._stopping = threading.Event()

@@ -50,17 +50,22 @@ async def test_plan_usage_counts_each_event_once_wherever_it_is(sandbox: Sandbox
         return [make_event(event_id=uuid.uuid4(), api_key_id=f"key-{i % 4}", event_time_ms=now_ms - i, cost=1 + i % 3,
                            edge_blocked=i % 10 == 0) for i in range(n)]  # fmt: skip
 
-    def expected(events: list[UsageEvent]) -> int:
+    def expected(events: list[UsageEvent], since_ms: int = start_ms) -> int:
+        """key-1's units from ``since_ms`` (the month's start: its month) to the month's end."""
         return sum(e.cost for e in events
-                   if e.api_key_id == "key-1" and not e.edge_blocked and start_ms <= e.event_time_ms < end_ms)  # fmt: skip
+                   if e.api_key_id == "key-1" and not e.edge_blocked and since_ms <= e.event_time_ms < end_ms)  # fmt: skip
 
-    async def check(total: int, what: str) -> None:
+    def last_hour(events: list[UsageEvent]) -> int:  # all sent in the last second, so all in the last hour
+        return expected(events, since_ms=0)
+
+    async def check(events: list[UsageEvent], what: str) -> None:
         fresh = reader()  # loads its ledger now
         await fresh.start()
         try:
             for name, usage in (("loaded now", fresh), ("following", following)):
-                month = (await usage.plan_usage(store, "key-1", UTC_ZONE, now, settle_s=10)).month_units
-                assert month == total, f"{what}, ledger {name}"
+                plan = await usage.plan_usage(store, "key-1", UTC_ZONE, now, settle_s=10)
+                assert plan.month_units == expected(events), f"{what}, ledger {name}"
+                assert plan.last_hour_units == last_hour(events), f"{what}, ledger {name}: the last hour"
         finally:
             await fresh.stop()
 
@@ -68,7 +73,7 @@ async def test_plan_usage_counts_each_event_once_wherever_it_is(sandbox: Sandbox
         first = burst(400)
         await following.plan_usage(store, "key-1", UTC_ZONE, now)  # loads with nothing stored or sent
         await producer.send_all(first)
-        await check(expected(first), "all still on Kafka")
+        await check(first, "all still on Kafka")
 
         await sink.start()
 
@@ -76,11 +81,11 @@ async def test_plan_usage_counts_each_event_once_wherever_it_is(sandbox: Sandbox
             return sum(o for o in (await committed_offsets(sandbox)).values() if o > 0) == len(first)
 
         await eventually(all_stored, what="the sink to store the first burst")
-        await check(expected(first), "all in ClickHouse")
+        await check(first, "all in ClickHouse")
 
         second = burst(300)
         await producer.send_all(second)
-        await check(expected(first) + expected(second), "some stored, some on Kafka")
+        await check(first + second, "some stored, some on Kafka")
     finally:
         await sink.stop()
         await following.stop()
