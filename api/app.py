@@ -145,4 +145,3 @@ async def _prepare_plan_ledger(exact: ExactUsage, store: UsageStore, policies: P
         log.exception("could not load the plan ledger at start-up")
         return
     log.info("plan ledger loaded", extra={"seconds": round(time.perf_counter() - started, 2)})
-

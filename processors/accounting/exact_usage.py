@@ -50,7 +50,6 @@ class ExactUsage:
         self._admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
         self._offsets = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)  # end offsets only
         self._follower: TailFollower | None = None
-        self._partitions: list[int] = []
         self._starting = asyncio.Lock()
 
     async def start(self) -> None:
@@ -68,13 +67,12 @@ class ExactUsage:
     async def prepare(self, store: UsageStore, zone: ZoneInfo, now: datetime | None = None) -> PlanLedger:
         """The ledger of ``zone``'s months, loaded now if it is not yet (the first read waits for it),
         holding the months from the one before ``now``'s. Another zone's ledger is replaced."""
-        follower = self._follower
-        if follower is not None and follower.ledger.zone == zone and follower.alive:
-            return follower.ledger
+        if (ready := self._ready(zone)) is not None:
+            return ready
         async with self._starting:  # reads arriving meanwhile wait for this one load
+            if (ready := self._ready(zone)) is not None:
+                return ready
             if self._follower is not None:
-                if self._follower.ledger.zone == zone and self._follower.alive:
-                    return self._follower.ledger
                 if not self._follower.alive:
                     log.error("the usage follower stopped; loading the plan ledger again", extra={"error": repr(self._follower.failure)})
                 old, self._follower = self._follower, None
@@ -87,9 +85,13 @@ class ExactUsage:
             await ledger.load(store, splits)
             if not splits:  # no topic yet, so nothing on its way: a ledger for this read only
                 return ledger
-            self._partitions = sorted(splits)
             self._follower = TailFollower(self._bootstrap, self._topic, splits, ledger)
             return ledger
+
+    def _ready(self, zone: ZoneInfo) -> PlanLedger | None:
+        """The ledger of ``zone``, if one is loaded and its follower is running."""
+        follower = self._follower
+        return follower.ledger if follower is not None and follower.ledger.zone == zone and follower.alive else None
 
     async def plan_usage(
         self, store: UsageStore, api_key_id: str, zone: ZoneInfo, now: datetime, *, settle_s: float = 0.0
@@ -103,7 +105,7 @@ class ExactUsage:
         ledger = await self.prepare(store, zone, now)
         follower = self._follower
         if settle_s > 0 and follower is not None:
-            partition = _partitioner(api_key_id.encode(), self._partitions, self._partitions)
+            partition = _partitioner(api_key_id.encode(), follower.partitions, follower.partitions)
             tp = TopicPartition(self._topic, partition)
             await follower.wait_until_read(partition, (await self._offsets.end_offsets([tp]))[tp], settle_s)
         now_ms = int(now.timestamp() * 1000)

@@ -6,7 +6,7 @@ then follows the events topic, so a read is a dictionary lookup however long the
 
 How it stays exact: the ledger is loaded at the offsets the follower starts reading from (the sink
 group's committed offsets, below which every table holds every event): the units stored below those
-offsets, per key and month, come from ClickHouse (`load`, one query for all keys); every event at or
+offsets, per key and month, come from ClickHouse (`load`, two queries for all keys); every event at or
 past them is added as the follower reads it (`add`). No event is in both, none in neither, and the
 sink inserting meanwhile changes nothing. Months are those of the plan's time zone; a ledger serves
 one zone (a new zone loads a new ledger). The units of each minute of the last hour are kept beside
@@ -50,12 +50,12 @@ FROM (
 GROUP BY api_key_id, month
 """
 _UNSETTLED = """
-SELECT api_key_id, toStartOfMinute(event_time) AS bucket, sum(cost)
+SELECT api_key_id, toStartOfMonth(event_time, {zone:String}) AS month, toStartOfMinute(event_time) AS bucket, sum(cost)
 FROM usage_events
 WHERE NOT edge_blocked AND event_time >= {since:DateTime('UTC')}
     AND (api_key_id, toStartOfMinute(event_time), kafka_partition) IN {minutes:Array(Tuple(String, DateTime('UTC'), UInt16))}
     AND kafka_offset < {offsets:Array(UInt64)}[indexOf({parts:Array(UInt16)}, kafka_partition)]
-GROUP BY api_key_id, bucket
+GROUP BY api_key_id, month, bucket
 """
 
 
@@ -97,13 +97,10 @@ class PlanLedger:
                 self._count_minute(key_id, _ms(minute.replace(tzinfo=UTC)), int(minute_units))
             unsettled += [(key_id, minute, partition) for minute, partition in later]
         if unsettled:
-            for key_id, minute, units in await store.query(_UNSETTLED, {**parameters, "minutes": unsettled}):
-                at = _ms(minute.replace(tzinfo=UTC))
-                if at >= self._bounds[-1]:
-                    self._extend_to(at)
-                self._count(key_id, self._bounds[bisect_right(self._bounds, at) - 1], int(units))
-                if at >= _ms(recent):
-                    self._count_minute(key_id, at, int(units))
+            for key_id, month, minute, units in await store.query(_UNSETTLED, {**parameters, "minutes": unsettled}):
+                self._count(key_id, self._local_midnight_ms(month), int(units))
+                if (at := minute.replace(tzinfo=UTC)) >= recent:
+                    self._count_minute(key_id, _ms(at), int(units))
 
     def _count(self, key_id: str, month_ms: int, units: int) -> None:
         counts = self._months[month_ms]

@@ -51,6 +51,10 @@ class TailFollower:
         self._thread.start()
 
     @property
+    def partitions(self) -> list[int]:
+        return sorted(self._positions)
+
+    @property
     def alive(self) -> bool:
         return self._thread.is_alive()
 

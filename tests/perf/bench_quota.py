@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -40,6 +40,7 @@ from prometheus_client import REGISTRY
 
 from ingest.events import encode
 from processors.accounting.exact_usage import ExactUsage
+from processors.accounting.ledger import month_around
 from processors.accounting.sink import UsageSink
 from processors.accounting.store import UsageStore
 from processors.settings import SinkSettings
@@ -57,17 +58,11 @@ def _sink_rows() -> float:
     return REGISTRY.get_sample_value("throttlex_sink_rows_total") or 0.0
 
 
-def _month() -> tuple[datetime, datetime]:
-    now = datetime.now(UTC)
-    start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    return start, (start + timedelta(days=32)).replace(day=1)
-
-
 async def run(bootstrap: str, stored: int, keys: int, rate: int, calls: int) -> dict[str, Any]:
     tag = secrets.token_hex(4)
     topic, group = f"bench-{tag}.events", f"bench-{tag}-sink"
     await ensure_topics(bootstrap, {topic: PARTITIONS})
-    start, end = _month()
+    start, end = month_around(datetime.now(UTC), UTC_ZONE)
     with tempfile.TemporaryDirectory() as directory:
         settings = SinkSettings(kafka_bootstrap=bootstrap, events_topic=topic, sink_group=group,
                                 clickhouse_dsn=f"chdb://{directory}/chdb")  # fmt: skip
