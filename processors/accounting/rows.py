@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from typing import Protocol
 
 import msgspec
 import pyarrow as pa
@@ -45,29 +44,23 @@ assert UsageEvent.__struct_fields__ == (
 ), "UsageEvent's fields changed: update EVENT_SCHEMA"  # fmt: skip
 
 
-class Record(Protocol):
-    @property
-    def offset(self) -> int: ...
-    @property
-    def value(self) -> bytes | None: ...
-
-
-def event_rows(records: Sequence[Record], partition: int) -> tuple[pa.RecordBatch, list[int]]:
-    """The valid events among ``records`` (all of one partition) as rows, and their offsets.
+def event_rows(values: Sequence[bytes | None], offsets: Sequence[int], partition: int) -> tuple[pa.RecordBatch, Sequence[int]]:
+    """The valid events among Kafka record ``values`` (at ``offsets``, all of one partition) as rows, and
+    their offsets.
 
     Records that are not valid events are left out: the worker dead-letters them, the sink never stores them.
     """
     try:
-        events = [decode_valid(record.value) for record in records]  # type: ignore[arg-type]
-        offsets = [record.offset for record in records]
+        events = [decode_valid(value) for value in values]  # type: ignore[arg-type]
     except (msgspec.DecodeError, TypeError):  # one is not an event (TypeError: a record without a value)
-        events, offsets = [], []
-        for record in records:
+        events, valid = [], []
+        for value, offset in zip(values, offsets):
             try:
-                events.append(decode_valid(record.value or b""))
+                events.append(decode_valid(value or b""))
             except msgspec.DecodeError:
                 continue
-            offsets.append(record.offset)
+            valid.append(offset)
+        offsets = valid
     return rows_of(events, partition, offsets), offsets
 
 

@@ -25,19 +25,22 @@ from tests.factories import make_event
 pytestmark = pytest.mark.faults
 
 FAULTY_SINK = """
+import concurrent.futures
 import os
 from pathlib import Path
 from processors.accounting.store import StoreError, UsageStore
 
 refuse_while = Path(os.environ["THROTTLEX_TEST_REFUSE_INSERTS_WHILE"])
-insert = UsageStore.insert_arrow
+submit = UsageStore.submit_arrow_insert
 
-async def refusing_insert(self, table, stream, columns, *, dedup_token=None):
+def refusing_submit(self, table, rows, columns, *, dedup_token):
     if refuse_while.exists() and table == "usage_events":
-        raise StoreError("Code: 210. connection reset by peer (injected)", retriable=True)
-    await insert(self, table, stream, columns, dedup_token=dedup_token)
+        refused = concurrent.futures.Future()
+        refused.set_exception(StoreError("Code: 210. connection reset by peer (injected)", retriable=True))
+        return refused
+    return submit(self, table, rows, columns, dedup_token=dedup_token)
 
-UsageStore.insert_arrow = refusing_insert
+UsageStore.submit_arrow_insert = refusing_submit
 from api.cli import main
 main()
 """
@@ -92,8 +95,12 @@ async def test_inserts_failing_then_a_crash_then_recovery_store_every_event_once
         await eventually(lambda: _equals(port, ("throttlex_sink_rows_total", ()), len(events)), timeout_s=60,
                          what="every event to be inserted")  # fmt: skip
         recovery_s = time.monotonic() - recovered_at
-        ends = {p: off for p, (off, _) in (await committed(sandbox)).items()}
-        assert sum(ends.values()) == len(events) and len(ends) == EVENTS_PARTITIONS
+
+        async def every_end_committed() -> bool:  # by the sink's thread just after the inserts land
+            ends = {p: off for p, (off, _) in (await committed(sandbox)).items()}
+            return sum(ends.values()) == len(events) and len(ends) == EVENTS_PARTITIONS
+
+        await eventually(every_end_committed, timeout_s=10, what="every batch's end to be committed")
         values = await role_metrics(port)
         retries = values[("throttlex_sink_errors_total", (("kind", "insert"),))]
     finally:

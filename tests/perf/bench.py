@@ -31,6 +31,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from processors.settings import SinkSettings
 from processors.topics import ensure_topics
 from tests.perf import (bench_detection, bench_edge, bench_engine, bench_floor, bench_gateway, bench_pipeline, bench_quota,
                         bench_sink, bench_system)
@@ -53,7 +54,7 @@ def machine() -> dict[str, Any]:
 def sink(bootstrap: str, runs: int, events: int) -> dict[str, float]:
     results = []
     for n in range(runs):
-        results.append(asyncio.run(bench_sink.one_run(bootstrap, events, 50_000)))
+        results.append(asyncio.run(bench_sink.one_run(bootstrap, events, SinkSettings.model_fields["sink_batch_max_rows"].default)))
         print(f"  sink run {n + 1}/{runs}: {results[-1]['rows_per_s']:,.0f} rows/s", flush=True)
     return {key: statistics.median(r[key] for r in results) for key in results[0]}
 
@@ -93,7 +94,7 @@ def main() -> None:
     print("4/6 pipeline", flush=True)
     floors = bench_floor.run(bootstrap, runs, 100_000 if args.quick else 300_000)
     worker = asyncio.run(bench_pipeline.run(bootstrap, redis_url, runs, 150_000 if args.quick else 400_000))
-    sink_rows = sink(bootstrap, runs, 50_000 if args.quick else 200_000)
+    sink_rows = sink(bootstrap, runs, 200_000 if args.quick else 1_000_000)
     sink_formats = asyncio.run(bench_sink.formats(runs=runs))
     quota = asyncio.run(bench_quota.run(bootstrap, 1_000_000 if args.quick else 10_000_000, 10_000, 50_000,
                                         300 if args.quick else 1_000))  # fmt: skip
