@@ -1,9 +1,16 @@
-"""Creates the Kafka topics ThrottleX reads, so no role depends on broker auto-creation."""
+"""Creates the Kafka topics ThrottleX reads, so no role depends on broker auto-creation, and checks the
+partition counts that keyed state depends on."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+
+
+class PartitionCountMismatch(ValueError):
+    """An existing topic has another partition count than the settings give it."""
 
 
 async def ensure_topics(
@@ -12,9 +19,12 @@ async def ensure_topics(
     *,
     replication_factor: int = 1,
     configs: dict[str, dict[str, str]] | None = None,
+    exact: Collection[str] = (),
 ) -> None:
     """Create each missing topic with its partition count and topic configs (e.g. compaction);
-    existing topics are left as they are."""
+    existing topics are left as they are. A topic in ``exact`` must have the count given, or
+    `PartitionCountMismatch` says both: keys are spread by the count, and state kept per partition
+    (windows, changelogs) would be read from the wrong partitions under another one."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
@@ -29,5 +39,12 @@ async def ensure_topics(
                 await admin.create_topics(missing)
             except TopicAlreadyExistsError:  # another role created it meanwhile
                 pass
+        for description in await admin.describe_topics(list(exact)) if exact else []:
+            name, actual = description["topic"], len(description["partitions"])
+            if actual != partitions[name]:
+                raise PartitionCountMismatch(
+                    f"topic {name!r} has {actual} partitions but THROTTLEX_EVENTS_PARTITIONS is {partitions[name]}: "
+                    f"set it to {actual}, or move to a new topic (keyed state does not follow a changed count)"
+                )
     finally:
         await admin.close()

@@ -159,7 +159,7 @@ class StreamWorker:
             settings.kafka_bootstrap,
             {settings.events_topic: settings.events_partitions, settings.regroup_topic: settings.events_partitions,
              settings.dead_letter_topic: 1},
-            replication_factor=settings.topic_replication_factor,
+            replication_factor=settings.topic_replication_factor, exact=inputs,
         )  # fmt: skip
         await self._producer.start()
         counts = {topic: len(await self._producer.partitions_for(topic)) for topic in inputs}
