@@ -101,9 +101,17 @@ class ThrottleXMiddleware:
         else:
             _OUTCOMES["admitted"].inc()
             response = _ResponseMeter(send)
-            await self.app(scope, receive, response)
-            status, sent_bytes = response.status, response.body_bytes
+            try:
+                await self.app(scope, receive, response)
+            finally:  # a handler that raised was still served (the server answers 500): counted and billed
+                self._emit(scope, key_id, tenant, plan, client_ip, received_ms, started, response.status, response.body_bytes)
+            return
+        self._emit(scope, key_id, tenant, plan, client_ip, received_ms, started, status, sent_bytes, edge_blocked=True)
 
+    def _emit(
+        self, scope: Scope, key_id: str, tenant: str, plan: str, client_ip: str, received_ms: int, started: float,
+        status: int, sent_bytes: int, *, edge_blocked: bool = False,
+    ) -> None:  # fmt: skip
         self._producer.emit(
             UsageEvent(
                 event_id=new_event_id(),
@@ -117,7 +125,7 @@ class ThrottleXMiddleware:
                 latency_ms=(time.perf_counter() - started) * 1000.0,
                 response_bytes=sent_bytes,
                 client_ip=client_ip,
-                edge_blocked=block is not None,
+                edge_blocked=edge_blocked,
             )
         )
 
@@ -127,7 +135,7 @@ class _ResponseMeter:
 
     def __init__(self, send: Send) -> None:
         self._send = send
-        self.status = 500
+        self.status = 500  # until the app starts a response: one that raises before it gets a 500
         self.body_bytes = 0
 
     async def __call__(self, message: Message) -> None:
