@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import re
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -18,6 +20,8 @@ from api.auth import Caller, caller
 from processors.accounting import queries as usage_queries
 from processors.accounting.queries import GROUP_FIELDS, ROLLUPS, UsageQuery
 from processors.accounting.store import StoreError, UsageStore
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/usage", tags=["usage"])
 
@@ -79,10 +83,18 @@ def _scope(who: Caller, tenant: str | None, api_key_id: str | None) -> tuple[str
 
 
 async def _run(call: Any) -> Any:
+    """Await a usage query. ClickHouse's own error text names tables, settings and servers: it goes to
+    the log with a request id, and the caller (often an API-key holder) gets that id only."""
     try:
         return await call
     except StoreError as exc:
-        raise HTTPException(status_code=503, detail=f"ClickHouse unavailable: {exc}") from None
+        request_id = uuid.uuid4().hex
+        log.error("usage query failed", extra={"request_id": request_id, "error": str(exc), "retriable": exc.retriable})
+        raise HTTPException(
+            status_code=503,
+            detail=f"usage cannot be read right now; try again, or quote request id {request_id} to the operators",
+            headers={"X-Request-Id": request_id},
+        ) from None
 
 
 @router.get("", response_model=UsageReport, summary="Usage over time, from the rollups")
