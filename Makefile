@@ -7,6 +7,8 @@ BIN    := $(VENV)/bin
 
 export THROTTLEX_KAFKA_BOOTSTRAP ?= 127.0.0.1:$(or $(THROTTLEX_KAFKA_PORT),9092)
 export THROTTLEX_REDIS_URL       ?= redis://127.0.0.1:$(or $(THROTTLEX_REDIS_PORT),6379)/0
+# Local trials and tests may start with the development salt; a deployment must set its own secrets.
+export THROTTLEX_ALLOW_DEV_SECRETS ?= 1
 
 .PHONY: help install services tools demo test typecheck bench bench-sink down clean
 

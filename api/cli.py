@@ -52,7 +52,7 @@ def _settings(cls: type[S], **overrides: Any) -> S:
     except ValidationError as exc:
         first = exc.errors()[0]
         if not first["loc"]:  # a check across settings, e.g. a file a setting names
-            _fail(f"bad settings: {first['msg']}")
+            _fail(f"bad settings: {first['msg'].removeprefix('Value error, ')}")
         _fail(f"bad setting THROTTLEX_{str(first['loc'][0]).upper()}: {first['msg']}")
 
 

@@ -34,6 +34,8 @@ class ApiSettings(WorkerSettings, SinkSettings):
                 raise ValueError(f"cannot read {self.admin_tokens_file}: {exc.strerror}") from None
             tokens = ",".join([self.admin_tokens.get_secret_value(), *text.split()])
             object.__setattr__(self, "admin_tokens", SecretStr(tokens))
+        self.refuse_placeholders("admin_tokens", self.admin_token_list)
+        self.refuse_placeholders("ingest_tokens", self.ingest_token_list)
         return self
 
     @property

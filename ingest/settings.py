@@ -7,14 +7,19 @@ patching the environment.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Literal
 
 from ingest.denylist import FailMode
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+DEV_SALT = "throttlex-dev-salt"
+PLACEHOLDER_SECRETS = frozenset({DEV_SALT, "change-me", "change-me-in-production", "changeme", "secret", "password"})
+"""Secrets no deployment may start with: the development salt, the placeholders shipped in `deploy/`."""
 
 
 class ConnectionSettings(BaseSettings):
@@ -27,8 +32,13 @@ class ConnectionSettings(BaseSettings):
     redis_prefix: str = Field("throttlex", description="prefix of every Redis key and channel ThrottleX uses")
     redis_timeout_s: float = Field(1.0, gt=0, description="socket timeout for Redis commands")
     key_salt: SecretStr = Field(
-        SecretStr("throttlex-dev-salt"),
-        description="secret that turns API keys into key ids; set your own in production",
+        SecretStr(DEV_SALT),
+        description="secret that turns API keys into key ids; set your own (the default only starts with THROTTLEX_ALLOW_DEV_SECRETS)",
+    )
+    allow_dev_secrets: bool = Field(
+        False,
+        description="let a role start with the development salt or a placeholder secret: local trials only "
+        "(`make demo`, `make test` and the compose file set it)",
     )
     api_key_header: str = Field("x-api-key", description="request header carrying the caller's API key")
     registry_topic: str = Field(
@@ -39,6 +49,24 @@ class ConnectionSettings(BaseSettings):
     @property
     def key_salt_bytes(self) -> bytes:
         return self.key_salt.get_secret_value().encode()
+
+    @model_validator(mode="after")
+    def _refuse_a_placeholder_salt(self) -> ConnectionSettings:
+        self.refuse_placeholders("key_salt", [self.key_salt.get_secret_value()])
+        return self
+
+    def refuse_placeholders(self, name: str, secrets: Iterable[str]) -> None:
+        """Raise (naming the variable) if one of ``secrets`` is empty or a known placeholder, unless the
+        development switch is on."""
+        if self.allow_dev_secrets:
+            return
+        for secret in secrets:
+            if secret.strip().lower() in PLACEHOLDER_SECRETS | {""}:
+                kind = "empty" if not secret.strip() else "a development default or placeholder"
+                raise ValueError(
+                    f"THROTTLEX_{name.upper()} is {kind}: set a secret of your own "
+                    "(or THROTTLEX_ALLOW_DEV_SECRETS=1 for a local trial)"
+                )
 
 
 class GatewaySettings(ConnectionSettings):

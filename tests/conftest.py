@@ -42,6 +42,9 @@ from processors.worker.changelog import restore as restore_changelog
 from processors.accounting.store import UsageStore
 from processors.topics import ensure_topics
 
+# Tests build settings with the development salt; a role outside them refuses it (ingest/settings.py).
+os.environ.setdefault("THROTTLEX_ALLOW_DEV_SECRETS", "1")
+
 S = TypeVar("S", bound=ConnectionSettings)
 
 READY_TIMEOUT_S = 30.0

@@ -57,6 +57,29 @@ def test_bad_settings_are_named(env: dict[str, str], message: str) -> None:
     assert line.startswith("throttlex: error: ") and message in line
 
 
+_SALT_PLACEHOLDERS = [
+    ({}, "THROTTLEX_KEY_SALT is a development default"),  # the built-in salt
+    ({"THROTTLEX_KEY_SALT": "change-me"}, "THROTTLEX_KEY_SALT is a development default"),  # deploy/k8s/base's
+    ({"THROTTLEX_KEY_SALT": ""}, "THROTTLEX_KEY_SALT is empty"),
+]
+_TOKEN_PLACEHOLDER = (
+    {"THROTTLEX_KEY_SALT": "a-real-secret-4f1c", "THROTTLEX_ADMIN_TOKENS": "ok-token-1,change-me"},
+    "THROTTLEX_ADMIN_TOKENS is a development default",
+)
+
+
+@pytest.mark.parametrize(
+    ("role", "env", "variable"),
+    [(role, env, variable) for role in ("run", "worker", "sink", "api", "gateway", "migrate") for env, variable in _SALT_PLACEHOLDERS]
+    + [(role, *_TOKEN_PLACEHOLDER) for role in ("run", "api", "migrate")],  # the roles that read admin tokens
+)
+def test_no_role_starts_with_a_placeholder_secret_unless_told_it_is_a_trial(role: str, env: dict[str, str], variable: str) -> None:
+    result = throttlex(role, env={**env, "THROTTLEX_ALLOW_DEV_SECRETS": "0"})
+    assert result.returncode == 2, result.stderr[-1000:]
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("throttlex: error: bad settings: ") and variable in line, line
+
+
 def test_admin_tokens_come_from_the_variable_and_a_mounted_file(tmp_path: Path) -> None:
     secret = tmp_path / "admin-tokens"
     secret.write_text("from-file-1\nfrom-file-2\n")
