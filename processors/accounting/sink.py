@@ -58,6 +58,8 @@ _INFLIGHT = "inflight:"
 _READ_STEP = 1_000
 _READ_WAIT_S = 0.2
 _REVOKE_WAIT_S = 10.0
+_SERVE_GROUP_AFTER_S = 2.0
+"""How long a write may take before the consumer is polled (paused) while it goes on."""
 _KAFKA_TIMEOUT_S = 30.0
 
 
@@ -126,14 +128,17 @@ class UsageSink:
             "auto.offset.reset": "earliest",  # nothing committed, or an offset retention deleted: the earliest kept
             "max.partition.fetch.bytes": 4 * 1024 * 1024,
             "session.timeout.ms": 10_000,  # a killed sink's partitions move on within seconds
+            # Eager rebalancing, which the callbacks assume: every partition revoked, then all assigned.
+            "group.protocol": "classic", "partition.assignment.strategy": "range,roundrobin",
         })  # fmt: skip
         self._pending: dict[int, _Pending] = {}
         self._fences: dict[int, int] = {}
         """Partitions whose next batch must end exactly at this offset (an intent left by a crash)."""
         self._paused: list[TopicPartition] = []
+        """Partitions this sink paused in librdkafka: resumed before they are forgotten (a pause outlives an assignment)."""
         self._writing: _Write | None = None
         self._assigning = False
-        """A rebalance is under way: no batch is cut or committed until the new assignment is loaded."""
+        """A rebalance is under way: no batch is cut and no intent committed until the new assignment is loaded."""
         self._stopping = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -175,14 +180,18 @@ class UsageSink:
     def _main(self) -> None:
         error: BaseException | None = None
         try:
-            try:
-                self._run()
-            finally:
-                self._finish_write()
-                self._consumer.close()  # leaves the group
+            self._run()
+            self._finish_write()  # the last write: what was read before the stop
         except BaseException as exc:
             error = exc
             log.exception("the usage sink stopped")
+            self._abandon_write()  # its intents stay: the next owner replays them
+        finally:
+            try:
+                self._consumer.close()  # leaves the group
+            except BaseException as exc:
+                error = error or exc
+                log.exception("the usage sink could not leave its group")
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._settle, error)
 
@@ -201,20 +210,67 @@ class UsageSink:
             batches = [] if self._assigning else self._take_batches()
             if batches and self._commit_intents(batches):  # before reading on: it is quick while nothing is read
                 self._writing = self._start_write(batches)
-            if self._paused:
-                self._consumer.resume(self._paused)
-                self._paused = []
+            self._resume_paused()
+
+    def _resume_paused(self) -> None:
+        if self._paused:
+            self._consumer.resume(self._paused)
+            self._paused = []
 
     def _finish_write(self) -> bool:
-        """Wait for the write in flight and commit its ends; False if it gave up (a stop came while
-        inserts failed). Raises what stopped it for good (an insert ClickHouse refuses as such)."""
-        if self._writing is None:
-            return True
-        write, self._writing = self._writing, None
-        if not self._inserted(write):
-            return False
-        self._commit_ends(write.batches)
+        """Wait for the write in flight, inserting failed batches again with backoff, and commit its ends.
+
+        Returns False if a stop came while inserts failed (nothing of the write is committed: its intents
+        stay); raises what ClickHouse refuses for good (a schema mismatch). While inserts fail or take long,
+        the consumer is polled with every partition paused, so a rebalance finds this sink answering (its
+        revocation callback abandons the write to the next owner's replay).
+        """
+        backoff_s = 0.2
+        while (write := self._writing) is not None:
+            _, running = concurrent.futures.wait(write.inserts, timeout=_SERVE_GROUP_AFTER_S)
+            if running:
+                self._serve_group(_READ_WAIT_S)
+                continue
+            failed = [n for n, insert in enumerate(write.inserts) if insert.exception() is not None]
+            if not failed:
+                self._writing = None
+                self._commit_ends(write.batches)
+                return True
+            for n in failed:
+                error = write.inserts[n].exception()
+                metrics.SINK_ERRORS.labels(kind="insert").inc()
+                if not isinstance(error, StoreError) or not error.retriable:
+                    self._abandon_write()
+                    raise error  # type: ignore[misc]
+                log.warning("insert failed; retrying", extra={"batch": write.batches[n].token, "error": str(error), "retry_in_s": backoff_s})
+            retry_at = time.monotonic() + backoff_s
+            while self._writing is write and not self._stopping.is_set() and (left_s := retry_at - time.monotonic()) > 0:
+                self._serve_group(min(left_s, _READ_WAIT_S))
+            if self._stopping.is_set():
+                self._abandon_write()
+                return False
+            if self._writing is write:  # not abandoned by a revocation meanwhile
+                for n in failed:
+                    write.inserts[n] = self._submit(write.batches[n])
+            backoff_s = min(backoff_s * 2, _MAX_BACKOFF_S)
         return True
+
+    def _abandon_write(self) -> None:
+        """Give up the write in flight without committing anything of it (its intents stay in Kafka)."""
+        if self._writing is not None:
+            for insert in self._writing.inserts:
+                insert.cancel()  # those not started yet; one under way finishes, and a replay of it is a duplicate
+            self._writing = None
+
+    def _serve_group(self, seconds: float) -> None:
+        """Wait ``seconds`` in the consumer, so that group changes are answered (in its callbacks), with
+        every partition paused; records a fetch had already brought are kept as read."""
+        paused = {tp.partition for tp in self._paused}
+        unpaused = [tp for tp in self._consumer.assignment() if tp.partition not in paused]
+        if unpaused:
+            self._consumer.pause(unpaused)
+            self._paused += unpaused
+        self._add(self._consumer.consume(_READ_STEP, seconds))
 
     def _commit_landed_write(self) -> None:
         """Commit the write in flight's ends as soon as every insert of it has landed, instead of after
@@ -231,31 +287,32 @@ class UsageSink:
         in Kafka for the next owner to replay (an insert of it landing late is a duplicate then), and no
         late commit of it can land once the partitions are someone else's.
         """
-        self._assigning = True  # nothing is cut or committed until the next assignment is loaded
-        write, self._writing = self._writing, None
+        self._assigning = True  # no batch is cut and no intent committed until the next assignment is loaded
+        write = self._writing
         if write is not None:
             done, running = concurrent.futures.wait(write.inserts, timeout=_REVOKE_WAIT_S)
             if not running and all(insert.exception() is None for insert in done):
+                self._writing = None
                 self._commit_ends(write.batches)
             else:
-                for insert in running:
-                    insert.cancel()
+                self._abandon_write()
         self._forget_partitions(revoked)
 
     def _partitions_lost(self, consumer: Consumer, lost: list[TopicPartition]) -> None:
         """Partitions already someone else's: nothing of them may be committed any more."""
         self._assigning = True
-        if self._writing is not None:
-            for insert in self._writing.inserts:
-                insert.cancel()
-            self._writing = None
+        self._abandon_write()
         self._forget_partitions(lost)
 
     def _forget_partitions(self, partitions: list[TopicPartition]) -> None:
         for tp in partitions:  # not committed: the next owner reads them again
             self._pending.pop(tp.partition, None)
             self._fences.pop(tp.partition, None)
-        self._paused = []
+        try:  # a pause outlives the assignment in librdkafka: a partition assigned again would stay paused
+            self._resume_paused()
+        except KafkaException as exc:  # the next assignment resumes what it gets anyway
+            log.warning("could not resume paused partitions", extra={"error": str(exc)})
+            self._paused = []
 
     def _partitions_assigned(self, consumer: Consumer, assigned: list[TopicPartition]) -> None:
         """Load the intents left on the assigned partitions (their next batches are fixed) and read every
@@ -267,10 +324,13 @@ class UsageSink:
         for tp in committed:
             if tp.error is not None:
                 raise KafkaException(tp.error)
-            if tp.metadata and tp.metadata.startswith(_INFLIGHT):
-                fences[tp.partition] = int(tp.metadata.removeprefix(_INFLIGHT))
+            # confluent-kafka stores metadata with a trailing NUL (other clients read "inflight:<last>\0").
+            metadata = (tp.metadata or "").rstrip("\x00")
+            if metadata.startswith(_INFLIGHT):
+                fences[tp.partition] = int(metadata.removeprefix(_INFLIGHT))
                 log.info("replaying an interrupted batch", extra={"partition": tp.partition, "from": tp.offset, "to": fences[tp.partition]})
-        consumer.assign(committed)  # from each committed offset (none: the earliest kept)
+        consumer.assign(committed)  # from each committed offset (OFFSET_INVALID, none: the earliest kept)
+        consumer.resume(committed)  # whatever an earlier assignment left paused
         self._pending.clear()
         self._fences = fences
         self._paused = []
@@ -294,14 +354,16 @@ class UsageSink:
                 self._paused = [tp for tp in self._consumer.assignment() if tp.partition not in self._fences]
                 self._consumer.pause(self._paused)
             self._commit_landed_write()
-            messages = self._consumer.consume(_READ_STEP, min(left_s, _READ_WAIT_S))  # group changes run in here
-            for partition, run in itertools.groupby(messages, Message.partition):
-                records = list(run)
-                good = [message for message in records if message.error() is None]
-                if len(good) < len(records):
-                    self._read_errors(records)
-                if good:
-                    self._pending.setdefault(partition, _Pending()).add(partition, good)  # type: ignore[arg-type]
+            self._add(self._consumer.consume(_READ_STEP, min(left_s, _READ_WAIT_S)))  # group changes run in here
+
+    def _add(self, messages: list[Message]) -> None:
+        for partition, run in itertools.groupby(messages, Message.partition):
+            records = list(run)
+            good = [message for message in records if message.error() is None]
+            if len(good) < len(records):
+                self._read_errors(records)
+            if good:
+                self._pending.setdefault(partition, _Pending()).add(partition, good)  # type: ignore[arg-type]
 
     @staticmethod
     def _read_errors(messages: list[Message]) -> None:
@@ -329,7 +391,7 @@ class UsageSink:
         for partition, pending in list(self._pending.items()):
             fence = self._fences.get(partition)
             if fence is None:
-                cut = len(pending.offsets)
+                cut = min(len(pending.offsets), self._settings.sink_batch_max_rows)  # one block, whatever was read
             elif pending.offsets and pending.offsets[-1] >= fence:
                 cut = bisect_right(pending.offsets, fence)
                 del self._fences[partition]  # the replayed batch is cut; a failed commit sets the fence again
@@ -391,26 +453,6 @@ class UsageSink:
         insert.add_done_callback(count)
         return insert
 
-    def _inserted(self, write: _Write) -> bool:
-        """Wait until every insert of ``write`` has landed, trying failed ones again with backoff; False if
-        a stop came first (nothing of it may be committed then: its intents stay)."""
-        backoff_s = 0.2
-        for n, batch in enumerate(write.batches):
-            while True:
-                try:
-                    write.inserts[n].result()
-                    break
-                except StoreError as exc:
-                    metrics.SINK_ERRORS.labels(kind="insert").inc()
-                    if not exc.retriable:
-                        raise  # e.g. a schema that does not match: stop the sink and say why
-                    log.warning("insert failed; retrying", extra={"batch": batch.token, "error": str(exc), "retry_in_s": backoff_s})
-                    if self._stopping.wait(backoff_s):
-                        return False
-                    backoff_s = min(backoff_s * 2, _MAX_BACKOFF_S)
-                    write.inserts[n] = self._submit(batch)
-        return True
-
     def _forget(self, batches: list[Batch], reason: str) -> None:
         """Give up batches whose offsets could not be committed.
 
@@ -427,3 +469,4 @@ class UsageSink:
             if batch.partition in assigned:
                 self._consumer.seek(TopicPartition(batch.topic, batch.partition, batch.first))
                 self._fences[batch.partition] = batch.last
+        self._resume_paused()  # a replay read at once, not after the flush interval
