@@ -60,7 +60,7 @@ async def run_roles(roles: set[str], settings: RunSettings) -> None:
             log.info("worker started", extra={"policies": [p.name for p in policies.policies]})
         if "sink" in roles:
             assert store is not None
-            watches += await _start_sink(stack, settings, policies, store)
+            watches += await _start_sink(stack, settings, source, store)
         if "api" in roles:
             app = create_app(settings, source, registry, store=store)
             server = HttpServer(app, settings.api_host, settings.api_port)
@@ -102,7 +102,7 @@ async def _open_store(stack: contextlib.AsyncExitStack, roles: set[str], setting
 
 
 async def _start_sink(
-    stack: contextlib.AsyncExitStack, settings: RunSettings, policies: PolicySet, store: UsageStore
+    stack: contextlib.AsyncExitStack, settings: RunSettings, source: PolicySource, store: UsageStore
 ) -> list[asyncio.Task[BaseException]]:
     """The sink, and the reconciliation loop that runs where ClickHouse is."""
     sink_loop = _loop_thread(stack, "sink")
@@ -116,9 +116,14 @@ async def _start_sink(
         redis = redis_client(settings.redis_url, settings.redis_timeout_s)
         stack.push_async_callback(redis.aclose)
         reconciler = Reconciler(
-            redis, settings.redis_prefix, policies, store,
+            redis, settings.redis_prefix, source.current, store,
             settle_s=settings.reconcile_settle_s, max_keys=settings.reconcile_max_keys,
         )  # fmt: skip
+
+        async def follow(changed: PolicySet) -> None:  # compare what the workers count now
+            reconciler.policies = changed
+
+        source.on_change(follow)
         watches.append(_background(stack, reconciler.run(settings.reconcile_interval_s)))
     log.info("sink started")
     return watches

@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 from ingest.clock import Clock, wall_clock_ms
 from processors import metrics
 from processors.worker.live_usage import read_live_usage, usage_key
-from processors.core.policy import Match, PolicySet
+from processors.core.policy import Policy, PolicySet
 from processors.accounting.store import StoreError, UsageStore
 from processors.core.windows import SlidingWindow
 
@@ -49,13 +49,30 @@ def route_regex(patterns: list[str]) -> str:
     return "^(" + "|".join(alternatives) + ")$"
 
 
-def _match_sql(match: Match) -> tuple[str, dict[str, Any]]:
-    sql = " AND match(route, {route_regex:String})"
+def _counted_sql(policy: Policy, default_plan: str | None) -> tuple[str, str, dict[str, Any]]:
+    """What a policy's window counts, in SQL over ``usage_events``: the units of each event (its route's
+    cost where ``route_costs`` sets one, first match first, else its own) and the events its match takes
+    (routes, methods, tenants, and plans, an event without a plan being on the default plan)."""
+    match = policy.match
     parameters: dict[str, Any] = {"route_regex": route_regex(match.routes)}
+    units = "cost"
+    if policy.route_costs:
+        branches = []
+        for n, (pattern, cost) in enumerate(policy.route_costs.items()):
+            branches.append(f"match(route, {{route_cost_{n}:String}}), {{cost_{n}:UInt32}}")
+            parameters |= {f"route_cost_{n}": route_regex([pattern]), f"cost_{n}": cost}
+        units = f"multiIf({', '.join(branches)}, cost)"
+    where = " AND match(route, {route_regex:String})"
     if match.methods is not None:
-        sql += " AND method IN {methods:Array(String)}"
+        where += " AND method IN {methods:Array(String)}"
         parameters["methods"] = match.methods
-    return sql, parameters
+    if match.tenants is not None:
+        where += " AND tenant IN {tenants:Array(String)}"
+        parameters["tenants"] = match.tenants
+    if match.plans is not None:
+        where += " AND if(plan = '', {default_plan:String}, plan) IN {plans:Array(String)}"
+        parameters |= {"plans": match.plans, "default_plan": default_plan or ""}  # no default: matches no plan
+    return units, where, parameters
 
 
 def settled_range(window: SlidingWindow, now_ms: int, settle_ms: int) -> tuple[int, int] | None:
@@ -79,7 +96,8 @@ class Reconciler:
     ) -> None:
         self._redis = redis
         self._prefix = prefix
-        self._policies = policies
+        self.policies = policies
+        """The policies in force: the runner replaces them when the file or the registry changes them."""
         self._store = store
         self._settle_ms = int(settle_s * 1000)
         self._max_keys = max_keys
@@ -111,16 +129,17 @@ class Reconciler:
             dimension, _, key_id = limit_key.partition("=")
             if dimension != "api_key":
                 continue
-            for name, window in (await read_live_usage(self._redis, self._prefix, limit_key, self._policies)).items():
+            policies = self.policies  # one set for the whole key, even if they change meanwhile
+            for name, window in (await read_live_usage(self._redis, self._prefix, limit_key, policies)).items():
                 if not isinstance(window, SlidingWindow):  # only sliding windows keep per-bucket counts
                     continue
-                policy = self._policies.by_name(name)
+                policy = policies.by_name(name)
                 settled = settled_range(window, now_ms, self._settle_ms)
                 if policy is None or settled is None:
                     continue
                 first, end = settled
                 live = sum(window.counts[bucket - first] for bucket in range(first, end))
-                stored = await self._stored_units(key_id, policy.match, first * window.bucket_ms, end * window.bucket_ms)
+                stored = await self._stored_units(key_id, policy, policies.default_plan, first * window.bucket_ms, end * window.bucket_ms)
                 windows += 1
                 metrics.RECONCILE_WINDOWS.inc()
                 if live != stored:
@@ -129,13 +148,13 @@ class Reconciler:
                     metrics.RECONCILE_MISMATCHES.inc()
         return Round(windows, mismatched, drift)
 
-    async def _stored_units(self, key_id: str, match: Match, start_ms: int, end_ms: int) -> int:
-        match_sql, parameters = _match_sql(match)
+    async def _stored_units(self, key_id: str, policy: Policy, default_plan: str | None, start_ms: int, end_ms: int) -> int:
+        units, where, parameters = _counted_sql(policy, default_plan)
         sql = (
-            "SELECT sum(cost) FROM usage_events WHERE api_key_id = {key:String} AND NOT edge_blocked "
-            "AND event_time >= {start:DateTime64(3, 'UTC')} AND event_time < {end:DateTime64(3, 'UTC')}" + match_sql
+            f"SELECT sum({units}) FROM usage_events WHERE api_key_id = {{key:String}} AND NOT edge_blocked "
+            "AND event_time >= {start:DateTime64(3, 'UTC')} AND event_time < {end:DateTime64(3, 'UTC')}" + where
         )
-        [(units,)] = await self._store.query(
+        [(stored,)] = await self._store.query(
             sql,
             {
                 "key": key_id,
@@ -144,4 +163,4 @@ class Reconciler:
                 **parameters,
             },
         )
-        return int(units or 0)
+        return int(stored or 0)

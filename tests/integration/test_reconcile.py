@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
+import pyarrow as pa
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from ingest.clock import wall_clock_ms
+from ingest.events import encode
+from processors.accounting.reconcile import Reconciler
+from processors.accounting.rows import EVENT_SCHEMA, arrow_stream, event_rows
+from processors.accounting.store import UsageStore
+from processors.core.engine import PolicyEngine
+from processors.core.policy import parse_policies
 from processors.worker.live_usage import encode_live_usage, usage_key
 from processors.core.windows import SlidingWindow
 from tests.conftest import EventSender, RoleProcess, Sandbox, eventually, free_port
@@ -75,3 +83,58 @@ async def test_drift_is_zero_when_live_counts_match_and_shows_when_they_do_not(
 
         await eventually(drift_seen, timeout_s=30, what="the drift of the ghost window")
         assert await metric(api, "throttlex_reconciliation_mismatches_total") >= 1
+
+
+POLICIES = """
+plans: {free: {monthly_units: 1000000}, pro: {monthly_units: 5000000}}
+default_plan: free
+policies:
+  - name: pro-acme-api
+    match: {routes: ["/v1/*"], tenants: [acme], plans: [pro]}
+    key: [api_key]
+    algorithm: {type: sliding_window, limit: 1000000, window_s: 60, bucket_s: 1}
+    route_costs: {"/v1/export*": 10, "/v1/*": 2}
+"""
+
+
+async def test_a_round_compares_what_the_policies_in_force_count(sandbox: Sandbox, redis: Redis, tmp_path: Path) -> None:
+    """Route costs, tenants and plans count as the engine counts them, and a policy set replaced while the
+    reconciler runs is the one it compares (the start-up one has no such policy)."""
+    in_force = parse_policies(POLICIES, "test")
+    now = wall_clock_ms()
+    events = [
+        make_event(event_id=uuid.uuid4(), api_key_id=f"key-{n % 2}", event_time_ms=now - 40_000 + n * 100,
+                   route=["/v1/export/{id}", "/v1/items/{id}", "/v2/items"][n % 3], tenant=["acme", "globex"][n % 5 == 0],
+                   plan=["pro", "", "free"][n % 4 % 3], cost=1 + n % 3)
+        for n in range(240)
+    ]  # fmt: skip
+    engine = PolicyEngine(in_force)
+    for event in events:
+        engine.apply(event)
+    prefix = sandbox.env["THROTTLEX_REDIS_PREFIX"]
+    for limit_key, state in engine.state.items():  # what the worker mirrors to Redis
+        await redis.set(usage_key(prefix, limit_key), encode_live_usage(state.windows))
+    assert sum(sum(w.counts) for s in engine.state.values() for w in s.windows.values() if isinstance(w, SlidingWindow)) > 0
+
+    store = UsageStore(f"chdb://{tmp_path / 'chdb'}")
+    await store.open()
+    try:
+        await store.migrate()
+        rows, _ = event_rows([encode(event) for event in events], range(len(events)), 0)
+        await store.insert_arrow("usage_events", arrow_stream(pa.Table.from_batches([rows])), EVENT_SCHEMA.names, dedup_token="t/0/0")
+        reconciler = Reconciler(redis, prefix, parse_policies(STARTUP_POLICIES, "start-up"), store, settle_s=2, max_keys=100)
+        before = await reconciler.run_once()
+        reconciler.policies = in_force  # as the runner does when the file or the registry changes them
+        after = await reconciler.run_once()
+    finally:
+        await store.close()
+    assert before.windows == 0  # the start-up policies have no window by that name
+    assert (after.windows, after.mismatched, after.drift_units) == (2, 0, 0)
+
+
+STARTUP_POLICIES = """
+policies:
+  - name: something-else
+    key: [api_key]
+    algorithm: {type: sliding_window, limit: 10, window_s: 60}
+"""
