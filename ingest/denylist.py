@@ -21,11 +21,12 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Mapping
-from typing import Literal
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Literal, NoReturn
 
 import msgspec
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -39,6 +40,7 @@ FailMode = Literal["open", "closed"]
 log = logging.getLogger(__name__)
 
 _SNAPSHOT_CHUNK = 500
+_LISTEN_POLL_S = 0.25
 
 
 def edge_redis(url: str, *, connect_timeout_s: float, timeout_s: float | None = None) -> Redis:
@@ -47,6 +49,26 @@ def edge_redis(url: str, *, connect_timeout_s: float, timeout_s: float | None = 
     return Redis.from_url(
         url, socket_connect_timeout=connect_timeout_s, socket_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
     )
+
+
+async def listen(pubsub: PubSub, silence_s: float, apply: Callable[[bytes], Awaitable[None] | None]) -> NoReturn:
+    """Hand every message of ``pubsub``'s channel to ``apply``, and make sure the connection still
+    delivers: after ``silence_s`` without a message, ping; no answer within ``silence_s`` more raises
+    `ConnectionError`. A connection that stays open but delivers nothing is noticed within about twice
+    ``silence_s``, instead of never."""
+    heard, pinged = time.monotonic(), False
+    while True:
+        message = await pubsub.get_message(timeout=min(silence_s, _LISTEN_POLL_S))
+        now = time.monotonic()
+        if message is not None:
+            heard, pinged = now, False
+            if message["type"] == "message" and (applying := apply(message["data"])) is not None:
+                await applying
+        elif now - heard > silence_s:
+            if pinged:
+                raise ConnectionError(f"no answer on the pub/sub connection for {now - heard + silence_s:.1f} s")
+            await pubsub.ping()
+            heard, pinged = now, True
 
 
 class EdgeDenylist:
@@ -59,8 +81,13 @@ class EdgeDenylist:
         reconnect_delay_s: float = 0.5,
         fail_mode: FailMode = "open",
         fail_after_s: float = 5.0,
+        silence_s: float = 1.0,
     ) -> None:
         self._redis = edge_redis(redis_url, connect_timeout_s=2.0)
+        self._silence_s = silence_s
+        """After this long without a message the channel is pinged; without an answer as long again, the
+        connection counts as lost (an open connection that delivers nothing: a stopped Redis, a dropped
+        NAT entry), and the cache is resynchronised from a new one."""
         self._prefix = prefix
         self._clock = clock
         self._reconnect_delay_s = reconnect_delay_s
@@ -127,10 +154,7 @@ class EdgeDenylist:
                     await self._snapshot()
                     self._synced.set()
                     self._unsynced_since = None
-                    while True:
-                        message = await pubsub.get_message(timeout=1.0)
-                        if message is not None:
-                            self._apply(message["data"])
+                    await listen(pubsub, self._silence_s, self._apply)
             except (RedisError, OSError) as exc:
                 self._synced.clear()
                 if self._unsynced_since is None:

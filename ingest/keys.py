@@ -27,7 +27,7 @@ from redis.exceptions import RedisError
 
 from ingest import metrics
 from ingest.clock import Clock, wall_clock_ms
-from ingest.denylist import edge_redis
+from ingest.denylist import edge_redis, listen
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ class EdgeKeys:
         unknown_size: int = 10_000,
         unknown_ttl_s: float = 30.0,
         reconnect_delay_s: float = 0.5,
+        silence_s: float = 1.0,
     ) -> None:
         self._redis = edge_redis(redis_url, connect_timeout_s=1.0, timeout_s=1.0)
         self._prefix = prefix
@@ -102,6 +103,8 @@ class EdgeKeys:
         self._known: LRUCache[str, KeyRecord] = LRUCache(known_size)
         self._unknown: TTLCache[str, bool] = TTLCache(unknown_size, unknown_ttl_s)
         self._reconnect_delay_s = reconnect_delay_s
+        self._silence_s = silence_s
+        """See `EdgeDenylist`: a connection silent this long is pinged, and dropped if it stays silent."""
         self._task: asyncio.Task[None] | None = None
         self.lookups = 0
         """Redis reads made for keys not in the cache (for tests and metrics)."""
@@ -161,10 +164,7 @@ class EdgeKeys:
                 async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(key_channel(self._prefix))
                     await self._refresh()  # changes missed while disconnected
-                    while True:
-                        message = await pubsub.get_message(timeout=1.0)
-                        if message is not None:
-                            await self._apply(message["data"])
+                    await listen(pubsub, self._silence_s, self._apply)
             except (RedisError, OSError) as exc:
                 log.warning("edge key cache lost Redis; reconnecting", extra={"error": str(exc)})
                 await asyncio.sleep(self._reconnect_delay_s)
