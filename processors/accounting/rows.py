@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
+from typing import Protocol
 
 import msgspec
 import pyarrow as pa
@@ -44,23 +45,29 @@ assert UsageEvent.__struct_fields__ == (
 ), "UsageEvent's fields changed: update EVENT_SCHEMA"  # fmt: skip
 
 
-def event_rows(values: Sequence[bytes | None], offsets: Sequence[int], partition: int) -> tuple[pa.RecordBatch, Sequence[int]]:
-    """The valid events among Kafka record ``values`` (at ``offsets``, all of one partition) as rows, and
-    their offsets.
+class Record(Protocol):
+    @property
+    def offset(self) -> int: ...
+    @property
+    def value(self) -> bytes | None: ...
+
+
+def event_rows(records: Sequence[Record], partition: int) -> tuple[pa.RecordBatch, list[int]]:
+    """The valid events among ``records`` (all of one partition) as rows, and their offsets.
 
     Records that are not valid events are left out: the worker dead-letters them, the sink never stores them.
     """
     try:
-        events = [decode_valid(value) for value in values]  # type: ignore[arg-type]
+        events = [decode_valid(record.value) for record in records]  # type: ignore[arg-type]
+        offsets = [record.offset for record in records]
     except (msgspec.DecodeError, TypeError):  # one is not an event (TypeError: a record without a value)
-        events, valid = [], []
-        for value, offset in zip(values, offsets):
+        events, offsets = [], []
+        for record in records:
             try:
-                events.append(decode_valid(value or b""))
+                events.append(decode_valid(record.value or b""))
             except msgspec.DecodeError:
                 continue
-            valid.append(offset)
-        offsets = valid
+            offsets.append(record.offset)
     return rows_of(events, partition, offsets), offsets
 
 

@@ -1,8 +1,8 @@
 """The usage sink: Kafka events into ClickHouse exactly once, in large batches.
 
-A consumer with manual commits (not a stream framework's agent, which acknowledges events even when the
-code handling them raised). Exactly-once comes from three steps per batch, each batch holding one Kafka
-partition's offsets ``first..last``:
+A plain aiokafka consumer with manual commits (not a stream framework's agent, which acknowledges events
+even when the code handling them raised). Exactly-once comes from three steps per batch, each batch
+holding one Kafka partition's offsets ``first..last``:
 
 1. **Intent.** Commit the partition's current position with metadata ``inflight:<last>``: the batch's
    boundaries are now durable in Kafka.
@@ -18,35 +18,30 @@ retried with backoff and nothing is committed meanwhile, so no event is lost; an
 such (a schema mismatch) stops the sink with the reason instead. A batch is one block (at most
 ``sink_batch_max_rows``, below ClickHouse's ``min_insert_block_size_rows``), so it lands whole or not at all.
 
-The consumer is librdkafka's (confluent-kafka), on a thread of its own that reads, cuts batches and
-commits: librdkafka fetches and decompresses outside the interpreter lock, so the lock is left for
-what only Python can do, validating records and turning them into Arrow columns
-(`processors.accounting.rows`). Measured on this machine, reading and building rows took 4.3 CPU-µs
-of the lock per record with aiokafka and 2.7 with librdkafka. Group changes are handled in
-librdkafka's callbacks, on the same thread, inside its reads.
-
-Inserts run on the store's writer thread (ClickHouse works outside the lock) while the next batches are
-read. One write is in flight at a time, so each partition's commits stay in order.
+Records are validated and turned into Arrow columns as they are read (`processors.accounting.rows`),
+and the next batches are read while the previous ones are inserted: ClickHouse works on its own thread
+outside the GIL, so reading and inserting share the machine's cores. One write is in flight at a time,
+so each partition's commits stay in order.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import itertools
 import logging
-import threading
 import time
 from bisect import bisect_right
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeAlias
 
 import pyarrow as pa
-from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.structs import OffsetAndMetadata
 
 from processors import metrics
 from processors.settings import SinkSettings
+from processors.tasks import crash_of
 from processors.topics import ensure_topics
 from processors.accounting.rows import EVENT_SCHEMA, arrow_stream, event_rows
 from processors.accounting.store import StoreError, UsageStore
@@ -56,11 +51,9 @@ log = logging.getLogger(__name__)
 _MAX_BACKOFF_S = 10.0
 _INFLIGHT = "inflight:"
 _READ_STEP = 1_000
-_READ_WAIT_S = 0.2
 _REVOKE_WAIT_S = 10.0
-_SERVE_GROUP_AFTER_S = 2.0
-"""How long a write may take before the consumer is polled (paused) while it goes on."""
-_KAFKA_TIMEOUT_S = 30.0
+
+Record: TypeAlias = ConsumerRecord[bytes, bytes]
 
 
 class _Pending:
@@ -74,29 +67,27 @@ class _Pending:
         self.row_offsets: list[int] = []
         self.rows: list[pa.RecordBatch] = []
 
-    def add(self, partition: int, messages: Sequence[Message]) -> None:
-        offsets: list[int] = [message.offset() for message in messages]  # type: ignore[misc]
-        rows, row_offsets = event_rows([message.value() for message in messages], offsets, partition)
-        self.offsets += offsets
+    def add(self, tp: TopicPartition, records: list[Record]) -> None:
+        rows, row_offsets = event_rows(records, tp.partition)
+        self.offsets += [record.offset for record in records]
         self.row_offsets += row_offsets
         self.rows.append(rows)
 
-    def take(self, topic: str, partition: int, count: int) -> Batch:
+    def take(self, tp: TopicPartition, count: int) -> Batch:
         """The first ``count`` records read, as a batch."""
         first, last = self.offsets[0], self.offsets[count - 1]
         stored = bisect_right(self.row_offsets, last)
         table = pa.Table.from_batches(self.rows, EVENT_SCHEMA)
         self.rows = table.slice(stored).to_batches()
         del self.offsets[:count], self.row_offsets[:stored]
-        return Batch(topic, partition, first, last, table.slice(0, stored), skipped=count - stored)
+        return Batch(tp, first, last, table.slice(0, stored), skipped=count - stored)
 
 
 @dataclass(frozen=True)
 class Batch:
     """The records of one partition from ``first`` to ``last`` offset, inserted as one block."""
 
-    topic: str
-    partition: int
+    tp: TopicPartition
     first: int
     last: int
     rows: pa.Table
@@ -105,44 +96,29 @@ class Batch:
 
     @property
     def token(self) -> str:
-        return f"{self.topic}/{self.partition}/{self.first}-{self.last}"
-
-
-@dataclass
-class _Write:
-    """Batches whose intents are committed, being inserted on the store's writer thread (one insert each,
-    in order); the sink's thread commits their ends once every insert has landed."""
-
-    batches: list[Batch]
-    inserts: list[concurrent.futures.Future[None]]
+        return f"{self.tp.topic}/{self.tp.partition}/{self.first}-{self.last}"
 
 
 class UsageSink:
     def __init__(self, settings: SinkSettings, store: UsageStore) -> None:
         self._settings = settings
         self._store = store
-        self._topic = settings.events_topic
-        self._consumer = Consumer({
-            "bootstrap.servers": settings.kafka_bootstrap, "group.id": settings.sink_group,
-            "enable.auto.commit": False, "enable.auto.offset.store": False,
-            "auto.offset.reset": "earliest",  # nothing committed, or an offset retention deleted: the earliest kept
-            "max.partition.fetch.bytes": 4 * 1024 * 1024,
-            "session.timeout.ms": 10_000,  # a killed sink's partitions move on within seconds
-            # Eager rebalancing, which the callbacks assume: every partition revoked, then all assigned.
-            "group.protocol": "classic", "partition.assignment.strategy": "range,roundrobin",
-        })  # fmt: skip
-        self._pending: dict[int, _Pending] = {}
-        self._fences: dict[int, int] = {}
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap,
+            group_id=settings.sink_group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+        )
+        self._pending: dict[TopicPartition, _Pending] = {}
+        self._fences: dict[TopicPartition, int] = {}
         """Partitions whose next batch must end exactly at this offset (an intent left by a crash)."""
-        self._paused: list[TopicPartition] = []
-        """Partitions this sink paused in librdkafka: resumed before they are forgotten (a pause outlives an assignment)."""
-        self._writing: _Write | None = None
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._writing: asyncio.Task[bool] | None = None
+        """The batches being inserted while the next ones are read (at most one write at a time)."""
         self._assigning = False
-        """A rebalance is under way: no batch is cut and no intent committed until the new assignment is loaded."""
-        self._stopping = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._outcome: asyncio.Future[None] | None = None
+        """A rebalance is under way: no batch is cut or committed until the new assignment is loaded."""
 
     async def start(self) -> None:
         settings = self._settings
@@ -152,191 +128,89 @@ class UsageSink:
             replication_factor=settings.topic_replication_factor,
             exact=[settings.events_topic],
         )
-        self._loop = asyncio.get_running_loop()
-        self._outcome = self._loop.create_future()
-        self._consumer.subscribe(
-            [self._topic], on_assign=self._partitions_assigned, on_revoke=self._partitions_revoked, on_lost=self._partitions_lost
-        )
-        self._thread = threading.Thread(target=self._main, name="usage-sink", daemon=True)
-        self._thread.start()
+        self._consumer.subscribe([settings.events_topic], listener=_Rebalance(self))
+        await self._consumer.start()
+        self._task = asyncio.create_task(self._run(), name="usage-sink")
 
     async def crashed(self) -> BaseException:
-        """Wait until the sink fails for good (it retries ClickHouse errors itself); return why. A sink
-        stopped on request never counts as a crash, so this then waits for ever (the runner cancels it)."""
-        assert self._outcome is not None
-        await asyncio.wait([self._outcome])
-        error = self._outcome.exception()
-        if error is None:
-            await asyncio.Event().wait()
-        assert error is not None
-        return error
+        """Wait until the sink loop fails for good (it retries ClickHouse errors itself); return why."""
+        assert self._task is not None
+        return await crash_of(self._task)
 
     async def stop(self) -> None:
         """Insert and commit what has been read, then leave the consumer group."""
         self._stopping.set()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
+        if self._task is not None:
+            await asyncio.wait([self._task])
+        await self._consumer.stop()
 
-    def _main(self) -> None:
-        error: BaseException | None = None
-        try:
-            self._run()
-            self._finish_write()  # the last write: what was read before the stop
-        except BaseException as exc:
-            error = exc
-            log.exception("the usage sink stopped")
-            self._abandon_write()  # its intents stay: the next owner replays them
-        finally:
-            try:
-                self._consumer.close()  # leaves the group
-            except BaseException as exc:
-                error = error or exc
-                log.exception("the usage sink could not leave its group")
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._settle, error)
-
-    def _settle(self, error: BaseException | None) -> None:
-        assert self._outcome is not None
-        if error is None:
-            self._outcome.set_result(None)
-        else:
-            self._outcome.set_exception(error)
-
-    def _run(self) -> None:
-        while not self._stopping.is_set():
-            self._collect()
-            if not self._finish_write():
-                return  # stopped while ClickHouse failed: that write's intents must stay for the next start
-            batches = [] if self._assigning else self._take_batches()
-            if batches and self._commit_intents(batches):  # before reading on: it is quick while nothing is read
-                self._writing = self._start_write(batches)
-            self._resume_paused()
-
-    def _resume_paused(self) -> None:
-        if self._paused:
-            self._consumer.resume(self._paused)
-            self._paused = []
-
-    def _finish_write(self) -> bool:
-        """Wait for the write in flight, inserting failed batches again with backoff, and commit its ends.
-
-        Returns False if a stop came while inserts failed (nothing of the write is committed: its intents
-        stay); raises what ClickHouse refuses for good (a schema mismatch). While inserts fail or take long,
-        the consumer is polled with every partition paused, so a rebalance finds this sink answering (its
-        revocation callback abandons the write to the next owner's replay).
-        """
-        backoff_s = 0.2
-        while (write := self._writing) is not None:
-            _, running = concurrent.futures.wait(write.inserts, timeout=_SERVE_GROUP_AFTER_S)
-            if running:
-                self._serve_group(_READ_WAIT_S)
-                continue
-            failed = [n for n, insert in enumerate(write.inserts) if insert.exception() is not None]
-            if not failed:
-                self._writing = None
-                self._commit_ends(write.batches)
-                return True
-            for n in failed:
-                error = write.inserts[n].exception()
-                metrics.SINK_ERRORS.labels(kind="insert").inc()
-                if not isinstance(error, StoreError) or not error.retriable:
-                    self._abandon_write()
-                    raise error  # type: ignore[misc]
-                log.warning("insert failed; retrying", extra={"batch": write.batches[n].token, "error": str(error), "retry_in_s": backoff_s})
-            retry_at = time.monotonic() + backoff_s
-            while self._writing is write and not self._stopping.is_set() and (left_s := retry_at - time.monotonic()) > 0:
-                self._serve_group(min(left_s, _READ_WAIT_S))
-            if self._stopping.is_set():
-                self._abandon_write()
-                return False
-            if self._writing is write:  # not abandoned by a revocation meanwhile
-                for n in failed:
-                    write.inserts[n] = self._submit(write.batches[n])
-            backoff_s = min(backoff_s * 2, _MAX_BACKOFF_S)
-        return True
-
-    def _abandon_write(self) -> None:
-        """Give up the write in flight without committing anything of it (its intents stay in Kafka)."""
-        if self._writing is not None:
-            for insert in self._writing.inserts:
-                insert.cancel()  # those not started yet; one under way finishes, and a replay of it is a duplicate
-            self._writing = None
-
-    def _serve_group(self, seconds: float) -> None:
-        """Wait ``seconds`` in the consumer, so that group changes are answered (in its callbacks), with
-        every partition paused; records a fetch had already brought are kept as read."""
-        paused = {tp.partition for tp in self._paused}
-        unpaused = [tp for tp in self._consumer.assignment() if tp.partition not in paused]
-        if unpaused:
-            self._consumer.pause(unpaused)
-            self._paused += unpaused
-        self._add(self._consumer.consume(_READ_STEP, seconds))
-
-    def _commit_landed_write(self) -> None:
-        """Commit the write in flight's ends as soon as every insert of it has landed, instead of after
-        this read: the committed offsets (consumer lag, the next owner's start) follow the inserts."""
-        write = self._writing
-        if write is not None and all(insert.done() and insert.exception() is None for insert in write.inserts):
-            self._writing = None
-            self._commit_ends(write.batches)
-
-    def _partitions_revoked(self, consumer: Consumer, revoked: list[TopicPartition]) -> None:
+    async def partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         """Finish the write in flight while its commits can still land, then forget what was read.
 
-        A write still inserting after `_REVOKE_WAIT_S` (ClickHouse failing) is abandoned: its intents stay
-        in Kafka for the next owner to replay (an insert of it landing late is a duplicate then), and no
-        late commit of it can land once the partitions are someone else's.
+        A write still inserting after `_REVOKE_WAIT_S` (ClickHouse failing) is cancelled: its intents stay
+        in Kafka for the next owner to replay, and no late commit of it can land once the partitions are
+        someone else's.
         """
-        self._assigning = True  # no batch is cut and no intent committed until the next assignment is loaded
-        write = self._writing
-        if write is not None:
-            done, running = concurrent.futures.wait(write.inserts, timeout=_REVOKE_WAIT_S)
-            if not running and all(insert.exception() is None for insert in done):
-                self._writing = None
-                self._commit_ends(write.batches)
-            else:
-                self._abandon_write()
-        self._forget_partitions(revoked)
+        self._assigning = True  # nothing is cut or committed until the next assignment is loaded
+        if self._writing is not None and not self._writing.done():
+            done, _ = await asyncio.wait([self._writing], timeout=_REVOKE_WAIT_S)
+            if not done:
+                self._writing.cancel()
+                await asyncio.wait([self._writing])
+        for tp in revoked:  # not committed: the next owner reads them again
+            self._pending.pop(tp, None)
+            self._fences.pop(tp, None)
 
-    def _partitions_lost(self, consumer: Consumer, lost: list[TopicPartition]) -> None:
-        """Partitions already someone else's: nothing of them may be committed any more."""
-        self._assigning = True
-        self._abandon_write()
-        self._forget_partitions(lost)
-
-    def _forget_partitions(self, partitions: list[TopicPartition]) -> None:
-        for tp in partitions:  # not committed: the next owner reads them again
-            self._pending.pop(tp.partition, None)
-            self._fences.pop(tp.partition, None)
-        try:  # a pause outlives the assignment in librdkafka: a partition assigned again would stay paused
-            self._resume_paused()
-        except KafkaException as exc:  # the next assignment resumes what it gets anyway
-            log.warning("could not resume paused partitions", extra={"error": str(exc)})
-            self._paused = []
-
-    def _partitions_assigned(self, consumer: Consumer, assigned: list[TopicPartition]) -> None:
+    async def partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         """Load the intents left on the assigned partitions (their next batches are fixed) and read every
-        partition from its committed offset. A failure to read them raises out of the read, and stops the
-        sink: better than cutting batches at other bounds than an interrupted one's."""
-        self._assigning = True
-        committed = consumer.committed(assigned, timeout=_KAFKA_TIMEOUT_S)
+        partition again from its committed offset: records the consumer returned while this ran are
+        read again, after the fences are in place."""
+        self._assigning = True  # until the intents are loaded: if that fails, nothing is cut (better than a replay at other bounds)
+        admin = AIOKafkaAdminClient(bootstrap_servers=self._settings.kafka_bootstrap)
+        await admin.start()
+        try:
+            committed = await admin.list_consumer_group_offsets(self._settings.sink_group, partitions=list(assigned))
+        finally:
+            await admin.close()
         fences = {}
-        for tp in committed:
-            if tp.error is not None:
-                raise KafkaException(tp.error)
-            # confluent-kafka stores metadata with a trailing NUL (other clients read "inflight:<last>\0").
-            metadata = (tp.metadata or "").rstrip("\x00")
-            if metadata.startswith(_INFLIGHT):
-                fences[tp.partition] = int(metadata.removeprefix(_INFLIGHT))
-                log.info("replaying an interrupted batch", extra={"partition": tp.partition, "from": tp.offset, "to": fences[tp.partition]})
-        consumer.assign(committed)  # from each committed offset (OFFSET_INVALID, none: the earliest kept)
-        consumer.resume(committed)  # whatever an earlier assignment left paused
+        for tp in assigned:
+            meta = committed.get(tp)
+            # Nothing committed: from the start (an offset retention has deleted resets to the earliest kept).
+            self._consumer.seek(tp, meta.offset if meta is not None and meta.offset >= 0 else 0)
+            if meta is None:
+                continue
+            if meta.metadata.startswith(_INFLIGHT):
+                fences[tp] = int(meta.metadata.removeprefix(_INFLIGHT))
+                log.info("replaying an interrupted batch", extra={"partition": tp.partition, "from": meta.offset, "to": fences[tp]})
+        # In the same step as the seeks (no await between): what was read before them is dropped.
         self._pending.clear()
         self._fences = fences
-        self._paused = []
         self._assigning = False
 
-    def _collect(self) -> None:
+    async def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                await self._collect()
+                if not await self._finish_write():
+                    return  # stopped while ClickHouse failed: that write's intents must stay for the next start
+                batches = [] if self._assigning else self._take_batches()
+                if batches and await self._commit_intents(batches):  # before reading on: it is quick while nothing is read
+                    self._writing = asyncio.create_task(self._write(batches), name="usage-sink-write")
+                self._consumer.resume(*self._consumer.paused())
+        finally:
+            await self._finish_write()
+
+    async def _finish_write(self) -> bool:
+        """Wait for the write in flight; False if it gave up (a stop came while inserts failed)."""
+        if self._writing is None:
+            return True
+        writing, self._writing = self._writing, None
+        await asyncio.wait([writing])
+        if writing.cancelled():
+            return True  # at a revocation: the partitions' next owner replays its intents
+        return writing.result()  # raises what stopped it for good (an insert ClickHouse refuses as such)
+
+    async def _collect(self) -> None:
         """Read until enough rows are pending, the flush interval has passed, or a stop is requested.
 
         A replayed batch must be read to its recorded end whatever its size: while one is incomplete
@@ -345,40 +219,25 @@ class UsageSink:
         settings = self._settings
         deadline = time.monotonic() + settings.sink_flush_interval_s
         while not self._stopping.is_set():
-            unfenced = sum(len(pending.offsets) for partition, pending in self._pending.items() if partition not in self._fences)
+            unfenced = sum(len(pending.offsets) for tp, pending in self._pending.items() if tp not in self._fences)
             room = settings.sink_batch_max_rows - unfenced
-            left_s = deadline - time.monotonic()
-            if left_s <= 0 or (room <= 0 and not self._incomplete_fences()):
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0 or (room <= 0 and not self._incomplete_fences()):
                 return
-            if room <= 0 and not self._paused:
-                self._paused = [tp for tp in self._consumer.assignment() if tp.partition not in self._fences]
-                self._consumer.pause(self._paused)
-            self._commit_landed_write()
-            self._add(self._consumer.consume(_READ_STEP, min(left_s, _READ_WAIT_S)))  # group changes run in here
-
-    def _add(self, messages: list[Message]) -> None:
-        for partition, run in itertools.groupby(messages, Message.partition):
-            records = list(run)
-            good = [message for message in records if message.error() is None]
-            if len(good) < len(records):
-                self._read_errors(records)
-            if good:
-                self._pending.setdefault(partition, _Pending()).add(partition, good)  # type: ignore[arg-type]
-
-    @staticmethod
-    def _read_errors(messages: list[Message]) -> None:
-        for message in messages:
-            error = message.error()
-            if error is None:
-                continue
-            if error.fatal():
-                raise KafkaException(error)
-            log.warning("could not read the events topic", extra={"error": str(error)})
+            if room <= 0:
+                self._consumer.pause(*(tp for tp in self._consumer.assignment() if tp not in self._fences))
+            # In steps of a few milliseconds, yielding between them: getmany does not yield while it has records
+            # buffered, and the write of the previous batches (its commits, its insert) and, in `throttlex run`,
+            # the API's requests must go on meanwhile.
+            fetched = await self._consumer.getmany(timeout_ms=min(left_ms, 200), max_records=_READ_STEP)
+            for tp, records in fetched.items():
+                self._pending.setdefault(tp, _Pending()).add(tp, records)
+            await asyncio.sleep(0)
 
     def _incomplete_fences(self) -> bool:
         return any(
-            not (pending := self._pending.get(partition)) or not pending.offsets or pending.offsets[-1] < fence
-            for partition, fence in self._fences.items()
+            not (pending := self._pending.get(tp)) or not pending.offsets or pending.offsets[-1] < fence
+            for tp, fence in self._fences.items()
         )
 
     def _take_batches(self) -> list[Batch]:
@@ -388,70 +247,70 @@ class UsageSink:
         stops there; every other partition flushes all it has.
         """
         batches = []
-        for partition, pending in list(self._pending.items()):
-            fence = self._fences.get(partition)
+        for tp, pending in list(self._pending.items()):
+            fence = self._fences.get(tp)
             if fence is None:
-                cut = min(len(pending.offsets), self._settings.sink_batch_max_rows)  # one block, whatever was read
+                cut = len(pending.offsets)
             elif pending.offsets and pending.offsets[-1] >= fence:
                 cut = bisect_right(pending.offsets, fence)
-                del self._fences[partition]  # the replayed batch is cut; a failed commit sets the fence again
+                del self._fences[tp]  # the replayed batch is cut; a failed commit sets the fence again
             else:
                 continue
             if cut:
-                batches.append(pending.take(self._topic, partition, cut))
+                batches.append(pending.take(tp, cut))
         return batches
 
-    def _commit_intents(self, batches: list[Batch]) -> bool:
+    async def _commit_intents(self, batches: list[Batch]) -> bool:
         try:
-            self._commit([TopicPartition(b.topic, b.partition, b.first, metadata=f"{_INFLIGHT}{b.last}") for b in batches])
-        except KafkaException as exc:
-            self._forget(batches, f"intent commit failed: {exc}")
+            await self._consumer.commit({b.tp: OffsetAndMetadata(b.first, f"{_INFLIGHT}{b.last}") for b in batches})
+        except (CommitFailedError, KafkaError) as exc:
+            self._forget(batches, f"intent commit failed: {exc!r}")
             return False
         return True
 
-    def _commit_ends(self, batches: list[Batch]) -> None:
+    async def _write(self, batches: list[Batch]) -> bool:
+        """Insert batches whose intents are committed, then commit their ends; False if a stop came first."""
+        for batch in batches:
+            if not await self._insert(batch):
+                return False  # stopping while ClickHouse fails: nothing committed, the intents stay
         if self._settings.sink_commit_delay_s:
-            time.sleep(self._settings.sink_commit_delay_s)
+            await asyncio.sleep(self._settings.sink_commit_delay_s)
         try:
-            self._commit([TopicPartition(b.topic, b.partition, b.last + 1, metadata="") for b in batches])
-        except KafkaException as exc:
+            await self._consumer.commit({b.tp: OffsetAndMetadata(b.last + 1, "") for b in batches})
+        except (CommitFailedError, KafkaError) as exc:
             # Inserted but not committed: whoever owns the partition next replays the intent, and the
             # deduplication token makes that replay a no-op.
-            self._forget(batches, f"commit after insert failed: {exc}")
+            self._forget(batches, f"commit after insert failed: {exc!r}")
+        return True
 
-    def _commit(self, offsets: list[TopicPartition]) -> None:
-        committed: Any = self._consumer.commit(offsets=offsets, asynchronous=False)
-        for tp in committed or []:
-            if tp.error is not None:
-                raise KafkaException(tp.error)
-
-    def _start_write(self, batches: list[Batch]) -> _Write:
-        """Queue the inserts of ``batches`` (their intents committed) on the store's writer thread."""
-        for batch in batches:
-            metrics.SINK_SKIPPED.inc(batch.skipped)
-        return _Write(batches, [self._submit(batch) for batch in batches])
-
-    def _submit(self, batch: Batch) -> concurrent.futures.Future[None]:
-        rows = batch.rows.num_rows
-        if not rows:  # every record of the batch was refused: only its offsets are committed
-            done: concurrent.futures.Future[None] = concurrent.futures.Future()
-            done.set_result(None)
-            return done
-        started = []
-
-        def stream() -> bytes:  # on the writer thread, as the insert starts
-            started.append(time.perf_counter())
-            return arrow_stream(batch.rows)
-
-        def count(insert: concurrent.futures.Future[None]) -> None:
-            if not insert.cancelled() and insert.exception() is None:
-                metrics.SINK_INSERT_SECONDS.observe(time.perf_counter() - started[0])
-                metrics.SINK_ROWS.inc(rows)
-                log.debug("batch inserted", extra={"batch": batch.token, "rows": rows})
-
-        insert = self._store.submit_arrow_insert("usage_events", stream, EVENT_SCHEMA.names, dedup_token=batch.token)
-        insert.add_done_callback(count)
-        return insert
+    async def _insert(self, batch: Batch) -> bool:
+        """Insert one batch, retrying with backoff; False if a stop came before it succeeded."""
+        metrics.SINK_SKIPPED.inc(batch.skipped)
+        rows, backoff_s = batch.rows.num_rows, 0.2
+        data = arrow_stream(batch.rows) if rows else b""
+        while True:
+            started = time.perf_counter()
+            try:
+                if rows:
+                    await self._store.insert_arrow("usage_events", data, EVENT_SCHEMA.names, dedup_token=batch.token)
+            except StoreError as exc:
+                metrics.SINK_ERRORS.labels(kind="insert").inc()
+                if not exc.retriable:
+                    raise  # e.g. a schema that does not match: stop the sink and say why
+                log.warning(
+                    "insert failed; retrying",
+                    extra={"batch": batch.token, "error": str(exc), "retry_in_s": backoff_s},
+                )
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), backoff_s)
+                    return False
+                except TimeoutError:
+                    backoff_s = min(backoff_s * 2, _MAX_BACKOFF_S)
+                    continue
+            metrics.SINK_INSERT_SECONDS.observe(time.perf_counter() - started)
+            metrics.SINK_ROWS.inc(rows)
+            log.debug("batch inserted", extra={"batch": batch.token, "rows": rows})
+            return True
 
     def _forget(self, batches: list[Batch], reason: str) -> None:
         """Give up batches whose offsets could not be committed.
@@ -462,11 +321,21 @@ class UsageSink:
         """
         metrics.SINK_ERRORS.labels(kind="commit").inc()
         log.warning("dropping batches after a failed commit; their partitions will be replayed", extra={"reason": reason})
-        assigned = {tp.partition for tp in self._consumer.assignment()}
+        assigned = self._consumer.assignment()
         for batch in batches:
-            self._pending.pop(batch.partition, None)
-            self._fences.pop(batch.partition, None)
-            if batch.partition in assigned:
-                self._consumer.seek(TopicPartition(batch.topic, batch.partition, batch.first))
-                self._fences[batch.partition] = batch.last
-        self._resume_paused()  # a replay read at once, not after the flush interval
+            self._pending.pop(batch.tp, None)
+            self._fences.pop(batch.tp, None)
+            if batch.tp in assigned:
+                self._consumer.seek(batch.tp, batch.first)
+                self._fences[batch.tp] = batch.last
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, sink: UsageSink) -> None:
+        self._sink = sink
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._sink.partitions_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self._sink.partitions_assigned(assigned)

@@ -9,7 +9,6 @@ the event loop never blocks: one writes, one reads (`UsageStore`). Native errors
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import functools
 import logging
 import re
@@ -159,19 +158,6 @@ class UsageStore:
         )
         await self._call(self._writer, insert)
 
-    def submit_arrow_insert(
-        self, table: str, rows: Callable[[], bytes], columns: Sequence[str], *, dedup_token: str
-    ) -> concurrent.futures.Future[None]:
-        """`insert_arrow` for a caller on a thread of its own (the sink's): queued on the writer session's
-        thread, which first calls ``rows`` for the stream; the future raises `StoreError` if it fails."""
-
-        def insert() -> None:
-            self._writer.client.raw_insert(
-                table, list(columns), rows(), settings=_insert_settings(dedup_token), fmt="ArrowStream"
-            )
-
-        return self._writer.thread.submit(_mapping_errors, insert)
-
     async def ping(self) -> bool:
         try:
             return bool(await self.query("SELECT 1"))
@@ -180,24 +166,19 @@ class UsageStore:
 
     @staticmethod
     async def _call(session: _Session, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(session.thread, _mapping_errors, fn)
-
-
-def _mapping_errors(fn: Callable[[], T]) -> T:
-    """Call ``fn``; what clickhouse-connect raises becomes a `StoreError` that says whether to retry."""
-    try:
-        return fn()
-    except OperationalError as exc:  # connection-level: the server may come back
-        metrics.CLICKHOUSE_ERRORS.labels(kind="connection").inc()
-        raise StoreError(_first_line(exc), retriable=True) from exc
-    except ClickHouseError as exc:  # refused by the server: retry only what is known to pass
-        code = re.search(r"Code: (\d+)", str(exc))
-        transient = code is not None and int(code[1]) in _TRANSIENT_CODES
-        metrics.CLICKHOUSE_ERRORS.labels(kind="transient" if transient else "refused").inc()
-        raise StoreError(_first_line(exc), retriable=transient) from exc
-    except OSError as exc:
-        metrics.CLICKHOUSE_ERRORS.labels(kind="connection").inc()
-        raise StoreError(f"{type(exc).__name__}: {exc}", retriable=True) from exc
+        try:
+            return await asyncio.get_running_loop().run_in_executor(session.thread, fn)
+        except OperationalError as exc:  # connection-level: the server may come back
+            metrics.CLICKHOUSE_ERRORS.labels(kind="connection").inc()
+            raise StoreError(_first_line(exc), retriable=True) from exc
+        except ClickHouseError as exc:  # refused by the server: retry only what is known to pass
+            code = re.search(r"Code: (\d+)", str(exc))
+            transient = code is not None and int(code[1]) in _TRANSIENT_CODES
+            metrics.CLICKHOUSE_ERRORS.labels(kind="transient" if transient else "refused").inc()
+            raise StoreError(_first_line(exc), retriable=transient) from exc
+        except OSError as exc:
+            metrics.CLICKHOUSE_ERRORS.labels(kind="connection").inc()
+            raise StoreError(f"{type(exc).__name__}: {exc}", retriable=True) from exc
 
 
 def _insert_settings(dedup_token: str | None) -> dict[str, Any]:

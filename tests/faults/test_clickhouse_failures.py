@@ -25,22 +25,19 @@ from tests.factories import make_event
 pytestmark = pytest.mark.faults
 
 FAULTY_SINK = """
-import concurrent.futures
 import os
 from pathlib import Path
 from processors.accounting.store import StoreError, UsageStore
 
 refuse_while = Path(os.environ["THROTTLEX_TEST_REFUSE_INSERTS_WHILE"])
-submit = UsageStore.submit_arrow_insert
+insert = UsageStore.insert_arrow
 
-def refusing_submit(self, table, rows, columns, *, dedup_token):
+async def refusing_insert(self, table, stream, columns, *, dedup_token=None):
     if refuse_while.exists() and table == "usage_events":
-        refused = concurrent.futures.Future()
-        refused.set_exception(StoreError("Code: 210. connection reset by peer (injected)", retriable=True))
-        return refused
-    return submit(self, table, rows, columns, dedup_token=dedup_token)
+        raise StoreError("Code: 210. connection reset by peer (injected)", retriable=True)
+    await insert(self, table, stream, columns, dedup_token=dedup_token)
 
-UsageStore.submit_arrow_insert = refusing_submit
+UsageStore.insert_arrow = refusing_insert
 from api.cli import main
 main()
 """

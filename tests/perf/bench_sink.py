@@ -109,7 +109,7 @@ def _event_bytes(records: list[_Record]) -> bytes:
 
 
 def _arrow(records: list[_Record]) -> bytes:
-    rows, _ = event_rows([record.value for record in records], [record.offset for record in records], 0)
+    rows, _ = event_rows(records, 0)
     return arrow_stream(pa.Table.from_batches([rows]))
 
 
@@ -202,7 +202,7 @@ async def one_run(bootstrap: str, events: int, batch_max_rows: int) -> dict[str,
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--events", type=int, default=1_000_000, help="events per run")
+    parser.add_argument("--events", type=int, default=200_000, help="events per run")
     parser.add_argument("--runs", type=int, default=3, help="runs; the medians are reported")
     parser.add_argument("--batch-max-rows", type=int, default=SinkSettings.model_fields["sink_batch_max_rows"].default)
     args = parser.parse_args()
