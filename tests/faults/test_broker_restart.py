@@ -94,9 +94,11 @@ async def test_broker_restart_sheds_past_the_bound_and_delivers_every_accepted_e
         load.stop.set()
         await running
 
-        # The worker resumed: a fresh key going over its limit is refused at the gateway.
-        probe = [(await http.get(f"/v1/items/{n}", headers={"x-api-key": "broker-probe"})).status_code for n in range(LIMIT + 1)]
-        assert probe.count(200) == LIMIT + 1, {status: probe.count(status) for status in set(probe)}
+        # The worker resumed: a fresh key is admitted exactly up to its limit (nothing of it counted twice),
+        # then refused at the gateway. The request that reaches the limit triggers the block, so the one
+        # after it may already be refused: how soon depends on detection latency, not on correctness.
+        probe = [(await http.get(f"/v1/items/{n}", headers={"x-api-key": "broker-probe"})).status_code for n in range(LIMIT)]
+        assert probe.count(200) == LIMIT, {status: probe.count(status) for status in set(probe)}
 
         async def probe_refused() -> bool:
             response = await http.get("/v1/items/0", headers={"x-api-key": "broker-probe"})
