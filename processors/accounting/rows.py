@@ -5,6 +5,10 @@ ClickHouse the values as an Arrow stream: typed columns it takes almost as they 
 JSON rows itself cost 4-7 CPU-µs per row here, the Arrow stream about 1 (``make bench-sink`` measures
 both, see `BENCHMARKS.md`), and the columns are built from values already checked, so a row ClickHouse
 would read differently from the contract cannot reach it.
+
+Decoding is the sink's largest cost, so the usual path builds as little as it can (`event_rows`): the ids stay
+text until a whole read's are checked and converted at once, and the values are transposed into columns in one
+step. Anything that path does not take is decoded with the contract's decoder record by record.
 """
 
 from __future__ import annotations
