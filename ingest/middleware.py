@@ -8,13 +8,15 @@ suspended, revoked or expired one, gets 401 (and no event), and the event of an 
 carries the key's tenant and plan. Without one (``keys=None``, for a gateway behind another
 authenticator) every key passes, requests without a key are passed through untouched and counted as
 ``unauthenticated``, and events carry the gateway's configured tenant. Paths in ``public_paths``
-(health checks, ``/metrics``) are neither checked nor accounted.
+(health checks, ``/metrics``) are neither checked nor accounted. A request's route, at the check and on its
+event, is its route template (`ingest.routes`).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from typing import NamedTuple
 
 import msgspec
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,6 +28,7 @@ from ingest.denylist import EdgeDenylist
 from ingest.events import UsageEvent, key_id_for, new_event_id
 from ingest.keys import EdgeKeys, KeyLookupUnavailable
 from ingest.producer import EventProducer
+from ingest.routes import RouteTemplates
 
 
 _OUTCOMES = {outcome: metrics.REQUESTS.labels(outcome=outcome)
@@ -55,6 +58,7 @@ class ThrottleXMiddleware:
         self._tenant = tenant
         self._header = api_key_header.lower().encode()
         self._clock = clock
+        self._routes = RouteTemplates(app)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self._public:
@@ -85,10 +89,10 @@ class ThrottleXMiddleware:
             tenant, plan = record.tenant, record.plan
         received_ms = self._clock()
         started = time.perf_counter()
-        client_ip = (scope.get("client") or ("", 0))[0]
-        values = {"api_key": key_id, "tenant": tenant, "ip": client_ip, "route": scope["path"],
-                  "method": scope["method"]}  # fmt: skip
-        block = self._denylist.check(values)
+        request = _Request(key_id, tenant, plan, (scope.get("client") or ("", 0))[0], self._routes.of(scope),
+                           scope["method"], received_ms, started)  # fmt: skip
+        block = self._denylist.check({"api_key": key_id, "tenant": tenant, "ip": request.client_ip,
+                                      "route": request.route, "method": request.method})  # fmt: skip
         if self._denylist.refusing:  # fail-closed and Redis out of reach for too long
             _OUTCOMES["refused_unavailable"].inc()
             block = Block(limit_key="", until_ms=received_ms + 1_000, policy="")
@@ -104,30 +108,40 @@ class ThrottleXMiddleware:
             try:
                 await self.app(scope, receive, response)
             finally:  # a handler that raised was still served (the server answers 500): counted and billed
-                self._emit(scope, key_id, tenant, plan, client_ip, received_ms, started, response.status, response.body_bytes)
+                self._emit(request, response.status, response.body_bytes)
             return
-        self._emit(scope, key_id, tenant, plan, client_ip, received_ms, started, status, sent_bytes, edge_blocked=True)
+        self._emit(request, status, sent_bytes, edge_blocked=True)
 
-    def _emit(
-        self, scope: Scope, key_id: str, tenant: str, plan: str, client_ip: str, received_ms: int, started: float,
-        status: int, sent_bytes: int, *, edge_blocked: bool = False,
-    ) -> None:  # fmt: skip
+    def _emit(self, request: _Request, status: int, sent_bytes: int, *, edge_blocked: bool = False) -> None:
         self._producer.emit(
             UsageEvent(
                 event_id=new_event_id(),
-                event_time_ms=received_ms,
-                api_key_id=key_id,
-                tenant=tenant,
-                plan=plan,
-                route=_route_template(scope),
-                method=scope["method"],
+                event_time_ms=request.received_ms,
+                api_key_id=request.key_id,
+                tenant=request.tenant,
+                plan=request.plan,
+                route=request.route,
+                method=request.method,
                 status=status,
-                latency_ms=(time.perf_counter() - started) * 1000.0,
+                latency_ms=(time.perf_counter() - request.started) * 1000.0,
                 response_bytes=sent_bytes,
-                client_ip=client_ip,
+                client_ip=request.client_ip,
                 edge_blocked=edge_blocked,
             )
         )
+
+
+class _Request(NamedTuple):
+    """What the middleware knows of an accounted request before it is answered."""
+
+    key_id: str
+    tenant: str
+    plan: str
+    client_ip: str
+    route: str
+    method: str
+    received_ms: int
+    started: float
 
 
 class _ResponseMeter:
@@ -179,13 +193,6 @@ async def _send_error(send: Send, status: int, block: Block, now_ms: int, messag
     )
     await send({"type": "http.response.body", "body": body})
     return len(body)
-
-
-def _route_template(scope: Scope) -> str:
-    """The matched route's template (``/items/{id}``) when the router recorded one, else the raw path."""
-    route = scope.get("route")
-    template = getattr(route, "path", None)
-    return template if isinstance(template, str) else str(scope["path"])
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

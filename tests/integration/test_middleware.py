@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import httpx
 from aiokafka import AIOKafkaConsumer
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
-from starlette.routing import Route
+from redis.asyncio import Redis
+from starlette.routing import Mount, Route
 
+from ingest.clock import wall_clock_ms
 from ingest.denylist import EdgeDenylist
+from ingest.denylist_entries import Block, event_limit_key
 from ingest.events import UsageEvent, decode, key_id_for
 from ingest.middleware import ThrottleXMiddleware
 from ingest.producer import EventProducer
+from ingest.routes import UNMATCHED
+from processors.worker.denylist_writer import DenylistWriter
 from processors.topics import ensure_topics
 from tests.conftest import EVENTS_PARTITIONS, Sandbox, eventually
 
@@ -31,34 +38,79 @@ async def broken(request: Request) -> PlainTextResponse:
 
 async def test_a_handler_that_raises_is_counted_as_a_500_and_billed(sandbox: Sandbox) -> None:
     topic = sandbox.env["THROTTLEX_EVENTS_TOPIC"]
+    async with _gateway(sandbox, Starlette(routes=[Route("/fine", fine), Route("/broken", broken)])) as client:
+        assert (await client.get("/fine", headers={"x-api-key": "caller"})).status_code == 200
+        assert (await client.get("/broken", headers={"x-api-key": "caller"})).status_code == 500
+    events = await _events(sandbox, topic, 2)
+    assert sorted((event.route, event.status, event.api_key_id) for event in events) == [
+        ("/broken", 500, key_id_for("caller", SALT)),
+        ("/fine", 200, key_id_for("caller", SALT)),
+    ]
+
+
+async def test_requests_are_counted_under_their_route_template_and_blocked_on_it(sandbox: Sandbox) -> None:
+    """Raw paths never reach the events (a scanner's paths would each become a route of their own): a routed
+    request carries its template, one no route takes carries `unmatched`; and a block keyed on the route an
+    event carried, as the worker writes it, refuses the route's other paths at the edge."""
+    topic = sandbox.env["THROTTLEX_EVENTS_TOPIC"]
+    app = Starlette(routes=[Route("/v1/items/{item_id}", fine), Mount("/v2", routes=[Route("/things/{thing}", fine)])])
+    paths = [("GET", "/v1/items/1"), ("GET", "/v1/items/2"), ("POST", "/v1/items/3"), ("GET", "/v2/things/x"),
+             ("GET", "/.env"), ("GET", "/wp-admin/setup.php"), ("GET", "/v2/nothing/here")]  # fmt: skip
+    async with _gateway(sandbox, app) as client:
+        statuses = [(await client.request(method, path, headers={"x-api-key": "scanner"})).status_code for method, path in paths]
+    assert statuses == [200, 200, 405, 200, 404, 404, 404]
+    events = await _events(sandbox, topic, len(paths))
+    assert sorted((event.method, event.route, event.status) for event in events) == [
+        ("GET", "/v1/items/{item_id}", 200), ("GET", "/v1/items/{item_id}", 200), ("GET", "/v2/things/{thing}", 200),
+        ("GET", UNMATCHED, 404), ("GET", UNMATCHED, 404), ("GET", UNMATCHED, 404), ("POST", "/v1/items/{item_id}", 405),
+    ]  # fmt: skip
+    [item] = [event for event in events if event.status == 200 and event.route.startswith("/v1/")][:1]
+
+    redis = Redis.from_url(sandbox.redis_url)
+    writer = DenylistWriter(redis, sandbox.env["THROTTLEX_REDIS_PREFIX"])
+    block = Block(event_limit_key(("route",), item), wall_clock_ms() + 60_000, "per-route", dims=("route",))
+    try:
+        assert await writer.publish([block]) == 1
+        async with _gateway(sandbox, app) as client:
+            async def refused() -> bool:
+                return (await client.get("/v1/items/77", headers={"x-api-key": "other"})).status_code == 429
+
+            await eventually(refused, timeout_s=10, what="the route block at the edge")
+            assert (await client.get("/v2/things/y", headers={"x-api-key": "other"})).status_code == 200
+    finally:
+        await redis.aclose()
+
+
+@asynccontextmanager
+async def _gateway(sandbox: Sandbox, app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    """``app`` behind the middleware, with a real producer and edge denylist; every event delivered on exit."""
+    topic = sandbox.env["THROTTLEX_EVENTS_TOPIC"]
     await ensure_topics(sandbox.kafka_bootstrap, {topic: EVENTS_PARTITIONS})
     producer = EventProducer(sandbox.kafka_bootstrap, topic)
     denylist = EdgeDenylist(sandbox.redis_url, sandbox.env["THROTTLEX_REDIS_PREFIX"])
     await producer.start()
     await denylist.start()
-    app = ThrottleXMiddleware(
-        Starlette(routes=[Route("/fine", fine), Route("/broken", broken)]), denylist=denylist, producer=producer, key_salt=SALT
-    )
+    gateway = ThrottleXMiddleware(app, denylist=denylist, producer=producer, key_salt=SALT)
     try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app, raise_app_exceptions=False), base_url="http://gw") as client:
-            assert (await client.get("/fine", headers={"x-api-key": "caller"})).status_code == 200
-            assert (await client.get("/broken", headers={"x-api-key": "caller"})).status_code == 500
-        await eventually(lambda: producer.undelivered == 0, timeout_s=30, what="both events to be delivered")
+        transport = httpx.ASGITransport(gateway, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            yield client
+        await eventually(lambda: producer.undelivered == 0, timeout_s=30, what="every event to be delivered")
     finally:
         await denylist.stop()
         await producer.stop()
 
+
+async def _events(sandbox: Sandbox, topic: str, count: int) -> list[UsageEvent]:
     events: list[UsageEvent] = []
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=sandbox.kafka_bootstrap, auto_offset_reset="earliest")
     await consumer.start()
     try:
         async with asyncio.timeout(30):
-            while len(events) < 2:
+            while len(events) < count:
                 for records in (await consumer.getmany(timeout_ms=500)).values():
                     events += [decode(record.value or b"") for record in records]
     finally:
         await consumer.stop()
-    assert sorted((event.route, event.status, event.api_key_id) for event in events) == [
-        ("/broken", 500, key_id_for("caller", SALT)),
-        ("/fine", 200, key_id_for("caller", SALT)),
-    ]
+    assert len(events) == count
+    return events
