@@ -17,14 +17,14 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from api.auth import admin
-from api.usage import Instant
+from api.usage import Instant, store_answer
 from ingest.clock import wall_clock_ms
 from ingest.keys import NAME_PATTERN, KeyRecord
-from processors.core.dry_run import replay, stored_events
+from processors.core.dry_run import TooManyEvents, replay_stored
 from processors.core.policy import Plan, Policy, PolicySet, parse_policies
 from processors.policy_watch import PolicySource
 from processors.registry import Registry, issue_key
-from processors.accounting.store import StoreError, UsageStore
+from processors.accounting.store import UsageStore
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(admin)])
 
@@ -309,12 +309,9 @@ async def _dry_run(request: Request, policy: Policy, start: datetime, end: datet
         raise HTTPException(status_code=503, detail="a dry-run reads ClickHouse: run the API with the sink or a ClickHouse server")
     most = request.app.state.settings.dry_run_max_events
     try:
-        events = await stored_events(store, start, end, most)
-    except StoreError as exc:
-        raise HTTPException(status_code=503, detail=f"ClickHouse query failed: {exc}") from None
-    if len(events) > most:
-        raise HTTPException(status_code=422, detail=f"more than {most} events in the range; narrow from/to")
-    result = replay(policy, _policies(request), events)
+        result = await store_answer(replay_stored(store, policy, _policies(request), start, end, most=most), "stored usage")
+    except TooManyEvents as exc:
+        raise HTTPException(status_code=422, detail=str(exc)) from None
     keys = [
         KeyBacktest(
             limit_key=entry.limit_key,

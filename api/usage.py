@@ -11,7 +11,8 @@ import logging
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal
+from collections.abc import Awaitable
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from pydantic import AfterValidator, BaseModel
@@ -82,17 +83,20 @@ def _scope(who: Caller, tenant: str | None, api_key_id: str | None) -> tuple[str
     return tenant, who.key.key_id
 
 
-async def _run(call: Any) -> Any:
-    """Await a usage query. ClickHouse's own error text names tables, settings and servers: it goes to
-    the log with a request id, and the caller (often an API-key holder) gets that id only."""
+T = TypeVar("T")
+
+
+async def store_answer(call: Awaitable[T], what: str = "usage") -> T:
+    """Await a read of the usage store. ClickHouse's own error text names tables, settings and servers: it
+    goes to the log with a request id, and the caller (often an API-key holder) gets a 503 with that id only."""
     try:
         return await call
     except StoreError as exc:
         request_id = uuid.uuid4().hex
-        log.error("usage query failed", extra={"request_id": request_id, "error": str(exc), "retriable": exc.retriable})
+        log.error(f"{what} query failed", extra={"request_id": request_id, "error": str(exc), "retriable": exc.retriable})
         raise HTTPException(
             status_code=503,
-            detail=f"usage cannot be read right now; try again, or quote request id {request_id} to the operators",
+            detail=f"{what} cannot be read right now; try again, or quote request id {request_id} to the operators",
             headers={"X-Request-Id": request_id},
         ) from None
 
@@ -125,7 +129,7 @@ async def usage(
         raise HTTPException(status_code=422, detail="group_by repeats a field")
     tenant, api_key_id = _scope(who, tenant, api_key_id)
     query = UsageQuery(start, end, granularity, fields, tenant, api_key_id)
-    rows = await _run(usage_queries.usage(_store(request), query))
+    rows = await store_answer(usage_queries.usage(_store(request), query))
     return UsageReport(granularity=granularity, start=start, end=end, group_by=list(fields), rows=rows)
 
 
@@ -151,7 +155,7 @@ async def export(
 ) -> Response:
     start, end = _month(period)
     _, api_key_id = _scope(who, None, None)
-    rows = await _run(usage_queries.billing(_store(request), start, end, api_key_id))
+    rows = await store_answer(usage_queries.billing(_store(request), start, end, api_key_id))
     if format == "json":
         return Response(
             UsageExport(period=period, rows=rows).model_dump_json(), media_type="application/json"

@@ -70,16 +70,18 @@ class _Session:
 
 
 class UsageStore:
-    """Two sessions: one writes (inserts, schema changes), one reads (every query). Each has its own
-    client and thread, so a slow analyst query or quota read never holds up the sink's inserts, and a
-    large insert never delays a read; with chDB both clients are connections to the one engine the
-    process hosts."""
+    """Three sessions: one writes (inserts, schema changes), one reads (`query`), and one makes the long
+    reads of dry runs (`scan`). Each has its own client and thread, so a slow analyst query or quota read
+    never holds up the sink's inserts, a large insert never delays a read, and a dry run reading millions
+    of events never delays a health check or a usage report; with chDB the clients are connections to
+    the one engine the process hosts."""
 
     def __init__(self, dsn: str) -> None:
         self._scheme = check_dsn(dsn)
         self._dsn = dsn
         self._writer = _Session("clickhouse-write")
         self._reader = _Session("clickhouse-read")
+        self._scanner = _Session("clickhouse-scan")
 
     @property
     def embedded(self) -> bool:
@@ -88,12 +90,12 @@ class UsageStore:
     async def open(self) -> None:
         if self.embedded:
             Path(urlparse(self._dsn).path).mkdir(parents=True, exist_ok=True)
-        for session in (self._writer, self._reader):
+        for session in (self._writer, self._reader, self._scanner):
             session.client = await self._call(session, lambda: clickhouse_connect.get_client(dsn=self._dsn))
 
     async def close(self) -> None:
         """Close the clients; an embedded engine must be closed before the process exits."""
-        for session in (self._reader, self._writer):
+        for session in (self._scanner, self._reader, self._writer):
             if session.client is not None:
                 client, session.client = session.client, None
                 await self._call(session, client.close)
@@ -129,7 +131,14 @@ class UsageStore:
         await self._call(self._writer, functools.partial(self._writer.client.command, sql))
 
     async def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
-        result = await self._call(self._reader, functools.partial(self._reader.client.query, sql, parameters=parameters))
+        return await self._query(self._reader, sql, parameters)
+
+    async def scan(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        """`query` for reads that take long, on a session of their own: quick reads never wait behind them."""
+        return await self._query(self._scanner, sql, parameters)
+
+    async def _query(self, session: _Session, sql: str, parameters: dict[str, Any] | None) -> list[tuple[Any, ...]]:
+        result = await self._call(session, functools.partial(session.client.query, sql, parameters=parameters))
         return [tuple(row) for row in result.result_rows]
 
     async def insert(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -313,6 +314,53 @@ def test_dry_run_reports_exactly_the_blocks_a_brute_force_replay_gives(deploymen
     assert api.get("/v1/admin/policies/nope/dry-run", params=span, headers=admin()).status_code == 404
     backwards = api.post("/v1/admin/policies/dry-run", json={**body, "to": body["from"]}, headers=admin())
     assert backwards.status_code == 422
+
+
+LOAD_EVENTS = 200_000
+LOAD_DAY_MS = int(datetime(2026, 10, 5, 10, tzinfo=UTC).timestamp() * 1000)
+
+
+def test_a_large_dry_run_leaves_the_api_answering(deployment: Deployment, api: httpx.Client) -> None:
+    """While a dry run replays 200,000 stored events, `/healthz` and `/v1/quota` answer within 100 ms each.
+    (When the events were made into objects and replayed on the event loop, both waited for the whole replay.)"""
+    ingest = {"authorization": f"Bearer {INGEST}"}
+    for first in range(0, LOAD_EVENTS, 1_000):
+        body = b"[" + b",".join(
+            encode(make_event(event_id=uuid.uuid4(), api_key_id=f"load-{n % 50}", event_time_ms=LOAD_DAY_MS + n * 10))
+            for n in range(first, first + 1_000)
+        ) + b"]"  # fmt: skip
+        response = api.post("/v1/events", content=body, headers=ingest)
+        assert response.status_code == 202 and response.json()["accepted"] == 1_000, response.text
+    day = {"from": "2026-10-05T00:00:00Z", "to": "2026-10-06T00:00:00Z"}
+    stored_by = time.monotonic() + 120
+    while (stored := api.get("/v1/usage", params={**day, "granularity": "day"}, headers=admin())).status_code != 200 or sum(
+        row["requests"] for row in stored.json()["rows"]
+    ) != LOAD_EVENTS:  # fmt: skip
+        assert time.monotonic() < stored_by, f"the sink did not store the {LOAD_EVENTS} events: {stored.text[:300]}"
+        time.sleep(0.3)
+
+    policy = {"name": "proposal", "key": ["api_key"], "algorithm": {"type": "fixed_window", "limit": 50, "window_s": 60}}
+    answer: dict[str, httpx.Response] = {}
+
+    def dry_run() -> None:
+        with httpx.Client(base_url=deployment.api_url, timeout=300) as client:
+            answer["dry run"] = client.post("/v1/admin/policies/dry-run", json={"policy": policy, **day}, headers=admin())
+
+    running = threading.Thread(target=dry_run)
+    running.start()
+    own = {"x-api-key": deployment.keys["own"]["key"]}
+    waits: list[float] = []
+    while running.is_alive():
+        for path, headers in (("/healthz", {}), ("/v1/quota", own)):
+            began = time.perf_counter()
+            assert api.get(path, headers=headers).status_code == 200
+            waits.append(time.perf_counter() - began)
+        time.sleep(0.02)  # pacing the probes, not waiting for anything
+    running.join()
+    assert answer["dry run"].status_code == 200, answer["dry run"].text
+    assert answer["dry run"].json()["events_replayed"] == LOAD_EVENTS
+    assert len(waits) >= 20, f"the dry run was over after {len(waits)} probes: too short to show anything"
+    assert max(waits) < 0.1, f"slowest answers during the dry run: {sorted(waits)[-5:]}"
 
 
 def _ms(iso: str) -> int:
