@@ -1,19 +1,20 @@
-"""Who is calling: an admin (a configured admin token), a gateway (an ingest token) or an API key.
+"""Who is calling: an admin (a named admin token), a gateway (a named ingest token, scoped to tenants) or an
+API key.
 
 Credentials come as ``Authorization: Bearer <token-or-key>`` or, for API keys, in the configured
-key header (``x-api-key``). Tokens are compared in constant time. An API key is turned into its key
+key header (``x-api-key``). Tokens are compared in constant time (`api.credentials`). An API key is turned into its key
 id and looked up in the registry this process follows; unknown, suspended, revoked and expired keys
 get 401, like a missing credential. A valid key calling an admin endpoint gets 403.
 """
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass
 
 from fastapi import HTTPException, Request
 
 from api import metrics
+from api.credentials import Credential, match
 from ingest.denylist_entries import limit_key
 from ingest.clock import wall_clock_ms
 from ingest.events import key_id_for
@@ -31,9 +32,10 @@ class CallerKey:
 
 @dataclass(frozen=True)
 class Caller:
-    """An admin (``key`` is None) or the holder of one API key."""
+    """An admin (``key`` is None; ``admin_name`` names the credential) or the holder of one API key."""
 
     key: CallerKey | None
+    admin_name: str = ""
 
     @property
     def admin(self) -> bool:
@@ -45,13 +47,6 @@ def _bearer(request: Request) -> str | None:
     return credential.strip() or None if scheme.lower() == "bearer" else None
 
 
-def _matches(credential: str, tokens: list[str]) -> bool:
-    found = False
-    for token in tokens:  # no early exit: the time taken does not depend on which token matched
-        found |= hmac.compare_digest(credential.encode(), token.encode())
-    return found
-
-
 def _unauthorized(detail: str) -> HTTPException:
     metrics.AUTH_FAILURES.inc()
     return HTTPException(status_code=401, detail=detail, headers={"WWW-Authenticate": "Bearer"})
@@ -61,8 +56,9 @@ def caller(request: Request) -> Caller:
     """An admin or an API key; 401 if neither is presented."""
     settings = request.app.state.settings
     bearer = _bearer(request)
-    if bearer is not None and _matches(bearer, settings.admin_token_list):
-        return Caller(key=None)
+    admin_credential = match(bearer, settings.admin_credentials) if bearer is not None else None
+    if admin_credential is not None:
+        return Caller(key=None, admin_name=admin_credential.name)
     api_key = request.headers.get(settings.api_key_header) or bearer
     if not api_key:
         raise _unauthorized(
@@ -78,11 +74,13 @@ def caller(request: Request) -> Caller:
     return Caller(key=key)
 
 
-def admin(request: Request) -> None:
-    """An admin token; a valid API key gets 403, anything else 401."""
-    if caller(request).key is not None:
+def admin(request: Request) -> str:
+    """An admin token's name; a valid API key gets 403, anything else 401."""
+    who = caller(request)
+    if who.key is not None:
         metrics.AUTH_FAILURES.inc()
         raise HTTPException(status_code=403, detail="admin endpoints need an admin token")
+    return who.admin_name
 
 
 def caller_key(request: Request) -> CallerKey:
@@ -93,12 +91,18 @@ def caller_key(request: Request) -> CallerKey:
     return who.key
 
 
-def gateway(request: Request) -> None:
-    """A gateway sending events: an ingest token (or an admin token)."""
+def gateway(request: Request) -> Credential:
+    """A gateway sending events: an ingest token, which may send events for its tenants only, or an admin
+    token (every tenant). The credential's name is recorded on the events it sends."""
     settings = request.app.state.settings
     bearer = _bearer(request)
     if bearer is None:
         raise _unauthorized("missing credentials: send an ingest token as 'Authorization: Bearer <token>'")
-    if not _matches(bearer, settings.ingest_token_list + settings.admin_token_list):
-        metrics.AUTH_FAILURES.inc()
-        raise HTTPException(status_code=403, detail="this token may not send events")
+    found = match(bearer, settings.ingest_credentials)
+    if found is not None:
+        return found
+    found = match(bearer, settings.admin_credentials)
+    if found is not None:
+        return Credential(f"admin.{found.name}", found.token)
+    metrics.AUTH_FAILURES.inc()
+    raise HTTPException(status_code=403, detail="this token may not send events")

@@ -1,11 +1,15 @@
 """``POST /v1/events``: usage events from gateways that are not Python, in batches.
 
-Each event is validated by the same contract as on the stream (`ingest.events.decode`); valid events
-are written to Kafka and acknowledged by it before the answer, so "accepted" means stored. The answer
-lists every rejected event with its index and reason: nothing is half-accepted silently.
+Each event is validated by the same contract as on the stream (`ingest.events.decode`) and must be for
+one of the tenants the ingest token may send for (`api.credentials`); valid events are written to Kafka,
+marked with the token's name (``source = ingest:<name>``), and acknowledged by Kafka before the answer, so
+"accepted" means stored. The answer lists every rejected event with its index and reason: nothing is
+half-accepted silently.
 """
 
 from __future__ import annotations
+
+from typing import Annotated
 
 import msgspec
 from fastapi import APIRouter, Depends, HTTPException, Request
@@ -13,6 +17,7 @@ from pydantic import BaseModel
 
 from api import metrics
 from api.auth import gateway
+from api.credentials import Credential
 from ingest.events import EventError, UsageEvent, decode
 from ingest.producer import EventProducer
 
@@ -44,9 +49,8 @@ async def _read_body(request: Request, limit: int) -> bytes:
     status_code=202,
     response_model=IngestResult,
     summary="Send a batch of usage events (a JSON array of UsageEvent objects)",
-    dependencies=[Depends(gateway)],
 )
-async def ingest_events(request: Request) -> IngestResult:
+async def ingest_events(request: Request, sender: Annotated[Credential, Depends(gateway)]) -> IngestResult:
     settings = request.app.state.settings
     producer: EventProducer | None = request.app.state.producer
     body = await _read_body(request, settings.ingest_max_bytes)
@@ -61,11 +65,18 @@ async def ingest_events(request: Request) -> IngestResult:
 
     valid: list[tuple[int, UsageEvent]] = []
     errors: list[Rejection] = []
+    source = f"ingest:{sender.name}"
     for index, raw in enumerate(items):
         try:
-            valid.append((index, decode(bytes(raw))))
+            event = decode(bytes(raw))
         except EventError as exc:
             errors.append(Rejection(index=index, reason=exc.reason))
+            continue
+        if not sender.allows(event.tenant):
+            reason = f"tenant {event.tenant!r} is not one ingest token {sender.name!r} may send for ({sender.describe_tenants()})"
+            errors.append(Rejection(index=index, reason=reason))
+            continue
+        valid.append((index, msgspec.structs.replace(event, source=source)))
     outcomes = await producer.send_confirmed([event for _, event in valid])
     for (index, _), outcome in zip(valid, outcomes, strict=True):
         if outcome is not None:

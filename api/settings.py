@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 from pydantic import Field, SecretStr, model_validator
 
+from api.credentials import Credential, parse_admin, parse_ingest
 from ingest.settings import GatewaySettings
 from processors.settings import SinkSettings, WorkerSettings
 
@@ -15,40 +17,44 @@ class ApiSettings(WorkerSettings, SinkSettings):
 
     api_host: str = Field("127.0.0.1", description="address the HTTP API listens on")
     api_port: int = Field(8080, ge=1, le=65535, description="port the HTTP API listens on")
-    admin_tokens: SecretStr = Field(SecretStr(""), description="comma-separated tokens that grant admin access")
-    admin_tokens_file: Path | None = Field(
-        None, description="a file (e.g. a mounted secret) with more admin tokens, one per line or comma-separated"
+    admin_tokens: SecretStr = Field(
+        SecretStr(""), description="comma-separated admin credentials, each <name>:<token>; the name is the audit trail's actor"
     )
-    ingest_tokens: SecretStr = Field(SecretStr(""), description="comma-separated tokens gateways use for POST /v1/events")
+    admin_tokens_file: Path | None = Field(
+        None, description="a file (e.g. a mounted secret) with more admin credentials, one per line or comma-separated"
+    )
+    ingest_tokens: SecretStr = Field(
+        SecretStr(""),
+        description="comma-separated credentials for POST /v1/events, each <name>:<tenant>[+<tenant>...]:<token> "
+        "(tenant * for every tenant)",
+    )
+    ingest_tokens_file: Path | None = Field(None, description="a file with more ingest credentials, like admin_tokens_file")
     ingest_max_events: int = Field(1000, ge=1, description="most events in one POST /v1/events")
     ingest_max_bytes: int = Field(1024 * 1024, ge=1024, description="largest POST /v1/events body")
     dry_run_max_events: int = Field(2_000_000, ge=1, description="most stored events one policy dry-run replays")
     usage_max_buckets: int = Field(10_000, ge=1, description="most time buckets one usage query may span")
 
     @model_validator(mode="after")
-    def _read_admin_tokens_file(self) -> ApiSettings:
-        if self.admin_tokens_file is not None:
-            try:
-                text = self.admin_tokens_file.read_text()
-            except OSError as exc:
-                raise ValueError(f"cannot read {self.admin_tokens_file}: {exc.strerror}") from None
-            tokens = ",".join([self.admin_tokens.get_secret_value(), *text.split()])
-            object.__setattr__(self, "admin_tokens", SecretStr(tokens))
-        self.refuse_placeholders("admin_tokens", self.admin_token_list)
-        self.refuse_placeholders("ingest_tokens", self.ingest_token_list)
+    def _read_credentials(self) -> ApiSettings:
+        for name in ("admin_tokens", "ingest_tokens"):
+            path: Path | None = getattr(self, f"{name}_file")
+            if path is not None:
+                try:
+                    text = path.read_text()
+                except OSError as exc:
+                    raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+                object.__setattr__(self, name, SecretStr(f"{getattr(self, name).get_secret_value()},{text}"))
+        self.refuse_placeholders("admin_tokens", [credential.token for credential in self.admin_credentials])
+        self.refuse_placeholders("ingest_tokens", [credential.token for credential in self.ingest_credentials])
         return self
 
-    @property
-    def admin_token_list(self) -> list[str]:
-        return _split(self.admin_tokens)
+    @cached_property
+    def admin_credentials(self) -> list[Credential]:
+        return parse_admin(self.admin_tokens.get_secret_value(), "THROTTLEX_ADMIN_TOKENS")
 
-    @property
-    def ingest_token_list(self) -> list[str]:
-        return _split(self.ingest_tokens)
-
-
-def _split(tokens: SecretStr) -> list[str]:
-    return [token.strip() for token in tokens.get_secret_value().split(",") if token.strip()]
+    @cached_property
+    def ingest_credentials(self) -> list[Credential]:
+        return parse_ingest(self.ingest_tokens.get_secret_value(), "THROTTLEX_INGEST_TOKENS")
 
 
 class RunSettings(ApiSettings):

@@ -36,11 +36,12 @@ EVENT_SCHEMA = pa.schema([
     ("client_ip", pa.string()),
     ("edge_blocked", pa.bool_()),
     ("plan", pa.string()),
+    ("source", pa.string()),
     ("schema_version", pa.uint8()),
     ("kafka_partition", pa.uint16()),
     ("kafka_offset", pa.uint64()),
 ])  # fmt: skip
-"""The columns the sink inserts, named as in ``usage_events``; the first 13 are `UsageEvent`'s fields in order."""
+"""The columns the sink inserts, named as in ``usage_events``; the first 14 are `UsageEvent`'s fields in order."""
 
 class _Row(UsageEvent, tag=SCHEMA_VERSION, frozen=True, kw_only=True, gc=False):
     """`UsageEvent` with its id kept as the text it came as: the contract's constraints on every other field,
@@ -51,10 +52,10 @@ class _Row(UsageEvent, tag=SCHEMA_VERSION, frozen=True, kw_only=True, gc=False):
 
 
 _decode_row = msgspec.json.Decoder(_Row).decode
-_TYPES = [field.type for field in EVENT_SCHEMA][1:13]
+_TYPES = [field.type for field in EVENT_SCHEMA][1:14]
 """The Arrow type of each column after ``event_id``, in `UsageEvent`'s field order."""
 assert UsageEvent.__struct_fields__ == _Row.__struct_fields__ == (
-    "event_id", "event_time_ms", *EVENT_SCHEMA.names[2:13]
+    "event_id", "event_time_ms", *EVENT_SCHEMA.names[2:14]
 ), "UsageEvent's fields changed: update EVENT_SCHEMA"  # fmt: skip
 
 

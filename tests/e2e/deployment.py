@@ -49,7 +49,7 @@ def admin() -> dict[str, str]:
 def start_deployment(sandbox: Sandbox) -> tuple[RoleProcess, RoleProcess, str, str]:
     (sandbox.root / "policies.yaml").write_text(POLICIES)
     api_port, gateway_port = free_port(), free_port()
-    tokens = {"THROTTLEX_ADMIN_TOKENS": ADMIN, "THROTTLEX_INGEST_TOKENS": INGEST}
+    tokens = {"THROTTLEX_ADMIN_TOKENS": f"root:{ADMIN}", "THROTTLEX_INGEST_TOKENS": f"gateways:*:{INGEST}"}
     run = start_role(sandbox, ["run", "--api-port", str(api_port)], tokens)
     gateway = start_role(sandbox, ["gateway", "--port", str(gateway_port)])
     return run, gateway, f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{gateway_port}"

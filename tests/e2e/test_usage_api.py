@@ -21,14 +21,15 @@ from pathlib import Path
 import httpx
 import msgspec
 import pytest
+from aiokafka import AIOKafkaConsumer
 
-from ingest.events import UsageEvent, encode, key_id_for
+from ingest.events import UsageEvent, decode, encode, key_id_for
 from tests.conftest import Sandbox, eventually, free_port, register_keys, start_role, stop_role
 from tests.factories import make_event
 
 pytestmark = pytest.mark.e2e
 
-ADMIN, INGEST = "admin-secret-token", "gateway-ingest-token"
+ADMIN, INGEST, EU_INGEST = "admin-secret-token", "gateway-ingest-token", "eu-gateways-ingest-token"
 # Three hours across a month boundary: 2026-10-31 22:00 to 2026-11-01 01:00 UTC.
 START = datetime(2026, 10, 31, 22, 0, tzinfo=UTC)
 START_MS = int(START.timestamp() * 1000)
@@ -57,7 +58,8 @@ def api(service_addresses: tuple[str, str], tmp_path_factory: pytest.TempPathFac
     role = start_role(
         sandbox,
         ["run", "--policy-file", str(sandbox.write_policy(1_000_000, 60, monthly_units=PLAN_UNITS)), "--api-port", str(port)],
-        {"THROTTLEX_ADMIN_TOKENS": f"{ADMIN},another-admin", "THROTTLEX_INGEST_TOKENS": INGEST},
+        {"THROTTLEX_ADMIN_TOKENS": f"root:{ADMIN},second:another-admin",
+         "THROTTLEX_INGEST_TOKENS": f"billing-import:*:{INGEST},eu-gateways:acme:{EU_INGEST}"},
     )
     salt = sandbox.env["THROTTLEX_KEY_SALT"].encode()
     key_ids = {key: key_id_for(key, salt) for key in API_KEYS}
@@ -292,3 +294,38 @@ async def test_ingest_validates_each_event_and_enforces_its_limits(api: UsageApi
     assert (await client.post("/v1/events", content=too_many, headers=ingest)).status_code == 422
     too_big = b"[" + b" " * (1024 * 1024) + b"]"
     assert (await client.post("/v1/events", content=too_big, headers=ingest)).status_code == 413
+
+
+async def test_an_ingest_token_sends_for_its_tenants_only_and_is_named_on_what_it_sent(
+    api: UsageApi, client: httpx.AsyncClient
+) -> None:
+    """An event for a tenant outside the token's scope is refused with the reason; the accepted ones carry
+    the token's name as their source, whatever the body claimed."""
+    at = int(datetime(2026, 9, 1, tzinfo=UTC).timestamp() * 1000)  # outside every range the other tests read
+    ours, theirs, claimed = (make_event(event_id=uuid.uuid4(), api_key_id="scoped", tenant=tenant, event_time_ms=at)
+                             for tenant in ("acme", "globex", "acme"))  # fmt: skip
+    claiming = msgspec.json.decode(encode(claimed)) | {"source": "ingest:billing-import"}
+    body = b"[" + encode(ours) + b"," + encode(theirs) + b"," + msgspec.json.encode(claiming) + b"]"
+    response = await client.post("/v1/events", content=body, headers={"authorization": f"Bearer {EU_INGEST}"})
+    assert response.status_code == 202, response.text
+    assert response.json() == {"accepted": 2, "rejected": 1, "errors": [
+        {"index": 1, "reason": "tenant 'globex' is not one ingest token 'eu-gateways' may send for (acme)"}]}  # fmt: skip
+    wide = await client.post("/v1/events", content=as_array([theirs]), headers={"authorization": f"Bearer {INGEST}"})
+    assert wide.json()["accepted"] == 1  # a token for every tenant
+
+    sources: dict[uuid.UUID, list[str]] = {}
+    consumer = AIOKafkaConsumer(api.sandbox.env["THROTTLEX_EVENTS_TOPIC"], bootstrap_servers=api.sandbox.kafka_bootstrap,
+                                auto_offset_reset="earliest")  # fmt: skip
+    await consumer.start()
+    try:
+        async with asyncio.timeout(30):
+            while len(sources) < 3:
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    for record in records:
+                        event = decode(record.value or b"")
+                        if event.api_key_id == "scoped":
+                            sources.setdefault(event.event_id, []).append(event.source)
+    finally:
+        await consumer.stop()
+    assert sources == {ours.event_id: ["ingest:eu-gateways"], claimed.event_id: ["ingest:eu-gateways"],
+                       theirs.event_id: ["ingest:billing-import"]}  # fmt: skip

@@ -17,7 +17,7 @@ async def test_migrations_apply_once(tmp_path: Path) -> None:
     first = throttlex("migrate", env=env)
     assert first.returncode == 0, first.stderr
     assert first.stdout.strip() == ("applied: 0001_usage_events.sql, 0002_exactly_once_and_rollups.sql, 0003_key_plan.sql, "
-                                    "0004_units_per_minute.sql, 0005_deduplication_bounds.sql")  # fmt: skip
+                                    "0004_units_per_minute.sql, 0005_deduplication_bounds.sql, 0006_event_source.sql")  # fmt: skip
     again = throttlex("migrate", env=env)
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip() == "schema is up to date"
@@ -29,8 +29,8 @@ async def test_migrations_apply_once(tmp_path: Path) -> None:
         versions = await store.query("SELECT version FROM throttlex_schema_migrations")
     finally:
         await store.close()
-    assert "event_time" in columns and "cost" in columns and "edge_blocked" in columns
-    assert sorted(versions) == [(1,), (2,), (3,), (4,), (5,)]
+    assert "event_time" in columns and "cost" in columns and "edge_blocked" in columns and "source" in columns
+    assert sorted(versions) == [(1,), (2,), (3,), (4,), (5,), (6,)]
 
     with_retention = throttlex("migrate", env={**env, "THROTTLEX_RAW_RETENTION_DAYS": "400"})
     assert with_retention.returncode == 0, with_retention.stderr

@@ -92,7 +92,8 @@ async def test_rows_keep_every_field_exactly(tmp_path: Path) -> None:
     """The sink's rows, read by ClickHouse itself from the Arrow stream, hold each event's values unchanged;
     records that are not valid events are left out."""
     events = [
-        make_event(event_id=uuid.uuid4(), event_time_ms=1_790_000_000_123, latency_ms=0.5, edge_blocked=True, plan="pro"),
+        make_event(event_id=uuid.uuid4(), event_time_ms=1_790_000_000_123, latency_ms=0.5, edge_blocked=True, plan="pro",
+                   source="ingest:eu-gateways"),
         make_event(event_id=uuid.uuid4(), event_time_ms=4_102_444_799_999, route='/v1/"quoted"/ünïcode\\path', tenant="globex",
                    method="POST", status=429, response_bytes=2**63 - 1, cost=1_000_000, client_ip="2001:db8::1"),  # fmt: skip
         make_event(event_id=uuid.UUID(int=0), event_time_ms=946_684_800_000, latency_ms=0.0, response_bytes=0, cost=0),
@@ -109,14 +110,14 @@ async def test_rows_keep_every_field_exactly(tmp_path: Path) -> None:
         await store.insert_arrow("usage_events", stream, EVENT_SCHEMA.names, dedup_token="events/3/70-74")
         stored = await store.query(
             "SELECT event_id, toUnixTimestamp64Milli(event_time), api_key_id, tenant, route, method, status, latency_ms, "
-            "response_bytes, cost, client_ip, edge_blocked, plan, schema_version, kafka_partition, kafka_offset "
+            "response_bytes, cost, client_ip, edge_blocked, plan, source, schema_version, kafka_partition, kafka_offset "
             "FROM usage_events ORDER BY kafka_offset"
         )
     finally:
         await store.close()
     expected = [
         (e.event_id, e.event_time_ms, e.api_key_id, e.tenant, e.route, e.method, e.status, e.latency_ms, e.response_bytes,
-         e.cost, e.client_ip, e.edge_blocked, e.plan, e.schema_version, 3, offset)
+         e.cost, e.client_ip, e.edge_blocked, e.plan, e.source, e.schema_version, 3, offset)
         for e, offset in zip(events, offsets)
     ]  # fmt: skip
     assert [tuple(row) for row in stored] == expected

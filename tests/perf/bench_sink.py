@@ -113,7 +113,7 @@ def _arrow(records: list[_Record]) -> bytes:
     return arrow_stream(pa.Table.from_batches([rows]))
 
 
-_WIRE_COLUMNS = ["v", "event_id", "event_time_ms", *EVENT_SCHEMA.names[2:13], "kafka_partition", "kafka_offset"]
+_WIRE_COLUMNS = ["v", "event_id", "event_time_ms", *EVENT_SCHEMA.names[2:14], "kafka_partition", "kafka_offset"]
 _READ_WIRE_EVENTS = [  # only in the benchmark's own database: lets ClickHouse read the events' own fields
     "ALTER TABLE usage_events ADD COLUMN event_time_ms Int64 EPHEMERAL",
     "ALTER TABLE usage_events ADD COLUMN v UInt8 EPHEMERAL 1",

@@ -48,6 +48,12 @@ def test_a_bad_policy_file_stops_start_up_with_the_policy_and_the_defect() -> No
         ({"THROTTLEX_LOG_LEVEL": "LOUD"}, "bad setting THROTTLEX_LOG_LEVEL"),
         ({"THROTTLEX_CLICKHOUSE_DSN": "mysql://db/usage"}, "unsupported ClickHouse DSN 'mysql://db/usage'"),
         ({"THROTTLEX_ADMIN_TOKENS_FILE": "/run/secrets/nowhere"}, "cannot read /run/secrets/nowhere"),
+        ({"THROTTLEX_ADMIN_TOKENS": "root:s3cret-1,unnamed-s3cret"}, "THROTTLEX_ADMIN_TOKENS entry 2 is not <name>:<token>"),
+        ({"THROTTLEX_ADMIN_TOKENS": "root:s3cret-1,root:s3cret-2"}, "THROTTLEX_ADMIN_TOKENS names a credential twice"),
+        ({"THROTTLEX_INGEST_TOKENS": "eu:acme:s3cret-1,us:s3cret-2"},
+         "THROTTLEX_INGEST_TOKENS entry 2 is not <name>:<tenant>[+<tenant>...]:<token>"),
+        ({"THROTTLEX_INGEST_TOKENS": "eu:acme+:s3cret-1"}, "THROTTLEX_INGEST_TOKENS entry 1 is not"),
+        ({"THROTTLEX_INGEST_TOKENS": "eu:acme:s3cret-1,us:globex:s3cret-1"}, "THROTTLEX_INGEST_TOKENS gives one token twice"),
     ],
 )
 def test_bad_settings_are_named(env: dict[str, str], message: str) -> None:
@@ -63,7 +69,7 @@ _SALT_PLACEHOLDERS = [
     ({"THROTTLEX_KEY_SALT": ""}, "THROTTLEX_KEY_SALT is empty"),
 ]
 _TOKEN_PLACEHOLDER = (
-    {"THROTTLEX_KEY_SALT": "a-real-secret-4f1c", "THROTTLEX_ADMIN_TOKENS": "ok-token-1,change-me"},
+    {"THROTTLEX_KEY_SALT": "a-real-secret-4f1c", "THROTTLEX_ADMIN_TOKENS": "ops:ok-token-1,root:change-me"},
     "THROTTLEX_ADMIN_TOKENS is a development default",
 )
 
@@ -80,12 +86,18 @@ def test_no_role_starts_with_a_placeholder_secret_unless_told_it_is_a_trial(role
     assert line.startswith("throttlex: error: bad settings: ") and variable in line, line
 
 
-def test_admin_tokens_come_from_the_variable_and_a_mounted_file(tmp_path: Path) -> None:
-    secret = tmp_path / "admin-tokens"
-    secret.write_text("from-file-1\nfrom-file-2\n")
-    settings = ApiSettings(admin_tokens=SecretStr("from-env"), admin_tokens_file=secret)
-    assert settings.admin_token_list == ["from-env", "from-file-1", "from-file-2"]
-    assert "from-file" not in repr(settings)
+def test_credentials_come_from_the_variables_and_mounted_files(tmp_path: Path) -> None:
+    admins, gateways = tmp_path / "admin-tokens", tmp_path / "ingest-tokens"
+    admins.write_text("ann:from-file-1\nbob:from:file:2\n")
+    gateways.write_text("eu-gateways:acme+globex:from-file-3\n")
+    settings = ApiSettings(admin_tokens=SecretStr("root:from-env"), admin_tokens_file=admins,
+                           ingest_tokens=SecretStr("billing-import:*:from-env-2"), ingest_tokens_file=gateways)  # fmt: skip
+    assert [(c.name, c.token) for c in settings.admin_credentials] == [
+        ("root", "from-env"), ("ann", "from-file-1"), ("bob", "from:file:2")]  # fmt: skip
+    assert [(c.name, c.token, c.tenants) for c in settings.ingest_credentials] == [
+        ("billing-import", "from-env-2", None), ("eu-gateways", "from-file-3", frozenset({"acme", "globex"}))]  # fmt: skip
+    assert settings.ingest_credentials[1].allows("acme") and not settings.ingest_credentials[1].allows("initech")
+    assert "from-file" not in repr(settings) and "from-file" not in repr(settings.admin_credentials)
 
 
 def test_a_key_for_a_malformed_tenant_is_refused_before_anything_is_written() -> None:
