@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 import msgspec
 from aiokafka.errors import KafkaError
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from api.auth import admin
@@ -23,7 +23,7 @@ from ingest.keys import NAME_PATTERN, KeyRecord
 from processors.core.dry_run import TooManyEvents, replay_stored
 from processors.core.policy import Plan, Policy, PolicySet, parse_policies
 from processors.policy_watch import PolicySource
-from processors.registry import Registry, issue_key
+from processors.registry import KeyConflict, KeyRevoked, Registry, issue_key
 from processors.accounting.store import UsageStore
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(admin)])
@@ -69,6 +69,7 @@ class KeyInfo(BaseModel):
     expires_at: datetime | None
     created_at: datetime
     hint: str = Field(description="the key's last four characters")
+    version: int = Field(description="one more with each change; send it as If-Match to change the key only if unchanged")
 
 
 class NewKey(KeyInfo):
@@ -131,7 +132,7 @@ def _info(record: KeyRecord) -> KeyInfo:
     return KeyInfo(
         key_id=record.key_id, tenant=record.tenant, plan=record.plan or None, name=record.name, status=record.status,
         expires_at=_instant(record.expires_at_ms) if record.expires_at_ms else None,
-        created_at=_instant(record.created_ms), hint=record.hint,
+        created_at=_instant(record.created_ms), hint=record.hint, version=record.version,
     )  # fmt: skip
 
 
@@ -161,11 +162,29 @@ def _future(moment: datetime | None) -> int:
     return at
 
 
-async def _store_key(request: Request, record: KeyRecord) -> None:
+async def _store_key(request: Request, record: KeyRecord, expected_version: int) -> KeyRecord:
     try:
-        await _registry(request).put_key(record)
+        return await _registry(request).put_key(record, expected_version=expected_version)
     except KafkaError as exc:
         raise _registry_unavailable(exc) from None
+    except KeyConflict as exc:
+        raise HTTPException(status_code=409, detail=str(exc)) from None
+    except KeyRevoked:
+        raise _revoked() from None
+
+
+def _revoked() -> HTTPException:
+    return HTTPException(status_code=409, detail="a revoked key cannot be changed; create a new key")
+
+
+def _if_match(header: str | None, record: KeyRecord) -> int:
+    """The version a change is made on top of: the If-Match header's, else the one read here."""
+    if header is None:
+        return record.version
+    try:
+        return int(header.strip().removeprefix("W/").strip('"'))
+    except ValueError:
+        raise HTTPException(status_code=400, detail="If-Match must be a key version, as in the key's `version`") from None
 
 
 def _registry_unavailable(exc: KafkaError) -> HTTPException:
@@ -216,11 +235,18 @@ async def get_key(request: Request, key_id: _KeyId) -> KeyInfo:
     return _info(_existing(request, key_id))
 
 
-@router.patch("/keys/{key_id}", response_model=KeyInfo, summary="Change a key's plan, status, name or expiry")
-async def change_key(request: Request, key_id: _KeyId, body: KeyChange) -> KeyInfo:
+@router.patch(
+    "/keys/{key_id}", response_model=KeyInfo, summary="Change a key's plan, status, name or expiry",
+    description="Made only on top of the version read (If-Match: the key's `version`, else the one this process "
+    "holds): 409 if another change landed first, or if the key is revoked.",
+)  # fmt: skip
+async def change_key(
+    request: Request, key_id: _KeyId, body: KeyChange, if_match: Annotated[str | None, Header()] = None
+) -> KeyInfo:
     record = _existing(request, key_id)
     if record.status == "revoked":
-        raise HTTPException(status_code=409, detail="a revoked key cannot be changed; create a new key")
+        raise _revoked()
+    expected = _if_match(if_match, record)
     changes = body.model_dump(exclude_unset=True)
     if "plan" in changes:
         record = msgspec.structs.replace(record, plan=_known_plan(request, body.plan))
@@ -230,15 +256,16 @@ async def change_key(request: Request, key_id: _KeyId, body: KeyChange) -> KeyIn
         record = msgspec.structs.replace(record, name=body.name)
     if "expires_at" in changes:
         record = msgspec.structs.replace(record, expires_at_ms=_future(body.expires_at))
-    await _store_key(request, record)
-    return _info(record)
+    return _info(await _store_key(request, record, expected))
 
 
-@router.delete("/keys/{key_id}", response_model=KeyInfo, summary="Revoke a key, for good")
+@router.delete("/keys/{key_id}", response_model=KeyInfo, summary="Revoke a key, for good (no later change undoes it)")
 async def revoke_key(request: Request, key_id: _KeyId) -> KeyInfo:
-    record = msgspec.structs.replace(_existing(request, key_id), status="revoked")
-    await _store_key(request, record)
-    return _info(record)
+    _existing(request, key_id)
+    try:
+        return _info(await _registry(request).revoke_key(key_id))
+    except KafkaError as exc:
+        raise _registry_unavailable(exc) from None
 
 
 async def _put_document(request: Request, document: dict[str, object]) -> PolicySet:

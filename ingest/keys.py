@@ -49,6 +49,17 @@ class KeyRecord(msgspec.Struct, frozen=True, kw_only=True):
     created_ms: int = 0
     hint: str = ""
     """The last four characters of the key, so an operator can tell keys apart."""
+    version: int = 0
+    """1 at creation, one more with each change that lands (0: written before records were versioned)."""
+    writer: str = ""
+    """A random id of the write that made this version: how a writer learns whether its change landed."""
+
+    def supersedes(self, other: KeyRecord) -> bool:
+        """Whether this record replaces ``other`` (of the same key) in a view: a revocation is final, and
+        otherwise a view only moves to later versions, whatever order copies of the records arrive in."""
+        if other.status == "revoked":
+            return False
+        return self.status == "revoked" or self.version >= other.version
 
     def admits(self, key_id: str, now_ms: int) -> bool:
         """Whether the caller whose key hashes to ``key_id`` may call at ``now_ms``. The record was
@@ -179,7 +190,10 @@ class EdgeKeys:
             log.warning("ignoring malformed key message")
             return
         self._unknown.pop(record.key_id, None)
-        if record.key_id in self._known or record.status != "active":
+        cached = self._known.get(record.key_id)
+        if cached is not None and not record.supersedes(cached):
+            return  # an older copy, published late by a registry follower that was behind
+        if cached is not None or record.status != "active":
             self._known[record.key_id] = record
 
     async def _refresh(self) -> None:
@@ -190,5 +204,8 @@ class EdgeKeys:
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             for key_id, raw in zip(chunk, await self._redis.mget([key_view(self._prefix, k) for k in chunk]), strict=True):
-                if raw is not None:
-                    self._known[key_id] = decode_key(raw)
+                if raw is None:
+                    continue
+                record, cached = decode_key(raw), self._known.get(key_id)
+                if cached is None or record.supersedes(cached):
+                    self._known[key_id] = record

@@ -4,23 +4,34 @@ Kafka is the source of truth, so no other database is needed: the topic is compa
 the latest record of every entry for ever, and every process that needs the registry reads it from
 the beginning at start-up and then follows it. Records (key → JSON value):
 
-- ``key/{key_id}`` → a `KeyRecord` (revoking a key writes a record with ``status: revoked``);
+- ``key/{key_id}/v{version}/{writer}`` → a `KeyRecord`: the key's creation (version 1) or a change to it.
+  Every process reads the topic in the same order and applies a version only on top of the one before
+  (the first such record wins; a change written on top of a version someone else already replaced is
+  ignored everywhere, and its writer answers 409). Each write has a Kafka key of its own, so compaction
+  never drops a winning record for a losing one.
+- ``revoked/{key_id}`` → the key's revocation. Final: once read, no later record changes the key, and
+  no later write under another Kafka key can ever replace it.
+- ``key/{key_id}`` → a `KeyRecord` written before records were versioned (read as version 0).
 - ``policies`` → the policy document in force, the same shape as the policy file (policies, plans,
   default plan). Until one is written, the policy file is in force.
 
 Every process that follows the registry also mirrors the keys into Redis (``{prefix}:apikey:*``,
-see `ingest.keys`), which is what gateways read. Writes go to Kafka first (acks=all) and then to
-Redis at once, so a change reaches gateways in milliseconds; a Redis that restarted empty is noticed
-within a second (a marker key is gone) and rewritten from the registry.
+see `ingest.keys`), which is what gateways read, as it applies them. A writer waits until it has read
+its own record back (milliseconds), so a change reaches gateways at once; the mirror only ever moves a
+view to a later version (a script in Redis compares), so a follower that is behind cannot put an older
+record back. A Redis that restarted empty is noticed within a second (a marker key is gone) and
+rewritten from the registry.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -38,7 +49,33 @@ log = logging.getLogger(__name__)
 
 POLICIES = "policies"
 _KEY = "key/"
+_REVOKED = "revoked/"
 _SOURCE = "the registry's policy document"
+
+_MIRROR = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local held = cjson.decode(current)
+  if held.status == 'revoked' then return 0 end
+  if ARGV[3] ~= 'revoked' and (tonumber(held.version) or 0) > tonumber(ARGV[2]) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1])
+if ARGV[4] == '1' then redis.call('PUBLISH', KEYS[2], ARGV[1]) end
+return 1
+"""
+"""Write a key's view unless it holds a revocation or a later version; publish it if asked (`Registry._mirror`)."""
+
+
+class KeyConflict(Exception):
+    """Another change to the key landed first: ``version`` is the one in force now."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(f"the key changed meanwhile: version {version} is in force; read it again")
+        self.version = version
+
+
+class KeyRevoked(Exception):
+    """The key is revoked: it cannot change any more."""
 
 
 class Registry:
@@ -55,6 +92,10 @@ class Registry:
         self.policies: PolicySet | None = None
         """The registry's policy document, or None while the policy file is in force."""
         self._on_policies: Callable[[PolicySet], Awaitable[None]] | None = None
+        self._next_offset = 0
+        """The offset after the last record applied."""
+        self._reading = asyncio.Lock()
+        """One reader of the topic at a time: the follower, or a writer catching up to its own record."""
 
     async def start(self) -> None:
         """Create the topic if needed and read it to its end, so `keys` and `policies` are current."""
@@ -89,15 +130,53 @@ class Registry:
         """Apply records other processes write, and rewrite the Redis view if Redis lost it. Never returns."""
         self._on_policies = on_policies
         while True:
-            await self._read(timeout_ms=500)
+            async with self._reading:
+                await self._read(timeout_ms=500)
             if not await self._redis_has_view():
                 await self._mirror_all()
 
-    async def put_key(self, record: KeyRecord) -> None:
-        """Store a key record (Kafka first, then the Redis view); raises `KafkaError` if Kafka refuses."""
-        await self._started[0].send_and_wait(self._topic, encode_key(record), key=f"{_KEY}{record.key_id}".encode())
-        self.keys[record.key_id] = record
-        await self._mirror(record)
+    async def put_key(self, record: KeyRecord, *, expected_version: int | None = None) -> KeyRecord:
+        """Write ``record`` as the key's next version and return the record in force once it is applied here.
+
+        The change is made on top of ``expected_version`` (default: the version this process holds now):
+        `KeyConflict` if that is not the version in force, or if another change landed first; `KeyRevoked`
+        if the key is revoked. A record with ``status: revoked`` revokes the key (`revoke_key`). Raises
+        `KafkaError` if Kafka refuses.
+        """
+        if record.status == "revoked":
+            return await self.revoke_key(record.key_id, record)
+        current = self.keys.get(record.key_id)
+        if current is not None and current.status == "revoked":
+            raise KeyRevoked(record.key_id)
+        base = current.version if current is not None else 0
+        if expected_version is not None and expected_version != base:
+            raise KeyConflict(base)
+        mine = msgspec.structs.replace(record, version=base + 1, writer=secrets.token_hex(8))
+        name = f"{_KEY}{record.key_id}/v{mine.version}/{mine.writer}"
+        await self._write(name, mine)
+        now = self.keys.get(record.key_id)
+        if now is not None and now.writer == mine.writer:
+            return now
+        if now is not None and now.status == "revoked":
+            raise KeyRevoked(record.key_id)
+        raise KeyConflict(now.version if now is not None else 0)
+
+    async def revoke_key(self, key_id: str, record: KeyRecord | None = None) -> KeyRecord:
+        """Revoke a key for good and return its record once the revocation is applied here. ``record``
+        stands for a key this process has not read (a revocation may come first); KeyError if neither."""
+        current = self.keys.get(key_id) or record
+        if current is None:
+            raise KeyError(key_id)
+        if current.status != "revoked" or key_id not in self.keys:
+            await self._write(f"{_REVOKED}{key_id}", msgspec.structs.replace(current, status="revoked", writer=secrets.token_hex(8)))
+        return self.keys[key_id]
+
+    async def _write(self, name: str, record: KeyRecord) -> None:
+        sent = await self._started[0].send_and_wait(self._topic, encode_key(record), key=name.encode())
+        while self._next_offset <= sent.offset:  # read up to our own record: applied (and mirrored) in log order
+            async with self._reading:
+                if self._next_offset <= sent.offset:
+                    await self._read(timeout_ms=200)
 
     async def put_policies(self, policies: PolicySet) -> None:
         """Store a validated policy document; raises `KafkaError` if Kafka refuses."""
@@ -110,13 +189,30 @@ class Registry:
         for record in batches.get(self._partition, []):
             name = record.key.decode() if record.key else ""
             if record.value is None:
-                continue
-            if name.startswith(_KEY):
-                key = decode_key(record.value)
-                self.keys[key.key_id] = key
-                await self._mirror(key)
+                pass
+            elif name.startswith((_KEY, _REVOKED)):
+                key = self._applied(name, decode_key(record.value))
+                if key is not None:
+                    self.keys[key.key_id] = key
+                    await self._mirror(key)
             elif name == POLICIES:
                 await self._apply_policies(record.value.decode())
+            self._next_offset = record.offset + 1
+
+    def _applied(self, name: str, record: KeyRecord) -> KeyRecord | None:
+        """What a key record read from the topic makes of the key, or None if it changes nothing. The same
+        for every process, which reads the same records in the same order."""
+        current = self.keys.get(record.key_id)
+        if current is not None and current.status == "revoked":
+            return None  # final
+        if name.startswith(_REVOKED):
+            held = current if current is not None else record
+            return msgspec.structs.replace(held, status="revoked", version=held.version + 1, writer=record.writer)
+        if name.count("/") == 1:  # written before versions: the latest record is the key
+            return record if current is None or current.version == 0 else None
+        if record.version == (current.version if current is not None else 0) + 1:
+            return record
+        return None  # made on top of a version another change replaced first
 
     async def _apply_policies(self, text: str) -> None:
         try:
@@ -134,12 +230,8 @@ class Registry:
     async def _mirror(self, record: KeyRecord) -> None:
         if self._redis is None:
             return
-        encoded = encode_key(record)
         try:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.set(key_view(self._prefix, record.key_id), encoded)
-                pipe.publish(key_channel(self._prefix), encoded)
-                await pipe.execute()
+            await self._redis.eval(_MIRROR, 2, *self._mirror_args(record, publish=True))
         except (RedisError, OSError) as exc:  # the marker check rewrites the view once Redis is back
             metrics.REDIS_ERRORS.labels(kind=type(exc).__name__).inc()
             log.warning("key view not written to Redis; rewritten when it answers", extra={"error": str(exc)})
@@ -158,7 +250,7 @@ class Registry:
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for record in self.keys.values():
-                    pipe.set(key_view(self._prefix, record.key_id), encode_key(record))
+                    pipe.eval(_MIRROR, 2, *self._mirror_args(record, publish=False))
                 pipe.set(self._marker, b"1")
                 pipe.publish(key_channel(self._prefix), RESYNC)
                 await pipe.execute()
@@ -167,6 +259,10 @@ class Registry:
             log.warning("key view not rewritten; trying again", extra={"error": str(exc)})
             return
         log.info("key view written to Redis", extra={"keys": len(self.keys)})
+
+    def _mirror_args(self, record: KeyRecord, *, publish: bool) -> list[str | bytes | int]:
+        return [key_view(self._prefix, record.key_id), key_channel(self._prefix), encode_key(record), record.version,
+                record.status, "1" if publish else "0"]  # fmt: skip
 
     @property
     def _marker(self) -> str:
@@ -183,8 +279,7 @@ async def issue_key(
         key_id=key_id_for(plain, salt), tenant=tenant, plan=plan, name=name, expires_at_ms=expires_at_ms,
         created_ms=wall_clock_ms(), hint=plain[-4:],
     )  # fmt: skip
-    await registry.put_key(record)
-    return plain, record
+    return plain, await registry.put_key(record)
 
 
 @asynccontextmanager

@@ -57,8 +57,7 @@ async def test_revocation_reaches_the_edge_within_a_second_and_unknown_keys_cost
             await registry.put_key(late)
             await eventually(lambda: _usable(edge, late.key_id), timeout_s=1, what="the new key at the edge")
 
-            expiring = KeyRecord(key_id="e" * 24, tenant="acme", expires_at_ms=wall_clock_ms() + 1_000)
-            await registry.put_key(expiring)
+            expiring = await registry.put_key(KeyRecord(key_id="e" * 24, tenant="acme", expires_at_ms=wall_clock_ms() + 1_000))
             assert await edge.usable(expiring.key_id) == expiring
             await eventually(lambda: _refused(edge, expiring.key_id), timeout_s=3, what="the key to expire")
     finally:
