@@ -1,21 +1,23 @@
-"""Admin endpoints: API keys, plans and policies, and the dry-run of a policy. Admin token only.
+"""Admin endpoints: API keys, plans and policies, the dry-run of a policy, and the audit trail. Admin token only.
 
 Every change is written to the registry (a compacted Kafka topic, `processors.registry`) before it is
-answered, and applied in this process at once; other processes pick it up within a second. A new
-key is returned once, in the response to its creation; only its key id (a keyed hash) is stored.
+answered, and applied in this process at once; other processes pick it up within a second. Every change
+is recorded in the audit trail (`api.audit`) with the admin credential's name. A new key is returned once,
+in the response to its creation; only its key id (a keyed hash) is stored.
 """
 
 from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from aiokafka.errors import KafkaError
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from api.audit import AuditRecord, AuditTrail
 from api.auth import admin
 from api.usage import Instant, store_answer
 from ingest.clock import wall_clock_ms
@@ -128,12 +130,25 @@ def _ms(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)  # an `Instant`: always in UTC
 
 
-def _info(record: KeyRecord) -> KeyInfo:
+def key_info(record: KeyRecord) -> KeyInfo:
     return KeyInfo(
         key_id=record.key_id, tenant=record.tenant, plan=record.plan or None, name=record.name, status=record.status,
         expires_at=_instant(record.expires_at_ms) if record.expires_at_ms else None,
         created_at=_instant(record.created_ms), hint=record.hint, version=record.version,
     )  # fmt: skip
+
+
+Admin = Annotated[str, Depends(admin)]
+"""The calling admin credential's name."""
+
+
+async def _audit(request: Request, actor: str, action: str, target: str, before: object, after: object) -> None:
+    trail: AuditTrail = request.app.state.audit
+    await trail.record(f"admin:{actor}", action, target, _plain(before), _plain(after))
+
+
+def _plain(value: object) -> object:
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
 
 
 def _registry(request: Request) -> Registry:
@@ -199,7 +214,7 @@ def _existing(request: Request, key_id: str) -> KeyRecord:
 
 
 @router.post("/keys", status_code=201, response_model=NewKey, summary="Create an API key (shown once)")
-async def create_key(request: Request, body: KeyCreate) -> NewKey:
+async def create_key(request: Request, body: KeyCreate, actor: Admin) -> NewKey:
     salt = request.app.state.settings.key_salt_bytes
     plan, expires_at_ms = _known_plan(request, body.plan), _future(body.expires_at)
     try:
@@ -208,7 +223,8 @@ async def create_key(request: Request, body: KeyCreate) -> NewKey:
         )
     except KafkaError as exc:
         raise _registry_unavailable(exc) from None
-    return NewKey(**_info(record).model_dump(), key=plain)
+    await _audit(request, actor, "key.create", record.key_id, None, key_info(record))
+    return NewKey(**key_info(record).model_dump(), key=plain)
 
 
 @router.get("/keys", response_model=KeyPage, summary="List API keys, filtered, a page at a time")
@@ -227,12 +243,12 @@ async def list_keys(
         and (plan is None or (record.plan or None) == plan) and (status is None or record.status == status)
     ]  # fmt: skip
     page = chosen[:limit]
-    return KeyPage(keys=[_info(r) for r in page], next_cursor=page[-1].key_id if len(chosen) > limit else None)
+    return KeyPage(keys=[key_info(r) for r in page], next_cursor=page[-1].key_id if len(chosen) > limit else None)
 
 
 @router.get("/keys/{key_id}", response_model=KeyInfo, summary="One API key")
 async def get_key(request: Request, key_id: _KeyId) -> KeyInfo:
-    return _info(_existing(request, key_id))
+    return key_info(_existing(request, key_id))
 
 
 @router.patch(
@@ -241,9 +257,9 @@ async def get_key(request: Request, key_id: _KeyId) -> KeyInfo:
     "holds): 409 if another change landed first, or if the key is revoked.",
 )  # fmt: skip
 async def change_key(
-    request: Request, key_id: _KeyId, body: KeyChange, if_match: Annotated[str | None, Header()] = None
+    request: Request, key_id: _KeyId, body: KeyChange, actor: Admin, if_match: Annotated[str | None, Header()] = None
 ) -> KeyInfo:
-    record = _existing(request, key_id)
+    record = before = _existing(request, key_id)
     if record.status == "revoked":
         raise _revoked()
     expected = _if_match(if_match, record)
@@ -256,16 +272,21 @@ async def change_key(
         record = msgspec.structs.replace(record, name=body.name)
     if "expires_at" in changes:
         record = msgspec.structs.replace(record, expires_at_ms=_future(body.expires_at))
-    return _info(await _store_key(request, record, expected))
+    after = await _store_key(request, record, expected)
+    await _audit(request, actor, "key.change", key_id, key_info(before), key_info(after))
+    return key_info(after)
 
 
 @router.delete("/keys/{key_id}", response_model=KeyInfo, summary="Revoke a key, for good (no later change undoes it)")
-async def revoke_key(request: Request, key_id: _KeyId) -> KeyInfo:
-    _existing(request, key_id)
+async def revoke_key(request: Request, key_id: _KeyId, actor: Admin) -> KeyInfo:
+    before = _existing(request, key_id)
     try:
-        return _info(await _registry(request).revoke_key(key_id))
+        after = await _registry(request).revoke_key(key_id)
     except KafkaError as exc:
         raise _registry_unavailable(exc) from None
+    if before.status != "revoked":
+        await _audit(request, actor, "key.revoke", key_id, key_info(before), key_info(after))
+    return key_info(after)
 
 
 async def _put_document(request: Request, document: dict[str, object]) -> PolicySet:
@@ -290,11 +311,13 @@ async def get_plans(request: Request) -> Plans:
 
 
 @router.put("/plans", response_model=Plans, summary="Replace the plans (validated with the policies in force)")
-async def put_plans(request: Request, body: Plans) -> Plans:
+async def put_plans(request: Request, body: Plans, actor: Admin) -> Plans:
     current = _policies(request)
     document = {**current.model_dump(mode="json"), **body.model_dump(mode="json")}
     policies = await _put_document(request, document)
-    return Plans(plans=policies.plans, default_plan=policies.default_plan)
+    after = Plans(plans=policies.plans, default_plan=policies.default_plan)
+    await _audit(request, actor, "plans.replace", "plans", Plans(plans=current.plans, default_plan=current.default_plan), after)
+    return after
 
 
 @router.get("/policies", response_model=PoliciesInForce, summary="The policies in force")
@@ -304,10 +327,46 @@ async def get_policies(request: Request) -> PoliciesInForce:
 
 
 @router.put("/policies", response_model=PoliciesInForce, summary="Replace the policies (applied everywhere within seconds)")
-async def put_policies(request: Request, body: Policies) -> PoliciesInForce:
-    document = {**_policies(request).model_dump(mode="json"), "policies": [p.model_dump(mode="json") for p in body.policies]}
+async def put_policies(request: Request, body: Policies, actor: Admin) -> PoliciesInForce:
+    current = _policies(request)
+    document = {**current.model_dump(mode="json"), "policies": [p.model_dump(mode="json") for p in body.policies]}
     policies = await _put_document(request, document)
+    await _audit(request, actor, "policies.replace", "policies", Policies(policies=current.policies), Policies(policies=policies.policies))
     return PoliciesInForce(policies=policies.policies, origin="registry")
+
+
+class AuditEntry(BaseModel):
+    id: str
+    at: datetime
+    actor: str = Field(description="admin:<credential name>, or cli:<user> for `throttlex keys create`")
+    action: Literal["key.create", "key.change", "key.revoke", "plans.replace", "policies.replace"]
+    target: str = Field(description="the key id, or plans / policies")
+    before: Any = Field(description="the key, plans or policies before the change (null for a creation)")
+    after: Any
+
+
+class AuditPage(BaseModel):
+    entries: list[AuditEntry] = Field(description="newest first")
+
+
+@router.get("/audit", response_model=AuditPage, summary="The audit trail of admin changes, newest first")
+async def audit_trail(
+    request: Request,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    target: Annotated[str | None, Query(max_length=128, description="a key id, plans or policies")] = None,
+    actor: Annotated[str | None, Query(max_length=128, description="e.g. admin:root")] = None,
+) -> AuditPage:
+    trail: AuditTrail = request.app.state.audit
+    try:
+        entries = await trail.recent(limit, target=target, actor=actor)
+    except KafkaError as exc:
+        raise HTTPException(status_code=503, detail=f"the audit trail (Kafka) cannot be read now: {type(exc).__name__}") from None
+    return AuditPage(entries=[_entry(entry) for entry in entries])
+
+
+def _entry(entry: AuditRecord) -> AuditEntry:
+    return AuditEntry(id=entry.id, at=_instant(entry.at_ms), actor=entry.actor, action=entry.action,
+                      target=entry.target, before=entry.before, after=entry.after)  # fmt: skip
 
 
 @router.get("/policies/{name}/dry-run", response_model=DryRun, summary="Replay a policy in force over stored usage")

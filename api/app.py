@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
 from api import admin, event_ingest, quota, usage
+from api.audit import AuditTrail
 from api.settings import ApiSettings
 from ingest.producer import EventProducer
 from processors.accounting.exact_usage import ExactUsage
@@ -46,7 +47,10 @@ def create_app(
         app.state.kafka = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
         app.state.producer = EventProducer(settings.kafka_bootstrap, settings.events_topic)
         app.state.exact_usage = ExactUsage(settings.kafka_bootstrap, settings.events_topic, settings.sink_group)
+        app.state.audit = AuditTrail(settings.kafka_bootstrap, settings.audit_topic,
+                                     replication_factor=settings.topic_replication_factor)  # fmt: skip
         try:
+            await app.state.audit.start()
             await app.state.kafka.start()
             await app.state.producer.start()
             await app.state.exact_usage.start()
@@ -65,6 +69,7 @@ def create_app(
             if app.state.producer is not None:
                 await app.state.producer.stop()
                 await app.state.exact_usage.stop()
+            await app.state.audit.stop()
             await app.state.kafka.close()
             await app.state.redis.aclose()
 

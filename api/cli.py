@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import getpass
 import re
 import secrets
 import sys
@@ -140,12 +141,20 @@ def create_key(
         _fail(f"tenant {tenant!r} must be 1-64 letters, digits or . _ : -")
     settings = _settings(RunSettings)
     configure_logging("WARNING", role="keys")
+    from api.admin import key_info
+    from api.audit import AuditTrail
     from processors.registry import issue_key, open_registry
 
     async def create() -> None:
+        trail = AuditTrail(settings.kafka_bootstrap, settings.audit_topic, replication_factor=settings.topic_replication_factor)
         async with open_registry(settings, replication_factor=settings.topic_replication_factor) as registry:
             (registry.policies or load_policies(settings.policy_file)).known_plan(plan)
             plain, record = await issue_key(registry, settings.key_salt_bytes, tenant=tenant, plan=plan, name=name)
+            await trail.start()
+            try:
+                await trail.record(f"cli:{getpass.getuser()}", "key.create", record.key_id, None, key_info(record).model_dump(mode="json"))
+            finally:
+                await trail.stop()
         typer.echo(f"key id {record.key_id} (tenant {tenant}, plan {plan or 'default'})", err=True)
         typer.echo(plain)
 

@@ -29,6 +29,7 @@ class ApiSettings(WorkerSettings, SinkSettings):
         "(tenant * for every tenant)",
     )
     ingest_tokens_file: Path | None = Field(None, description="a file with more ingest credentials, like admin_tokens_file")
+    audit_topic: str = Field("throttlex.audit", description="topic keeping the audit trail of admin changes (kept for ever)")
     ingest_max_events: int = Field(1000, ge=1, description="most events in one POST /v1/events")
     ingest_max_bytes: int = Field(1024 * 1024, ge=1024, description="largest POST /v1/events body")
     dry_run_max_events: int = Field(2_000_000, ge=1, description="most stored events one policy dry-run replays")

@@ -89,6 +89,7 @@ class Sandbox:
             "THROTTLEX_EVENTS_TOPIC": f"test-{self.tag}.events",
             "THROTTLEX_DEAD_LETTER_TOPIC": f"test-{self.tag}.deadletter",
             "THROTTLEX_REGISTRY_TOPIC": f"test-{self.tag}.registry",
+            "THROTTLEX_AUDIT_TOPIC": f"test-{self.tag}.audit",
             "THROTTLEX_WORKER_GROUP": f"test-{self.tag}-worker",
             "THROTTLEX_SINK_GROUP": f"test-{self.tag}-sink",
             "THROTTLEX_REDIS_PREFIX": f"test-{self.tag}",

@@ -10,7 +10,7 @@ import httpx
 
 from tests.conftest import RoleProcess, Sandbox, free_port, start_role
 
-ADMIN, INGEST = "admin-token-for-tests", "ingest-token-for-tests"
+ADMIN, OPS, INGEST = "admin-token-for-tests", "second-admin-token-for-tests", "ingest-token-for-tests"
 POLICIES = """
 policies:
   - name: per-key
@@ -42,14 +42,15 @@ def create_key(client: httpx.Client, **body: Any) -> dict[str, Any]:
     return created
 
 
-def admin() -> dict[str, str]:
-    return {"authorization": f"Bearer {ADMIN}"}
+def admin(token: str = ADMIN) -> dict[str, str]:
+    """Headers of an admin: ``root`` (`ADMIN`) unless another admin's token is given (`OPS`: ``ops``)."""
+    return {"authorization": f"Bearer {token}"}
 
 
 def start_deployment(sandbox: Sandbox) -> tuple[RoleProcess, RoleProcess, str, str]:
     (sandbox.root / "policies.yaml").write_text(POLICIES)
     api_port, gateway_port = free_port(), free_port()
-    tokens = {"THROTTLEX_ADMIN_TOKENS": f"root:{ADMIN}", "THROTTLEX_INGEST_TOKENS": f"gateways:*:{INGEST}"}
+    tokens = {"THROTTLEX_ADMIN_TOKENS": f"root:{ADMIN},ops:{OPS}", "THROTTLEX_INGEST_TOKENS": f"gateways:*:{INGEST}"}
     run = start_role(sandbox, ["run", "--api-port", str(api_port)], tokens)
     gateway = start_role(sandbox, ["gateway", "--port", str(gateway_port)])
     return run, gateway, f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{gateway_port}"

@@ -5,6 +5,7 @@ changes, the dry-run against a brute-force computation, and no plain key left an
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import threading
 import time
@@ -24,7 +25,7 @@ from redis.asyncio import Redis
 from ingest.events import UsageEvent, encode
 from processors.accounting.store import UsageStore
 from tests.conftest import RoleProcess, Sandbox, stop_role
-from tests.e2e.deployment import INGEST, POLICIES, admin, create_key, start_deployment, wait_healthy
+from tests.e2e.deployment import INGEST, OPS, POLICIES, admin, create_key, start_deployment, wait_healthy
 from tests.factories import make_event
 
 pytestmark = pytest.mark.e2e
@@ -314,6 +315,43 @@ def test_dry_run_reports_exactly_the_blocks_a_brute_force_replay_gives(deploymen
     assert api.get("/v1/admin/policies/nope/dry-run", params=span, headers=admin()).status_code == 404
     backwards = api.post("/v1/admin/policies/dry-run", json={**body, "to": body["from"]}, headers=admin())
     assert backwards.status_code == 422
+
+
+def test_every_admin_change_is_in_the_audit_trail_with_who_and_what_before_and_after(
+    deployment: Deployment, api: httpx.Client
+) -> None:
+    created = create_key(api, tenant="acme", name="audited")
+    key_id = created["key_id"]
+    assert api.patch(f"/v1/admin/keys/{key_id}", json={"name": "renamed"}, headers=admin()).status_code == 200
+    assert api.delete(f"/v1/admin/keys/{key_id}", headers=admin(OPS)).status_code == 200
+    assert api.delete(f"/v1/admin/keys/{key_id}", headers=admin(OPS)).status_code == 200  # already revoked: no change
+    plans = api.get("/v1/admin/plans", headers=admin()).json()
+    changed_plans = {**plans, "plans": {**plans["plans"], "audited": {"monthly_units": 5}}}
+    assert api.put("/v1/admin/plans", json=changed_plans, headers=admin(OPS)).status_code == 200
+
+    trail = api.get("/v1/admin/audit", params={"target": key_id}, headers=admin())
+    assert trail.status_code == 200, trail.text
+    entries = trail.json()["entries"]
+    assert [(e["action"], e["actor"]) for e in entries] == [
+        ("key.revoke", "admin:ops"), ("key.change", "admin:root"), ("key.create", "admin:root")]  # fmt: skip
+    revoke, change, create = entries
+    assert create["before"] is None and create["after"]["name"] == "audited" and create["after"]["hint"] == created["hint"]
+    assert (change["before"]["name"], change["after"]["name"]) == ("audited", "renamed")
+    assert (revoke["before"]["status"], revoke["after"]["status"]) == ("active", "revoked")
+    assert created["key"] not in trail.text  # never the plain key
+    assert datetime.fromisoformat(create["at"]) <= datetime.fromisoformat(revoke["at"])
+
+    [plan_change] = api.get("/v1/admin/audit", params={"target": "plans", "limit": 1}, headers=admin()).json()["entries"]
+    assert plan_change["actor"] == "admin:ops" and "audited" not in plan_change["before"]["plans"]
+    assert plan_change["after"]["plans"]["audited"]["monthly_units"] == 5
+    by_ops = api.get("/v1/admin/audit", params={"actor": "admin:ops"}, headers=admin()).json()["entries"]
+    assert [e["action"] for e in by_ops][:2] == ["plans.replace", "key.revoke"]
+
+    logged = [json.loads(line) for line in deployment.run.log().splitlines() if '"throttlex.audit"' in line]
+    assert [(line["level"], line["audit"]["action"]) for line in logged if line["audit"]["target"] == key_id] == [
+        ("INFO", "key.create"), ("INFO", "key.change"), ("INFO", "key.revoke")]  # fmt: skip
+    key_holder = api.get("/v1/admin/audit", headers={"x-api-key": deployment.keys["own"]["key"]})
+    assert key_holder.status_code == 403
 
 
 LOAD_EVENTS = 200_000

@@ -4,6 +4,7 @@ at once, unknown keys cost one Redis call, and a Redis that restarts empty gets 
 from __future__ import annotations
 
 import asyncio
+import getpass
 import subprocess
 import time
 import uuid
@@ -13,15 +14,18 @@ import msgspec
 import pytest
 from redis.asyncio import Redis
 
+from api.audit import AuditTrail
 from ingest import denylist_entries
 from ingest.denylist_entries import limit_key
 from ingest.clock import wall_clock_ms
+from ingest.events import key_id_for
 from ingest.keys import EdgeKeys, KeyRecord, key_view
 from ingest.settings import ConnectionSettings
 from processors.core.policy import parse_policies
 from processors.registry import issue_key, open_registry
 from tests.conftest import EventSender, RoleProcess, Sandbox, eventually, redis_answers
 from tests.factories import make_event
+from tests.unit.api.test_cli import throttlex
 
 pytestmark = pytest.mark.integration
 
@@ -141,3 +145,17 @@ async def test_a_policy_document_in_the_registry_reaches_a_running_worker_proces
     raw = await redis.get(block_key)
     assert raw is not None and denylist_entries.decode_block(raw).policy == "tight"
     print(f"registry policy applied by the worker process {applied_s:.2f} s after the write")
+
+
+async def test_a_key_made_on_the_command_line_is_in_the_registry_and_the_audit_trail(sandbox: Sandbox) -> None:
+    result = await asyncio.to_thread(throttlex, "keys", "create", "--tenant", "acme", "--name", "cli-made", env=sandbox.env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    plain = result.stdout.strip()
+    settings = sandbox.settings(ConnectionSettings)
+    async with open_registry(settings) as registry:
+        [record] = [record for record in registry.keys.values() if record.name == "cli-made"]
+    assert record.key_id == key_id_for(plain, settings.key_salt_bytes) and record.version == 1
+    trail = AuditTrail(sandbox.kafka_bootstrap, sandbox.env["THROTTLEX_AUDIT_TOPIC"])
+    [entry] = await trail.recent(10)
+    assert (entry.actor, entry.action, entry.target) == (f"cli:{getpass.getuser()}", "key.create", record.key_id)
+    assert entry.after["name"] == "cli-made" and plain not in str(entry)
