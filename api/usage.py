@@ -146,7 +146,13 @@ def _month(period: str) -> tuple[datetime, datetime]:
     return start, end
 
 
-@router.get("/export", summary="Billing export for one calendar month (UTC), per tenant and key")
+@router.get(
+    "/export",
+    summary="Billing export for one calendar month (UTC), per tenant and key",
+    response_model=UsageExport,
+    responses={200: {"content": {"text/csv": {"schema": {"type": "string"}}},
+                     "description": "JSON (`format=json`) or CSV with a header line (`format=csv`)"}},
+)  # fmt: skip
 async def export(
     request: Request,
     who: Annotated[Caller, Depends(caller)],

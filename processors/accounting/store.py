@@ -191,7 +191,9 @@ class UsageStore:
 
 
 def _insert_settings(dedup_token: str | None) -> dict[str, Any]:
-    settings: dict[str, Any] = {"async_insert": 0}
+    # A batch holds events of any month the contract accepts (2000-2099), one partition each: ClickHouse's
+    # default guard (100 partitions a block) would refuse such a batch for ever, and the sink would stop.
+    settings: dict[str, Any] = {"async_insert": 0, "max_partitions_per_insert_block": 0}
     if dedup_token is not None:
         settings |= {
             "insert_deduplicate": 1,

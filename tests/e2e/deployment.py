@@ -47,10 +47,12 @@ def admin(token: str = ADMIN) -> dict[str, str]:
     return {"authorization": f"Bearer {token}"}
 
 
-def start_deployment(sandbox: Sandbox) -> tuple[RoleProcess, RoleProcess, str, str]:
+def start_deployment(sandbox: Sandbox, *, extra_ingest: str = "") -> tuple[RoleProcess, RoleProcess, str, str]:
+    """``extra_ingest``: more ingest credentials beside ``gateways`` (`INGEST`, every tenant)."""
     (sandbox.root / "policies.yaml").write_text(POLICIES)
     api_port, gateway_port = free_port(), free_port()
-    tokens = {"THROTTLEX_ADMIN_TOKENS": f"root:{ADMIN},ops:{OPS}", "THROTTLEX_INGEST_TOKENS": f"gateways:*:{INGEST}"}
+    ingest = ",".join(filter(None, [f"gateways:*:{INGEST}", extra_ingest]))
+    tokens = {"THROTTLEX_ADMIN_TOKENS": f"root:{ADMIN},ops:{OPS}", "THROTTLEX_INGEST_TOKENS": ingest}
     run = start_role(sandbox, ["run", "--api-port", str(api_port)], tokens)
     gateway = start_role(sandbox, ["gateway", "--port", str(gateway_port)])
     return run, gateway, f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{gateway_port}"

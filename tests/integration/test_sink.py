@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -142,3 +143,25 @@ async def test_a_batch_rebuilt_from_other_reads_is_dropped_as_a_duplicate(tmp_pa
     finally:
         await store.close()
     assert (rows, requests, cost) == (10, 10, sum(1 + n % 3 for n in range(10)))
+
+
+async def test_a_batch_spanning_many_months_is_stored_once(tmp_path: Path) -> None:
+    """Events of 150 different months in one batch (a month is a partition; ClickHouse refuses more than 100 in
+    one insert by default, and the sink would retry that for ever), inserted twice under one token: stored once,
+    in the raw table and the rollups."""
+    events = [make_event(event_id=uuid.uuid4(), event_time_ms=int(datetime(2000 + m // 12, m % 12 + 1, 3, tzinfo=UTC).timestamp() * 1000))
+              for m in range(150)]  # fmt: skip
+    records = [ConsumerRecord("events", 0, n, 0, 0, None, encode(event), None, 0, 0, []) for n, event in enumerate(events)]
+    rows, _ = event_rows(records, 0)
+    stream = arrow_stream(pa.Table.from_batches([rows]))
+    store = UsageStore(f"chdb://{tmp_path / 'chdb'}")
+    await store.open()
+    try:
+        await store.migrate()
+        for _ in range(2):  # the second time as a replay after a crash
+            await store.insert_arrow("usage_events", stream, EVENT_SCHEMA.names, dedup_token="events/0/0-149")
+        [(stored, months)] = await store.query("SELECT count(), uniqExact(toYYYYMM(event_time)) FROM usage_events")
+        [(per_day,)] = await store.query("SELECT sum(requests) FROM usage_per_day")
+    finally:
+        await store.close()
+    assert (stored, months, per_day) == (150, 150, 150)
