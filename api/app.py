@@ -44,10 +44,10 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.redis = redis_client(settings.redis_url, settings.redis_timeout_s)
-        app.state.kafka = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-        app.state.producer = EventProducer(settings.kafka_bootstrap, settings.events_topic)
-        app.state.exact_usage = ExactUsage(settings.kafka_bootstrap, settings.events_topic, settings.sink_group)
-        app.state.audit = AuditTrail(settings.kafka_bootstrap, settings.audit_topic,
+        app.state.kafka = AIOKafkaAdminClient(**settings.kafka.aiokafka_options())
+        app.state.producer = EventProducer(settings.kafka, settings.events_topic)
+        app.state.exact_usage = ExactUsage(settings.kafka, settings.events_topic, settings.sink_group)
+        app.state.audit = AuditTrail(settings.kafka, settings.audit_topic,
                                      replication_factor=settings.topic_replication_factor)  # fmt: skip
         try:
             await app.state.audit.start()

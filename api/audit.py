@@ -18,6 +18,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from ingest.clock import wall_clock_ms
+from ingest.kafka_access import KafkaAccess
 from processors.topics import ensure_topics
 
 log = logging.getLogger("throttlex.audit")
@@ -40,8 +41,8 @@ class AuditRecord(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class AuditTrail:
-    def __init__(self, bootstrap: str, topic: str, *, replication_factor: int = 1) -> None:
-        self._bootstrap = bootstrap
+    def __init__(self, kafka: KafkaAccess | str, topic: str, *, replication_factor: int = 1) -> None:
+        self._kafka = KafkaAccess.of(kafka)
         self._topic = topic
         self._replication_factor = replication_factor
         self._partition = TopicPartition(topic, 0)
@@ -49,10 +50,10 @@ class AuditTrail:
 
     async def start(self) -> None:
         await ensure_topics(
-            self._bootstrap, {self._topic: 1}, replication_factor=self._replication_factor,
+            self._kafka, {self._topic: 1}, replication_factor=self._replication_factor,
             configs={self._topic: {"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"}},
         )  # fmt: skip
-        self._producer = AIOKafkaProducer(bootstrap_servers=self._bootstrap, acks="all", enable_idempotence=True)
+        self._producer = AIOKafkaProducer(**self._kafka.aiokafka_options(), acks="all", enable_idempotence=True)
         await self._producer.start()
 
     async def stop(self) -> None:
@@ -76,7 +77,7 @@ class AuditTrail:
 
     async def recent(self, limit: int, *, target: str | None = None, actor: str | None = None) -> list[AuditRecord]:
         """The newest ``limit`` records (matching ``target`` and ``actor`` if given) among the last `SCAN_LIMIT`."""
-        consumer = AIOKafkaConsumer(bootstrap_servers=self._bootstrap, group_id=None, enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(**self._kafka.aiokafka_options(), group_id=None, enable_auto_commit=False)
         await consumer.start()
         try:
             consumer.assign([self._partition])

@@ -146,7 +146,7 @@ def create_key(
     from processors.registry import issue_key, open_registry
 
     async def create() -> None:
-        trail = AuditTrail(settings.kafka_bootstrap, settings.audit_topic, replication_factor=settings.topic_replication_factor)
+        trail = AuditTrail(settings.kafka, settings.audit_topic, replication_factor=settings.topic_replication_factor)
         async with open_registry(settings, replication_factor=settings.topic_replication_factor) as registry:
             (registry.policies or load_policies(settings.policy_file)).known_plan(plan)
             plain, record = await issue_key(registry, settings.key_salt_bytes, tenant=tenant, plan=plan, name=name)

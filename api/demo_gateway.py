@@ -22,7 +22,7 @@ from ingest.settings import GatewaySettings
 
 def create_gateway_app(settings: GatewaySettings) -> FastAPI:
     producer = EventProducer(
-        settings.kafka_bootstrap, settings.events_topic,
+        settings.kafka, settings.events_topic,
         linger_ms=settings.producer_linger_ms, buffer_max_events=settings.producer_buffer_max_events,
     )  # fmt: skip
     denylist = EdgeDenylist(

@@ -55,7 +55,7 @@ async def run_roles(roles: set[str], settings: RunSettings) -> None:
             stack.push_async_callback(lambda: worker_loop.run(worker.stop()))
             source.on_change(lambda changed: worker_loop.run(worker.replace_policies(changed)))
             watches.append(asyncio.create_task(worker_loop.run(worker.crashed()), name="worker-watch"))
-            lag = watch_lag(settings.kafka_bootstrap, settings.worker_group, settings.events_topic)
+            lag = watch_lag(settings.kafka, settings.worker_group, settings.events_topic)
             watches.append(_background(stack, lag))
             log.info("worker started", extra={"policies": [p.name for p in policies.policies]})
         if "sink" in roles:
@@ -110,7 +110,7 @@ async def _start_sink(
     stack.push_async_callback(lambda: sink_loop.run(sink.stop()))
     watches = [
         asyncio.create_task(sink_loop.run(sink.crashed()), name="sink-watch"),
-        _background(stack, watch_lag(settings.kafka_bootstrap, settings.sink_group, settings.events_topic)),
+        _background(stack, watch_lag(settings.kafka, settings.sink_group, settings.events_topic)),
     ]
     if settings.reconcile_interval_s:
         redis = redis_client(settings.redis_url, settings.redis_timeout_s)

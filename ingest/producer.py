@@ -13,6 +13,7 @@ from confluent_kafka import KafkaError, KafkaException, Message
 
 from ingest import metrics
 from ingest.events import UsageEvent, encode
+from ingest.kafka_access import KafkaAccess
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,10 @@ class EventProducer:
     ``throttlex_gateway_events_failed_total`` if Kafka refuses it for good.
     """
 
-    def __init__(self, bootstrap: str, topic: str, *, linger_ms: int = 5, buffer_max_events: int = 100_000) -> None:
+    def __init__(self, kafka: KafkaAccess | str, topic: str, *, linger_ms: int = 5, buffer_max_events: int = 100_000) -> None:
         self._topic = topic
         self._producer = confluent_kafka.Producer({
-            "bootstrap.servers": bootstrap,
+            **KafkaAccess.of(kafka).librdkafka_config(),
             "enable.idempotence": True,  # acks=all, ordered retries without duplicates
             "linger.ms": linger_ms,
             "compression.type": "lz4",

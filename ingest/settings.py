@@ -8,9 +8,11 @@ patching the environment.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Literal
 
 from ingest.denylist import FailMode
+from ingest.kafka_access import KafkaAccess, SaslMechanism, SecurityProtocol
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -26,6 +28,15 @@ class ConnectionSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="THROTTLEX_", extra="ignore", frozen=True)
 
     kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, comma separated")
+    kafka_security_protocol: SecurityProtocol = Field(
+        "PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL, for every Kafka client of the role"
+    )
+    kafka_sasl_mechanism: SaslMechanism | None = Field(None, description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (SASL_*)")
+    kafka_sasl_username: str = Field("", description="SASL user name (SASL_*)")
+    kafka_sasl_password: SecretStr = Field(SecretStr(""), description="SASL password (SASL_*)")
+    kafka_ssl_cafile: Path | None = Field(
+        None, description="PEM file of the CA that signed the brokers' certificates (SSL, SASL_SSL); default: the system's"
+    )
     events_topic: str = Field("throttlex.events", description="topic the gateways write usage events to")
     events_partitions: int = Field(4, ge=1, description="partitions of the events topic when ThrottleX creates it")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the denylist and live usage")
@@ -45,6 +56,27 @@ class ConnectionSettings(BaseSettings):
         "throttlex.registry", description="compacted topic holding API keys, plans and policies (the source of truth)"
     )
     log_level: LogLevel = "INFO"
+
+    @property
+    def kafka(self) -> KafkaAccess:
+        """How this role's Kafka clients reach the brokers."""
+        return KafkaAccess(
+            self.kafka_bootstrap, self.kafka_security_protocol, self.kafka_sasl_mechanism, self.kafka_sasl_username,
+            self.kafka_sasl_password.get_secret_value(), str(self.kafka_ssl_cafile) if self.kafka_ssl_cafile else None,
+        )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _complete_kafka_security(self) -> ConnectionSettings:
+        if self.kafka_security_protocol.startswith("SASL") and not (
+            self.kafka_sasl_mechanism and self.kafka_sasl_username and self.kafka_sasl_password.get_secret_value()
+        ):  # fmt: skip
+            raise ValueError(
+                f"THROTTLEX_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs THROTTLEX_KAFKA_SASL_MECHANISM, "
+                "THROTTLEX_KAFKA_SASL_USERNAME and THROTTLEX_KAFKA_SASL_PASSWORD"
+            )
+        if self.kafka_ssl_cafile is not None and not self.kafka_ssl_cafile.is_file():
+            raise ValueError(f"THROTTLEX_KAFKA_SSL_CAFILE {self.kafka_ssl_cafile} is not a readable file")
+        return self
 
     @property
     def key_salt_bytes(self) -> bytes:

@@ -14,15 +14,18 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
+from ingest.kafka_access import KafkaAccess
+
 from processors import metrics
 
 log = logging.getLogger(__name__)
 
 
-async def watch_lag(bootstrap: str, group: str, topic: str, *, interval_s: float = 5.0) -> None:
+async def watch_lag(kafka: KafkaAccess | str, group: str, topic: str, *, interval_s: float = 5.0) -> None:
     """Update ``throttlex_consumer_lag_events{group=...}`` until cancelled."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    offsets = AIOKafkaConsumer(bootstrap_servers=bootstrap)  # no group: reads end offsets only
+    options = KafkaAccess.of(kafka).aiokafka_options()
+    admin = AIOKafkaAdminClient(**options)
+    offsets = AIOKafkaConsumer(**options)  # no group: reads end offsets only
     await admin.start()
     await offsets.start()
     try:

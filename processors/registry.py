@@ -38,6 +38,7 @@ from redis.exceptions import RedisError
 
 from ingest.clock import wall_clock_ms
 from ingest.events import key_id_for
+from ingest.kafka_access import KafkaAccess
 from ingest.keys import RESYNC, KeyRecord, decode_key, encode_key, key_channel, key_view
 from ingest.settings import ConnectionSettings
 from processors import metrics
@@ -79,8 +80,8 @@ class KeyRevoked(Exception):
 
 
 class Registry:
-    def __init__(self, bootstrap: str, topic: str, redis: Redis | None, prefix: str, *, replication_factor: int = 1) -> None:
-        self._bootstrap = bootstrap
+    def __init__(self, kafka: KafkaAccess | str, topic: str, redis: Redis | None, prefix: str, *, replication_factor: int = 1) -> None:
+        self._kafka = KafkaAccess.of(kafka)
         self._topic = topic
         self._redis = redis
         self._prefix = prefix
@@ -100,11 +101,11 @@ class Registry:
     async def start(self) -> None:
         """Create the topic if needed and read it to its end, so `keys` and `policies` are current."""
         await ensure_topics(
-            self._bootstrap, {self._topic: 1}, replication_factor=self._replication_factor,
+            self._kafka, {self._topic: 1}, replication_factor=self._replication_factor,
             configs={self._topic: {"cleanup.policy": "compact"}},
         )  # fmt: skip
-        self._producer = AIOKafkaProducer(bootstrap_servers=self._bootstrap, acks="all", enable_idempotence=True)
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=self._bootstrap, group_id=None, enable_auto_commit=False)
+        self._producer = AIOKafkaProducer(**self._kafka.aiokafka_options(), acks="all", enable_idempotence=True)
+        self._consumer = AIOKafkaConsumer(**self._kafka.aiokafka_options(), group_id=None, enable_auto_commit=False)
         await self._producer.start()
         await self._consumer.start()
         self._consumer.assign([self._partition])
@@ -287,7 +288,7 @@ async def open_registry(settings: ConnectionSettings, *, replication_factor: int
     """A started registry that mirrors keys into the settings' Redis; stopped on exit."""
     redis = redis_client(settings.redis_url, settings.redis_timeout_s)
     registry = Registry(
-        settings.kafka_bootstrap, settings.registry_topic, redis, settings.redis_prefix,
+        settings.kafka, settings.registry_topic, redis, settings.redis_prefix,
         replication_factor=replication_factor,
     )  # fmt: skip
     try:

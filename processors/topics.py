@@ -8,13 +8,15 @@ from collections.abc import Collection
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from ingest.kafka_access import KafkaAccess
+
 
 class PartitionCountMismatch(ValueError):
     """An existing topic has another partition count than the settings give it."""
 
 
 async def ensure_topics(
-    bootstrap: str,
+    kafka: KafkaAccess | str,
     partitions: dict[str, int],
     *,
     replication_factor: int = 1,
@@ -25,7 +27,7 @@ async def ensure_topics(
     existing topics are left as they are. A topic in ``exact`` must have the count given, or
     `PartitionCountMismatch` says both: keys are spread by the count, and state kept per partition
     (windows, changelogs) would be read from the wrong partitions under another one."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(**KafkaAccess.of(kafka).aiokafka_options())
     await admin.start()
     try:
         existing = set(await admin.list_topics())

@@ -22,6 +22,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.structs import TopicPartition
 
+from ingest.kafka_access import KafkaAccess
+
 from processors.accounting.ledger import HOUR_MS, MINUTE_MS, PlanLedger, month_around
 from processors.accounting.store import UsageStore
 from processors.accounting.tail import TailFollower
@@ -43,12 +45,12 @@ class ExactUsage:
     """Answers any number of reads at once, from one ledger and one follower (started by the first read,
     or by `prepare`)."""
 
-    def __init__(self, bootstrap: str, topic: str, sink_group: str) -> None:
-        self._bootstrap = bootstrap
+    def __init__(self, kafka: KafkaAccess | str, topic: str, sink_group: str) -> None:
+        self._kafka = KafkaAccess.of(kafka)
         self._topic = topic
         self._sink_group = sink_group
-        self._admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-        self._offsets = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)  # end offsets only
+        self._admin = AIOKafkaAdminClient(**self._kafka.aiokafka_options())
+        self._offsets = AIOKafkaConsumer(**self._kafka.aiokafka_options(), enable_auto_commit=False)  # end offsets only
         self._follower: TailFollower | None = None
         self._starting = asyncio.Lock()
 
@@ -85,7 +87,7 @@ class ExactUsage:
             await ledger.load(store, splits)
             if not splits:  # no topic yet, so nothing on its way: a ledger for this read only
                 return ledger
-            self._follower = TailFollower(self._bootstrap, self._topic, splits, ledger)
+            self._follower = TailFollower(self._kafka, self._topic, splits, ledger)
             return ledger
 
     def _ready(self, zone: ZoneInfo) -> PlanLedger | None:

@@ -104,7 +104,7 @@ class UsageSink:
         self._settings = settings
         self._store = store
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap,
+            **settings.kafka.aiokafka_options(),
             group_id=settings.sink_group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -123,7 +123,7 @@ class UsageSink:
     async def start(self) -> None:
         settings = self._settings
         await ensure_topics(
-            settings.kafka_bootstrap,
+            settings.kafka,
             {settings.events_topic: settings.events_partitions},
             replication_factor=settings.topic_replication_factor,
             exact=[settings.events_topic],
@@ -166,7 +166,7 @@ class UsageSink:
         partition again from its committed offset: records the consumer returned while this ran are
         read again, after the fences are in place."""
         self._assigning = True  # until the intents are loaded: if that fails, nothing is cut (better than a replay at other bounds)
-        admin = AIOKafkaAdminClient(bootstrap_servers=self._settings.kafka_bootstrap)
+        admin = AIOKafkaAdminClient(**self._settings.kafka.aiokafka_options())
         await admin.start()
         try:
             committed = await admin.list_consumer_group_offsets(self._settings.sink_group, partitions=list(assigned))

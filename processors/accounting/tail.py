@@ -23,6 +23,7 @@ import uuid
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from ingest.clock import wall_clock_ms
+from ingest.kafka_access import KafkaAccess
 from processors.accounting.ledger import PlanLedger
 
 log = logging.getLogger(__name__)
@@ -35,12 +36,12 @@ _SETTLE_POLL_S = 0.005
 class TailFollower:
     """Feeds ``ledger`` every event of ``topic`` from ``offsets`` (partition -> first offset) on."""
 
-    def __init__(self, bootstrap: str, topic: str, offsets: dict[int, int], ledger: PlanLedger) -> None:
+    def __init__(self, kafka: KafkaAccess | str, topic: str, offsets: dict[int, int], ledger: PlanLedger) -> None:
         self.ledger = ledger
         self._topic = topic
         self._positions = dict(offsets)  # partition -> next offset to read; read by other threads
         self._consumer = Consumer({
-            "bootstrap.servers": bootstrap, "group.id": f"throttlex-ledger-{uuid.uuid4()}",
+            **KafkaAccess.of(kafka).librdkafka_config(), "group.id": f"throttlex-ledger-{uuid.uuid4()}",
             "enable.auto.commit": False, "enable.auto.offset.store": False, "fetch.wait.max.ms": 50,
             "auto.offset.reset": "earliest",  # an offset gone with retention: what is left, as the sink reads it
         })  # fmt: skip

@@ -16,6 +16,8 @@ import logging
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from ingest.kafka_access import KafkaAccess
+
 from processors.core.policy import PolicySet
 from processors.core.state import KeyState, decode_key_state
 
@@ -33,7 +35,7 @@ def changelog_topic(group: str, input_topic: str) -> str:
 
 
 async def restore(
-    bootstrap: str, partitions: list[TopicPartition], policies: PolicySet, timeout_s: float = 120.0
+    kafka: KafkaAccess | str, partitions: list[TopicPartition], policies: PolicySet, timeout_s: float = 120.0
 ) -> dict[TopicPartition, dict[str, KeyState]]:
     """Read changelog partitions from their start to their end; the last state of each key, or, if a
     worker that had lost the partition wrote after its new owner, the one that includes more input."""
@@ -42,7 +44,7 @@ async def restore(
         return states
     # "earliest" also for the position a fresh assignment starts from: with "latest", that reset could
     # land after the seek below and the partition would look read to its end.
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+    consumer = AIOKafkaConsumer(**KafkaAccess.of(kafka).aiokafka_options(), enable_auto_commit=False, group_id=None,
                                 auto_offset_reset="earliest", max_partition_fetch_bytes=8 * 1024 * 1024)  # fmt: skip
     await consumer.start()
     try:

@@ -95,7 +95,7 @@ class StreamWorker:
         self._clock = clock
         self._group = settings.worker_group
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap,
+            **settings.kafka.aiokafka_options(),
             group_id=self._group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -109,7 +109,7 @@ class StreamWorker:
             heartbeat_interval_ms=2_000,
         )
         self._producer = AIOKafkaProducer(
-            bootstrap_servers=settings.kafka_bootstrap,
+            **settings.kafka.aiokafka_options(),
             acks="all",
             enable_idempotence=True,
             linger_ms=5,
@@ -156,7 +156,7 @@ class StreamWorker:
         gc.set_threshold(100_000, 50, 100)
         inputs = [settings.events_topic, settings.regroup_topic]
         await ensure_topics(
-            settings.kafka_bootstrap,
+            settings.kafka,
             {settings.events_topic: settings.events_partitions, settings.regroup_topic: settings.events_partitions,
              settings.dead_letter_topic: 1},
             replication_factor=settings.topic_replication_factor, exact=inputs,
@@ -165,7 +165,7 @@ class StreamWorker:
         counts = {topic: len(await self._producer.partitions_for(topic)) for topic in inputs}
         self._regroup_tps = [TopicPartition(settings.regroup_topic, p) for p in range(counts[settings.regroup_topic])]
         await ensure_topics(
-            settings.kafka_bootstrap,
+            settings.kafka,
             {changelog.changelog_topic(self._group, topic): count for topic, count in counts.items()},
             replication_factor=settings.topic_replication_factor,
             configs={changelog.changelog_topic(self._group, topic): changelog.TOPIC_CONFIG for topic in inputs},
@@ -545,7 +545,7 @@ class StreamWorker:
             regrouped = [tp for tp in assigned if tp.topic == self._settings.regroup_topic]
             ends = await self._consumer.end_offsets(regrouped) if regrouped else {}
             changelogs = [TopicPartition(changelog.changelog_topic(self._group, tp.topic), tp.partition) for tp in restore]
-            states = await changelog.restore(self._settings.kafka_bootstrap, changelogs, self._policies)
+            states = await changelog.restore(self._settings.kafka, changelogs, self._policies)
             now_ms = self._clock()
             keys = 0
             for tp, source in zip(restore, changelogs):
@@ -562,7 +562,7 @@ class StreamWorker:
                      "restored": len(restore), "keys_restored": keys, "seconds": round(time.perf_counter() - started, 3)})  # fmt: skip
 
     async def _committed(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
-        admin = AIOKafkaAdminClient(bootstrap_servers=self._settings.kafka_bootstrap)
+        admin = AIOKafkaAdminClient(**self._settings.kafka.aiokafka_options())
         await admin.start()
         try:
             offsets = await admin.list_consumer_group_offsets(self._group, partitions=list(partitions))
