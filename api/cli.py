@@ -15,12 +15,13 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import typer
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
-from pydantic_settings import BaseSettings
 from redis.exceptions import RedisError
 from rich.console import Console
 
 from api.logs import configure_logging
+from ingest.kafka_access import KafkaAccessError, verify_login
 from ingest.keys import NAME_PATTERN
+from ingest.settings import ConnectionSettings
 from api.settings import LoadgenSettings, RunSettings
 from processors.core.policy import PolicyFileError, load_policies
 from processors.accounting.store import StoreError, UsageStore
@@ -44,17 +45,24 @@ def _fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
-S = TypeVar("S", bound=BaseSettings)
+S = TypeVar("S", bound=ConnectionSettings)
 
 
 def _settings(cls: type[S], **overrides: Any) -> S:
+    """The role's settings; exits with a one-line reason if they are malformed, or if a secured Kafka refuses
+    the login or certificate they give (clients would retry that for ever)."""
     try:
-        return cls(**{name: value for name, value in overrides.items() if value is not None})
+        settings = cls(**{name: value for name, value in overrides.items() if value is not None})
     except ValidationError as exc:
         first = exc.errors()[0]
         if not first["loc"]:  # a check across settings, e.g. a file a setting names
             _fail(f"bad settings: {first['msg'].removeprefix('Value error, ')}")
         _fail(f"bad setting THROTTLEX_{str(first['loc'][0]).upper()}: {first['msg']}")
+    try:
+        verify_login(settings.kafka)
+    except KafkaAccessError as exc:
+        _fail(str(exc))
+    return settings
 
 
 def _run(coroutine: Coroutine[Any, Any, None]) -> None:

@@ -10,8 +10,12 @@ and local runs use.
 from __future__ import annotations
 
 import ssl
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
@@ -58,6 +62,43 @@ class KafkaAccess:
             config |= {"sasl.mechanism": self.sasl_mechanism or "", "sasl.username": self.username,
                        "sasl.password": self.password}  # fmt: skip
         return config
+
+
+class KafkaAccessError(ValueError):
+    """The brokers cannot be reached with these settings; the message says which and what to check."""
+
+
+def verify_login(access: KafkaAccess, timeout_s: float = 10.0) -> None:
+    """For a secured cluster, connect once as a role does before anything else: `KafkaAccessError` with a
+    one-line reason if the brokers refuse the login or their certificate is not trusted, instead of clients
+    retrying that for ever. A broker that does not answer is left to the role (it may start degraded and
+    retry). Blocking (librdkafka's own threads do the work): call it before the event loop starts."""
+    if access.security_protocol == "PLAINTEXT":
+        return
+    errors: list[KafkaError] = []
+    config: dict[str, Any] = {**access.librdkafka_config(), "error_cb": errors.append, "log_level": 0}
+    admin = AdminClient(config)
+    deadline = time.monotonic() + timeout_s
+    codes: set[int] = set()
+    while not codes & {KafkaError._AUTHENTICATION, KafkaError._SSL} and time.monotonic() < deadline:
+        try:
+            admin.list_topics(timeout=1.0)
+            return
+        except KafkaException as exc:
+            errors.append(exc.args[0])
+        admin.poll(0)  # serves error_cb: what the connection attempts met
+        codes = {error.code() for error in errors}
+    if KafkaError._AUTHENTICATION in codes:
+        raise KafkaAccessError(
+            f"Kafka at {access.bootstrap} refused the {access.sasl_mechanism} login of user {access.username!r}: "
+            "check THROTTLEX_KAFKA_SASL_USERNAME, THROTTLEX_KAFKA_SASL_PASSWORD and THROTTLEX_KAFKA_SASL_MECHANISM"
+        )
+    if KafkaError._SSL in codes:
+        reason = next(error.str() for error in errors if error.code() == KafkaError._SSL)
+        raise KafkaAccessError(
+            f"TLS to Kafka at {access.bootstrap} failed ({reason.split(': ', 1)[-1][:160]}): check "
+            "THROTTLEX_KAFKA_SSL_CAFILE and THROTTLEX_KAFKA_SECURITY_PROTOCOL"
+        )
 
 
 def _tls_context(ca_file: str | None) -> ssl.SSLContext:

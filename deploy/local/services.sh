@@ -9,6 +9,9 @@
 #
 # Settings (environment):
 #   THROTTLEX_KAFKA_PORT (9092), THROTTLEX_KAFKA_CONTROLLER_PORT (9093), THROTTLEX_REDIS_PORT (6379)
+#   THROTTLEX_KAFKA_SASL_SSL_PORT (9094): a second listener with TLS and SCRAM (SHA-256 and SHA-512) logins,
+#     its certificate signed by a CA made here (<local dir>/tls/ca.pem); users are added with the Admin API
+#     on the plaintext listener, as the secured-Kafka tests do
 #   THROTTLEX_LOCAL_DIR   data, logs and pid files (default: <checkout>/.throttlex/local)
 #   THROTTLEX_KAFKA_LIBS  where the broker jars are copied (default: ~/.cache/throttlex/kafka-<version>)
 #   THROTTLEX_READY_TIMEOUT_S  how long to wait for each service (default: 60)
@@ -18,6 +21,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 kafka_port=${THROTTLEX_KAFKA_PORT:-9092}
 controller_port=${THROTTLEX_KAFKA_CONTROLLER_PORT:-9093}
+sasl_ssl_port=${THROTTLEX_KAFKA_SASL_SSL_PORT:-9094}
 redis_port=${THROTTLEX_REDIS_PORT:-6379}
 state=${THROTTLEX_LOCAL_DIR:-$root/.throttlex/local}
 pom="$root/deploy/kafka/pom.xml"
@@ -57,17 +61,38 @@ resolve_kafka() {
   touch "$libs/.complete"
 }
 
+make_tls() {  # a CA and the broker's certificate (for 127.0.0.1 and localhost), made once
+  local tls="$state/tls"
+  [ -f "$tls/broker-keystore.pem" ] && return
+  command -v openssl >/dev/null || die "openssl is needed to make the local broker's TLS certificate"
+  mkdir -p "$tls"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=ThrottleX local CA" \
+    -keyout "$tls/ca-key.pem" -out "$tls/ca.pem" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" -keyout "$tls/broker-key.pem" -out "$tls/broker.csr" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$tls/broker.ext"
+  openssl x509 -req -in "$tls/broker.csr" -CA "$tls/ca.pem" -CAkey "$tls/ca-key.pem" -CAcreateserial -days 3650 \
+    -extfile "$tls/broker.ext" -out "$tls/broker.pem" 2>/dev/null
+  cat "$tls/broker-key.pem" "$tls/broker.pem" >"$tls/broker-keystore.pem"
+}
+
 write_kafka_config() {
   mkdir -p "$state/kafka-data"
+  make_tls
+  local scram='org.apache.kafka.common.security.scram.ScramLoginModule required;'
   cat >"$state/kafka.properties" <<EOF
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$controller_port
-listeners=PLAINTEXT://127.0.0.1:$kafka_port,CONTROLLER://127.0.0.1:$controller_port
-advertised.listeners=PLAINTEXT://127.0.0.1:$kafka_port
+listeners=PLAINTEXT://127.0.0.1:$kafka_port,CONTROLLER://127.0.0.1:$controller_port,SASL_SSL://127.0.0.1:$sasl_ssl_port
+advertised.listeners=PLAINTEXT://127.0.0.1:$kafka_port,SASL_SSL://127.0.0.1:$sasl_ssl_port
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL
 inter.broker.listener.name=PLAINTEXT
+listener.name.sasl_ssl.ssl.keystore.type=PEM
+listener.name.sasl_ssl.ssl.keystore.location=$state/tls/broker-keystore.pem
+listener.name.sasl_ssl.sasl.enabled.mechanisms=SCRAM-SHA-256,SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=$scram
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=$scram
 log.dirs=$state/kafka-data
 num.partitions=4
 offsets.topic.replication.factor=1
@@ -100,6 +125,7 @@ kafka_ready() {
 start_kafka() {
   if pid_alive "$state/kafka.pid"; then say "kafka already running on 127.0.0.1:$kafka_port (pid $(cat "$state/kafka.pid"))"; return; fi
   port_open "$kafka_port" && die "port $kafka_port is taken by another process; set THROTTLEX_KAFKA_PORT"
+  port_open "$sasl_ssl_port" && die "port $sasl_ssl_port is taken by another process; set THROTTLEX_KAFKA_SASL_SSL_PORT"
   resolve_kafka
   write_kafka_config
   if [ ! -f "$state/kafka-data/meta.properties" ]; then
@@ -169,6 +195,8 @@ case "${1:-}" in
     ;;
   env)
     echo "export THROTTLEX_KAFKA_BOOTSTRAP=127.0.0.1:$kafka_port"
+    echo "# the TLS + SCRAM listener: THROTTLEX_KAFKA_SECURITY_PROTOCOL=SASL_SSL, a user you add, this CA"
+    echo "# THROTTLEX_KAFKA_BOOTSTRAP=127.0.0.1:$sasl_ssl_port THROTTLEX_KAFKA_SSL_CAFILE=$state/tls/ca.pem"
     echo "export THROTTLEX_REDIS_URL=redis://127.0.0.1:$redis_port/0"
     ;;
   *)
