@@ -16,8 +16,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from confluent_kafka.admin import (AdminClient, ScramCredentialInfo, ScramMechanism, UserScramCredentialDeletion,
-                                   UserScramCredentialUpsertion)  # fmt: skip
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import (  # type: ignore[attr-defined]  # public, but missing from the module's __all__
+    ScramCredentialInfo, ScramMechanism, UserScramCredentialDeletion, UserScramCredentialUpsertion,
+)  # fmt: skip
 
 from tests.conftest import RoleProcess, Sandbox, eventually, free_port, register_keys
 from tests.unit.api.test_cli import throttlex
