@@ -356,7 +356,7 @@ class PrivateKafka:
 def private_kafka(tmp_path: Path) -> Iterator[PrivateKafka]:
     port = free_port()
     env = {**os.environ, "THROTTLEX_KAFKA_PORT": str(port), "THROTTLEX_KAFKA_CONTROLLER_PORT": str(free_port()),
-           "THROTTLEX_LOCAL_DIR": str(tmp_path / "kafka")}  # fmt: skip
+           "THROTTLEX_KAFKA_SASL_SSL_PORT": str(free_port()), "THROTTLEX_LOCAL_DIR": str(tmp_path / "kafka")}  # fmt: skip
     kafka = PrivateKafka(f"127.0.0.1:{port}", env)
     kafka.run("up")
     try:
