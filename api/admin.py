@@ -25,7 +25,7 @@ from ingest.keys import NAME_PATTERN, KeyRecord
 from processors.core.dry_run import TooManyEvents, replay_stored
 from processors.core.policy import Plan, Policy, PolicySet, parse_policies
 from processors.policy_watch import PolicySource
-from processors.registry import KeyConflict, KeyRevoked, Registry, issue_key
+from processors.registry import KeyConflict, KeyRevoked, Registry, RegistryLag, issue_key
 from processors.accounting.store import UsageStore
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(admin)])
@@ -186,6 +186,12 @@ async def _store_key(request: Request, record: KeyRecord, expected_version: int)
         raise HTTPException(status_code=409, detail=str(exc)) from None
     except KeyRevoked:
         raise _revoked() from None
+    except RegistryLag as exc:
+        raise _lagging(exc) from None
+
+
+def _lagging(exc: RegistryLag) -> HTTPException:
+    return HTTPException(status_code=503, detail=f"{exc}: read the key again before retrying")
 
 
 def _revoked() -> HTTPException:
@@ -223,6 +229,8 @@ async def create_key(request: Request, body: KeyCreate, actor: Admin) -> NewKey:
         )
     except KafkaError as exc:
         raise _registry_unavailable(exc) from None
+    except RegistryLag as exc:  # written, perhaps: nobody holds the plain key, so it is harmless
+        raise _lagging(exc) from None
     await _audit(request, actor, "key.create", record.key_id, None, key_info(record))
     return NewKey(**key_info(record).model_dump(), key=plain)
 
@@ -284,6 +292,8 @@ async def revoke_key(request: Request, key_id: _KeyId, actor: Admin) -> KeyInfo:
         after = await _registry(request).revoke_key(key_id)
     except KafkaError as exc:
         raise _registry_unavailable(exc) from None
+    except RegistryLag as exc:
+        raise _lagging(exc) from None
     if before.status != "revoked":
         await _audit(request, actor, "key.revoke", key_id, key_info(before), key_info(after))
     return key_info(after)

@@ -9,13 +9,14 @@ hold a plain API key: keys appear as the API describes them (key id, last four c
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from typing import Any
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 
 from ingest.clock import wall_clock_ms
 from ingest.kafka_access import KafkaAccess
@@ -24,7 +25,8 @@ from processors.topics import ensure_topics
 log = logging.getLogger("throttlex.audit")
 
 SCAN_LIMIT = 10_000
-"""Most recent records a read of the trail looks through."""
+"""Most recent records a read of the trail looks through (older ones stay in the topic, for Kafka's own tools)."""
+READ_TIMEOUT_S = 15.0
 
 
 class AuditRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -76,7 +78,15 @@ class AuditTrail:
         return entry
 
     async def recent(self, limit: int, *, target: str | None = None, actor: str | None = None) -> list[AuditRecord]:
-        """The newest ``limit`` records (matching ``target`` and ``actor`` if given) among the last `SCAN_LIMIT`."""
+        """The newest ``limit`` records (matching ``target`` and ``actor`` if given) among the last `SCAN_LIMIT`;
+        `KafkaTimeoutError` if Kafka does not give them within `READ_TIMEOUT_S`."""
+        try:
+            async with asyncio.timeout(READ_TIMEOUT_S):
+                return await self._recent(limit, target, actor)
+        except TimeoutError:
+            raise KafkaTimeoutError(f"the audit trail was not read within {READ_TIMEOUT_S:g} s") from None
+
+    async def _recent(self, limit: int, target: str | None, actor: str | None) -> list[AuditRecord]:
         consumer = AIOKafkaConsumer(**self._kafka.aiokafka_options(), group_id=None, enable_auto_commit=False)
         await consumer.start()
         try:

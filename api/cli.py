@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import os
 import re
 import secrets
 import sys
@@ -153,18 +154,23 @@ def create_key(
     from api.audit import AuditTrail
     from processors.registry import issue_key, open_registry
 
+    try:
+        actor = f"cli:{getpass.getuser()}"
+    except (OSError, KeyError):  # a container's user id without a name
+        actor = f"cli:uid-{os.getuid()}"
+
     async def create() -> None:
         trail = AuditTrail(settings.kafka, settings.audit_topic, replication_factor=settings.topic_replication_factor)
-        async with open_registry(settings, replication_factor=settings.topic_replication_factor) as registry:
-            (registry.policies or load_policies(settings.policy_file)).known_plan(plan)
-            plain, record = await issue_key(registry, settings.key_salt_bytes, tenant=tenant, plan=plan, name=name)
-            await trail.start()
-            try:
-                await trail.record(f"cli:{getpass.getuser()}", "key.create", record.key_id, None, key_info(record).model_dump(mode="json"))
-            finally:
-                await trail.stop()
+        await trail.start()  # before the key exists: a trail that cannot start stops here, with no key made
+        try:
+            async with open_registry(settings, replication_factor=settings.topic_replication_factor) as registry:
+                (registry.policies or load_policies(settings.policy_file)).known_plan(plan)
+                plain, record = await issue_key(registry, settings.key_salt_bytes, tenant=tenant, plan=plan, name=name)
+            typer.echo(plain)  # the only copy: shown before anything else can fail
+            await trail.record(actor, "key.create", record.key_id, None, key_info(record).model_dump(mode="json"))
+        finally:
+            await trail.stop()
         typer.echo(f"key id {record.key_id} (tenant {tenant}, plan {plan or 'default'})", err=True)
-        typer.echo(plain)
 
     _run(create())
 

@@ -1,7 +1,9 @@
 """``POST /v1/events``: usage events from gateways that are not Python, in batches.
 
 Each event is validated by the same contract as on the stream (`ingest.events.decode`) and must be for
-one of the tenants the ingest token may send for (`api.credentials`); valid events are written to Kafka,
+one of the tenants the ingest token may send for (`api.credentials`); an event of a registered API key must
+carry that key's tenant, and takes that key's plan (so no token acts on another tenant's key, or picks a
+plan); valid events are written to Kafka,
 marked with the token's name (``source = ingest:<name>``), and acknowledged by Kafka before the answer, so
 "accepted" means stored. The answer lists every rejected event with its index and reason: nothing is
 half-accepted silently.
@@ -65,7 +67,8 @@ async def ingest_events(request: Request, sender: Annotated[Credential, Depends(
 
     valid: list[tuple[int, UsageEvent]] = []
     errors: list[Rejection] = []
-    source = f"ingest:{sender.name}"
+    source = sender.name if sender.name.startswith("admin:") else f"ingest:{sender.name}"
+    registry = request.app.state.registry
     for index, raw in enumerate(items):
         try:
             event = decode(bytes(raw))
@@ -76,7 +79,12 @@ async def ingest_events(request: Request, sender: Annotated[Credential, Depends(
             reason = f"tenant {event.tenant!r} is not one ingest token {sender.name!r} may send for ({sender.describe_tenants()})"
             errors.append(Rejection(index=index, reason=reason))
             continue
-        valid.append((index, msgspec.structs.replace(event, source=source)))
+        key = registry.keys.get(event.api_key_id)  # a registered key's events carry its own tenant and plan
+        if key is not None and key.tenant != event.tenant:
+            errors.append(Rejection(index=index, reason=f"key {event.api_key_id} is not a key of tenant {event.tenant!r}"))
+            continue
+        plan = key.plan if key is not None else event.plan
+        valid.append((index, msgspec.structs.replace(event, source=source, plan=plan)))
     outcomes = await producer.send_confirmed([event for _, event in valid])
     for (index, _), outcome in zip(valid, outcomes, strict=True):
         if outcome is not None:

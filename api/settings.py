@@ -45,6 +45,8 @@ class ApiSettings(WorkerSettings, SinkSettings):
                 except OSError as exc:
                     raise ValueError(f"cannot read {path}: {exc.strerror}") from None
                 object.__setattr__(self, name, SecretStr(f"{getattr(self, name).get_secret_value()},{text}"))
+        if {c.token for c in self.admin_credentials} & {c.token for c in self.ingest_credentials}:
+            raise ValueError("THROTTLEX_ADMIN_TOKENS and THROTTLEX_INGEST_TOKENS share a token: each credential needs its own")
         self.refuse_placeholders("admin_tokens", [credential.token for credential in self.admin_credentials])
         self.refuse_placeholders("ingest_tokens", [credential.token for credential in self.ingest_credentials])
         return self

@@ -162,10 +162,14 @@ class EdgeKeys:
             raw = await self._redis.get(key_view(self._prefix, key_id))
         except (RedisError, OSError) as exc:
             raise KeyLookupUnavailable(str(exc)) from None
+        cached = self._known.get(key_id)  # a notice may have arrived while Redis answered: keep the later one
         if raw is None:
-            self._unknown[key_id] = True
-            return None
+            if cached is None:
+                self._unknown[key_id] = True
+            return cached
         record = decode_key(raw)
+        if cached is not None and not record.supersedes(cached):
+            return cached
         self._known[key_id] = record
         return record
 

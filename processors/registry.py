@@ -79,6 +79,14 @@ class KeyRevoked(Exception):
     """The key is revoked: it cannot change any more."""
 
 
+class RegistryLag(Exception):
+    """A change was written to the registry but this process did not read it back in time: it may or may not
+    have landed (read the key again)."""
+
+
+_READ_BACK_S = 15.0
+
+
 class Registry:
     def __init__(self, kafka: KafkaAccess | str, topic: str, redis: Redis | None, prefix: str, *, replication_factor: int = 1) -> None:
         self._kafka = KafkaAccess.of(kafka)
@@ -169,15 +177,22 @@ class Registry:
         if current is None:
             raise KeyError(key_id)
         if current.status != "revoked" or key_id not in self.keys:
-            await self._write(f"{_REVOKED}{key_id}", msgspec.structs.replace(current, status="revoked", writer=secrets.token_hex(8)))
+            writer = secrets.token_hex(8)  # a Kafka key per revocation: compaction keeps the first one too
+            await self._write(f"{_REVOKED}{key_id}/{writer}", msgspec.structs.replace(current, status="revoked", writer=writer))
         return self.keys[key_id]
 
     async def _write(self, name: str, record: KeyRecord) -> None:
+        """Write a key record and read the topic up to it (applied and mirrored here, in log order).
+        `RegistryLag` if it is not read back within `_READ_BACK_S`: written, but not confirmed."""
         sent = await self._started[0].send_and_wait(self._topic, encode_key(record), key=name.encode())
-        while self._next_offset <= sent.offset:  # read up to our own record: applied (and mirrored) in log order
-            async with self._reading:
-                if self._next_offset <= sent.offset:
-                    await self._read(timeout_ms=200)
+        try:
+            async with asyncio.timeout(_READ_BACK_S):
+                while self._next_offset <= sent.offset:
+                    async with self._reading:
+                        if self._next_offset <= sent.offset:
+                            await self._read(timeout_ms=200)
+        except TimeoutError:
+            raise RegistryLag(f"the change was written but not read back within {_READ_BACK_S:g} s") from None
 
     async def put_policies(self, policies: PolicySet) -> None:
         """Store a validated policy document; raises `KafkaError` if Kafka refuses."""
@@ -206,7 +221,7 @@ class Registry:
         current = self.keys.get(record.key_id)
         if current is not None and current.status == "revoked":
             return None  # final
-        if name.startswith(_REVOKED):
+        if name.startswith(_REVOKED) or record.status == "revoked":  # a legacy key/<id> record may revoke too
             held = current if current is not None else record
             return msgspec.structs.replace(held, status="revoked", version=held.version + 1, writer=record.writer)
         if name.count("/") == 1:  # written before versions: the latest record is the key

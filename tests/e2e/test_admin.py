@@ -65,7 +65,7 @@ def deployment(service_addresses: tuple[str, str], tmp_path_factory: pytest.Temp
             deployment.keys["other"] = create_key(api, tenant="globex", plan="pro")
             deployment.keys["revoked"] = create_key(api, tenant="acme")
             assert api.delete(f"/v1/admin/keys/{deployment.keys['revoked']['key_id']}", headers=admin()).status_code == 200
-            deployment.history = dry_run_history(deployment.keys["own"]["key_id"], deployment.keys["other"]["key_id"])
+            deployment.history = dry_run_history(deployment.keys["own"], deployment.keys["other"])
             body = b"[" + b",".join(encode(e) for e in deployment.history) + b"]"
             response = api.post("/v1/events", content=body, headers={"authorization": f"Bearer {INGEST}"})
             assert response.status_code == 202 and response.json()["accepted"] == len(deployment.history), response.text
@@ -81,15 +81,17 @@ def deployment(service_addresses: tuple[str, str], tmp_path_factory: pytest.Temp
         stop_role(run)
 
 
-def dry_run_history(*key_ids: str) -> list[UsageEvent]:
-    """Bursts and pauses of two keys over five minutes, on whole and fractional milliseconds."""
+def dry_run_history(*keys: dict[str, Any]) -> list[UsageEvent]:
+    """Bursts and pauses of two keys (each under its own tenant) over five minutes, on whole and fractional
+    milliseconds."""
     events = []
-    for n, key_id in enumerate(key_ids):
+    for n, key in enumerate(keys):
         t = HISTORY_MS + n * 700
         for step in range(120):
             t += (250, 400, 1300, 90, 3000, 600)[(step + n) % 6] * (1 + (step // 40) % 2)
             events.append(
-                make_event(event_id=uuid.uuid4(), api_key_id=key_id, tenant="acme", event_time_ms=t, cost=1 + step % 2)
+                make_event(event_id=uuid.uuid4(), api_key_id=key["key_id"], tenant=key["tenant"], event_time_ms=t,
+                           cost=1 + step % 2, plan=key["plan"] or "")
             )
     return events
 
@@ -176,8 +178,10 @@ def test_a_tenant_in_the_query_cannot_widen_what_a_key_sees(deployment: Deployme
     other = credential_headers(deployment, "other tenant's key")
     rows = api.get("/v1/usage", params={**params, "tenant": "acme"}, headers=other).json()["rows"]
     assert {row["api_key_id"] for row in rows} <= {deployment.keys["other"]["key_id"]}
-    everyone = api.get("/v1/usage", params={**params, "tenant": "acme"}, headers=admin()).json()["rows"]
+    everyone = api.get("/v1/usage", params=params, headers=admin()).json()["rows"]
     assert {row["api_key_id"] for row in everyone} == {deployment.keys["own"]["key_id"], deployment.keys["other"]["key_id"]}
+    acme = api.get("/v1/usage", params={**params, "tenant": "acme"}, headers=admin()).json()["rows"]
+    assert {row["api_key_id"] for row in acme} == {deployment.keys["own"]["key_id"]}
 
 
 def test_gateway_refuses_unknown_revoked_and_expired_keys(deployment: Deployment, api: httpx.Client, gateway: httpx.Client) -> None:

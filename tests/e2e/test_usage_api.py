@@ -305,27 +305,37 @@ async def test_an_ingest_token_sends_for_its_tenants_only_and_is_named_on_what_i
     ours, theirs, claimed = (make_event(event_id=uuid.uuid4(), api_key_id="scoped", tenant=tenant, event_time_ms=at)
                              for tenant in ("acme", "globex", "acme"))  # fmt: skip
     claiming = msgspec.json.decode(encode(claimed)) | {"source": "ingest:billing-import"}
-    body = b"[" + encode(ours) + b"," + encode(theirs) + b"," + msgspec.json.encode(claiming) + b"]"
+    # Another tenant's registered key, under this token's tenant: refused (it would count against that key).
+    borrowed = make_event(event_id=uuid.uuid4(), api_key_id=api.key_ids["carol-key"], tenant="acme", event_time_ms=at)
+    # A registered key of this tenant claiming a plan: stored with the key's own plan.
+    planned = make_event(event_id=uuid.uuid4(), api_key_id=api.key_ids["alice-key"], tenant="acme", event_time_ms=at,
+                         plan="claimed-plan")  # fmt: skip
+    body = b"[" + b",".join([encode(ours), encode(theirs), msgspec.json.encode(claiming), encode(borrowed), encode(planned)]) + b"]"
     response = await client.post("/v1/events", content=body, headers={"authorization": f"Bearer {EU_INGEST}"})
     assert response.status_code == 202, response.text
-    assert response.json() == {"accepted": 2, "rejected": 1, "errors": [
-        {"index": 1, "reason": "tenant 'globex' is not one ingest token 'eu-gateways' may send for (acme)"}]}  # fmt: skip
+    assert response.json() == {"accepted": 3, "rejected": 2, "errors": [
+        {"index": 1, "reason": "tenant 'globex' is not one ingest token 'eu-gateways' may send for (acme)"},
+        {"index": 3, "reason": f"key {api.key_ids['carol-key']} is not a key of tenant 'acme'"}]}  # fmt: skip
     wide = await client.post("/v1/events", content=as_array([theirs]), headers={"authorization": f"Bearer {INGEST}"})
     assert wide.json()["accepted"] == 1  # a token for every tenant
 
     sources: dict[uuid.UUID, list[str]] = {}
+    plans: list[str] = []
     consumer = AIOKafkaConsumer(api.sandbox.env["THROTTLEX_EVENTS_TOPIC"], bootstrap_servers=api.sandbox.kafka_bootstrap,
                                 auto_offset_reset="earliest")  # fmt: skip
     await consumer.start()
     try:
         async with asyncio.timeout(30):
-            while len(sources) < 3:
+            while len(sources) < 3 or not plans:
                 for records in (await consumer.getmany(timeout_ms=500)).values():
                     for record in records:
                         event = decode(record.value or b"")
                         if event.api_key_id == "scoped":
                             sources.setdefault(event.event_id, []).append(event.source)
+                        if event.event_id == planned.event_id:
+                            plans.append(event.plan)
     finally:
         await consumer.stop()
     assert sources == {ours.event_id: ["ingest:eu-gateways"], claimed.event_id: ["ingest:eu-gateways"],
                        theirs.event_id: ["ingest:billing-import"]}  # fmt: skip
+    assert plans == [""]  # alice's own plan: the default

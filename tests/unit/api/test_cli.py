@@ -54,6 +54,8 @@ def test_a_bad_policy_file_stops_start_up_with_the_policy_and_the_defect() -> No
          "THROTTLEX_INGEST_TOKENS entry 2 is not <name>:<tenant>[+<tenant>...]:<token>"),
         ({"THROTTLEX_INGEST_TOKENS": "eu:acme+:s3cret-1"}, "THROTTLEX_INGEST_TOKENS entry 1 is not"),
         ({"THROTTLEX_INGEST_TOKENS": "eu:acme:s3cret-1,us:globex:s3cret-1"}, "THROTTLEX_INGEST_TOKENS gives one token twice"),
+        ({"THROTTLEX_ADMIN_TOKENS": "root:s3cret-1", "THROTTLEX_INGEST_TOKENS": "eu:acme:s3cret-1"},
+         "THROTTLEX_ADMIN_TOKENS and THROTTLEX_INGEST_TOKENS share a token"),
     ],
 )
 def test_bad_settings_are_named(env: dict[str, str], message: str) -> None:
