@@ -3,7 +3,10 @@ partition counts that keyed state depends on."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Collection
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
@@ -41,7 +44,7 @@ async def ensure_topics(
                 await admin.create_topics(missing)
             except TopicAlreadyExistsError:  # another role created it meanwhile
                 pass
-        for description in await admin.describe_topics(list(exact)) if exact else []:
+        for description in await _described(admin, list(exact)) if exact else []:
             name, actual = description["topic"], len(description["partitions"])
             if actual != partitions[name]:
                 raise PartitionCountMismatch(
@@ -50,3 +53,18 @@ async def ensure_topics(
                 )
     finally:
         await admin.close()
+
+
+_DESCRIBE_WAIT_S = 15.0
+
+
+async def _described(admin: AIOKafkaAdminClient, topics: list[str]) -> list[dict[str, Any]]:
+    """The topics' descriptions once the brokers know their partitions: a topic created a moment ago (here or by
+    another role) is described with no partitions, or with an error, until its metadata has spread."""
+    deadline = time.monotonic() + _DESCRIBE_WAIT_S
+    while True:
+        descriptions: list[dict[str, Any]] = await admin.describe_topics(topics)
+        settled = all(d["error_code"] == 0 and d["partitions"] for d in descriptions)
+        if settled or time.monotonic() > deadline:
+            return descriptions
+        await asyncio.sleep(0.2)

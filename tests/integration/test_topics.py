@@ -20,3 +20,10 @@ async def test_roles_refuse_an_events_topic_with_another_partition_count(sandbox
         assert result.returncode == 2, (role, result.stderr[-2000:])
         [error] = [line for line in result.stderr.splitlines() if line.startswith("throttlex: error:")]
         assert error.startswith(f"throttlex: error: topic '{topic}' has 2 partitions but THROTTLEX_EVENTS_PARTITIONS is 4"), error
+
+
+async def test_a_topic_created_a_moment_ago_is_checked_once_its_partitions_are_known(sandbox: Sandbox) -> None:
+    """Right after it is created, a topic may be described with no partitions yet: that is not a mismatch. (A
+    worker once refused to start on its fresh regroup topic: "has 0 partitions but ... is 4".)"""
+    topics = [f"fresh-{sandbox.tag}-{n}" for n in range(30)]
+    await asyncio.gather(*(ensure_topics(sandbox.kafka_bootstrap, {topic: 4}, exact=[topic]) for topic in topics))
