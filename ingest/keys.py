@@ -88,7 +88,7 @@ def key_channel(prefix: str) -> str:
     return f"{prefix}:apikeys"
 
 
-_CACHE_HITS = metrics.KEY_LOOKUPS.labels(source="cache")
+_LOOKUPS = metrics.KEY_LOOKUPS.counts
 
 
 class KeyLookupUnavailable(Exception):
@@ -135,7 +135,7 @@ class EdgeKeys:
         record = self._known.get(key_id)
         if record is None or not record.admits(key_id, self._clock()):
             return None
-        _CACHE_HITS.inc()
+        _LOOKUPS["cache"] += 1
         return record
 
     async def usable(self, key_id: str) -> KeyRecord | None:
@@ -146,18 +146,18 @@ class EdgeKeys:
         record = self._known.get(key_id)
         if record is None:
             if key_id in self._unknown:
-                metrics.KEY_LOOKUPS.labels(source="unknown_cache").inc()
+                _LOOKUPS["unknown_cache"] += 1
                 return None
             record = await self._fetch(key_id)
             if record is None:
                 return None
         else:
-            _CACHE_HITS.inc()
+            _LOOKUPS["cache"] += 1
         return record if record.admits(key_id, self._clock()) else None
 
     async def _fetch(self, key_id: str) -> KeyRecord | None:
         self.lookups += 1
-        metrics.KEY_LOOKUPS.labels(source="redis").inc()
+        _LOOKUPS["redis"] += 1
         try:
             raw = await self._redis.get(key_view(self._prefix, key_id))
         except (RedisError, OSError) as exc:

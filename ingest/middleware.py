@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from functools import lru_cache, partial
 from typing import NamedTuple
 
 import msgspec
@@ -31,8 +32,10 @@ from ingest.producer import EventProducer
 from ingest.routes import RouteTemplates
 
 
-_OUTCOMES = {outcome: metrics.REQUESTS.labels(outcome=outcome)
-             for outcome in ("unauthenticated", "refused_unavailable", "blocked", "admitted")}  # fmt: skip
+_OUTCOMES = metrics.REQUESTS.counts
+
+KEY_IDS_CACHED = 16_384
+"""API keys whose id (a keyed hash) each middleware remembers, so a returning caller is not hashed again."""
 
 
 class ThrottleXMiddleware:
@@ -52,7 +55,7 @@ class ThrottleXMiddleware:
         self.app = app
         self._denylist = denylist
         self._producer = producer
-        self._salt = key_salt
+        self._key_id = lru_cache(maxsize=KEY_IDS_CACHED)(partial(key_id_for, salt=key_salt))
         self._keys = keys
         self._public = public_paths
         self._tenant = tenant
@@ -66,14 +69,14 @@ class ThrottleXMiddleware:
             return
         api_key = _header(scope, self._header)
         if api_key is None and self._keys is None:
-            _OUTCOMES["unauthenticated"].inc()
+            _OUTCOMES["unauthenticated"] += 1
             await self.app(scope, receive, send)
             return
         if api_key is None:
             await _refuse(send, 401, f"missing API key: send it in the {self._header.decode()} header")
             return
 
-        key_id = key_id_for(api_key, self._salt)
+        key_id = self._key_id(api_key)
         tenant, plan = self._tenant, ""
         if self._keys is not None:
             record = self._keys.cached(key_id)
@@ -94,16 +97,16 @@ class ThrottleXMiddleware:
         block = self._denylist.check({"api_key": key_id, "tenant": tenant, "ip": request.client_ip,
                                       "route": request.route, "method": request.method})  # fmt: skip
         if self._denylist.refusing:  # fail-closed and Redis out of reach for too long
-            _OUTCOMES["refused_unavailable"].inc()
+            _OUTCOMES["refused_unavailable"] += 1
             block = Block(limit_key="", until_ms=received_ms + 1_000, policy="")
             sent_bytes = await _send_error(send, 503, block, received_ms, "rate limiter unavailable; try again")
             status = 503
         elif block is not None:
-            _OUTCOMES["blocked"].inc()
+            _OUTCOMES["blocked"] += 1
             sent_bytes = await _send_error(send, 429, block, received_ms, "rate limit exceeded")
             status = 429
         else:
-            _OUTCOMES["admitted"].inc()
+            _OUTCOMES["admitted"] += 1
             response = _ResponseMeter(send)
             try:
                 await self.app(scope, receive, response)
@@ -162,7 +165,7 @@ class _ResponseMeter:
 
 async def _refuse(send: Send, status: int, message: str) -> None:
     """Answer a request that is not let through and not accounted (no usable key)."""
-    metrics.REQUESTS.labels(outcome="unauthorized" if status == 401 else "key_check_unavailable").inc()
+    _OUTCOMES["unauthorized" if status == 401 else "key_check_unavailable"] += 1
     body = msgspec.json.encode({"error": message})
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers.append((b"www-authenticate", b"ApiKey") if status == 401 else (b"retry-after", b"1"))

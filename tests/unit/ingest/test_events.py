@@ -1,7 +1,10 @@
+import os
+import uuid
+
 import msgspec
 import pytest
 
-from ingest.events import SCHEMA_VERSION, EventError, decode, encode, key_id_for
+from ingest.events import SCHEMA_VERSION, EventError, decode, encode, key_id_for, new_event_id
 from tests.factories import make_event
 
 
@@ -69,3 +72,16 @@ def test_an_event_without_a_version_is_read_as_version_one() -> None:
     document = msgspec.json.decode(encode(make_event()))
     del document["v"]
     assert decode(msgspec.json.encode(document)) == make_event()
+
+
+def test_event_ids_are_random_uuids_and_a_forked_process_draws_others() -> None:
+    ids = [new_event_id() for _ in range(10_000)]
+    assert {(i.version, i.variant) for i in ids} == {(4, uuid.RFC_4122)}
+    assert len(set(ids)) == len(ids)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # a pre-forking server's worker
+        os.write(write, new_event_id().bytes)
+        os._exit(0)
+    os.waitpid(child, 0)
+    assert os.read(read, 16) != new_event_id().bytes  # the child was seeded afresh, not a copy of this sequence

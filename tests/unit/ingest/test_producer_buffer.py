@@ -1,6 +1,9 @@
-"""The gateway producer's bound, without a broker: `emit` never waits, holds at most the bound, and
-sheds the rest with a count and one log line per episode. (Delivery itself: tests/faults.)"""
+"""The gateway producer without a broker: `emit` never waits and hands a turn's events to librdkafka
+together, holds at most the bound, and sheds the rest with a count and one log line per episode; an
+event librdkafka refuses outright is counted as failed and the others go on. (Delivery itself:
+tests/integration/test_event_producer.py and tests/faults.)"""
 
+import asyncio
 import logging
 
 import pytest
@@ -20,6 +23,7 @@ async def test_emit_holds_the_bound_and_sheds_the_rest(caplog: pytest.LogCapture
     with caplog.at_level(logging.WARNING, logger="ingest.producer"):
         for _ in range(5):
             producer.emit(make_event())
+        await asyncio.sleep(0)  # the loop's next turn hands them over
     assert producer.undelivered == 3
     assert shed_total() - before == 2
     assert [r.getMessage() for r in caplog.records if r.name == "ingest.producer"] == [
@@ -34,11 +38,44 @@ async def test_shedding_stops_with_the_count_once_there_is_room(caplog: pytest.L
         producer.emit(make_event())
         producer.emit(make_event())
         producer.emit(make_event())
+        await asyncio.sleep(0)
         producer._producer.purge()  # the queued event leaves the queue (as a delivery would take it)
         producer._collect()
         assert producer.undelivered == 0
         producer.emit(make_event())
+        await asyncio.sleep(0)
     ended = [r for r in caplog.records if r.getMessage().startswith("producer buffer has room again")]
     assert [r.shed for r in ended] == [2]  # type: ignore[attr-defined]
     assert producer.undelivered == 1
+    await producer.stop(timeout_s=0.01)
+
+
+async def test_the_events_of_one_turn_of_the_loop_are_handed_over_together_on_the_next() -> None:
+    producer = EventProducer("127.0.0.1:1", "events")
+    for _ in range(3):
+        producer.emit(make_event())
+    assert (len(producer._producer), producer.undelivered) == (0, 3)  # taken, not yet in librdkafka's queue
+    await asyncio.sleep(0)
+    assert (len(producer._producer), producer.undelivered) == (3, 3)
+    await producer.stop(timeout_s=0.01)
+
+
+def test_without_a_running_event_loop_an_event_is_handed_over_at_once() -> None:
+    producer = EventProducer("127.0.0.1:1", "events")
+    producer.emit(make_event())
+    assert (len(producer._producer), producer.undelivered) == (1, 1)
+    producer._producer.purge()
+
+
+async def test_an_event_librdkafka_refuses_is_counted_as_failed_and_the_others_are_queued(caplog: pytest.LogCaptureFixture) -> None:
+    producer = EventProducer("127.0.0.1:1", "events")
+    before = metrics.EVENTS_FAILED.labels(reason="MSG_SIZE_TOO_LARGE")._value.get()
+    with caplog.at_level(logging.WARNING, logger="ingest.producer"):
+        producer.emit(make_event())
+        producer.emit(make_event(route="/" + "x" * 2_000_000))  # past librdkafka's message.max.bytes (1 MB)
+        producer.emit(make_event())
+        await asyncio.sleep(0)
+    assert metrics.EVENTS_FAILED.labels(reason="MSG_SIZE_TOO_LARGE")._value.get() - before == 1
+    assert producer.undelivered == 2
+    assert [r.getMessage() for r in caplog.records if r.name == "ingest.producer"] == ["usage event not delivered"]
     await producer.stop(timeout_s=0.01)
