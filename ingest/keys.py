@@ -22,7 +22,7 @@ import logging
 from typing import Literal
 
 import msgspec
-from cachetools import LRUCache, TTLCache
+from cachetools import TTLCache
 from redis.exceptions import RedisError
 
 from ingest import metrics
@@ -91,6 +91,21 @@ def key_channel(prefix: str) -> str:
 _LOOKUPS = metrics.KEY_LOOKUPS.counts
 
 
+class KnownKeys(dict[str, KeyRecord]):
+    """The key records an edge cache holds: a plain dictionary, so the request path's check is one
+    ``dict.get``. Past ``size`` records, adding one forgets the one added longest ago; if that key calls
+    again, its record is read from Redis once more."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self._size = size
+
+    def __setitem__(self, key_id: str, record: KeyRecord) -> None:
+        if len(self) >= self._size and key_id not in self:
+            del self[next(iter(self))]
+        super().__setitem__(key_id, record)
+
+
 class KeyLookupUnavailable(Exception):
     """Redis could not be asked about a key this cache has not seen."""
 
@@ -111,7 +126,7 @@ class EdgeKeys:
         self._redis = edge_redis(redis_url, connect_timeout_s=1.0, timeout_s=1.0)
         self._prefix = prefix
         self._clock = clock
-        self._known: LRUCache[str, KeyRecord] = LRUCache(known_size)
+        self._known = KnownKeys(known_size)
         self._unknown: TTLCache[str, bool] = TTLCache(unknown_size, unknown_ttl_s)
         self._reconnect_delay_s = reconnect_delay_s
         self._silence_s = silence_s
