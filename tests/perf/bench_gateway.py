@@ -129,6 +129,8 @@ def run(runs: int, seconds: int, connections: int, env: dict[str, str], tag: str
         for name, target in APPS.items():
             port = free_port()
             servers[name] = (port, _serve(target, port, {**os.environ, **env, "THROTTLEX_EVENTS_TOPIC": topics.get(name, "unused")}))
+        for port, _ in servers.values():  # warm-up, not counted: first connections, caches, the key's first lookup
+            _wrk(port, 2, connections)
         for run_number in range(runs):  # interleaved: each run of each gateway sees the same machine
             for name, (port, server) in servers.items():
                 cpu = _cpu_s(server.pid)
