@@ -8,7 +8,7 @@ Debian). Scenarios, each with medians over ``--runs`` runs, alternatives measure
 1. edge check per request: ThrottleX's cache vs `limits` (fixed window, moving window, sliding-window
    counter) vs a plain Redis GET, on the same Redis (`bench_edge`);
 2. a real gateway under `wrk`: the bare app, ThrottleX's middleware and slowapi (`bench_gateway`; at
-   least five runs, since wrk's figures on a shared machine vary by ±20 % from run to run);
+   least seven runs of 8 s each, since wrk's figures on a shared machine vary by ±20 % from run to run);
 3. the policy engine alone: memory per key and CPU per event per algorithm (`bench_engine`);
 4. pipeline: worker processes draining a backlog (1 and 2 workers), the floors of a Faust agent, a
    confluent-kafka loop and the worker's aiokafka loop (`bench_floor`), and the sink into chDB
@@ -70,9 +70,10 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-GATEWAY_RUNS_AT_LEAST = 5
-"""wrk through one uvicorn process varies by ±20 % from run to run on a shared 2-core machine (each gateway's
-runs interleaved with the others'); five runs make its medians steadier than three."""
+GATEWAY_RUNS_AT_LEAST = 7
+GATEWAY_RUN_S = 8
+"""wrk through one uvicorn process varies by ±20 % from run to run on a shared 2-core machine: seven
+8-second runs per gateway, interleaved with the others', make the medians steadier than three of 10 s."""
 
 
 def measure_gateway(runs: int, seconds: int) -> dict[str, dict[str, float]]:
@@ -116,7 +117,7 @@ def main() -> None:
     runs = 1 if args.quick else args.runs
     gateway_runs = 1 if args.quick else max(runs, GATEWAY_RUNS_AT_LEAST)
     if args.only_gateway:
-        remeasure_gateway(gateway_runs, 5 if args.quick else 10)
+        remeasure_gateway(gateway_runs, 5 if args.quick else GATEWAY_RUN_S)
         return
     bootstrap = os.environ.get("THROTTLEX_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
     redis_url = os.environ.get("THROTTLEX_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -124,7 +125,7 @@ def main() -> None:
     print("1/6 edge check", flush=True)
     edge = asyncio.run(bench_edge.run(redis_url, runs, 5_000 if args.quick else 20_000))
     print("2/6 gateway", flush=True)
-    gateway = measure_gateway(gateway_runs, 5 if args.quick else 10)
+    gateway = measure_gateway(gateway_runs, 5 if args.quick else GATEWAY_RUN_S)
     print("3/6 policy engine", flush=True)
     engine = bench_engine.measure_all(keys=5_000 if args.quick else 20_000, events=20_000 if args.quick else 100_000, runs=runs)
     print("4/6 pipeline", flush=True)
@@ -202,9 +203,10 @@ def report(r: dict[str, Any]) -> str:
     when = f"; measured apart from the rest, {apart}" if apart else ""
     parts.append(table(f"2. Through a gateway (uvicorn, one process; wrk -t2 -c50 --latency on loopback, same route; medians of {runs} runs{when})",
                        ["gateway", "req/s", "of the bare app", "p50 ms", "p99 ms", "max ms", "CPU-µs per request",
-                        "non-2xx", "events on the topic / requests accounted"],
+                        "Kafka broker CPU-µs per request", "non-2xx", "events on the topic / requests accounted"],
                        [[GATEWAY_NAMES.get(name, name), f"{v['req_per_s']:,.0f}", f"{v['req_per_s'] / bare:.0%}", f"{v['p50_ms']:.2f}",
-                         f"{v['p99_ms']:.2f}", f"{v['max_ms']:.1f}", f"{v['cpu_us_per_request']:.0f}", f"{v['non_2xx']:.0f}",
+                         f"{v['p99_ms']:.2f}", f"{v['max_ms']:.1f}", f"{v['cpu_us_per_request']:.0f}",
+                         f"{v['broker_cpu_us_per_request']:.0f}" if "broker_cpu_us_per_request" in v else "–", f"{v['non_2xx']:.0f}",
                          f"{v['events_emitted']:,.0f} / {v['requests_accounted']:,.0f}" if "events_emitted" in v else "–"]
                         for name, v in g.items()]))  # fmt: skip
     parts.append(table("3. Policy engine alone, per algorithm",

@@ -3,8 +3,10 @@ checked against the registry, or any key admitted) and behind slowapi, each serv
 process and driven by `wrk` on loopback, interleaved run by run.
 
 Per gateway: requests per second, latency p50/p99/max (`wrk --latency`), CPU-µs per request of the
-server process (all its threads, librdkafka's included), and for ThrottleX the events on its topic
-against the requests it served (every request must emit one).
+server process (all its threads, librdkafka's included) and of the local Kafka broker (which shares the
+machine's two cores with wrk and the server: the events ThrottleX sends cost it CPU the bare app's runs
+do not lose), and for ThrottleX the events on its topic against the requests it served (every request
+must emit one).
 """
 
 from __future__ import annotations
@@ -83,6 +85,17 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _broker_pid() -> int | None:
+    """The local broker's process (`deploy/local/services.sh`), if it runs on this machine."""
+    state = Path(os.environ.get("THROTTLEX_LOCAL_DIR", Path(__file__).resolve().parents[2] / ".throttlex" / "local"))
+    try:
+        pid = int((state / "kafka.pid").read_text())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
 def _accounted(port: int) -> float:
     """Requests the gateway accounted (admitted or refused with 429/503), from its own metrics."""
     text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
@@ -131,11 +144,14 @@ def run(runs: int, seconds: int, connections: int, env: dict[str, str], tag: str
             servers[name] = (port, _serve(target, port, {**os.environ, **env, "THROTTLEX_EVENTS_TOPIC": topics.get(name, "unused")}))
         for port, _ in servers.values():  # warm-up, not counted: first connections, caches, the key's first lookup
             _wrk(port, 2, connections)
+        broker = _broker_pid()
         for run_number in range(runs):  # interleaved: each run of each gateway sees the same machine
             for name, (port, server) in servers.items():
-                cpu = _cpu_s(server.pid)
+                cpu, broker_cpu = _cpu_s(server.pid), _cpu_s(broker) if broker else 0.0
                 result = _wrk(port, seconds, connections)
                 result["cpu_us_per_request"] = (_cpu_s(server.pid) - cpu) / max(1.0, result["requests"]) * 1e6
+                if broker:
+                    result["broker_cpu_us_per_request"] = (_cpu_s(broker) - broker_cpu) / max(1.0, result["requests"]) * 1e6
                 results[name].append(result)
             print(f"  gateway run {run_number + 1}/{runs}: "
                   + ", ".join(f"{n} {r[-1]['req_per_s']:,.0f} req/s" for n, r in results.items()), flush=True)  # fmt: skip
