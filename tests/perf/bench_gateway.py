@@ -145,8 +145,10 @@ def run(runs: int, seconds: int, connections: int, env: dict[str, str], tag: str
         for port, _ in servers.values():  # warm-up, not counted: first connections, caches, the key's first lookup
             _wrk(port, 2, connections)
         broker = _broker_pid()
-        for run_number in range(runs):  # interleaved: each run of each gateway sees the same machine
-            for name, (port, server) in servers.items():
+        names = list(servers)
+        for run_number in range(runs):  # interleaved; each run starts one gateway further on: none always goes first
+            for name in names[run_number % len(names):] + names[: run_number % len(names)]:
+                port, server = servers[name]
                 cpu, broker_cpu = _cpu_s(server.pid), _cpu_s(broker) if broker else 0.0
                 result = _wrk(port, seconds, connections)
                 result["cpu_us_per_request"] = (_cpu_s(server.pid) - cpu) / max(1.0, result["requests"]) * 1e6
