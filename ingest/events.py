@@ -7,6 +7,7 @@ calls `decode`; a new schema version is a new tagged struct added to `_Versions`
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import uuid
 from typing import Annotated
@@ -99,16 +100,18 @@ def decode(raw: bytes) -> UsageEvent:
         raise EventError("malformed", f"malformed JSON: {exc}") from None
 
 
-_UUID_FIXED_BITS = ~(0xF000 << 64 | 0xC000 << 48)
+_UUID_KEPT_BITS = ~(0xF000 << 64 | 0xC000 << 48)  # all but the version and variant bits
 _UUID_VERSION_4 = 0x4000 << 64 | 0x8000 << 48  # version 4 (random), variant RFC 4122
+_ids = random.Random()  # seeded from the operating system; its own, so the host app's random.seed() cannot touch it
+os.register_at_fork(after_in_child=_ids.seed)  # a pre-forking server's workers do not share a sequence
 
 
 def new_event_id() -> uuid.UUID:
-    """A random (version 4) UUID, as `uuid.uuid4` makes, from Python's `random` generator instead of
+    """A random (version 4) UUID, as `uuid.uuid4` makes, from a generator of this module's own instead of
     ``os.urandom``: an event id must be unique, not secret, and the system call was the largest single
-    cost of the gateway's request path. The generator is seeded from the operating system in every
-    process, and again in a forked child (a pre-forking server's workers do not share a sequence)."""
-    return uuid.UUID(int=random.getrandbits(128) & _UUID_FIXED_BITS | _UUID_VERSION_4)
+    cost of the gateway's request path. The generator is seeded from the operating system when this
+    module is imported, and again in every forked child."""
+    return uuid.UUID(int=_ids.getrandbits(128) & _UUID_KEPT_BITS | _UUID_VERSION_4)
 
 
 def key_id_for(api_key: str, salt: bytes) -> str:

@@ -1,7 +1,8 @@
 """API keys as gateways see them: the key record, its Redis view, and the edge key cache.
 
 A key is known only by its key id (`key_id_for`: a BLAKE2b hash keyed with the deployment's secret
-salt); the plain key is shown once when it is created and stored nowhere. The registry (a compacted
+salt); the plain key is shown once when it is created and stored nowhere (a gateway keeps the ids
+of the keys it has just seen in memory, see `ingest.middleware`). The registry (a compacted
 Kafka topic, see `processors.registry`) is the source of truth; Redis holds the view gateways read:
 
 - ``{prefix}:apikey:{key_id}`` — the encoded `KeyRecord`;
@@ -97,6 +98,8 @@ class KnownKeys(dict[str, KeyRecord]):
     again, its record is read from Redis once more."""
 
     def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"the key cache must hold at least one record, not {size}")
         super().__init__()
         self._size = size
 

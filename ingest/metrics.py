@@ -1,8 +1,9 @@
 """Prometheus metrics of the gateway role (middleware, producer, edge denylist)."""
 
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -10,17 +11,19 @@ from prometheus_client.registry import Collector
 class RequestPathCounter(Collector):
     """A labelled counter added to on every request: ``counter.counts[label] += 1`` is a dictionary update,
     where a prometheus_client `Counter` takes a lock and checks its arguments on each add (about a tenth
-    of the middleware's own cost). The counts are read when Prometheus scrapes. For code running on one
-    event loop, as the ASGI middleware does: adds from several threads at once may be lost."""
+    of the middleware's own cost). The counts are read when Prometheus scrapes; the labels given start
+    at 0, others appear when first added to. For code running on one event loop, as the ASGI middleware
+    does: adds from several threads at once may be lost."""
 
-    def __init__(self, name: str, documentation: str, label: str, values: Iterable[str]) -> None:
+    def __init__(self, name: str, documentation: str, label: str, values: Iterable[str],
+                 registry: CollectorRegistry = REGISTRY) -> None:  # fmt: skip
         self._name, self._documentation, self._label = name, documentation, label
-        self.counts = dict.fromkeys(values, 0)
-        REGISTRY.register(self)
+        self.counts: defaultdict[str, int] = defaultdict(int, dict.fromkeys(values, 0))
+        registry.register(self)
 
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(self._name, self._documentation, labels=[self._label])
-        for value, count in self.counts.items():
+        for value, count in list(self.counts.items()):
             family.add_metric([value], count)
         yield family
 

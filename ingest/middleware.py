@@ -36,6 +36,9 @@ _OUTCOMES = metrics.REQUESTS.counts
 
 KEY_IDS_CACHED = 16_384
 """API keys whose id (a keyed hash) each middleware remembers, so a returning caller is not hashed again."""
+KEY_CACHED_MAX_CHARS = 128
+"""Longer keys are hashed on every request: a client sending huge made-up keys cannot fill memory with them
+(16,384 keys of at most 128 characters: a few MB)."""
 
 
 class ThrottleXMiddleware:
@@ -55,7 +58,8 @@ class ThrottleXMiddleware:
         self.app = app
         self._denylist = denylist
         self._producer = producer
-        self._key_id = lru_cache(maxsize=KEY_IDS_CACHED)(partial(key_id_for, salt=key_salt))
+        self._key_id_for = partial(key_id_for, salt=key_salt)
+        self._remembered_key_id = lru_cache(maxsize=KEY_IDS_CACHED)(self._key_id_for)
         self._keys = keys
         self._public = public_paths
         self._tenant = tenant
@@ -76,7 +80,7 @@ class ThrottleXMiddleware:
             await _refuse(send, 401, f"missing API key: send it in the {self._header.decode()} header")
             return
 
-        key_id = self._key_id(api_key)
+        key_id = self._remembered_key_id(api_key) if len(api_key) <= KEY_CACHED_MAX_CHARS else self._key_id_for(api_key)
         tenant, plan = self._tenant, ""
         if self._keys is not None:
             record = self._keys.cached(key_id)

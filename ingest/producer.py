@@ -29,8 +29,8 @@ class EventProducer:
     librdkafka's queue one after another, and librdkafka's own thread batches, compresses (lz4) and
     sends them, outside the GIL and the event loop. Appending them together rather than one per request
     between the requests' other work takes about half the CPU: librdkafka's queue locks, its broker
-    thread's wake-ups and the CPU caches serve a run of appends at once (measured in ``make bench``,
-    gateway table, and in the history of this file).
+    thread's wake-ups and the CPU caches serve a run of appends at once (measured with the app driven
+    in-process: BENCHMARKS.md, "What the profiles showed").
     Events are keyed by ``api_key_id`` and partitioned with Kafka's default (Java-compatible murmur2)
     partitioner, as every other ThrottleX producer does, so every event of one key lands in one
     partition and one worker sees all of them. Delivery is ``acks=all`` with the idempotent producer,
@@ -61,6 +61,7 @@ class EventProducer:
         self._produced = 0  # delivered since the counter was last updated
         self._shed = 0  # events shed since shedding last started
         self._pending: list[UsageEvent] = []  # emitted in this turn of the event loop, not handed over yet
+        self._handing_over = False  # a hand-over of `_pending` is scheduled
         self._polling: asyncio.Task[None] | None = None
 
     @property
@@ -97,9 +98,11 @@ class EventProducer:
 
     def emit(self, event: UsageEvent) -> None:
         """Take one event for delivery; never waits. It is handed to librdkafka on the event loop's next
-        turn with the others emitted meanwhile, or at once when no event loop runs in this thread."""
+        turn with the others emitted meanwhile (and at the latest by the next `_collect`), or at once when
+        no event loop runs. Call it from the event loop's thread, or from one thread when none runs."""
         self._pending.append(event)
-        if len(self._pending) == 1:
+        if not self._handing_over:
+            self._handing_over = True
             try:
                 asyncio.get_running_loop().call_soon(self._hand_over)
             except RuntimeError:
@@ -107,15 +110,12 @@ class EventProducer:
 
     def _hand_over(self) -> None:
         """Append the pending events to librdkafka's queue; past the bound, shed them."""
+        self._handing_over = False
         pending, self._pending = self._pending, []
         produce, topic = self._producer.produce, self._topic
         for event in pending:
             try:
                 produce(topic, encode(event), event.api_key_id.encode())
-            except KafkaException as exc:  # refused outright (larger than the broker takes, say): counted, the rest go on
-                metrics.EVENTS_FAILED.labels(reason=exc.args[0].name()).inc()
-                log.warning("usage event not delivered", extra={"error": exc.args[0].str()})
-                continue
             except BufferError:
                 if not self._shed:
                     log.warning(
@@ -124,6 +124,12 @@ class EventProducer:
                     )
                 self._shed += 1
                 metrics.EVENTS_SHED.inc()
+                continue
+            except Exception as exc:  # refused outright (larger than the broker takes, say): counted, the rest go on
+                error = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+                reason = error.name() if isinstance(error, KafkaError) else type(exc).__name__
+                metrics.EVENTS_FAILED.labels(reason=reason).inc()
+                log.warning("usage event not delivered", extra={"error": error.str() if isinstance(error, KafkaError) else str(exc)})
                 continue
             self._undelivered += 1
             if self._shed:
@@ -159,7 +165,10 @@ class EventProducer:
             await asyncio.sleep(POLL_INTERVAL_S)
 
     def _collect(self) -> None:
-        """Serve delivery reports (they call `_on_delivery`) and publish the counts."""
+        """Hand over any events still pending (should the loop have stopped before their hand-over ran),
+        serve delivery reports (they call `_on_delivery`) and publish the counts."""
+        if self._pending:
+            self._hand_over()
         self._producer.poll(0)
         if self._produced:
             metrics.EVENTS_PRODUCED.inc(self._produced)

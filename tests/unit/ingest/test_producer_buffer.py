@@ -54,16 +54,34 @@ async def test_the_events_of_one_turn_of_the_loop_are_handed_over_together_on_th
     producer = EventProducer("127.0.0.1:1", "events")
     for _ in range(3):
         producer.emit(make_event())
-    assert (len(producer._producer), producer.undelivered) == (0, 3)  # taken, not yet in librdkafka's queue
+    assert (len(producer._pending), producer._undelivered, producer.undelivered) == (3, 0, 3)  # taken, not queued yet
     await asyncio.sleep(0)
-    assert (len(producer._producer), producer.undelivered) == (3, 3)
+    assert (len(producer._pending), producer._undelivered, producer.undelivered) == (0, 3, 3)
     await producer.stop(timeout_s=0.01)
 
 
 def test_without_a_running_event_loop_an_event_is_handed_over_at_once() -> None:
     producer = EventProducer("127.0.0.1:1", "events")
     producer.emit(make_event())
-    assert (len(producer._producer), producer.undelivered) == (1, 1)
+    assert (len(producer._pending), producer._undelivered) == (0, 1)
+    producer._producer.purge()
+
+
+def test_events_whose_hand_over_never_ran_are_handed_over_by_the_next_collect() -> None:
+    producer = EventProducer("127.0.0.1:1", "events")
+    loop = asyncio.new_event_loop()
+
+    def emit_then_stop() -> None:
+        producer.emit(make_event())
+        loop.stop()  # the loop stops before the hand-over runs
+
+    loop.call_soon(emit_then_stop)
+    loop.run_forever()
+    loop.close()
+    producer.emit(make_event())  # a hand-over is still due: this one waits with the first
+    assert (len(producer._pending), producer._undelivered) == (2, 0)
+    producer._collect()  # what the producer's task does every 50 ms
+    assert (len(producer._pending), producer._undelivered) == (0, 2)
     producer._producer.purge()
 
 
