@@ -10,7 +10,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime, timezone
 from typing import Any
 
 import httpx
@@ -129,8 +129,14 @@ def quota_table(name: str, report: dict[str, Any]) -> Table:
     return table
 
 
-def _clock_time(iso: str | None) -> str:
-    return "-" if iso is None else datetime.fromisoformat(iso).strftime("%H:%M:%S UTC")
+def _clock_time(iso: str | None, today: date | None = None) -> str:
+    """An instant as UTC time of day, with its date when that is not today (a monthly quota resets days on)."""
+    if iso is None:
+        return "-"
+    instant = datetime.fromisoformat(iso).astimezone(timezone.utc)
+    if instant.date() == (today or datetime.now(timezone.utc).date()):
+        return instant.strftime("%H:%M:%S UTC")
+    return instant.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 async def fetch_quota(api_url: str, api_key: str) -> dict[str, Any]:
