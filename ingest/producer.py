@@ -127,9 +127,10 @@ class EventProducer:
                 continue
             except Exception as exc:  # refused outright (larger than the broker takes, say): counted, the rest go on
                 error = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
-                reason = error.name() if isinstance(error, KafkaError) else type(exc).__name__
-                metrics.EVENTS_FAILED.labels(reason=reason).inc()
-                log.warning("usage event not delivered", extra={"error": error.str() if isinstance(error, KafkaError) else str(exc)})
+                if isinstance(error, KafkaError):
+                    _not_delivered(error.name(), error.str())
+                else:
+                    _not_delivered(type(exc).__name__, str(exc))
                 continue
             self._undelivered += 1
             if self._shed:
@@ -180,8 +181,13 @@ class EventProducer:
         if error is None:
             self._produced += 1
         else:
-            metrics.EVENTS_FAILED.labels(reason=error.name()).inc()
-            log.warning("usage event not delivered", extra={"error": error.str()})
+            _not_delivered(error.name(), error.str())
+
+
+def _not_delivered(reason: str, detail: str) -> None:
+    """Count and log one event Kafka or librdkafka refused for good."""
+    metrics.EVENTS_FAILED.labels(reason=reason).inc()
+    log.warning("usage event not delivered", extra={"error": detail})
 
 
 DeliveryCallback = Callable[[KafkaError | None, Message], None]

@@ -86,13 +86,18 @@ def gateway_results(gateway: dict[str, dict[str, float]]) -> dict[str, Any]:
     return {name: {k: round(v, 2) for k, v in r.items()} for name, r in gateway.items()}
 
 
+def gateway_ratios(gateway: dict[str, dict[str, float]]) -> dict[str, float]:
+    throttlex = gateway["throttlex"]["req_per_s"]
+    return {"gateway_vs_slowapi": round(throttlex / gateway["slowapi"]["req_per_s"], 2),
+            "gateway_vs_bare_app": round(throttlex / gateway["bare"]["req_per_s"], 2)}  # fmt: skip
+
+
 def remeasure_gateway(runs: int, seconds: int) -> None:
     """The gateway scenario alone, replacing its figures (and the ratios made from them) in results.json."""
     results = json.loads(RESULTS.read_text())
     gateway = measure_gateway(runs, seconds)
     results["gateway"] = gateway_results(gateway)
-    results["ratios"]["gateway_vs_slowapi"] = round(gateway["throttlex"]["req_per_s"] / gateway["slowapi"]["req_per_s"], 2)
-    results["ratios"]["gateway_vs_bare_app"] = round(gateway["throttlex"]["req_per_s"] / gateway["bare"]["req_per_s"], 2)
+    results["ratios"].update(gateway_ratios(gateway))
     results["gateway_runs"] = runs
     results["gateway_measured_apart"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
@@ -170,8 +175,7 @@ def main() -> None:
         },
         "ratios": {
             "edge_check_vs_limits_moving_window": round(edge["throttlex"]["checks_per_s"] / limits_moving, 1),
-            "gateway_vs_slowapi": round(gateway["throttlex"]["req_per_s"] / gateway["slowapi"]["req_per_s"], 2),
-            "gateway_vs_bare_app": round(gateway["throttlex"]["req_per_s"] / gateway["bare"]["req_per_s"], 2),
+            **gateway_ratios(gateway),
             "worker_2_vs_1": round(worker["scale_out_2_workers"]["events_per_s"] / worker["sample_policies"]["events_per_s"], 2),
             "system_cpu_limits_vs_throttlex": round(system["limits_moving_window"]["total_cpu_us"] / sum(throttlex_cpu.values()), 2),
         },
