@@ -27,7 +27,7 @@ from processors.registry import open_registry
 from processors.accounting.sink import UsageSink
 from processors.accounting.store import UsageStore
 from processors.redis_client import redis_client
-from processors.tasks import LoopThread, share_interpreter_often, tune_gc
+from processors.tasks import LoopThread, SlowStopReport, share_interpreter_often, tune_gc
 from processors.worker.worker import StreamWorker
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ async def run_roles(roles: set[str], settings: RunSettings) -> None:
         loop.add_signal_handler(sig, stop.set)
 
     async with contextlib.AsyncExitStack() as stack:
+        slow_stop = stack.enter_context(SlowStopReport())  # entered first, left last: covers the whole stop
         watches: list[asyncio.Task[BaseException]] = []
         registry = await stack.enter_async_context(
             open_registry(settings, replication_factor=settings.topic_replication_factor)
@@ -78,6 +79,7 @@ async def run_roles(roles: set[str], settings: RunSettings) -> None:
         log.info("running", extra={"roles": sorted(roles)})
         stopping = asyncio.create_task(stop.wait(), name="signal-watch")
         await asyncio.wait([stopping, *watches], return_when=asyncio.FIRST_COMPLETED)
+        slow_stop.arm()
         for task in [stopping, *watches]:
             task.cancel()
         crashed = [task.result() for task in watches if task.done() and not task.cancelled()]

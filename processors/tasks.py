@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import io
+import logging
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
@@ -18,6 +21,8 @@ class Role(Protocol):
 
 
 R = TypeVar("R", bound=Role)
+
+log = logging.getLogger(__name__)
 
 GC_YOUNG_THRESHOLD = 10_000
 
@@ -69,6 +74,7 @@ class LoopThread:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=name, daemon=True)
         self._thread.start()
+        _loop_threads.add(self)
 
     async def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run ``coroutine`` on this thread's loop and wait for it here (cancelling this cancels it)."""
@@ -90,3 +96,39 @@ class LoopThread:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
+
+
+_loop_threads: weakref.WeakSet[LoopThread] = weakref.WeakSet()
+
+SLOW_STOP_REPORT_AFTER_S = 20.0
+
+
+class SlowStopReport:
+    """Says what a stop is waiting for when it takes long. `arm` it when the stop begins (on the main
+    loop): if the stop still runs ``after_s`` later, the stack of every unfinished task on this loop and
+    on every `LoopThread`'s is logged once (a Kafka or ClickHouse call that does not return, say), before
+    an orchestrator's grace period ends in SIGKILL and leaves nothing to go on. Leaving the context
+    disarms it."""
+
+    def __init__(self, after_s: float = SLOW_STOP_REPORT_AFTER_S) -> None:
+        self._after_s = after_s
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __enter__(self) -> SlowStopReport:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def arm(self) -> None:
+        main = asyncio.get_running_loop()
+        self._timer = main.call_later(self._after_s, self._report, main)
+
+    def _report(self, main: asyncio.AbstractEventLoop) -> None:
+        for loop in [main, *(thread._loop for thread in list(_loop_threads))]:
+            for task in asyncio.all_tasks(loop):
+                stack = io.StringIO()
+                task.print_stack(file=stack)
+                log.error(f"stopping takes over {self._after_s:.0f} s; still waiting for",
+                          extra={"task": task.get_name(), "stack": stack.getvalue()})  # fmt: skip
