@@ -2,7 +2,9 @@
 checked against the registry, or any key admitted) and behind slowapi, each served by one uvicorn
 process and driven by `wrk` on loopback, interleaved run by run.
 
-Per gateway: requests per second, latency p50/p99/max (`wrk --latency`), CPU-µs per request of the
+Per gateway: requests per second, its share of the bare app's (``of_bare``: the median over rounds of
+each round's ratio, the two measured within seconds of each other, so the machine's speed drifting
+between rounds, 2× here at times, cancels out of it), latency p50/p99/max (`wrk --latency`), CPU-µs per request of the
 server process (all its threads, librdkafka's included) and of the local Kafka broker (which shares the
 machine's two cores with wrk and the server: the events ThrottleX sends cost it CPU the bare app's runs
 do not lose), and for ThrottleX the events on its topic against the requests it served (every request
@@ -156,8 +158,11 @@ def run(runs: int, seconds: int, connections: int, env: dict[str, str], tag: str
                     result["broker_cpu_us_per_request"] = (_cpu_s(broker) - broker_cpu) / max(1.0, result["requests"]) * 1e6
                 results[name].append(result)
             print(f"  gateway run {run_number + 1}/{runs}: "
-                  + ", ".join(f"{n} {r[-1]['req_per_s']:,.0f} req/s" for n, r in results.items()), flush=True)  # fmt: skip
+                  + ", ".join(f"{n} {r[-1]['req_per_s']:,.0f} req/s" for n, r in results.items())
+                  + f" (ThrottleX {results['throttlex'][-1]['req_per_s'] / results['bare'][-1]['req_per_s']:.0%} of bare)", flush=True)  # fmt: skip
         medians = {name: {k: statistics.median(r[k] for r in runs_) for k in runs_[0]} for name, runs_ in results.items()}
+        for name, runs_ in results.items():  # paired: each run's req/s over the bare app's in the same round
+            medians[name]["of_bare"] = statistics.median(r["req_per_s"] / b["req_per_s"] for r, b in zip(runs_, results["bare"]))
         for name in EMITTING:
             accounted = _accounted(servers[name][0])
             medians[name]["requests_accounted"] = accounted
