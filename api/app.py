@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
-from api import admin, event_ingest, quota, usage
+from api import admin, analyst, event_ingest, quota, usage
 from api.audit import AuditTrail
 from api.settings import ApiSettings
 from ingest.producer import EventProducer
@@ -25,6 +25,7 @@ from processors.accounting.exact_usage import ExactUsage
 from processors.core.policy import PolicySet
 from processors.policy_watch import PolicySource
 from processors.registry import Registry
+from processors.accounting.readonly_sql import ReadOnlySql
 from processors.accounting.store import UsageStore
 from processors.redis_client import redis_client
 
@@ -61,6 +62,10 @@ def create_app(
         except KafkaError as exc:  # /healthz reports Kafka; POST /v1/events answers 503
             log.warning("Kafka not reachable at start-up", extra={"error": str(exc)})
             app.state.producer = app.state.exact_usage = None
+        app.state.analyst_sql = None
+        if store is not None and store.engine_path is not None:  # analysts query the engine this process hosts
+            app.state.analyst_sql = ReadOnlySql(store.engine_path, settings.analyst_limits())
+            await app.state.analyst_sql.open()
         preparing = None
         if store is not None and app.state.exact_usage is not None:
             preparing = asyncio.create_task(_prepare_plan_ledger(app.state.exact_usage, store, source.current))
@@ -73,6 +78,8 @@ def create_app(
             if app.state.producer is not None:
                 await app.state.producer.stop()
                 await app.state.exact_usage.stop()
+            if app.state.analyst_sql is not None:
+                await app.state.analyst_sql.close()
             await app.state.audit.stop()
             await app.state.kafka.close()
             await app.state.redis.aclose()
@@ -88,6 +95,7 @@ def create_app(
     app.state.policy_source = source
     app.state.registry = registry
     app.state.store = store
+    app.state.analyst_sql = None  # opened with the app when it hosts the engine (lifespan)
 
     async def follow_policies(policies: PolicySet) -> None:
         app.state.policies = policies
@@ -97,6 +105,7 @@ def create_app(
     app.include_router(usage.router)
     app.include_router(event_ingest.router)
     app.include_router(admin.router)
+    app.include_router(analyst.router)
 
     def openapi() -> dict[str, Any]:
         """The generated document, saying that a 422 ``detail`` is a list of field errors (request

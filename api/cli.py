@@ -214,5 +214,33 @@ def loadgen(
     _run(lg.run(settings, keys, duration_s, console, gateway_url=gateway_url, gateway_port=gateway_port, api_url=api_url))
 
 
+@cli.command()
+def sql(
+    statement: Annotated[str, typer.Argument(help="one SELECT, SHOW, DESCRIBE, EXISTS or EXPLAIN statement")],
+    output: Annotated[str, typer.Option("--format", help="table, csv or json")] = "table",
+    url: Annotated[str, typer.Option(envvar="THROTTLEX_SQL_URL", help="the ThrottleX API (`throttlex run`)")] = "http://127.0.0.1:8080",
+    user: Annotated[str | None, typer.Option(envvar="THROTTLEX_SQL_USER", help="an admin credential's name")] = None,
+    password: Annotated[str | None, typer.Option(envvar="THROTTLEX_SQL_PASSWORD", help="that credential's token")] = None,
+    timeout_s: Annotated[float, typer.Option("--timeout", min=1, help="seconds to wait for the answer")] = 120,
+) -> None:
+    """Query usage in ClickHouse on the running engine, read-only, through the API's analyst SQL.
+
+    Without --user and --password, the first credential of THROTTLEX_ADMIN_TOKENS is used (a local
+    trial's own). Example: throttlex sql "SELECT tenant, count() FROM usage_events GROUP BY tenant"
+    """
+    from api import sql_client
+
+    if output not in sql_client.REQUESTED_FORMAT:
+        _fail(f"--format is table, csv or json, not {output!r}")
+    try:
+        result = sql_client.run(url, statement, output, sql_client.login(user, password), timeout_s)
+    except sql_client.SqlClientError as exc:
+        _fail(str(exc))
+    if isinstance(result, str):
+        typer.echo(result, nl=not result.endswith("\n"))
+    else:
+        Console().print(result)
+
+
 def main() -> None:
     sys.exit(cli())

@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr, model_validator
 
 from api.credentials import Credential, parse_admin, parse_ingest
 from ingest.settings import GatewaySettings
+from processors.accounting.readonly_sql import SqlLimits
 from processors.settings import SinkSettings, WorkerSettings
 
 
@@ -34,6 +35,14 @@ class ApiSettings(WorkerSettings, SinkSettings):
     ingest_max_bytes: int = Field(1024 * 1024, ge=1024, description="largest POST /v1/events body")
     dry_run_max_events: int = Field(2_000_000, ge=1, description="most stored events one policy dry-run replays")
     usage_max_buckets: int = Field(10_000, ge=1, description="most time buckets one usage query may span")
+    analyst_max_execution_time_s: float = Field(30.0, gt=0, description="longest an analyst SQL query may run")
+    analyst_max_result_rows: int = Field(1_000_000, ge=1, description="most rows an analyst SQL query may return")
+    analyst_max_result_bytes: int = Field(256 * 1024 * 1024, ge=1, description="largest result of an analyst SQL query")
+    analyst_max_memory_bytes: int = Field(2 * 1024**3, ge=1, description="most memory an analyst SQL query may use")
+
+    def analyst_limits(self) -> SqlLimits:
+        return SqlLimits(self.analyst_max_execution_time_s, self.analyst_max_result_rows, self.analyst_max_result_bytes,
+                         self.analyst_max_memory_bytes)  # fmt: skip
 
     @model_validator(mode="after")
     def _read_credentials(self) -> ApiSettings:

@@ -87,6 +87,12 @@ class UsageStore:
     def embedded(self) -> bool:
         return self._scheme == "chdb"
 
+    @property
+    def engine_path(self) -> str | None:
+        """The data directory of the embedded engine (None for a server): other connections to the
+        engine this process hosts open it by this path."""
+        return urlparse(self._dsn).path if self.embedded else None
+
     async def open(self) -> None:
         if self.embedded:
             Path(urlparse(self._dsn).path).mkdir(parents=True, exist_ok=True)
