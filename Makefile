@@ -24,7 +24,7 @@ help:
 $(BIN)/throttlex: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/pip install --quiet -e '.[server,test,bench]'
 	@touch $@
 
 install: $(BIN)/throttlex
@@ -36,6 +36,8 @@ demo: install
 	PATH="$(abspath $(BIN)):$$PATH" deploy/local/demo.sh
 
 typecheck: install
+	mkdir -p .typecheck/throttlex
+	for package in ingest processors api; do ln -sfn ../../$$package .typecheck/throttlex/$$package; done
 	$(BIN)/mypy
 
 tools:

@@ -17,16 +17,16 @@ from aiokafka.errors import KafkaError
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from api.audit import AuditRecord, AuditTrail
-from api.auth import admin
-from api.usage import Instant, store_answer
-from ingest.clock import wall_clock_ms
-from ingest.keys import NAME_PATTERN, KeyRecord
-from processors.core.dry_run import TooManyEvents, replay_stored
-from processors.core.policy import Plan, Policy, PolicySet, parse_policies
-from processors.policy_watch import PolicySource
-from processors.registry import KeyConflict, KeyRevoked, Registry, RegistryLag, issue_key
-from processors.accounting.store import UsageStore
+from throttlex.api.audit import AuditRecord, AuditTrail
+from throttlex.api.auth import admin
+from throttlex.api.usage import Instant, store_answer
+from throttlex.ingest.clock import wall_clock_ms
+from throttlex.ingest.keys import NAME_PATTERN, KeyRecord
+from throttlex.processors.core.dry_run import TooManyEvents, replay_stored
+from throttlex.processors.core.policy import Plan, Policy, PolicySet, parse_policies
+from throttlex.processors.policy_watch import PolicySource
+from throttlex.processors.registry import KeyConflict, KeyRevoked, Registry, RegistryLag, issue_key
+from throttlex.processors.accounting.store import UsageStore
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(admin)])
 

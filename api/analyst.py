@@ -28,11 +28,11 @@ import uuid
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import PlainTextResponse
 
-from api import metrics
-from api.credentials import match
-from ingest.clock import wall_clock_ms
-from ingest.events import key_id_for
-from processors.accounting.readonly_sql import REFUSED_CODE, ReadOnlySql, SqlError
+from throttlex.api import metrics
+from throttlex.api.credentials import match
+from throttlex.ingest.clock import wall_clock_ms
+from throttlex.ingest.events import key_id_for
+from throttlex.processors.accounting.readonly_sql import REFUSED_CODE, ReadOnlySql, SqlError
 
 log = logging.getLogger(__name__)
 

@@ -17,17 +17,17 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
-from api import admin, analyst, event_ingest, quota, usage
-from api.audit import AuditTrail
-from api.settings import ApiSettings
-from ingest.producer import EventProducer
-from processors.accounting.exact_usage import ExactUsage
-from processors.core.policy import PolicySet
-from processors.policy_watch import PolicySource
-from processors.registry import Registry
-from processors.accounting.readonly_sql import ReadOnlySql
-from processors.accounting.store import UsageStore
-from processors.redis_client import redis_client
+from throttlex.api import admin, analyst, event_ingest, quota, usage
+from throttlex.api.audit import AuditTrail
+from throttlex.api.settings import ApiSettings
+from throttlex.ingest.producer import EventProducer
+from throttlex.processors.accounting.exact_usage import ExactUsage
+from throttlex.processors.core.policy import PolicySet
+from throttlex.processors.policy_watch import PolicySource
+from throttlex.processors.registry import Registry
+from throttlex.processors.accounting.readonly_sql import ReadOnlySql
+from throttlex.processors.accounting.store import UsageStore
+from throttlex.processors.redis_client import redis_client
 
 log = logging.getLogger(__name__)
 

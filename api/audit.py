@@ -18,9 +18,9 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 
-from ingest.clock import wall_clock_ms
-from ingest.kafka_access import KafkaAccess
-from processors.topics import ensure_topics
+from throttlex.ingest.clock import wall_clock_ms
+from throttlex.ingest.kafka_access import KafkaAccess
+from throttlex.processors.topics import ensure_topics
 
 log = logging.getLogger("throttlex.audit")
 

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 from fastapi import HTTPException, Request
 
-from api import metrics
-from api.credentials import Credential, match
-from ingest.denylist_entries import limit_key
-from ingest.clock import wall_clock_ms
-from ingest.events import key_id_for
-from processors.registry import Registry
+from throttlex.api import metrics
+from throttlex.api.credentials import Credential, match
+from throttlex.ingest.denylist_entries import limit_key
+from throttlex.ingest.clock import wall_clock_ms
+from throttlex.ingest.events import key_id_for
+from throttlex.processors.registry import Registry
 
 
 @dataclass(frozen=True)

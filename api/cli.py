@@ -19,13 +19,13 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 from rich.console import Console
 
-from api.logs import configure_logging
-from ingest.kafka_access import KafkaAccessError, verify_login
-from ingest.keys import NAME_PATTERN
-from ingest.settings import ConnectionSettings
-from api.settings import LoadgenSettings, RunSettings
-from processors.core.policy import PolicyFileError, load_policies
-from processors.accounting.store import StoreError, UsageStore
+from throttlex.api.logs import configure_logging
+from throttlex.ingest.kafka_access import KafkaAccessError, verify_login
+from throttlex.ingest.keys import NAME_PATTERN
+from throttlex.ingest.settings import ConnectionSettings
+from throttlex.api.settings import LoadgenSettings, RunSettings
+from throttlex.processors.core.policy import PolicyFileError, load_policies
+from throttlex.processors.accounting.store import StoreError, UsageStore
 
 cli = typer.Typer(
     name="throttlex",
@@ -85,7 +85,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _serve(roles: set[str], policy_file: Path | None, api_port: int | None) -> None:
-    from api.runner import run_roles
+    from throttlex.api.runner import run_roles
 
     settings = _settings(RunSettings, policy_file=policy_file, api_port=api_port)
     configure_logging(settings.log_level, role="+".join(sorted(roles)))
@@ -150,9 +150,9 @@ def create_key(
         _fail(f"tenant {tenant!r} must be 1-64 letters, digits or . _ : -")
     settings = _settings(RunSettings)
     configure_logging("WARNING", role="keys")
-    from api.admin import key_info
-    from api.audit import AuditTrail
-    from processors.registry import issue_key, open_registry
+    from throttlex.api.admin import key_info
+    from throttlex.api.audit import AuditTrail
+    from throttlex.processors.registry import issue_key, open_registry
 
     try:
         actor = f"cli:{getpass.getuser()}"
@@ -183,8 +183,8 @@ def gateway(
     """Run the demo gateway: a small API behind the ThrottleX middleware (its /metrics included)."""
     settings = _settings(LoadgenSettings)
     configure_logging(settings.log_level, role="gateway")
-    from api.demo_gateway import create_gateway_app
-    from api.server import serve_until_signalled
+    from throttlex.api.demo_gateway import create_gateway_app
+    from throttlex.api.server import serve_until_signalled
 
     async def serve() -> None:  # the Kafka producer must be made inside the running loop
         await serve_until_signalled(create_gateway_app(settings), host, port)
@@ -204,7 +204,7 @@ def loadgen(
     api_url: Annotated[str, typer.Option(help="ThrottleX API to ask for quota reports")] = "http://127.0.0.1:8080",
 ) -> None:
     """Drive traffic through a gateway and show which keys got blocked, with a quota report."""
-    from api import loadgen as lg
+    from throttlex.api import loadgen as lg
 
     settings = _settings(LoadgenSettings)
     configure_logging("WARNING", role="loadgen")
@@ -228,7 +228,7 @@ def sql(
     Without --user and --password, the first credential of THROTTLEX_ADMIN_TOKENS is used (a local
     trial's own). Example: throttlex sql "SELECT tenant, count() FROM usage_events GROUP BY tenant"
     """
-    from api import sql_client
+    from throttlex.api import sql_client
 
     if output not in sql_client.REQUESTED_FORMAT:
         _fail(f"--format is table, csv or json, not {output!r}")

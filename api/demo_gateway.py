@@ -13,11 +13,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ingest.denylist import EdgeDenylist
-from ingest.keys import EdgeKeys
-from ingest.middleware import ThrottleXMiddleware
-from ingest.producer import EventProducer
-from ingest.settings import GatewaySettings
+from throttlex.ingest.denylist import EdgeDenylist
+from throttlex.ingest.keys import EdgeKeys
+from throttlex.ingest.middleware import ThrottleXMiddleware
+from throttlex.ingest.producer import EventProducer
+from throttlex.ingest.settings import GatewaySettings
 
 
 def create_gateway_app(settings: GatewaySettings) -> FastAPI:

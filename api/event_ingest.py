@@ -17,11 +17,11 @@ import msgspec
 from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel
 
-from api import metrics
-from api.auth import gateway
-from api.credentials import Credential
-from ingest.events import EventError, UsageEvent, decode
-from ingest.producer import EventProducer
+from throttlex.api import metrics
+from throttlex.api.auth import gateway
+from throttlex.api.credentials import Credential
+from throttlex.ingest.events import EventError, UsageEvent, decode
+from throttlex.ingest.producer import EventProducer
 
 router = APIRouter(prefix="/v1", tags=["ingest"])
 

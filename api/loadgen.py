@@ -18,12 +18,12 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from api.demo_gateway import create_gateway_app
-from api.server import HttpServer
-from ingest.events import key_id_for
-from ingest.keys import KeyRecord
-from ingest.settings import GatewaySettings
-from processors.registry import open_registry
+from throttlex.api.demo_gateway import create_gateway_app
+from throttlex.api.server import HttpServer
+from throttlex.ingest.events import key_id_for
+from throttlex.ingest.keys import KeyRecord
+from throttlex.ingest.settings import GatewaySettings
+from throttlex.processors.registry import open_registry
 
 
 @dataclass

@@ -11,14 +11,14 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 
-from api import metrics
-from api.auth import CallerKey, caller_key
-from ingest import denylist_entries
-from ingest.clock import wall_clock_ms
-from processors.worker.live_usage import read_live_usage
-from processors.accounting.exact_usage import ExactUsage
-from processors.core.policy import PolicySet, QuotaAlgorithm
-from processors.accounting.store import StoreError, UsageStore
+from throttlex.api import metrics
+from throttlex.api.auth import CallerKey, caller_key
+from throttlex.ingest import denylist_entries
+from throttlex.ingest.clock import wall_clock_ms
+from throttlex.processors.worker.live_usage import read_live_usage
+from throttlex.processors.accounting.exact_usage import ExactUsage
+from throttlex.processors.core.policy import PolicySet, QuotaAlgorithm
+from throttlex.processors.accounting.store import StoreError, UsageStore
 
 router = APIRouter(prefix="/v1", tags=["quota"])
 

@@ -16,19 +16,19 @@ from typing import Any
 
 import prometheus_client
 
-from api.app import create_app
-from api.server import HttpServer
-from api.settings import RunSettings
-from processors.lag import watch_lag
-from processors.core.policy import PolicySet, load_policies
-from processors.policy_watch import PolicySource, watch_policy_file
-from processors.accounting.reconcile import Reconciler
-from processors.registry import open_registry
-from processors.accounting.sink import UsageSink
-from processors.accounting.store import UsageStore
-from processors.redis_client import redis_client
-from processors.tasks import LoopThread, SlowStopReport, share_interpreter_often, tune_gc
-from processors.worker.worker import StreamWorker
+from throttlex.api.app import create_app
+from throttlex.api.server import HttpServer
+from throttlex.api.settings import RunSettings
+from throttlex.processors.lag import watch_lag
+from throttlex.processors.core.policy import PolicySet, load_policies
+from throttlex.processors.policy_watch import PolicySource, watch_policy_file
+from throttlex.processors.accounting.reconcile import Reconciler
+from throttlex.processors.registry import open_registry
+from throttlex.processors.accounting.sink import UsageSink
+from throttlex.processors.accounting.store import UsageStore
+from throttlex.processors.redis_client import redis_client
+from throttlex.processors.tasks import LoopThread, SlowStopReport, share_interpreter_often, tune_gc
+from throttlex.processors.worker.worker import StreamWorker
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from pydantic import Field, SecretStr, model_validator
 
-from api.credentials import Credential, parse_admin, parse_ingest
-from ingest.settings import GatewaySettings
-from processors.accounting.readonly_sql import SqlLimits
-from processors.settings import SinkSettings, WorkerSettings
+from throttlex.api.credentials import Credential, parse_admin, parse_ingest
+from throttlex.ingest.settings import GatewaySettings
+from throttlex.processors.accounting.readonly_sql import SqlLimits
+from throttlex.processors.settings import SinkSettings, WorkerSettings
 
 
 class ApiSettings(WorkerSettings, SinkSettings):

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import httpx
 from rich.table import Table
 
-from api.credentials import parse_admin
+from throttlex.api.credentials import parse_admin
 
 Output = Literal["table", "csv", "json"]
 REQUESTED_FORMAT: dict[Output, str] = {"table": "JSONCompact", "csv": "CSVWithNames", "json": "JSON"}

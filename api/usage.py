@@ -17,10 +17,10 @@ from typing import Annotated, Any, Literal, TypeVar
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from pydantic import AfterValidator, BaseModel
 
-from api.auth import Caller, caller
-from processors.accounting import queries as usage_queries
-from processors.accounting.queries import GROUP_FIELDS, ROLLUPS, UsageQuery
-from processors.accounting.store import StoreError, UsageStore
+from throttlex.api.auth import Caller, caller
+from throttlex.processors.accounting import queries as usage_queries
+from throttlex.processors.accounting.queries import GROUP_FIELDS, ROLLUPS, UsageQuery
+from throttlex.processors.accounting.store import StoreError, UsageStore
 
 log = logging.getLogger(__name__)
 

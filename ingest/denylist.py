@@ -31,9 +31,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from ingest import denylist_entries, metrics
-from ingest.denylist_entries import Block, request_limit_key
-from ingest.clock import Clock, wall_clock_ms
+from throttlex.ingest import denylist_entries, metrics
+from throttlex.ingest.denylist_entries import Block, request_limit_key
+from throttlex.ingest.clock import Clock, wall_clock_ms
 
 FailMode = Literal["open", "closed"]
 

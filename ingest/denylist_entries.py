@@ -19,7 +19,7 @@ from typing import Literal
 
 import msgspec
 
-from ingest.events import UsageEvent
+from throttlex.ingest.events import UsageEvent
 
 Dimension = Literal["api_key", "tenant", "ip", "route", "method"]
 DIMENSIONS: tuple[Dimension, ...] = ("api_key", "tenant", "ip", "route", "method")

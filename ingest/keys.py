@@ -26,9 +26,9 @@ import msgspec
 from cachetools import TTLCache
 from redis.exceptions import RedisError
 
-from ingest import metrics
-from ingest.clock import Clock, wall_clock_ms
-from ingest.denylist import edge_redis, listen
+from throttlex.ingest import metrics
+from throttlex.ingest.clock import Clock, wall_clock_ms
+from throttlex.ingest.denylist import edge_redis, listen
 
 log = logging.getLogger(__name__)
 

@@ -22,14 +22,14 @@ from typing import NamedTuple
 import msgspec
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ingest import metrics
-from ingest.denylist_entries import Block
-from ingest.clock import Clock, wall_clock_ms
-from ingest.denylist import EdgeDenylist
-from ingest.events import UsageEvent, key_id_for, new_event_id
-from ingest.keys import EdgeKeys, KeyLookupUnavailable
-from ingest.producer import EventProducer
-from ingest.routes import RouteTemplates
+from throttlex.ingest import metrics
+from throttlex.ingest.denylist_entries import Block
+from throttlex.ingest.clock import Clock, wall_clock_ms
+from throttlex.ingest.denylist import EdgeDenylist
+from throttlex.ingest.events import UsageEvent, key_id_for, new_event_id
+from throttlex.ingest.keys import EdgeKeys, KeyLookupUnavailable
+from throttlex.ingest.producer import EventProducer
+from throttlex.ingest.routes import RouteTemplates
 
 
 _OUTCOMES = metrics.REQUESTS.counts

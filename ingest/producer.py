@@ -11,9 +11,9 @@ from collections.abc import Callable
 import confluent_kafka
 from confluent_kafka import KafkaError, KafkaException, Message
 
-from ingest import metrics
-from ingest.events import UsageEvent, encode
-from ingest.kafka_access import KafkaAccess
+from throttlex.ingest import metrics
+from throttlex.ingest.events import UsageEvent, encode
+from throttlex.ingest.kafka_access import KafkaAccess
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class EventProducer:
             "queue.buffering.max.messages": buffer_max_events,
             "message.timeout.ms": 0,  # never give up on an accepted event: wait for Kafka to come back
             "on_delivery": self._on_delivery,
-            "logger": logging.getLogger("ingest.librdkafka"),
+            "logger": logging.getLogger("throttlex.ingest.librdkafka"),
         })  # fmt: skip
         self._undelivered = 0  # queued, delivery not reported yet (librdkafka's len() also counts its logs)
         self._produced = 0  # delivered since the counter was last updated

@@ -11,8 +11,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
-from ingest.denylist import FailMode
-from ingest.kafka_access import KafkaAccess, SaslMechanism, SecurityProtocol
+from throttlex.ingest.denylist import FailMode
+from throttlex.ingest.kafka_access import KafkaAccess, SaslMechanism, SecurityProtocol
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict

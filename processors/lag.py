@@ -14,9 +14,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from ingest.kafka_access import KafkaAccess
+from throttlex.ingest.kafka_access import KafkaAccess
 
-from processors import metrics
+from throttlex.processors import metrics
 
 log = logging.getLogger(__name__)
 

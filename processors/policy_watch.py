@@ -11,8 +11,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Literal
 
-from processors import metrics
-from processors.core.policy import PolicyFileError, PolicySet, parse_policies
+from throttlex.processors import metrics
+from throttlex.processors.core.policy import PolicyFileError, PolicySet, parse_policies
 
 log = logging.getLogger(__name__)
 

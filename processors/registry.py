@@ -36,15 +36,15 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from ingest.clock import wall_clock_ms
-from ingest.events import key_id_for
-from ingest.kafka_access import KafkaAccess
-from ingest.keys import RESYNC, KeyRecord, decode_key, encode_key, key_channel, key_view
-from ingest.settings import ConnectionSettings
-from processors import metrics
-from processors.core.policy import PolicyFileError, PolicySet, parse_policies
-from processors.redis_client import redis_client
-from processors.topics import ensure_topics
+from throttlex.ingest.clock import wall_clock_ms
+from throttlex.ingest.events import key_id_for
+from throttlex.ingest.kafka_access import KafkaAccess
+from throttlex.ingest.keys import RESYNC, KeyRecord, decode_key, encode_key, key_channel, key_view
+from throttlex.ingest.settings import ConnectionSettings
+from throttlex.processors import metrics
+from throttlex.processors.core.policy import PolicyFileError, PolicySet, parse_policies
+from throttlex.processors.redis_client import redis_client
+from throttlex.processors.topics import ensure_topics
 
 log = logging.getLogger(__name__)
 

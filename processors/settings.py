@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from ingest.settings import ConnectionSettings
+from throttlex.ingest.settings import ConnectionSettings
 
 
 def _default_chdb_dsn() -> str:

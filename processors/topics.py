@@ -11,7 +11,7 @@ from typing import Any
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from ingest.kafka_access import KafkaAccess
+from throttlex.ingest.kafka_access import KafkaAccess
 
 
 class PartitionCountMismatch(ValueError):

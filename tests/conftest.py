@@ -31,16 +31,16 @@ from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from ingest.events import UsageEvent, encode, key_id_for
-from ingest.keys import KeyRecord
-from ingest.settings import ConnectionSettings
-from processors.core.policy import PolicySet
-from processors.core.state import KeyState
-from processors.registry import open_registry
-from processors.worker.changelog import changelog_topic
-from processors.worker.changelog import restore as restore_changelog
-from processors.accounting.store import UsageStore
-from processors.topics import ensure_topics
+from throttlex.ingest.events import UsageEvent, encode, key_id_for
+from throttlex.ingest.keys import KeyRecord
+from throttlex.ingest.settings import ConnectionSettings
+from throttlex.processors.core.policy import PolicySet
+from throttlex.processors.core.state import KeyState
+from throttlex.processors.registry import open_registry
+from throttlex.processors.worker.changelog import changelog_topic
+from throttlex.processors.worker.changelog import restore as restore_changelog
+from throttlex.processors.accounting.store import UsageStore
+from throttlex.processors.topics import ensure_topics
 
 # Tests build settings with the development salt; a role outside them refuses it (ingest/settings.py).
 os.environ.setdefault("THROTTLEX_ALLOW_DEV_SECRETS", "1")
@@ -191,7 +191,7 @@ class RoleProcess:
             pytest.fail(f"`throttlex {' '.join(self.args)}` did not stop within {timeout_s}s:\n{self.log()[-3000:]}")
 
 
-LAUNCH = "from api.cli import main; main()"
+LAUNCH = "from throttlex.api.cli import main; main()"
 
 
 def start_role(

@@ -2,7 +2,7 @@
 
 import uuid
 
-from ingest.events import UsageEvent
+from throttlex.ingest.events import UsageEvent
 
 
 def make_event(**changes: object) -> UsageEvent:

@@ -22,11 +22,11 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.structs import TopicPartition
 
-from ingest.kafka_access import KafkaAccess
+from throttlex.ingest.kafka_access import KafkaAccess
 
-from processors.accounting.ledger import HOUR_MS, MINUTE_MS, PlanLedger, month_around
-from processors.accounting.store import UsageStore
-from processors.accounting.tail import TailFollower
+from throttlex.processors.accounting.ledger import HOUR_MS, MINUTE_MS, PlanLedger, month_around
+from throttlex.processors.accounting.store import UsageStore
+from throttlex.processors.accounting.tail import TailFollower
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 
-from ingest.events import decode_valid
-from processors.accounting.store import UsageStore
+from throttlex.ingest.events import decode_valid
+from throttlex.processors.accounting.store import UsageStore
 
 MINUTE_MS = 60_000
 HOUR_MS = 3_600_000

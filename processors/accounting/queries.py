@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from processors.accounting.store import UsageStore
+from throttlex.processors.accounting.store import UsageStore
 
 ROLLUPS = {"minute": ("usage_per_minute", 60), "hour": ("usage_per_hour", 3600), "day": ("usage_per_day", 86400)}
 GROUP_FIELDS = ("tenant", "api_key_id", "route", "status")

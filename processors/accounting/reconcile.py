@@ -23,12 +23,12 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from ingest.clock import Clock, wall_clock_ms
-from processors import metrics
-from processors.worker.live_usage import read_live_usage, usage_key
-from processors.core.policy import Policy, PolicySet
-from processors.accounting.store import StoreError, UsageStore
-from processors.core.windows import SlidingWindow
+from throttlex.ingest.clock import Clock, wall_clock_ms
+from throttlex.processors import metrics
+from throttlex.processors.worker.live_usage import read_live_usage, usage_key
+from throttlex.processors.core.policy import Policy, PolicySet
+from throttlex.processors.accounting.store import StoreError, UsageStore
+from throttlex.processors.core.windows import SlidingWindow
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import msgspec
 import pyarrow as pa
 from msgspec.structs import astuple
 
-from ingest.events import SCHEMA_VERSION, UsageEvent, decode_valid
+from throttlex.ingest.events import SCHEMA_VERSION, UsageEvent, decode_valid
 
 EVENT_SCHEMA = pa.schema([
     ("event_id", pa.binary(16)),  # a UUID's 16 bytes, big-endian: ClickHouse reads them into its UUID column

@@ -39,12 +39,12 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
-from processors import metrics
-from processors.settings import SinkSettings
-from processors.tasks import crash_of
-from processors.topics import ensure_topics
-from processors.accounting.rows import EVENT_SCHEMA, arrow_stream, event_rows
-from processors.accounting.store import StoreError, UsageStore
+from throttlex.processors import metrics
+from throttlex.processors.settings import SinkSettings
+from throttlex.processors.tasks import crash_of
+from throttlex.processors.topics import ensure_topics
+from throttlex.processors.accounting.rows import EVENT_SCHEMA, arrow_stream, event_rows
+from throttlex.processors.accounting.store import StoreError, UsageStore
 
 log = logging.getLogger(__name__)
 

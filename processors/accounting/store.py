@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 import clickhouse_connect
 from clickhouse_connect.driver.exceptions import ClickHouseError, OperationalError
 
-from processors import metrics
+from throttlex.processors import metrics
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def _statements(sql: str) -> list[str]:
 
 def _schema_files() -> list[tuple[int, str, str]]:
     files = []
-    for entry in resources.files("processors.accounting.schema").iterdir():
+    for entry in resources.files("throttlex.processors.accounting.schema").iterdir():
         if entry.name.endswith(".sql"):
             files.append((int(entry.name.split("_", 1)[0]), entry.name, entry.read_text()))
     return sorted(files)

@@ -22,9 +22,9 @@ import uuid
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from ingest.clock import wall_clock_ms
-from ingest.kafka_access import KafkaAccess
-from processors.accounting.ledger import PlanLedger
+from throttlex.ingest.clock import wall_clock_ms
+from throttlex.ingest.kafka_access import KafkaAccess
+from throttlex.processors.accounting.ledger import PlanLedger
 
 log = logging.getLogger(__name__)
 

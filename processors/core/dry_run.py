@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from ingest.events import UsageEvent
-from processors.core.engine import PolicyEngine
-from processors.core.policy import Policy, PolicySet
-from processors.accounting.store import UsageStore
+from throttlex.ingest.events import UsageEvent
+from throttlex.processors.core.engine import PolicyEngine
+from throttlex.processors.core.policy import Policy, PolicySet
+from throttlex.processors.accounting.store import UsageStore
 
 
 @dataclass

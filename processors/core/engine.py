@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from ingest.denylist_entries import EVENT_FIELD, Block, event_limit_key
-from ingest.events import UsageEvent
-from processors.core.policy import Policy, PolicySet
-from processors.core.state import KeyState, restored_window
-from processors.core.windows import Limiter
+from throttlex.ingest.denylist_entries import EVENT_FIELD, Block, event_limit_key
+from throttlex.ingest.events import UsageEvent
+from throttlex.processors.core.policy import Policy, PolicySet
+from throttlex.processors.core.state import KeyState, restored_window
+from throttlex.processors.core.windows import Limiter
 
 MATCHES_REMEMBERED = 10_000
 """Route, method, tenant and plan combinations whose matching policies are remembered."""

@@ -26,9 +26,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from ingest.denylist_entries import DIMENSIONS, Dimension, event_limit_key
-from ingest.events import UsageEvent
-from processors.core.windows import CalendarQuota, FixedWindow, Limiter, Period, SlidingWindow, TokenBucket
+from throttlex.ingest.denylist_entries import DIMENSIONS, Dimension, event_limit_key
+from throttlex.ingest.events import UsageEvent
+from throttlex.processors.core.windows import CalendarQuota, FixedWindow, Limiter, Period, SlidingWindow, TokenBucket
 
 
 MAX_UNITS = 10**15

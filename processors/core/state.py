@@ -18,9 +18,9 @@ from typing import Any
 
 import msgspec
 
-from ingest.denylist_entries import Block
-from processors.core.policy import Policy, PolicySet
-from processors.core.windows import Limiter
+from throttlex.ingest.denylist_entries import Block
+from throttlex.processors.core.policy import Policy, PolicySet
+from throttlex.processors.core.windows import Limiter
 
 
 class KeyState:

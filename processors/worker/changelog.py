@@ -16,10 +16,10 @@ import logging
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from ingest.kafka_access import KafkaAccess
+from throttlex.ingest.kafka_access import KafkaAccess
 
-from processors.core.policy import PolicySet
-from processors.core.state import KeyState, decode_key_state
+from throttlex.processors.core.policy import PolicySet
+from throttlex.processors.core.state import KeyState, decode_key_state
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import msgspec
 from redis.asyncio import Redis
 
-from ingest import denylist_entries
-from ingest.clock import Clock, wall_clock_ms
-from ingest.denylist_entries import Block
+from throttlex.ingest import denylist_entries
+from throttlex.ingest.clock import Clock, wall_clock_ms
+from throttlex.ingest.denylist_entries import Block
 
 
 class DenylistWriter:

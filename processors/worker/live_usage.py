@@ -17,10 +17,10 @@ from typing import cast
 import msgspec
 from redis.asyncio import Redis
 
-from processors import metrics
-from processors.core.policy import PolicySet
-from processors.core.state import KeyState, restored_window
-from processors.core.windows import Limiter
+from throttlex.processors import metrics
+from throttlex.processors.core.policy import PolicySet
+from throttlex.processors.core.state import KeyState, restored_window
+from throttlex.processors.core.windows import Limiter
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,12 @@ from collections.abc import Callable
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from ingest.clock import wall_clock_ms
-from ingest.denylist_entries import Block
-from processors import metrics
-from processors.core.state import KeyState
-from processors.worker.denylist_writer import DenylistWriter
-from processors.worker.live_usage import LiveUsageWriter
+from throttlex.ingest.clock import wall_clock_ms
+from throttlex.ingest.denylist_entries import Block
+from throttlex.processors import metrics
+from throttlex.processors.core.state import KeyState
+from throttlex.processors.worker.denylist_writer import DenylistWriter
+from throttlex.processors.worker.live_usage import LiveUsageWriter
 
 log = logging.getLogger(__name__)
 

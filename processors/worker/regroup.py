@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import msgspec
 
-from processors.core.engine import Forward
+from throttlex.processors.core.engine import Forward
 
 FORWARDS_PER_RECORD = 2_000
 """Forwards packed into one regroup record (about 150 KB), well under Kafka's message size limit."""

@@ -38,19 +38,19 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
-from ingest.clock import Clock, wall_clock_ms
-from ingest.denylist_entries import Block
-from ingest.events import EventError, decode, decode_valid
-from processors import metrics
-from processors.core.engine import Forward, Outcome, PolicyEngine
-from processors.core.policy import PolicySet
-from processors.core.state import KeyState, encode_key_state
-from processors.redis_client import redis_client
-from processors.settings import WorkerSettings
-from processors.tasks import crash_of
-from processors.topics import ensure_topics
-from processors.worker import changelog, regroup
-from processors.worker.publisher import RedisPublisher
+from throttlex.ingest.clock import Clock, wall_clock_ms
+from throttlex.ingest.denylist_entries import Block
+from throttlex.ingest.events import EventError, decode, decode_valid
+from throttlex.processors import metrics
+from throttlex.processors.core.engine import Forward, Outcome, PolicyEngine
+from throttlex.processors.core.policy import PolicySet
+from throttlex.processors.core.state import KeyState, encode_key_state
+from throttlex.processors.redis_client import redis_client
+from throttlex.processors.settings import WorkerSettings
+from throttlex.processors.tasks import crash_of
+from throttlex.processors.topics import ensure_topics
+from throttlex.processors.worker import changelog, regroup
+from throttlex.processors.worker.publisher import RedisPublisher
 
 log = logging.getLogger(__name__)
 

@@ -6,11 +6,11 @@ import re
 
 from prometheus_client import REGISTRY
 
-import api.metrics
-import ingest.metrics
-import processors.metrics
+from throttlex.api import metrics as api_metrics
+from throttlex.ingest import metrics as ingest_metrics
+from throttlex.processors import metrics as processors_metrics
 
-MODULES = (ingest.metrics, processors.metrics, api.metrics)
+MODULES = (ingest_metrics, processors_metrics, api_metrics)
 _SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
 
 

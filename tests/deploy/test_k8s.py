@@ -11,11 +11,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from api.app import create_app
-from api.settings import ApiSettings
-from processors.core.policy import load_policies
-from processors.policy_watch import PolicySource
-from processors.registry import Registry
+from throttlex.api.app import create_app
+from throttlex.api.settings import ApiSettings
+from throttlex.processors.core.policy import load_policies
+from throttlex.processors.policy_watch import PolicySource
+from throttlex.processors.registry import Registry
 
 pytestmark = pytest.mark.deploy
 

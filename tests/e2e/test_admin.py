@@ -22,8 +22,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from redis.asyncio import Redis
 
-from ingest.events import UsageEvent, encode
-from processors.accounting.store import UsageStore
+from throttlex.ingest.events import UsageEvent, encode
+from throttlex.processors.accounting.store import UsageStore
 from tests.conftest import RoleProcess, Sandbox, stop_role
 from tests.e2e.deployment import INGEST, OPS, POLICIES, admin, create_key, start_deployment, wait_healthy
 from tests.factories import make_event

@@ -26,7 +26,7 @@ import httpx
 import pytest
 from clickhouse_connect.driver.exceptions import DatabaseError
 
-from ingest.events import encode, key_id_for
+from throttlex.ingest.events import encode, key_id_for
 from tests.conftest import RoleProcess, Sandbox, free_port, register_keys, start_role, stop_role
 from tests.factories import make_event
 
@@ -204,7 +204,7 @@ def test_a_query_past_the_time_limit_is_cut_off_while_the_api_keeps_answering(an
 def _throttlex_sql(analysts: Analysts, *args: str, password: str = ADMIN_TOKEN) -> subprocess.CompletedProcess[str]:
     env = {"PATH": str(Path(sys.executable).parent), "THROTTLEX_SQL_URL": analysts.url, "THROTTLEX_SQL_USER": "root",
            "THROTTLEX_SQL_PASSWORD": password}  # fmt: skip
-    return subprocess.run([sys.executable, "-c", "from api.cli import main; main()", "sql", *args], env=env, cwd=ROOT,
+    return subprocess.run([sys.executable, "-c", "from throttlex.api.cli import main; main()", "sql", *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=60)  # fmt: skip
 
 

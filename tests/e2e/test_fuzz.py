@@ -28,7 +28,7 @@ from schemathesis.core.transport import Response
 from schemathesis.schemas import BaseSchema
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
 
-from ingest.events import encode
+from throttlex.ingest.events import encode
 from tests.conftest import Sandbox, stop_role
 from tests.e2e.deployment import INGEST, admin, create_key, start_deployment, wait_healthy
 from tests.factories import make_event

@@ -13,9 +13,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from api.demo_gateway import create_gateway_app
-from api.server import HttpServer
-from ingest.settings import GatewaySettings
+from throttlex.api.demo_gateway import create_gateway_app
+from throttlex.api.server import HttpServer
+from throttlex.ingest.settings import GatewaySettings
 from tests.conftest import RoleProcess, Sandbox, eventually, free_port, register_keys
 
 pytestmark = pytest.mark.e2e

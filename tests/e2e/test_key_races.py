@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator, Callable
 import httpx
 import pytest
 
-from ingest.keys import EdgeKeys
-from ingest.settings import ConnectionSettings
+from throttlex.ingest.keys import EdgeKeys
+from throttlex.ingest.settings import ConnectionSettings
 from tests.conftest import RoleProcess, Sandbox, eventually, free_port
 
 pytestmark = pytest.mark.e2e

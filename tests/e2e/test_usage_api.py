@@ -23,7 +23,7 @@ import msgspec
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from ingest.events import UsageEvent, decode, encode, key_id_for
+from throttlex.ingest.events import UsageEvent, decode, encode, key_id_for
 from tests.conftest import Sandbox, eventually, free_port, register_keys, start_role, stop_role
 from tests.factories import make_event
 

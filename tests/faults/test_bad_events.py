@@ -11,11 +11,11 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from redis.asyncio import Redis
 
-from ingest import denylist_entries
-from ingest.denylist_entries import limit_key
-from ingest.clock import wall_clock_ms
-from ingest.events import encode
-from processors.core.windows import SlidingWindow
+from throttlex.ingest import denylist_entries
+from throttlex.ingest.denylist_entries import limit_key
+from throttlex.ingest.clock import wall_clock_ms
+from throttlex.ingest.events import encode
+from throttlex.processors.core.windows import SlidingWindow
 from tests.conftest import EventSender, RoleProcess, Sandbox, eventually, free_port, role_metrics, stored_events
 from tests.factories import make_event
 

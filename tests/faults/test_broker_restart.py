@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from api.demo_gateway import create_gateway_app
-from api.server import HttpServer
-from ingest import metrics
-from ingest.producer import EventProducer
-from ingest.settings import GatewaySettings
-from processors.topics import ensure_topics
+from throttlex.api.demo_gateway import create_gateway_app
+from throttlex.api.server import HttpServer
+from throttlex.ingest import metrics
+from throttlex.ingest.producer import EventProducer
+from throttlex.ingest.settings import GatewaySettings
+from throttlex.processors.topics import ensure_topics
 from tests.conftest import (EVENTS_PARTITIONS, PrivateKafka, Sandbox, eventually, free_port, register_keys, role_metrics,
                             start_role, stop_role, stored_events)
 
@@ -70,7 +70,7 @@ def counter(metric: object) -> float:
 async def test_broker_restart_sheds_past_the_bound_and_delivers_every_accepted_event_once(
     sandbox: Sandbox, private_kafka: PrivateKafka, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="ingest.producer")
+    caplog.set_level(logging.WARNING, logger="throttlex.ingest.producer")
     sandbox = Sandbox(kafka_bootstrap=private_kafka.bootstrap, redis_url=sandbox.redis_url, root=sandbox.root, tag=sandbox.tag)
     env = {"THROTTLEX_KAFKA_BOOTSTRAP": private_kafka.bootstrap}
     sink_port = free_port()

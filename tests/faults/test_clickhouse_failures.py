@@ -16,8 +16,8 @@ import uuid
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from ingest.clock import wall_clock_ms
-from processors.accounting.store import UsageStore
+from throttlex.ingest.clock import wall_clock_ms
+from throttlex.processors.accounting.store import UsageStore
 from tests.conftest import (EVENTS_PARTITIONS, EventSender, RoleProcess, Sandbox, eventually, free_port, role_metrics,
                             start_role, stop_role)
 from tests.factories import make_event
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.faults
 FAULTY_SINK = """
 import os
 from pathlib import Path
-from processors.accounting.store import StoreError, UsageStore
+from throttlex.processors.accounting.store import StoreError, UsageStore
 
 refuse_while = Path(os.environ["THROTTLEX_TEST_REFUSE_INSERTS_WHILE"])
 insert = UsageStore.insert_arrow
@@ -38,7 +38,7 @@ async def refusing_insert(self, table, stream, columns, *, dedup_token=None):
     await insert(self, table, stream, columns, dedup_token=dedup_token)
 
 UsageStore.insert_arrow = refusing_insert
-from api.cli import main
+from throttlex.api.cli import main
 main()
 """
 

@@ -11,10 +11,10 @@ import time
 
 from redis.asyncio import Redis
 
-from ingest.clock import wall_clock_ms
-from ingest.denylist import EdgeDenylist
-from ingest.denylist_entries import Block
-from processors.worker.denylist_writer import DenylistWriter
+from throttlex.ingest.clock import wall_clock_ms
+from throttlex.ingest.denylist import EdgeDenylist
+from throttlex.ingest.denylist_entries import Block
+from throttlex.processors.worker.denylist_writer import DenylistWriter
 from tests.conftest import eventually, redis_answers
 
 STALL_S = 10.0

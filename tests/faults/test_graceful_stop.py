@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 from redis.asyncio import Redis
 
-from ingest.clock import wall_clock_ms
+from throttlex.ingest.clock import wall_clock_ms
 from tests.conftest import EventSender, RoleProcess, Sandbox, eventually, free_port, stored_events
 from tests.integration.test_sink import end_offsets, wait_until_all_committed
 from tests.integration.test_policies import _has_block_until, _wait_until_worker_committed, request, sliding_admit, worker_counting

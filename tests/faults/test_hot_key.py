@@ -12,9 +12,9 @@ from collections.abc import Callable
 import pytest
 from redis.asyncio import Redis
 
-from ingest import denylist_entries
-from ingest.denylist_entries import limit_key
-from ingest.clock import wall_clock_ms
+from throttlex.ingest import denylist_entries
+from throttlex.ingest.denylist_entries import limit_key
+from throttlex.ingest.clock import wall_clock_ms
 from tests.conftest import EventSender, RoleProcess, Sandbox, eventually
 from tests.integration.test_policies import request, worker_counting
 

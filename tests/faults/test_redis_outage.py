@@ -14,13 +14,13 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from api.demo_gateway import create_gateway_app
-from api.server import HttpServer
-from ingest import denylist_entries
-from ingest.denylist_entries import limit_key
-from ingest.clock import wall_clock_ms
-from ingest.denylist import EdgeDenylist
-from ingest.settings import GatewaySettings
+from throttlex.api.demo_gateway import create_gateway_app
+from throttlex.api.server import HttpServer
+from throttlex.ingest import denylist_entries
+from throttlex.ingest.denylist_entries import limit_key
+from throttlex.ingest.clock import wall_clock_ms
+from throttlex.ingest.denylist import EdgeDenylist
+from throttlex.ingest.settings import GatewaySettings
 from tests.conftest import EventSender, RoleProcess, Sandbox, eventually, free_port, redis_answers, register_keys
 from tests.factories import make_event
 from tests.integration.test_policies import sliding_admit

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 from redis.asyncio import Redis
 
-from ingest.clock import wall_clock_ms
+from throttlex.ingest.clock import wall_clock_ms
 from tests.conftest import (EventSender, RoleProcess, Sandbox, eventually, free_port, redis_answers, role_metrics,
                             topic_ends, wait_until_worker_committed)  # fmt: skip
 from tests.integration.test_policies import request, sliding_admit, stored_block, worker_counting

@@ -11,10 +11,10 @@ from collections.abc import Callable
 import pytest
 from redis.asyncio import Redis
 
-from ingest import denylist_entries
-from ingest.clock import wall_clock_ms
-from processors.core.policy import parse_policies
-from processors.core.windows import SlidingWindow
+from throttlex.ingest import denylist_entries
+from throttlex.ingest.clock import wall_clock_ms
+from throttlex.processors.core.policy import parse_policies
+from throttlex.processors.core.windows import SlidingWindow
 from tests.conftest import (EventSender, RoleProcess, Sandbox, eventually, free_port, role_metrics,
                             wait_until_worker_committed, window_counts, worker_state)  # fmt: skip
 from tests.integration.test_policies import request, stored_block, worker_counting

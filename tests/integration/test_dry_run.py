@@ -10,11 +10,11 @@ from typing import NamedTuple
 import pyarrow as pa
 import pytest
 
-from ingest.events import UsageEvent, encode
-from processors.accounting.rows import EVENT_SCHEMA, arrow_stream, event_rows
-from processors.accounting.store import UsageStore
-from processors.core.dry_run import TooManyEvents, replay, replay_stored
-from processors.core.policy import parse_policies
+from throttlex.ingest.events import UsageEvent, encode
+from throttlex.processors.accounting.rows import EVENT_SCHEMA, arrow_stream, event_rows
+from throttlex.processors.accounting.store import UsageStore
+from throttlex.processors.core.dry_run import TooManyEvents, replay, replay_stored
+from throttlex.processors.core.policy import parse_policies
 from tests.factories import make_event
 
 START_MS = int(datetime(2026, 10, 5, 10, tzinfo=UTC).timestamp() * 1000)

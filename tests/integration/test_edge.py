@@ -9,10 +9,10 @@ import msgspec
 import pytest
 from redis.asyncio import Redis
 
-from ingest.denylist_entries import Block
-from ingest.clock import wall_clock_ms
-from ingest.denylist import EdgeDenylist
-from processors.worker.denylist_writer import DenylistWriter
+from throttlex.ingest.denylist_entries import Block
+from throttlex.ingest.clock import wall_clock_ms
+from throttlex.ingest.denylist import EdgeDenylist
+from throttlex.processors.worker.denylist_writer import DenylistWriter
 from tests.conftest import Sandbox, eventually, free_port
 
 pytestmark = pytest.mark.integration

@@ -8,8 +8,8 @@ from collections import Counter, defaultdict
 
 from aiokafka import AIOKafkaConsumer
 
-from ingest.events import decode
-from ingest.producer import EventProducer
+from throttlex.ingest.events import decode
+from throttlex.ingest.producer import EventProducer
 from tests.conftest import EventSender, Sandbox, eventually
 from tests.factories import make_event
 

@@ -10,13 +10,13 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from ingest.clock import wall_clock_ms
-from ingest.events import UsageEvent
-from processors.accounting.exact_usage import ExactUsage
-from processors.accounting.ledger import month_around
-from processors.accounting.sink import UsageSink
-from processors.accounting.store import UsageStore
-from processors.settings import SinkSettings
+from throttlex.ingest.clock import wall_clock_ms
+from throttlex.ingest.events import UsageEvent
+from throttlex.processors.accounting.exact_usage import ExactUsage
+from throttlex.processors.accounting.ledger import month_around
+from throttlex.processors.accounting.sink import UsageSink
+from throttlex.processors.accounting.store import UsageStore
+from throttlex.processors.settings import SinkSettings
 from tests.conftest import EventSender, Sandbox, eventually
 from tests.factories import make_event
 from tests.integration.test_sink import committed_offsets

@@ -14,15 +14,15 @@ import msgspec
 import pytest
 from redis.asyncio import Redis
 
-from api.audit import AuditTrail
-from ingest import denylist_entries
-from ingest.denylist_entries import limit_key
-from ingest.clock import wall_clock_ms
-from ingest.events import key_id_for
-from ingest.keys import EdgeKeys, KeyRecord, key_view
-from ingest.settings import ConnectionSettings
-from processors.core.policy import parse_policies
-from processors.registry import issue_key, open_registry
+from throttlex.api.audit import AuditTrail
+from throttlex.ingest import denylist_entries
+from throttlex.ingest.denylist_entries import limit_key
+from throttlex.ingest.clock import wall_clock_ms
+from throttlex.ingest.events import key_id_for
+from throttlex.ingest.keys import EdgeKeys, KeyRecord, key_view
+from throttlex.ingest.settings import ConnectionSettings
+from throttlex.processors.core.policy import parse_policies
+from throttlex.processors.registry import issue_key, open_registry
 from tests.conftest import EventSender, RoleProcess, Sandbox, eventually, redis_answers
 from tests.factories import make_event
 from tests.unit.api.test_cli import throttlex

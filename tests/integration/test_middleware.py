@@ -14,15 +14,15 @@ from starlette.responses import PlainTextResponse
 from redis.asyncio import Redis
 from starlette.routing import Mount, Route
 
-from ingest.clock import wall_clock_ms
-from ingest.denylist import EdgeDenylist
-from ingest.denylist_entries import Block, event_limit_key
-from ingest.events import UsageEvent, decode, key_id_for
-from ingest.middleware import ThrottleXMiddleware
-from ingest.producer import EventProducer
-from ingest.routes import UNMATCHED
-from processors.worker.denylist_writer import DenylistWriter
-from processors.topics import ensure_topics
+from throttlex.ingest.clock import wall_clock_ms
+from throttlex.ingest.denylist import EdgeDenylist
+from throttlex.ingest.denylist_entries import Block, event_limit_key
+from throttlex.ingest.events import UsageEvent, decode, key_id_for
+from throttlex.ingest.middleware import ThrottleXMiddleware
+from throttlex.ingest.producer import EventProducer
+from throttlex.ingest.routes import UNMATCHED
+from throttlex.processors.worker.denylist_writer import DenylistWriter
+from throttlex.processors.topics import ensure_topics
 from tests.conftest import EVENTS_PARTITIONS, Sandbox, eventually
 
 SALT = b"middleware-test-salt"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from processors.accounting.store import UsageStore
+from throttlex.processors.accounting.store import UsageStore
 from tests.unit.api.test_cli import throttlex
 
 pytestmark = pytest.mark.integration

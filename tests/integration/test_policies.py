@@ -14,12 +14,12 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from ingest import denylist_entries
-from ingest.denylist_entries import Block
-from ingest.clock import wall_clock_ms
-from ingest.denylist import EdgeDenylist
-from ingest.events import UsageEvent
-from processors.core.windows import SlidingWindow
+from throttlex.ingest import denylist_entries
+from throttlex.ingest.denylist_entries import Block
+from throttlex.ingest.clock import wall_clock_ms
+from throttlex.ingest.denylist import EdgeDenylist
+from throttlex.ingest.events import UsageEvent
+from throttlex.processors.core.windows import SlidingWindow
 from tests.conftest import EventSender, RoleProcess, Sandbox, eventually, free_port
 from tests.factories import make_event
 from tests.integration.test_sink import committed_offsets, end_offsets

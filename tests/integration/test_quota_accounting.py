@@ -11,13 +11,13 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from ingest.events import UsageEvent
-from processors.accounting import queries
-from processors.accounting.exact_usage import ExactUsage
-from processors.accounting.ledger import PlanLedger
-from processors.accounting.sink import UsageSink
-from processors.accounting.store import UsageStore
-from processors.settings import SinkSettings
+from throttlex.ingest.events import UsageEvent
+from throttlex.processors.accounting import queries
+from throttlex.processors.accounting.exact_usage import ExactUsage
+from throttlex.processors.accounting.ledger import PlanLedger
+from throttlex.processors.accounting.sink import UsageSink
+from throttlex.processors.accounting.store import UsageStore
+from throttlex.processors.settings import SinkSettings
 from tests.conftest import EventSender, Sandbox, eventually
 from tests.factories import make_event
 from tests.integration.test_sink import committed_offsets

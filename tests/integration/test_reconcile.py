@@ -14,15 +14,15 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
-from ingest.clock import wall_clock_ms
-from ingest.events import encode
-from processors.accounting.reconcile import Reconciler
-from processors.accounting.rows import EVENT_SCHEMA, arrow_stream, event_rows
-from processors.accounting.store import UsageStore
-from processors.core.engine import PolicyEngine
-from processors.core.policy import parse_policies
-from processors.worker.live_usage import encode_live_usage, usage_key
-from processors.core.windows import SlidingWindow
+from throttlex.ingest.clock import wall_clock_ms
+from throttlex.ingest.events import encode
+from throttlex.processors.accounting.reconcile import Reconciler
+from throttlex.processors.accounting.rows import EVENT_SCHEMA, arrow_stream, event_rows
+from throttlex.processors.accounting.store import UsageStore
+from throttlex.processors.core.engine import PolicyEngine
+from throttlex.processors.core.policy import parse_policies
+from throttlex.processors.worker.live_usage import encode_live_usage, usage_key
+from throttlex.processors.core.windows import SlidingWindow
 from tests.conftest import EventSender, RoleProcess, Sandbox, eventually, free_port
 from tests.factories import make_event
 

@@ -13,11 +13,11 @@ import pytest
 from redis import Redis as SyncRedis
 from redis.exceptions import AuthenticationError, ConnectionError
 
-from ingest.clock import wall_clock_ms
-from ingest.denylist import EdgeDenylist
-from ingest.denylist_entries import Block
-from processors.redis_client import redis_client
-from processors.worker.denylist_writer import DenylistWriter
+from throttlex.ingest.clock import wall_clock_ms
+from throttlex.ingest.denylist import EdgeDenylist
+from throttlex.ingest.denylist_entries import Block
+from throttlex.processors.redis_client import redis_client
+from throttlex.processors.worker.denylist_writer import DenylistWriter
 from tests.conftest import eventually, free_port, redis_answers
 
 pytestmark = pytest.mark.integration

@@ -12,10 +12,10 @@ import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from ingest.clock import wall_clock_ms
-from ingest.events import encode
-from processors.accounting.rows import EVENT_SCHEMA, arrow_stream, event_rows
-from processors.accounting.store import UsageStore
+from throttlex.ingest.clock import wall_clock_ms
+from throttlex.ingest.events import encode
+from throttlex.processors.accounting.rows import EVENT_SCHEMA, arrow_stream, event_rows
+from throttlex.processors.accounting.store import UsageStore
 from tests.conftest import EventSender, EVENTS_PARTITIONS, RoleProcess, Sandbox, eventually
 from tests.factories import make_event
 

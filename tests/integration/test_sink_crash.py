@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from processors.accounting.store import UsageStore
+from throttlex.processors.accounting.store import UsageStore
 from tests.conftest import EventSender, RoleProcess, Sandbox, eventually
 from tests.factories import make_event
 from tests.integration.test_sink import end_offsets, wait_until_all_committed

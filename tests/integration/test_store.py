@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from processors.accounting.store import UsageStore
+from throttlex.processors.accounting.store import UsageStore
 
 pytestmark = pytest.mark.integration
 

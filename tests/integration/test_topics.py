@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from processors.topics import ensure_topics
+from throttlex.processors.topics import ensure_topics
 from tests.conftest import Sandbox
 from tests.unit.api.test_cli import throttlex
 

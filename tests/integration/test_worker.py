@@ -9,14 +9,14 @@ import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from redis.asyncio import Redis
 
-from ingest import denylist_entries
-from ingest.denylist_entries import limit_key
-from ingest.clock import wall_clock_ms
-from ingest.denylist import EdgeDenylist
-from ingest.events import UsageEvent, encode, key_id_for
-from ingest.settings import ConnectionSettings
-from processors.core.windows import SlidingWindow
-from processors.worker import regroup
+from throttlex.ingest import denylist_entries
+from throttlex.ingest.denylist_entries import limit_key
+from throttlex.ingest.clock import wall_clock_ms
+from throttlex.ingest.denylist import EdgeDenylist
+from throttlex.ingest.events import UsageEvent, encode, key_id_for
+from throttlex.ingest.settings import ConnectionSettings
+from throttlex.processors.core.windows import SlidingWindow
+from throttlex.processors.worker import regroup
 from tests.conftest import EVENTS_PARTITIONS, EventSender, RoleProcess, Sandbox, eventually
 from tests.factories import make_event
 

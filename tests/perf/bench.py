@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from processors.topics import ensure_topics
+from throttlex.processors.topics import ensure_topics
 from tests.perf import (bench_detection, bench_edge, bench_engine, bench_floor, bench_gateway, bench_pipeline, bench_quota,
                         bench_sink, bench_system)
 

@@ -27,11 +27,11 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 
-from ingest.denylist_entries import limit_key
-from ingest.clock import wall_clock_ms
-from ingest.denylist import EdgeDenylist
-from ingest.events import encode
-from processors.topics import ensure_topics
+from throttlex.ingest.denylist_entries import limit_key
+from throttlex.ingest.clock import wall_clock_ms
+from throttlex.ingest.denylist import EdgeDenylist
+from throttlex.ingest.events import encode
+from throttlex.processors.topics import ensure_topics
 from tests.factories import make_event
 from tests.perf.bench_pipeline import worker_process
 

@@ -23,10 +23,10 @@ from limits.aio.strategies import (
 )
 from redis.asyncio import Redis
 
-from ingest.denylist_entries import Block, limit_key
-from ingest.clock import wall_clock_ms
-from ingest.denylist import EdgeDenylist
-from processors.worker.denylist_writer import DenylistWriter
+from throttlex.ingest.denylist_entries import Block, limit_key
+from throttlex.ingest.clock import wall_clock_ms
+from throttlex.ingest.denylist import EdgeDenylist
+from throttlex.processors.worker.denylist_writer import DenylistWriter
 
 KEYS = 10_000
 BLOCKED_EVERY = 10  # one key in ten is blocked

@@ -25,10 +25,10 @@ import tracemalloc
 import uuid
 from pathlib import Path
 
-from ingest.events import UsageEvent
-from processors.core.engine import PolicyEngine
-from processors.core.policy import PolicySet, load_policies, parse_policies
-from processors.core.state import encode_key_state
+from throttlex.ingest.events import UsageEvent
+from throttlex.processors.core.engine import PolicyEngine
+from throttlex.processors.core.policy import PolicySet, load_policies, parse_policies
+from throttlex.processors.core.state import encode_key_state
 from tests.factories import make_event
 
 RESULTS = Path(__file__).with_name("results.json")

@@ -26,7 +26,7 @@ import tempfile
 import time
 import uuid
 
-from ingest.events import decode
+from throttlex.ingest.events import decode
 from tests.perf.bench_pipeline import produce
 
 CONSUMERS = {"aiokafka": "aiokafka batch loop", "confluent": "confluent-kafka batch loop", "faust": "Faust agent"}

@@ -25,11 +25,11 @@ from pathlib import Path
 import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from ingest.events import key_id_for
-from ingest.keys import KeyRecord
-from ingest.settings import GatewaySettings
-from processors.registry import open_registry
-from processors.topics import ensure_topics
+from throttlex.ingest.events import key_id_for
+from throttlex.ingest.keys import KeyRecord
+from throttlex.ingest.settings import GatewaySettings
+from throttlex.processors.registry import open_registry
+from throttlex.processors.topics import ensure_topics
 from tests.conftest import free_port
 
 APPS = {

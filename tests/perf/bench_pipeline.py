@@ -30,8 +30,8 @@ from typing import IO
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from ingest.events import encode
-from processors.topics import ensure_topics
+from throttlex.ingest.events import encode
+from throttlex.processors.topics import ensure_topics
 from tests.conftest import free_port, role_metrics
 from tests.factories import make_event
 
@@ -74,7 +74,7 @@ def worker_process(
            "THROTTLEX_REDIS_PREFIX": f"bench-{tag}", "THROTTLEX_METRICS_PORT": str(metrics_port),
            "THROTTLEX_LOG_LEVEL": "WARNING"}  # fmt: skip
     with tempfile.TemporaryFile() as log:
-        worker = subprocess.Popen([sys.executable, "-c", "from api.cli import main; main()", "worker", "--policy-file",
+        worker = subprocess.Popen([sys.executable, "-c", "from throttlex.api.cli import main; main()", "worker", "--policy-file",
                                    str(policy_file)], env=env, stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
         try:
             yield worker, log

@@ -38,14 +38,14 @@ from zoneinfo import ZoneInfo
 
 from prometheus_client import REGISTRY
 
-from ingest.events import encode
-from processors.accounting.exact_usage import ExactUsage
-from processors.accounting.ledger import month_around
-from processors.accounting.sink import UsageSink
-from processors.accounting.store import UsageStore
-from processors.settings import SinkSettings
-from processors.tasks import LoopThread, share_interpreter_often, tune_gc
-from processors.topics import ensure_topics
+from throttlex.ingest.events import encode
+from throttlex.processors.accounting.exact_usage import ExactUsage
+from throttlex.processors.accounting.ledger import month_around
+from throttlex.processors.accounting.sink import UsageSink
+from throttlex.processors.accounting.store import UsageStore
+from throttlex.processors.settings import SinkSettings
+from throttlex.processors.tasks import LoopThread, share_interpreter_often, tune_gc
+from throttlex.processors.topics import ensure_topics
 from tests.factories import make_event
 
 PARTITIONS = 4

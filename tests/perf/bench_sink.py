@@ -34,13 +34,13 @@ import pyarrow as pa
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from ingest.events import decode_valid, encode
-from processors.accounting.rows import EVENT_SCHEMA, arrow_stream, event_rows
-from processors.settings import SinkSettings
-from processors.accounting.sink import UsageSink
-from processors.tasks import tune_gc
-from processors.topics import ensure_topics
-from processors.accounting.store import UsageStore
+from throttlex.ingest.events import decode_valid, encode
+from throttlex.processors.accounting.rows import EVENT_SCHEMA, arrow_stream, event_rows
+from throttlex.processors.settings import SinkSettings
+from throttlex.processors.accounting.sink import UsageSink
+from throttlex.processors.tasks import tune_gc
+from throttlex.processors.topics import ensure_topics
+from throttlex.processors.accounting.store import UsageStore
 from tests.factories import make_event
 
 RESULTS = Path(__file__).with_name("results.json")

@@ -26,11 +26,11 @@ from limits.aio.storage import RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 from redis.asyncio import Redis
 
-from ingest.clock import wall_clock_ms
-from ingest.denylist import EdgeDenylist
-from ingest.events import UsageEvent
-from ingest.producer import EventProducer
-from processors.topics import ensure_topics
+from throttlex.ingest.clock import wall_clock_ms
+from throttlex.ingest.denylist import EdgeDenylist
+from throttlex.ingest.events import UsageEvent
+from throttlex.ingest.producer import EventProducer
+from throttlex.processors.topics import ensure_topics
 
 
 async def gateway_cpu_us(bootstrap: str, redis_url: str, requests: int) -> float:

@@ -12,8 +12,8 @@ from fastapi import FastAPI, Request
 from slowapi import Limiter, _rate_limit_exceeded_handler
 from slowapi.errors import RateLimitExceeded
 
-from api.demo_gateway import create_gateway_app
-from ingest.settings import GatewaySettings
+from throttlex.api.demo_gateway import create_gateway_app
+from throttlex.ingest.settings import GatewaySettings
 
 LIMIT = "1000000000/hour"  # never reached: every request does the full work of being admitted
 

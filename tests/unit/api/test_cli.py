@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from api.settings import ApiSettings
+from throttlex.api.settings import ApiSettings
 
 POLICY_FILES = Path(__file__).parents[1] / "processors" / "policy_files"
 
 
 def throttlex(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", "from api.cli import main; main()", *args],
+        [sys.executable, "-c", "from throttlex.api.cli import main; main()", *args],
         env={**os.environ, **(env or {})},
         capture_output=True,
         text=True,

@@ -2,7 +2,7 @@
 
 from datetime import date
 
-from api.loadgen import _clock_time
+from throttlex.api.loadgen import _clock_time
 
 
 def test_an_instant_today_shows_its_time_and_another_day_its_date_too() -> None:

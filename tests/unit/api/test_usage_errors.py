@@ -7,8 +7,8 @@ import logging
 import pytest
 from fastapi import HTTPException
 
-from api.usage import store_answer
-from processors.accounting.store import StoreError
+from throttlex.api.usage import store_answer
+from throttlex.processors.accounting.store import StoreError
 
 CLICKHOUSE_TEXT = "Code: 60. DB::Exception: Unknown table expression identifier 'default.usage_per_hour' (UNKNOWN_TABLE)"
 
@@ -20,7 +20,7 @@ async def failing() -> None:
 async def test_a_store_error_reaches_the_log_with_a_request_id_and_the_caller_gets_the_id_only(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with caplog.at_level(logging.ERROR, logger="api.usage"), pytest.raises(HTTPException) as raised:
+    with caplog.at_level(logging.ERROR, logger="throttlex.api.usage"), pytest.raises(HTTPException) as raised:
         await store_answer(failing())
     answer = raised.value
     request_id = (answer.headers or {})["X-Request-Id"]

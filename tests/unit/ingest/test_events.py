@@ -6,7 +6,7 @@ import warnings
 import msgspec
 import pytest
 
-from ingest.events import SCHEMA_VERSION, EventError, decode, encode, key_id_for, new_event_id
+from throttlex.ingest.events import SCHEMA_VERSION, EventError, decode, encode, key_id_for, new_event_id
 from tests.factories import make_event
 
 

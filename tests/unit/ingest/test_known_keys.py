@@ -1,6 +1,6 @@
 """The edge key cache's store: a dictionary bounded by its size, forgetting the record added longest ago."""
 
-from ingest.keys import KeyRecord, KnownKeys
+from throttlex.ingest.keys import KeyRecord, KnownKeys
 
 
 def record(key_id: str, version: int = 1) -> KeyRecord:

@@ -2,7 +2,7 @@
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from ingest.metrics import RequestPathCounter
+from throttlex.ingest.metrics import RequestPathCounter
 
 
 def test_request_path_counts_are_exposed_as_a_labelled_counter() -> None:

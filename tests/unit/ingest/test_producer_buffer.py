@@ -8,8 +8,8 @@ import logging
 
 import pytest
 
-from ingest import metrics
-from ingest.producer import EventProducer
+from throttlex.ingest import metrics
+from throttlex.ingest.producer import EventProducer
 from tests.factories import make_event
 
 
@@ -20,13 +20,13 @@ def shed_total() -> float:
 async def test_emit_holds_the_bound_and_sheds_the_rest(caplog: pytest.LogCaptureFixture) -> None:
     producer = EventProducer("127.0.0.1:1", "events", buffer_max_events=3)  # no broker there: nothing leaves
     before = shed_total()
-    with caplog.at_level(logging.WARNING, logger="ingest.producer"):
+    with caplog.at_level(logging.WARNING, logger="throttlex.ingest.producer"):
         for _ in range(5):
             producer.emit(make_event())
         await asyncio.sleep(0)  # the loop's next turn hands them over
     assert producer.undelivered == 3
     assert shed_total() - before == 2
-    assert [r.getMessage() for r in caplog.records if r.name == "ingest.producer"] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "throttlex.ingest.producer"] == [
         "producer buffer full: shedding usage events until Kafka takes the buffered ones"
     ]
     await producer.stop(timeout_s=0.01)  # the held events are reported undelivered
@@ -34,7 +34,7 @@ async def test_emit_holds_the_bound_and_sheds_the_rest(caplog: pytest.LogCapture
 
 async def test_shedding_stops_with_the_count_once_there_is_room(caplog: pytest.LogCaptureFixture) -> None:
     producer = EventProducer("127.0.0.1:1", "events", buffer_max_events=1)
-    with caplog.at_level(logging.WARNING, logger="ingest.producer"):
+    with caplog.at_level(logging.WARNING, logger="throttlex.ingest.producer"):
         producer.emit(make_event())
         producer.emit(make_event())
         producer.emit(make_event())
@@ -88,12 +88,12 @@ def test_events_whose_hand_over_never_ran_are_handed_over_by_the_next_collect() 
 async def test_an_event_librdkafka_refuses_is_counted_as_failed_and_the_others_are_queued(caplog: pytest.LogCaptureFixture) -> None:
     producer = EventProducer("127.0.0.1:1", "events")
     before = metrics.EVENTS_FAILED.labels(reason="MSG_SIZE_TOO_LARGE")._value.get()
-    with caplog.at_level(logging.WARNING, logger="ingest.producer"):
+    with caplog.at_level(logging.WARNING, logger="throttlex.ingest.producer"):
         producer.emit(make_event())
         producer.emit(make_event(route="/" + "x" * 2_000_000))  # past librdkafka's message.max.bytes (1 MB)
         producer.emit(make_event())
         await asyncio.sleep(0)
     assert metrics.EVENTS_FAILED.labels(reason="MSG_SIZE_TOO_LARGE")._value.get() - before == 1
     assert producer.undelivered == 2
-    assert [r.getMessage() for r in caplog.records if r.name == "ingest.producer"] == ["usage event not delivered"]
+    assert [r.getMessage() for r in caplog.records if r.name == "throttlex.ingest.producer"] == ["usage event not delivered"]
     await producer.stop(timeout_s=0.01)

@@ -1,10 +1,10 @@
 from pathlib import Path
 
-from ingest.denylist_entries import Block, limit_key
-from ingest.events import UsageEvent
-from processors.core.engine import PolicyEngine
-from processors.core.state import KeyState, decode_key_state, encode_key_state
-from processors.core.policy import PolicySet, load_policies
+from throttlex.ingest.denylist_entries import Block, limit_key
+from throttlex.ingest.events import UsageEvent
+from throttlex.processors.core.engine import PolicyEngine
+from throttlex.processors.core.state import KeyState, decode_key_state, encode_key_state
+from throttlex.processors.core.policy import PolicySet, load_policies
 from tests.factories import make_event
 
 POLICIES = """

@@ -8,8 +8,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from ingest.events import encode
-from processors.accounting.ledger import PlanLedger, month_around
+from throttlex.ingest.events import encode
+from throttlex.processors.accounting.ledger import PlanLedger, month_around
 from tests.factories import make_event
 
 BERLIN = ZoneInfo("Europe/Berlin")

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from processors.core.policy import PolicyFileError, load_policies
+from throttlex.processors.core.policy import PolicyFileError, load_policies
 from tests.factories import make_event
 
 FILES = Path(__file__).parent / "policy_files"

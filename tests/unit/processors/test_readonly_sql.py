@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from processors.accounting.readonly_sql import SqlLimits, escape_parameter, refusal
+from throttlex.processors.accounting.readonly_sql import SqlLimits, escape_parameter, refusal
 
 SELECT_AST = """SelectWithUnionQuery (children 1)
  ExpressionList (children 1)

@@ -1,7 +1,7 @@
 import re
 
-from processors.accounting.reconcile import route_regex, settled_range
-from processors.core.windows import SlidingWindow
+from throttlex.processors.accounting.reconcile import route_regex, settled_range
+from throttlex.processors.core.windows import SlidingWindow
 
 
 def test_route_globs_become_anchored_regular_expressions() -> None:

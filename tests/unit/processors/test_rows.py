@@ -7,8 +7,8 @@ from typing import NamedTuple
 import msgspec
 import pytest
 
-from ingest.events import decode_valid, encode
-from processors.accounting.rows import EVENT_SCHEMA, event_rows
+from throttlex.ingest.events import decode_valid, encode
+from throttlex.processors.accounting.rows import EVENT_SCHEMA, event_rows
 from tests.factories import make_event
 
 

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from processors.tasks import LoopThread, SlowStopReport
+from throttlex.processors.tasks import LoopThread, SlowStopReport
 
 
 async def never_returns(event: asyncio.Event) -> None:
@@ -16,7 +16,7 @@ async def never_returns(event: asyncio.Event) -> None:
 
 
 async def test_a_slow_stop_names_the_tasks_it_waits_for_on_every_loop(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.ERROR, logger="processors.tasks")
+    caplog.set_level(logging.ERROR, logger="throttlex.processors.tasks")
     thread = LoopThread("slow-role")
     release = asyncio.Event()
     hung_main = asyncio.create_task(never_returns(release), name="hung-on-main")
@@ -44,7 +44,7 @@ async def test_a_slow_stop_names_the_tasks_it_waits_for_on_every_loop(caplog: py
 
 
 async def test_a_stop_done_in_time_reports_nothing(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.ERROR, logger="processors.tasks")
+    caplog.set_level(logging.ERROR, logger="throttlex.processors.tasks")
     with SlowStopReport(after_s=0.05) as report:
         report.arm()
     passed = asyncio.Event()

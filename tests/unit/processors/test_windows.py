@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
-from processors.core.windows import SETTLE_AT_ONCE, CalendarQuota, FixedWindow, SlidingWindow, TokenBucket
+from throttlex.processors.core.windows import SETTLE_AT_ONCE, CalendarQuota, FixedWindow, SlidingWindow, TokenBucket
 
 SECOND = 1000
 
