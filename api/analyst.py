@@ -22,7 +22,6 @@ import base64
 import binascii
 import json
 import logging
-import re
 import uuid
 
 from fastapi import APIRouter, Request, Response
@@ -32,7 +31,7 @@ from throttlex.api import metrics
 from throttlex.api.credentials import match
 from throttlex.ingest.clock import wall_clock_ms
 from throttlex.ingest.events import key_id_for
-from throttlex.processors.accounting.readonly_sql import REFUSED_CODE, ReadOnlySql, SqlError
+from throttlex.processors.accounting.readonly_sql import REFUSED_CODE, ReadOnlySql, SqlError, SqlUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +42,18 @@ _CLIENT_PLUMBING = {
     "session_check", "compress", "decompress", "enable_http_compression", "http_zlib_compression_level",
     "wait_end_of_query", "send_progress_in_http_headers", "http_headers_progress_interval_ms",
     "cancel_http_readonly_queries_on_client_close", "buffer_size", "quota_key", "client_protocol_version",
-    "http_response_buffer_size", "role",
+    "http_response_buffer_size", "role", "max_execution_time",
 }  # fmt: skip
 """Parameters about the HTTP exchange or the session, not the query: accepted and not applied (each
-query is answered whole, uncompressed, on the analysts' one connection)."""
+query is answered whole, uncompressed, on the analysts' one connection). ``max_execution_time`` is among
+them because Grafana's data source sends it with every query: the server's own limit applies."""
 
 _CONTENT_TYPES = {"TabSeparated": "text/tab-separated-values", "TSV": "text/tab-separated-values", "CSV": "text/csv",
                   "JSON": "application/json", "Native": "application/octet-stream", "RowBinary": "application/octet-stream",
                   "Arrow": "application/vnd.apache.arrow.file", "Parquet": "application/octet-stream"}  # fmt: skip
-_TRAILING_FORMAT = re.compile(r"\bFORMAT\s+(\w+)\s*;?\s*$", re.IGNORECASE)
+_PYTHON_OUTPUTS = {"dataframe", "arrowtable", "datastore"}
+"""chDB's output "formats" that are Python objects, not bytes: not an answer to send."""
+MAX_STATEMENT_BYTES = 1024 * 1024
 
 AUTHENTICATION_FAILED = 516
 ACCESS_DENIED = 497
@@ -67,17 +69,21 @@ async def ping() -> PlainTextResponse:
 async def clickhouse_http(request: Request) -> Response:
     """One analyst statement, answered as ClickHouse's HTTP interface answers it."""
     params = request.query_params
-    body = (await request.body()).decode("utf-8", errors="replace") if request.method == "POST" else ""
-    sql = "\n".join(part for part in (params.get("query", ""), body) if part.strip())
-    if not sql.strip():
+    if request.method == "GET" and not params.get("query"):
         return PlainTextResponse("Ok.\n")  # a ClickHouse server's answer to a request with no query
     name = _analyst(request)
     if isinstance(name, Response):
         return name
+    body = await _body(request)
+    if body is None:
+        return _error(413, f"Code: 0. DB::Exception: a statement is at most {MAX_STATEMENT_BYTES:,} bytes here.", 0)
+    sql = "\n".join(part for part in (params.get("query", ""), body) if part.strip())
+    if not sql.strip():
+        return _error(400, "Code: 62. DB::Exception: Empty query. (SYNTAX_ERROR)", 62)
     sql_access: ReadOnlySql | None = request.app.state.analyst_sql
     if sql_access is None:
-        return _error(503, "Code: 0. DB::Exception: no ClickHouse engine in this process: query the one where `throttlex run` "
-                           "or `throttlex sink` runs, or the ClickHouse server directly with a read-only user.", 0)  # fmt: skip
+        return _error(503, "Code: 0. DB::Exception: no ClickHouse engine in this process: query the API of the `throttlex run` "
+                           "that hosts it, or the ClickHouse server directly with a read-only user.", 0)  # fmt: skip
     settings = [key for key in params if key not in _CLIENT_PLUMBING and not key.startswith("param_")]
     if settings:
         metrics.ANALYST_QUERIES.labels(outcome="refused").inc()
@@ -87,10 +93,14 @@ async def clickhouse_http(request: Request) -> Response:
         return _error(400, "Code: 0. DB::Exception: compress=1 is not supported here: answers are sent uncompressed, "
                            "leave compress unset.", 0)  # fmt: skip
     fmt = params.get("default_format") or "TabSeparated"
+    if fmt.lower() in _PYTHON_OUTPUTS:
+        return _error(400, f"Code: 73. DB::Exception: Unknown format {fmt}. (UNKNOWN_FORMAT)", 73)
     parameters = {key.removeprefix("param_"): value for key, value in params.items() if key.startswith("param_")}
     query_id = params.get("query_id") or str(uuid.uuid4())
     try:
         result = await sql_access.run(sql, fmt, parameters, params.get("database"))
+    except SqlUnavailable as exc:
+        return _error(503, str(exc), exc.code)
     except SqlError as exc:
         refused = exc.code in (REFUSED_CODE, ACCESS_DENIED)
         metrics.ANALYST_QUERIES.labels(outcome="refused" if refused else "failed").inc()
@@ -99,8 +109,7 @@ async def clickhouse_http(request: Request) -> Response:
     metrics.ANALYST_QUERIES.labels(outcome="served").inc()
     log.info("analyst query", extra={"admin": name, "query_id": query_id, "query": sql[:500], "rows_read": result.rows_read,
                                      "elapsed_ms": round(result.elapsed_s * 1000, 1)})  # fmt: skip
-    trailing = _TRAILING_FORMAT.search(sql)
-    out_format = trailing[1] if trailing else fmt
+    out_format = result.format
     summary = {"read_rows": str(result.rows_read), "read_bytes": str(result.bytes_read), "written_rows": "0",
                "written_bytes": "0", "total_rows_to_read": str(result.rows_read),
                "elapsed_ns": str(int(result.elapsed_s * 1e9))}  # fmt: skip
@@ -110,6 +119,18 @@ async def clickhouse_http(request: Request) -> Response:
         headers={"X-ClickHouse-Format": out_format, "X-ClickHouse-Query-Id": query_id, "X-ClickHouse-Timezone": sql_access.timezone,
                  "X-ClickHouse-Summary": json.dumps(summary), "X-ClickHouse-Server-Display-Name": "throttlex"},
     )  # fmt: skip
+
+
+async def _body(request: Request) -> str | None:
+    """The request's body as text (a POST's statement), None if it is over `MAX_STATEMENT_BYTES`."""
+    if request.method != "POST":
+        return ""
+    received = bytearray()
+    async for chunk in request.stream():
+        received += chunk
+        if len(received) > MAX_STATEMENT_BYTES:
+            return None
+    return received.decode("utf-8", errors="replace")
 
 
 def _content_type(fmt: str) -> str:

@@ -62,10 +62,14 @@ def create_app(
         except KafkaError as exc:  # /healthz reports Kafka; POST /v1/events answers 503
             log.warning("Kafka not reachable at start-up", extra={"error": str(exc)})
             app.state.producer = app.state.exact_usage = None
-        app.state.analyst_sql = None
         if store is not None and store.engine_path is not None:  # analysts query the engine this process hosts
-            app.state.analyst_sql = ReadOnlySql(store.engine_path, settings.analyst_limits())
-            await app.state.analyst_sql.open()
+            analyst_sql = ReadOnlySql(store.engine_path, settings.analyst_limits())
+            try:
+                await analyst_sql.open()
+                app.state.analyst_sql = analyst_sql
+            except Exception as exc:  # the rest of the API serves on; analyst SQL answers 503
+                log.error("analyst SQL could not open its connection to the engine", extra={"error": str(exc)[:500]})
+                await analyst_sql.close()
         preparing = None
         if store is not None and app.state.exact_usage is not None:
             preparing = asyncio.create_task(_prepare_plan_ledger(app.state.exact_usage, store, source.current))

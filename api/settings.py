@@ -38,11 +38,12 @@ class ApiSettings(WorkerSettings, SinkSettings):
     analyst_max_execution_time_s: float = Field(30.0, gt=0, description="longest an analyst SQL query may run")
     analyst_max_result_rows: int = Field(1_000_000, ge=1, description="most rows an analyst SQL query may return")
     analyst_max_result_bytes: int = Field(256 * 1024 * 1024, ge=1, description="largest result of an analyst SQL query")
-    analyst_max_memory_bytes: int = Field(2 * 1024**3, ge=1, description="most memory an analyst SQL query may use")
+    analyst_max_memory_bytes: int = Field(1024**3, ge=1, description="most memory an analyst SQL query may use")
+    analyst_max_threads: int = Field(2, ge=1, description="most threads an analyst SQL query may use (the sink needs some)")
 
     def analyst_limits(self) -> SqlLimits:
         return SqlLimits(self.analyst_max_execution_time_s, self.analyst_max_result_rows, self.analyst_max_result_bytes,
-                         self.analyst_max_memory_bytes)  # fmt: skip
+                         self.analyst_max_memory_bytes, self.analyst_max_threads)  # fmt: skip
 
     @model_validator(mode="after")
     def _read_credentials(self) -> ApiSettings:

@@ -36,11 +36,14 @@ _SERVED_STATEMENTS = ("SelectWithUnionQuery", "SelectIntersectExceptQuery", "Sho
 _OUTSIDE_FUNCTIONS = {"file", "filecluster", "input", "url", "urlcluster", "s3", "s3cluster", "gcs", "oss", "cosn", "hdfs",
                       "hdfscluster", "azureblobstorage", "azureblobstoragecluster", "remote", "remotesecure", "cluster",
                       "clusterallreplicas", "mysql", "postgresql", "mongodb", "redis", "sqlite", "jdbc", "odbc", "ytsaurus",
-                      "executable", "python", "arrowflight"}  # fmt: skip
+                      "executable", "python", "arrowflight", "hascolumnintable", "catboostevaluate",
+                      "naivebayesclassifier"}  # fmt: skip
 _OUTSIDE_FAMILIES = ("iceberg", "deltalake", "hudi", "paimon")
 """Functions (table or scalar, compared in lower case) that read or write outside the engine: files, other
 servers, object stores, programs, the Python process hosting chDB. Read-only mode refuses them as table
-functions; ``file`` is also a scalar function it allows."""
+functions, but allows the scalar ones: ``file`` reads a file, ``hasColumnInTable`` with a host connects to
+it, ``catboostEvaluate`` and ``naiveBayesClassifier`` load models from paths. A list of names can miss a
+function a later engine adds: review it on each chDB upgrade."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,8 @@ class SqlLimits:
     max_execution_time_s: float = 30.0
     max_result_rows: int = 1_000_000
     max_result_bytes: int = 256 * 1024 * 1024
-    max_memory_usage_bytes: int = 2 * 1024 * 1024 * 1024
+    max_memory_usage_bytes: int = 1024 * 1024 * 1024
+    max_threads: int = 2
 
     def statements(self) -> list[str]:
         """The SET statements that apply them, ``readonly = 1`` last: after it nothing can be changed."""
@@ -61,6 +65,7 @@ class SqlLimits:
             f"SET max_result_bytes = {int(self.max_result_bytes)}",
             "SET result_overflow_mode = 'throw'",
             f"SET max_memory_usage = {int(self.max_memory_usage_bytes)}",
+            f"SET max_threads = {int(self.max_threads)}",
             "SET readonly = 1",
         ]
 
@@ -74,9 +79,18 @@ class SqlError(Exception):
         self.code = code
 
 
+class SqlUnavailable(SqlError):
+    """The analysts' connection is not open (the API is stopping)."""
+
+    def __init__(self) -> None:
+        super().__init__("Code: 0. DB::Exception: the analysts' connection is closed: the API is stopping.", None)
+
+
 @dataclass(frozen=True)
 class SqlResult:
     body: bytes
+    format: str
+    """The format of ``body``: the statement's own FORMAT clause, else the one asked for."""
     rows_read: int
     bytes_read: int
     elapsed_s: float
@@ -97,6 +111,10 @@ def refusal(statement: str, ast: str) -> str | None:
     return None
 
 
+_DATABASE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_TRAILING_FORMAT = re.compile(r" FORMAT (\w+)$")
+
+
 def escape_parameter(value: str) -> str:
     """A query parameter's value as the engine parses it (escaped text: backslash, tab, newline, CR)."""
     return value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
@@ -111,18 +129,23 @@ class ReadOnlySql:
         self._limits = limits
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse-analyst")
         self._connection: Any = None
-        self._home = ""  # the database a query runs in when it names none
+        self._default_database = ""  # where a query runs when the request names no database
+        self._current_database = ""  # where the connection is now (USE)
         self.timezone = "UTC"
-        self._database = ""
 
     async def open(self) -> None:
         def connect() -> None:
             self._connection = chdb.connect(self._path)  # type: ignore[no-untyped-call]
-            for statement in self._limits.statements():
-                self._connection.query(statement)
-            found = self._query("SELECT currentDatabase(), timezone()", "TabSeparated", {}).bytes().decode().strip()
-            self._home, self.timezone = found.split("\t")
-            self._database = self._home
+            try:
+                for statement in self._limits.statements():
+                    self._connection.query(statement)
+                found = self._query("SELECT currentDatabase(), timezone()", "TabSeparated", {}).bytes().decode().strip()
+            except Exception:
+                self._connection.close()  # an open connection would keep the engine from closing
+                self._connection = None
+                raise
+            self._default_database, self.timezone = found.split("\t")
+            self._current_database = self._default_database
 
         await asyncio.get_running_loop().run_in_executor(self._thread, connect)
 
@@ -141,10 +164,12 @@ class ReadOnlySql:
         return await asyncio.get_running_loop().run_in_executor(self._thread, self._run, sql, fmt, parameters, database)
 
     def _run(self, sql: str, fmt: str, parameters: dict[str, str], database: str | None) -> SqlResult:
-        database = database or self._home
-        if database != self._database:
-            self._query(f"USE `{database.replace('`', '``')}`", "TabSeparated", {})
-            self._database = database
+        database = database or self._default_database
+        if database != self._current_database:
+            if not _DATABASE_NAME.fullmatch(database):
+                raise SqlError(f"Code: 81. DB::Exception: Database {database!r} does not exist. (UNKNOWN_DATABASE)", 81)
+            self._query(f"USE {database}", "TabSeparated", {})
+            self._current_database = database
         rendered = self._query("SELECT formatQuerySingleLine({sql:String})", "TabSeparatedRaw", {"sql": escape_parameter(sql)})
         statement = rendered.bytes().decode().rstrip("\n")
         ast = self._query(f"EXPLAIN AST {statement}", "TabSeparatedRaw", parameters).bytes().decode()
@@ -152,11 +177,13 @@ class ReadOnlySql:
         if reason is not None:
             raise SqlError(f"Code: {REFUSED_CODE}. DB::Exception: {reason}. (READONLY)", REFUSED_CODE)
         result = self._query(statement, fmt, parameters)
-        return SqlResult(result.bytes() or b"", result.rows_read(), result.bytes_read(), result.elapsed())
+        own_format = _TRAILING_FORMAT.search(statement)
+        return SqlResult(result.bytes() or b"", own_format[1] if own_format else fmt, result.rows_read(), result.bytes_read(),
+                         result.elapsed())  # fmt: skip
 
     def _query(self, sql: str, fmt: str, parameters: dict[str, str]) -> Any:
         if self._connection is None:
-            raise SqlError("the analyst connection is closed", None)
+            raise SqlUnavailable()
         try:
             return self._connection.query(sql, fmt, params=parameters)
         except Exception as exc:  # chDB raises its engine's exceptions as RuntimeError with the text

@@ -3,6 +3,7 @@
 import json
 import subprocess
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 import yaml
@@ -37,3 +38,16 @@ def test_alert_rules_pass_promtool_and_use_exported_metrics() -> None:
     assert f"SUCCESS: {len(expressions)} rules found" in check.stdout
     used = set().union(*(referenced(expr) for expr in expressions))
     assert used <= exported_series(), f"not exported: {sorted(used - exported_series())}"
+
+
+def test_grafana_reads_clickhouse_as_a_read_only_user() -> None:
+    """Grafana's viewers can send a data source any SQL: its ClickHouse user must be read-only."""
+    provisioned = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "clickhouse.yml").read_text())
+    [source] = provisioned["datasources"]
+    users = ElementTree.parse(DEPLOY / "clickhouse" / "users.d" / "grafana.xml").getroot()
+    user = users.find(f"users/{source['jsonData']['username']}")
+    assert user is not None and user.findtext("password") == source["secureJsonData"]["password"]
+    profile = users.find(f"profiles/{user.findtext('profile')}")
+    assert profile is not None and profile.findtext("readonly") == "1"
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "usage.json").read_text())
+    assert {target["datasource"]["uid"] for panel in dashboard["panels"] for target in panel["targets"]} == {source["uid"]}

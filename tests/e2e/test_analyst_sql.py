@@ -70,7 +70,7 @@ def analysts(service_addresses: tuple[str, str], tmp_path_factory: pytest.TempPa
         sandbox,
         ["run", "--policy-file", str(sandbox.write_policy(1_000_000, 60)), "--api-port", str(port)],
         {"THROTTLEX_ADMIN_TOKENS": f"root:{ADMIN_TOKEN}", "THROTTLEX_INGEST_TOKENS": f"importer:*:{INGEST_TOKEN}",
-         "THROTTLEX_ANALYST_MAX_EXECUTION_TIME_S": str(TIME_LIMIT_S)},
+         "THROTTLEX_ANALYST_MAX_EXECUTION_TIME_S": str(TIME_LIMIT_S), "THROTTLEX_ANALYST_MAX_THREADS": "1"},
     )  # fmt: skip
     salt = sandbox.env["THROTTLEX_KEY_SALT"].encode()
     key_ids = {key: key_id_for(key, salt) for key in API_KEYS}
@@ -138,6 +138,7 @@ REFUSED = {
     "remote() table function": "SELECT * FROM remote('127.0.0.1:9', system.one)",
     "executable() table function": "SELECT * FROM executable('ls', 'TSV', 'a String')",
     "file() scalar function": "SELECT `file`('/etc/hostname')",
+    "hasColumnInTable() to a host": "SELECT hasColumnInTable('127.0.0.1:9', 'default', '', 'system', 'one', 'dummy')",
     "INTO OUTFILE": "SELECT 1 INTO OUTFILE '{outfile}'",
 }
 
@@ -163,6 +164,28 @@ def test_a_setting_sent_as_a_parameter_is_refused_and_a_syntax_error_is_a_400(an
     response = httpx.post(f"{analysts.url}/", content="SELECT 1; DROP TABLE usage_events", auth=auth)
     assert response.status_code == 400 and response.headers["x-clickhouse-exception-code"] == "62", response.text
     assert "Multi-statements are not allowed" in response.text
+
+
+def test_reads_of_every_served_kind_answer(analysts: Analysts) -> None:
+    client = analysts.client()
+    assert "usage_events" in str(client.command("SHOW TABLES"))
+    assert client.query("DESCRIBE TABLE usage_events").result_rows[0][0] == "event_id"
+    assert client.command("EXISTS TABLE usage_events") == 1
+    assert "ReadFrom" in str(client.command("EXPLAIN SELECT tenant FROM usage_events"))
+    sent_by_grafana = httpx.post(f"{analysts.url}/", params={"max_execution_time": "60"}, content="SELECT 1", auth=("root", ADMIN_TOKEN))
+    assert sent_by_grafana.status_code == 200, sent_by_grafana.text  # accepted; the server's own limit applies
+
+
+def test_the_database_a_request_names_is_used_and_an_unsafe_name_is_refused(analysts: Analysts) -> None:
+    auth = ("root", ADMIN_TOKEN)
+    in_system = httpx.post(f"{analysts.url}/", params={"database": "system"}, content="SELECT count() FROM one", auth=auth)
+    assert in_system.status_code == 200 and in_system.text == "1\n", in_system.text
+    back_home = httpx.post(f"{analysts.url}/", content="SELECT currentDatabase()", auth=auth)
+    assert back_home.text == "default\n"
+    unsafe = httpx.post(f"{analysts.url}/", params={"database": "a\\`; KILL QUERY WHERE 1 SYNC --"}, content="SELECT 1", auth=auth)
+    assert unsafe.status_code == 400 and unsafe.headers["x-clickhouse-exception-code"] == "81", unsafe.text
+    as_object = httpx.post(f"{analysts.url}/", params={"default_format": "DataFrame"}, content="SELECT 1", auth=auth)
+    assert as_object.status_code == 400 and "Unknown format" in as_object.text
 
 
 def test_only_admin_credentials_are_served(analysts: Analysts) -> None:
@@ -196,7 +219,7 @@ def test_a_query_past_the_time_limit_is_cut_off_while_the_api_keeps_answering(an
     running.join()
     [cut] = answered
     assert cut.status_code == 400 and cut.headers["x-clickhouse-exception-code"] == "159", cut.text
-    assert f"maximum: {TIME_LIMIT_S * 1000:.3f} ms" in cut.text and "(TIMEOUT_EXCEEDED)" in cut.text
+    assert "(TIMEOUT_EXCEEDED)" in cut.text
     assert len(health) >= 3 and {status for status, _ in health} == {200}, health
     assert max(seconds for _, seconds in health) < 1.0, health  # answered while the query ran, not after it
 

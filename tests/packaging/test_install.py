@@ -29,7 +29,8 @@ from tests.conftest import EVENTS_PARTITIONS, Sandbox, free_port, topic_ends
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).parents[2]
-SERVER_ONLY = ("aiokafka", "fastapi", "chdb", "clickhouse_connect", "pyarrow", "typer", "uvicorn")
+SERVER_ONLY = ("aiokafka", "fastapi", "chdb", "clickhouse_connect", "pyarrow", "typer", "rich", "yaml")
+"""Modules of the server install (uvicorn too, but this test installs it to serve its app)."""
 
 
 @pytest.fixture(scope="module")
@@ -74,15 +75,19 @@ def test_the_gateway_install_leaves_the_server_parts_out(gateway_venv: Path) -> 
     assert "pip install 'throttlex[server]'" in cli.stderr
 
 
-async def test_a_starlette_app_behind_the_gateway_install_blocks_and_emits(gateway_venv: Path, sandbox: Sandbox) -> None:
+async def test_a_starlette_app_behind_the_gateway_install_blocks_and_emits(
+    gateway_venv: Path, sandbox: Sandbox, tmp_path: Path
+) -> None:
     topic = sandbox.env["THROTTLEX_EVENTS_TOPIC"]
     await ensure_topics(sandbox.kafka_bootstrap, {topic: EVENTS_PARTITIONS})
     salt, prefix = sandbox.env["THROTTLEX_KEY_SALT"], sandbox.env["THROTTLEX_REDIS_PREFIX"]
     port = free_port()
     env = {"PATH": str(gateway_venv / "bin"), "GATEWAY_KAFKA": sandbox.kafka_bootstrap, "GATEWAY_TOPIC": topic,
            "GATEWAY_REDIS_URL": sandbox.redis_url, "GATEWAY_REDIS_PREFIX": prefix, "GATEWAY_SALT": salt}  # fmt: skip
-    server = subprocess.Popen([str(gateway_venv / "bin" / "python"), "-m", "uvicorn", "gateway_app:app", "--port", str(port)],
-                              cwd=Path(__file__).parent, env=env, stderr=subprocess.PIPE)  # fmt: skip
+    log = tmp_path / "app.log"
+    with log.open("wb") as output:
+        server = subprocess.Popen([str(gateway_venv / "bin" / "python"), "-m", "uvicorn", "gateway_app:app", "--port", str(port),
+                                   "--no-access-log"], cwd=Path(__file__).parent, env=env, stdout=output, stderr=output)  # fmt: skip
     redis = Redis.from_url(sandbox.redis_url)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
@@ -92,8 +97,8 @@ async def test_a_starlette_app_behind_the_gateway_install_blocks_and_emits(gatew
                     if (await http.get("/items/1", headers={"x-api-key": "calm-key"})).status_code == 200:
                         break
                 except httpx.TransportError:
-                    assert server.poll() is None, server.stderr.read().decode() if server.stderr else ""
-                assert time.monotonic() < deadline, "the app behind the gateway install did not start"
+                    assert server.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, f"the app behind the gateway install did not start:\n{log.read_text()}"
                 await asyncio.sleep(0.2)
             hot_id = key_id_for("hot-key", salt.encode())
             block = Block(f"api_key={hot_id}", wall_clock_ms() + 60_000, "packaging-test")
