@@ -1,0 +1,119 @@
+"""The WSGI middleware in front of a real Flask app under a real WSGI server (waitress, several threads),
+against the real Kafka and Redis: registered keys pass and each request's event reaches the topic with the
+Flask route's template, a blocked key gets 429 with ``Retry-After`` (its refusals accounted as edge
+blocked), an unknown key gets 401 and no event."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from aiokafka import AIOKafkaConsumer
+from redis.asyncio import Redis
+
+from throttlex.ingest.clock import wall_clock_ms
+from throttlex.ingest.denylist_entries import Block
+from throttlex.ingest.events import UsageEvent, decode
+from throttlex.processors.topics import ensure_topics
+from throttlex.processors.worker.denylist_writer import DenylistWriter
+from tests.conftest import EVENTS_PARTITIONS, Sandbox, eventually, free_port, register_keys, topic_ends
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).parents[2]
+
+
+async def test_a_flask_app_under_waitress_blocks_refuses_and_accounts_every_request(sandbox: Sandbox, tmp_path: Path) -> None:
+    topic = sandbox.env["THROTTLEX_EVENTS_TOPIC"]
+    await ensure_topics(sandbox.kafka_bootstrap, {topic: EVENTS_PARTITIONS})
+    ids = await register_keys(sandbox, {"wsgi-calm-key": "acme", "wsgi-hot-key": "acme"})
+    port = free_port()
+    log = tmp_path / "waitress.log"
+    with log.open("wb") as output:
+        server = subprocess.Popen([sys.executable, "-m", "waitress", f"--port={port}", "--threads=8", "tests.integration.wsgi_app:app"],
+                                  cwd=ROOT, env={**os.environ, **sandbox.env}, stdout=output, stderr=output)  # fmt: skip
+    statuses: Counter[tuple[str, int]] = Counter()
+    redis = Redis.from_url(sandbox.redis_url)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+
+            async def get(key: str, item: int = 1) -> httpx.Response:
+                response = await http.get(f"/items/{item}", headers={"x-api-key": key})
+                statuses[key, response.status_code] += 1
+                return response
+
+            async def serving() -> bool:
+                assert server.poll() is None, log.read_text()
+                try:
+                    return (await get("wsgi-calm-key")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            await eventually(serving, timeout_s=60, what="waitress to serve the Flask app")
+            with ThreadPoolExecutor(8) as pool:  # requests on the server's threads at once
+                concurrent = list(pool.map(lambda n: httpx.get(f"http://127.0.0.1:{port}/items/{n}",
+                                                               headers={"x-api-key": "wsgi-calm-key"}).status_code, range(40)))  # fmt: skip
+            statuses["wsgi-calm-key", 200] += concurrent.count(200)
+            assert concurrent == [200] * 40
+
+            unknown = await get("not-a-registered-key")
+            assert unknown.status_code == 401 and unknown.headers["www-authenticate"] == "ApiKey"
+
+            block = Block(f"api_key={ids['wsgi-hot-key']}", wall_clock_ms() + 30_000, "wsgi-test")
+            assert await DenylistWriter(redis, sandbox.env["THROTTLEX_REDIS_PREFIX"]).publish([block]) == 1
+
+            async def refused() -> bool:
+                return (await get("wsgi-hot-key")).status_code == 429
+
+            await eventually(refused, timeout_s=10, what="the hot key to be refused")
+            refusal = await get("wsgi-hot-key")
+            assert refusal.status_code == 429 and 0 < int(refusal.headers["retry-after"]) <= 30
+            assert refusal.json()["policy"] == "wsgi-test"
+
+        expected = {"calm": statuses["wsgi-calm-key", 200], "hot_admitted": statuses["wsgi-hot-key", 200],
+                    "hot_refused": statuses["wsgi-hot-key", 429]}  # fmt: skip
+
+        async def all_events() -> list[UsageEvent] | None:
+            events = await _events(sandbox, topic)
+            return events if len(events) >= sum(expected.values()) else None
+
+        await eventually(all_events, timeout_s=30, what="every accounted request's event on the topic")
+        events = await _events(sandbox, topic)
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(30)
+        await redis.aclose()
+    calm = [e for e in events if e.api_key_id == ids["wsgi-calm-key"]]
+    hot = [e for e in events if e.api_key_id == ids["wsgi-hot-key"]]
+    assert len(events) == len(calm) + len(hot), "an unknown key's request was accounted"
+    assert len(calm) == expected["calm"] and {(e.route, e.tenant, e.status, e.edge_blocked) for e in calm} == {
+        ("/items/<int:item_id>", "acme", 200, False)}  # fmt: skip
+    assert sum(e.edge_blocked for e in hot) == expected["hot_refused"] and {e.status for e in hot if e.edge_blocked} == {429}
+    assert len(hot) == expected["hot_refused"] + expected["hot_admitted"]
+
+
+async def _events(sandbox: Sandbox, topic: str) -> list[UsageEvent]:
+    """Every event on ``topic`` now."""
+    ends = await topic_ends(sandbox, [topic])
+    consumer = AIOKafkaConsumer(bootstrap_servers=sandbox.kafka_bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign(list(ends))
+        await consumer.seek_to_beginning()
+        values: list[bytes] = []
+        deadline = time.monotonic() + 30
+        while len(values) < sum(ends.values()):
+            assert time.monotonic() < deadline, f"read {len(values)} of {sum(ends.values())} events"
+            batch = await consumer.getmany(timeout_ms=1000)
+            values += [record.value for partition in batch.values() for record in partition if record.value is not None]
+        return [decode(value) for value in values]
+    finally:
+        await consumer.stop()
