@@ -12,7 +12,8 @@ never seen before waits on Redis, as with the ASGI middleware.
 
 Settings come from ``THROTTLEX_*`` like the gateway's (`GatewaySettings`). A request's route is its
 route template: for a Flask app it is found in the app's URL map; for other frameworks pass ``route_of``
-(a function of the WSGI environ returning the template, e.g. Django's ``resolve(path).route``); without
+(a function of the WSGI environ returning the template, e.g. Django's ``resolve(path).route``; one that
+raises counts the request as ``unmatched``); without
 one every route is accounted as ``unmatched`` (raw paths would make one series per URL).
 """
 
@@ -145,7 +146,7 @@ class ThrottleXWSGIMiddleware:
                 return self._refuse(start_response, 401, "unknown, suspended, revoked or expired API key")
             tenant, plan = record.tenant, record.plan
         received_ms, started = wall_clock_ms(), time.perf_counter()
-        client_ip, route, method = environ.get("REMOTE_ADDR", ""), self._route_of(environ), environ.get("REQUEST_METHOD", "GET")
+        client_ip, route, method = environ.get("REMOTE_ADDR", ""), self._route(environ), environ.get("REQUEST_METHOD", "GET")
         event = partial(UsageEvent, api_key_id=key_id, tenant=tenant, plan=plan, route=route, method=method,
                         client_ip=client_ip, event_time_ms=received_ms)  # fmt: skip
         block = edge.denylist.check({"api_key": key_id, "tenant": tenant, "ip": client_ip, "route": route, "method": method})
@@ -160,6 +161,14 @@ class ThrottleXWSGIMiddleware:
         self._count("admitted")
         return _Metered(self.app, environ, start_response, lambda status, sent: edge.emit(event(
             event_id=new_event_id(), status=status, latency_ms=(time.perf_counter() - started) * 1000.0, response_bytes=sent)))  # fmt: skip
+
+    def _route(self, environ: Environ) -> str:
+        """The request's route template; `UNMATCHED` when no route takes it (a ``route_of`` that raises,
+        such as Django's ``resolve`` on an unknown path, included)."""
+        try:
+            return self._route_of(environ)
+        except Exception:
+            return UNMATCHED
 
     def _start_edge(self) -> _Edge:
         with self._starting:
