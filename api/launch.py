@@ -10,6 +10,14 @@ def main() -> None:
     try:
         from throttlex.api.cli import main as cli_main
     except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in SERVER_PACKAGES:
+            raise
         sys.exit(f"throttlex: error: the command line needs the server parts ({exc.name} is not installed): "
                  "pip install 'throttlex[server]'")  # fmt: skip
     cli_main()
+
+
+SERVER_PACKAGES = {"aiokafka", "fastapi", "uvicorn", "clickhouse_connect", "chdb", "pyarrow", "yaml", "typer", "rich",
+                   "pythonjsonlogger", "httpx"}  # fmt: skip
+"""What `throttlex[server]` adds (import names): a missing one means a gateway-only install, anything
+else missing is a fault to report as it is."""

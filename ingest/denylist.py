@@ -127,24 +127,34 @@ class EdgeDenylist:
         since = self._unsynced_since
         return self._fail_mode == "closed" and since is not None and time.monotonic() - since > self._fail_after_s
 
-    def check(self, values: Mapping[str, str]) -> Block | None:
-        """The longest block in force for a request whose dimension values are ``values``, or None."""
+    def check(self, values: Mapping[str, str], *, on_expired: Callable[[str], None] | None = None) -> Block | None:
+        """The longest block in force for a request whose dimension values are ``values``, or None.
+
+        An expired block found on the way is dropped from the cache; from another thread than the loop's
+        (the WSGI middleware) pass ``on_expired``, which gets its key instead and must hand it to the loop
+        (`forget_if_expired`): the cache is only ever changed on the loop."""
         found: Block | None = None
         for dims in list(self._kinds):
-            block = self.blocked(request_limit_key(dims, values))
+            block = self.blocked(request_limit_key(dims, values), on_expired=on_expired)
             if block is not None and (found is None or block.until_ms > found.until_ms):
                 found = block
         return found
 
-    def blocked(self, limit_key: str) -> Block | None:
-        """The block in force for ``limit_key`` now, or None."""
+    def blocked(self, limit_key: str, *, on_expired: Callable[[str], None] | None = None) -> Block | None:
+        """The block in force for ``limit_key`` now, or None (see `check` for ``on_expired``)."""
         block = self._cache.get(limit_key)
         if block is None:
             return None
         if block.until_ms <= self._clock():
-            self._drop(limit_key)
+            (on_expired or self._drop)(limit_key)
             return None
         return block
+
+    def forget_if_expired(self, limit_key: str) -> None:
+        """Drop ``limit_key``'s block if it has expired (a renewal may have replaced it meanwhile)."""
+        block = self._cache.get(limit_key)
+        if block is not None and block.until_ms <= self._clock():
+            self._drop(limit_key)
 
     async def _follow(self) -> None:
         while True:

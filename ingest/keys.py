@@ -147,13 +147,15 @@ class EdgeKeys:
             await asyncio.gather(self._task, return_exceptions=True)
         await self._redis.aclose()
 
-    def cached(self, key_id: str) -> KeyRecord | None:
+    def cached(self, key_id: str, *, count: bool = True) -> KeyRecord | None:
         """The key's record if it is cached and may call now: the request path's check, no await. None
-        otherwise; then `usable` decides (it may ask Redis)."""
+        otherwise; then `usable` decides (it may ask Redis). Callers on other threads than the loop's
+        count the lookup themselves (``count=False``)."""
         record = self._known.get(key_id)
         if record is None or not record.admits(key_id, self._clock()):
             return None
-        _LOOKUPS["cache"] += 1
+        if count:
+            _LOOKUPS["cache"] += 1
         return record
 
     async def usable(self, key_id: str) -> KeyRecord | None:

@@ -37,6 +37,7 @@ from throttlex.ingest.denylist_entries import Block
 from throttlex.ingest.clock import wall_clock_ms
 from throttlex.ingest.events import UsageEvent, key_id_for, new_event_id
 from throttlex.ingest.keys import EdgeKeys, KeyLookupUnavailable, KeyRecord
+from throttlex.ingest.middleware import KEY_CACHED_MAX_CHARS, KEY_IDS_CACHED
 from throttlex.ingest.producer import EventProducer
 from throttlex.ingest.routes import UNMATCHED
 from throttlex.ingest.settings import GatewaySettings
@@ -53,10 +54,17 @@ class _Edge:
     """The caches and the producer of one server process, on their event loop thread."""
 
     def __init__(self, settings: GatewaySettings) -> None:
+        self._pid = os.getpid()
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="throttlex-edge", daemon=True)
         self._thread.start()
-        self.producer, self.denylist, self.keys = asyncio.run_coroutine_threadsafe(self._start(settings), self.loop).result(60)
+        try:  # up to ~15 s when Kafka or Redis do not answer: the producer and the caches start anyway
+            self.producer, self.denylist, self.keys = asyncio.run_coroutine_threadsafe(self._start(settings), self.loop).result(60)
+        except BaseException:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join()
+            self.loop.close()
+            raise
         atexit.register(self.stop)
 
     @staticmethod
@@ -78,16 +86,25 @@ class _Edge:
     def usable(self, key_id: str) -> KeyRecord | None:
         """`EdgeKeys.usable`, asked on the loop (it may ask Redis) and waited for here."""
         assert self.keys is not None
+        lookup = asyncio.run_coroutine_threadsafe(self.keys.usable(key_id), self.loop)
         try:
-            return asyncio.run_coroutine_threadsafe(self.keys.usable(key_id), self.loop).result(KEY_LOOKUP_TIMEOUT_S)
+            return lookup.result(KEY_LOOKUP_TIMEOUT_S)
         except TimeoutError as exc:
+            lookup.cancel()
             raise KeyLookupUnavailable(f"no answer from Redis in {KEY_LOOKUP_TIMEOUT_S} s") from exc
+
+    def forget_later(self, limit_key: str) -> None:
+        """An expired block a request thread came across: dropped on the loop, which alone changes the cache."""
+        self.loop.call_soon_threadsafe(self.denylist.forget_if_expired, limit_key)
 
     def emit(self, event: UsageEvent) -> None:
         self.loop.call_soon_threadsafe(self.producer.emit, event)
 
     def stop(self) -> None:
-        """Deliver what the producer holds (waiting for Kafka at most 10 s) and stop the loop."""
+        """Deliver what the producer holds (waiting for Kafka at most 10 s) and stop the loop. Only in the
+        process that started it: a child forked after it inherits this exit handler, not the loop thread."""
+        if os.getpid() != self._pid:
+            return
 
         async def stop() -> None:
             if self.keys is not None:
@@ -117,7 +134,7 @@ class ThrottleXWSGIMiddleware:
         self._route_of = route_of or _flask_routes(app) or (lambda environ: UNMATCHED)
         self._public = public_paths
         self._header = "HTTP_" + settings.api_key_header.upper().replace("-", "_")
-        self._key_id = lru_cache(maxsize=16_384)(partial(key_id_for, salt=settings.key_salt_bytes))
+        self._key_id = lru_cache(maxsize=KEY_IDS_CACHED)(partial(key_id_for, salt=settings.key_salt_bytes))
         self._edge: _Edge | None = None
         self._edge_pid = 0
         self._starting = threading.Lock()
@@ -128,16 +145,18 @@ class ThrottleXWSGIMiddleware:
             return self.app(environ, start_response)
         edge = self._edge if self._edge is not None and self._edge_pid == os.getpid() else self._start_edge()
         api_key = environ.get(self._header)
-        if not api_key and edge.keys is None:
+        if api_key is None and edge.keys is None:
             self._count("unauthenticated")
             return self.app(environ, start_response)
-        if not api_key:
+        if api_key is None:
             return self._refuse(start_response, 401, f"missing API key: send it in the {self._settings.api_key_header} header")
-        key_id = self._key_id(api_key) if len(api_key) <= 128 else key_id_for(api_key, self._settings.key_salt_bytes)
+        key_id = self._key_id(api_key) if len(api_key) <= KEY_CACHED_MAX_CHARS else key_id_for(api_key, self._settings.key_salt_bytes)
         tenant, plan = self._settings.tenant, ""
         if edge.keys is not None:
-            record = edge.keys.cached(key_id)
-            if record is None:
+            record = edge.keys.cached(key_id, count=False)
+            if record is not None:
+                self._count("cache", metrics.KEY_LOOKUPS)
+            else:
                 try:
                     record = edge.usable(key_id)
                 except KeyLookupUnavailable:
@@ -149,7 +168,8 @@ class ThrottleXWSGIMiddleware:
         client_ip, route, method = environ.get("REMOTE_ADDR", ""), self._route(environ), environ.get("REQUEST_METHOD", "GET")
         event = partial(UsageEvent, api_key_id=key_id, tenant=tenant, plan=plan, route=route, method=method,
                         client_ip=client_ip, event_time_ms=received_ms)  # fmt: skip
-        block = edge.denylist.check({"api_key": key_id, "tenant": tenant, "ip": client_ip, "route": route, "method": method})
+        block = edge.denylist.check({"api_key": key_id, "tenant": tenant, "ip": client_ip, "route": route, "method": method},
+                                    on_expired=edge.forget_later)  # fmt: skip
         if edge.denylist.refusing or block is not None:
             status, message = (503, "rate limiter unavailable; try again") if edge.denylist.refusing else (429, "rate limit exceeded")
             self._count("refused_unavailable" if status == 503 else "blocked")
@@ -177,9 +197,10 @@ class ThrottleXWSGIMiddleware:
                 self._edge_pid = os.getpid()
             return self._edge
 
-    def _count(self, outcome: str) -> None:
+    def _count(self, label: str, counter: metrics.RequestPathCounter = metrics.REQUESTS) -> None:
+        """Add one to a request-path counter; request threads add under a lock (``+=`` on a dict is not atomic)."""
         with self._counting:
-            metrics.REQUESTS.counts[outcome] += 1
+            counter.counts[label] += 1
 
     def _refuse(self, start_response: StartResponse, status: int, message: str) -> list[bytes]:
         """Answer a request that is not let through and not accounted (no usable key)."""

@@ -9,9 +9,14 @@ from throttlex.ingest.wsgi import ThrottleXWSGIMiddleware
 app = Flask(__name__)
 
 
+@app.get("/healthz")
+def healthz() -> str:
+    return "ok"
+
+
 @app.get("/items/<int:item_id>")
 def item(item_id: int) -> dict[str, int]:
     return {"id": item_id}
 
 
-app.wsgi_app = ThrottleXWSGIMiddleware(app.wsgi_app, GatewaySettings())  # type: ignore[method-assign]
+app.wsgi_app = ThrottleXWSGIMiddleware(app.wsgi_app, GatewaySettings(), public_paths=frozenset({"/healthz"}))  # type: ignore[method-assign]
