@@ -29,6 +29,10 @@ from tests.conftest import EVENTS_PARTITIONS, Sandbox, eventually, free_port, re
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).parents[2]
+SERVE = "import signal, sys; from waitress.runner import run; signal.signal(signal.SIGINT, signal.default_int_handler); run(sys.argv)"
+"""waitress's command line, stopped by SIGINT as by Ctrl-C in a terminal. A process a non-interactive shell
+starts in the background (a CI runner's, say) inherits SIGINT ignored, and Python then sets no handler of
+its own: waitress would never stop."""
 
 
 async def test_a_flask_app_under_waitress_blocks_refuses_and_accounts_every_request(sandbox: Sandbox, tmp_path: Path) -> None:
@@ -38,7 +42,7 @@ async def test_a_flask_app_under_waitress_blocks_refuses_and_accounts_every_requ
     port = free_port()
     log = tmp_path / "waitress.log"
     with log.open("wb") as output:
-        server = subprocess.Popen([sys.executable, "-m", "waitress", f"--port={port}", "--threads=8", "tests.integration.wsgi_app:app"],
+        server = subprocess.Popen([sys.executable, "-c", SERVE, f"--port={port}", "--threads=8", "tests.integration.wsgi_app:app"],
                                   cwd=ROOT, env={**os.environ, **sandbox.env}, stdout=output, stderr=output)  # fmt: skip
     statuses: Counter[tuple[str, int]] = Counter()
     redis = Redis.from_url(sandbox.redis_url)
@@ -79,13 +83,14 @@ async def test_a_flask_app_under_waitress_blocks_refuses_and_accounts_every_requ
             assert refusal.json()["policy"] == "wsgi-test"
 
     finally:
+        await redis.aclose()
         server.send_signal(signal.SIGINT)  # a normal exit: the events still held are delivered first
         try:
             server.wait(30)
         except subprocess.TimeoutExpired:
             server.kill()
+            server.wait()
             pytest.fail(f"waitress did not exit within 30 s of SIGINT:\n{log.read_text()[-3000:]}")
-        await redis.aclose()
     expected = {"calm": statuses["wsgi-calm-key", 200], "hot_admitted": statuses["wsgi-hot-key", 200],
                 "hot_refused": statuses["wsgi-hot-key", 429]}  # fmt: skip
     events = await _events(sandbox, topic)
