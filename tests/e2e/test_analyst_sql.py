@@ -37,6 +37,7 @@ ADMIN_TOKEN, INGEST_TOKEN = "analyst-admin-token-for-tests", "analyst-ingest-tok
 API_KEYS = {"analyst-alice-key": "acme", "analyst-bob-key": "globex"}
 EVENTS = 2_000
 TIME_LIMIT_S = 2
+ROW_LIMIT = 5_000
 
 
 @dataclass
@@ -70,7 +71,8 @@ def analysts(service_addresses: tuple[str, str], tmp_path_factory: pytest.TempPa
         sandbox,
         ["run", "--policy-file", str(sandbox.write_policy(1_000_000, 60)), "--api-port", str(port)],
         {"THROTTLEX_ADMIN_TOKENS": f"root:{ADMIN_TOKEN}", "THROTTLEX_INGEST_TOKENS": f"importer:*:{INGEST_TOKEN}",
-         "THROTTLEX_ANALYST_MAX_EXECUTION_TIME_S": str(TIME_LIMIT_S), "THROTTLEX_ANALYST_MAX_THREADS": "1"},
+         "THROTTLEX_ANALYST_MAX_EXECUTION_TIME_S": str(TIME_LIMIT_S), "THROTTLEX_ANALYST_MAX_THREADS": "1",
+         "THROTTLEX_ANALYST_MAX_RESULT_ROWS": str(ROW_LIMIT)},
     )  # fmt: skip
     salt = sandbox.env["THROTTLEX_KEY_SALT"].encode()
     key_ids = {key: key_id_for(key, salt) for key in API_KEYS}
@@ -222,6 +224,15 @@ def test_a_query_past_the_time_limit_is_cut_off_while_the_api_keeps_answering(an
     assert "(TIMEOUT_EXCEEDED)" in cut.text
     assert len(health) >= 3 and {status for status, _ in health} == {200}, health
     assert max(seconds for _, seconds in health) < 1.0, health  # answered while the query ran, not after it
+
+
+def test_a_result_over_the_row_limit_is_refused(analysts: Analysts) -> None:
+    auth = ("root", ADMIN_TOKEN)
+    within = httpx.post(f"{analysts.url}/", content=f"SELECT number FROM numbers({ROW_LIMIT})", auth=auth)
+    assert within.status_code == 200 and len(within.text.splitlines()) == ROW_LIMIT
+    over = httpx.post(f"{analysts.url}/", content=f"SELECT number FROM numbers({ROW_LIMIT + 1})", auth=auth)
+    assert over.status_code == 400 and over.headers["x-clickhouse-exception-code"] == "396", over.text
+    assert "(TOO_MANY_ROWS_OR_BYTES)" in over.text
 
 
 def _throttlex_sql(analysts: Analysts, *args: str, password: str = ADMIN_TOKEN) -> subprocess.CompletedProcess[str]:
