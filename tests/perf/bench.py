@@ -76,10 +76,10 @@ GATEWAY_RUN_S = 8
 8-second runs per gateway, interleaved with the others', make the medians steadier than three of 10 s."""
 
 
-def measure_gateway(runs: int, seconds: int) -> dict[str, dict[str, float]]:
+def measure_gateway(runs: int, seconds: int, *, wsgi: bool = False) -> dict[str, dict[str, float]]:
     return bench_gateway.run(runs, seconds, 50, {"THROTTLEX_REDIS_PREFIX": "bench-gateway",
                                                  "THROTTLEX_REGISTRY_TOPIC": "bench-gateway.registry"},
-                             tag=secrets.token_hex(4))  # fmt: skip
+                             tag=secrets.token_hex(4), wsgi=wsgi)  # fmt: skip
 
 
 def gateway_results(gateway: dict[str, dict[str, float]]) -> dict[str, Any]:
@@ -103,6 +103,7 @@ def remeasure_gateway(runs: int, seconds: int) -> None:
     results = json.loads(RESULTS.read_text())
     gateway = measure_gateway(runs, seconds)
     results["gateway"] = gateway_results(gateway)
+    results["gateway_wsgi"] = gateway_results(measure_gateway(runs, seconds, wsgi=True))
     results["ratios"].update(gateway_ratios(gateway))
     results["gateway_runs"] = runs
     results["gateway_measured_apart"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -137,6 +138,7 @@ def main() -> None:
     edge = asyncio.run(bench_edge.run(redis_url, runs, 5_000 if args.quick else 20_000))
     print("2/6 gateway", flush=True)
     gateway = measure_gateway(gateway_runs, 5 if args.quick else GATEWAY_RUN_S)
+    gateway_wsgi = measure_gateway(gateway_runs, 5 if args.quick else GATEWAY_RUN_S, wsgi=True)
     print("3/6 policy engine", flush=True)
     engine = bench_engine.measure_all(keys=5_000 if args.quick else 20_000, events=20_000 if args.quick else 100_000, runs=runs)
     print("4/6 pipeline", flush=True)
@@ -161,6 +163,7 @@ def main() -> None:
         "gateway_runs": gateway_runs,
         "edge_check": {name: {k: round(v, 3) for k, v in r.items()} for name, r in edge.items()},
         "gateway": gateway_results(gateway),
+        "gateway_wsgi": gateway_results(gateway_wsgi),
         "engine": engine,
         "pipeline": {
             "floors": {name: {k: round(v, 2) for k, v in r.items()} for name, r in floors.items()},
@@ -218,6 +221,16 @@ def report(r: dict[str, Any]) -> str:
                          f"{v['broker_cpu_us_per_request']:.0f}" if "broker_cpu_us_per_request" in v else "–", f"{v['non_2xx']:.0f}",
                          f"{v['events_emitted']:,.0f} / {v['requests_accounted']:,.0f}" if "events_emitted" in v else "–"]
                         for name, v in g.items()]))  # fmt: skip
+    if "gateway_wsgi" in r:
+        w = r["gateway_wsgi"]
+        parts.append(table(f"2b. The WSGI middleware: a Flask app under waitress ({bench_gateway.WAITRESS_THREADS} threads, one process), "
+                           f"bare and behind ThrottleX (registry keys); same wrk settings, medians of {runs} runs{when}",
+                           ["gateway", "req/s", "of the bare app's (median of paired runs)", "p50 ms", "p99 ms", "max ms",
+                            "CPU-µs per request", "events on the topic / requests accounted"],
+                           [[WSGI_NAMES[name], f"{v['req_per_s']:,.0f}", f"{of_bare(w, name):.0%}", f"{v['p50_ms']:.2f}",
+                             f"{v['p99_ms']:.2f}", f"{v['max_ms']:.1f}", f"{v['cpu_us_per_request']:.0f}",
+                             f"{v['events_emitted']:,.0f} / {v['requests_accounted']:,.0f}" if "events_emitted" in v else "–"]
+                            for name, v in w.items()]))  # fmt: skip
     parts.append(table("3. Policy engine alone, per algorithm",
                        ["policy set", "heap bytes per key", "encoded state bytes per key", "µs per event"],
                        [[name, f"{v['heap_bytes_per_key']:,}", f"{v['state_bytes_per_key']:,}", f"{v['us_per_event']:.1f}"]
@@ -319,6 +332,7 @@ history of `processors/worker/`, `processors/core/` and `ingest/`:
 """
 
 
+WSGI_NAMES = {"bare": "Flask app (no rate limiter)", "throttlex": "Flask app behind ThrottleX (registry keys)"}
 GATEWAY_NAMES = {"bare": "bare app (no rate limiter)", "throttlex": "ThrottleX (registry keys)",
                  "throttlex_any_key": "ThrottleX (any key)", "slowapi": "slowapi (limits, moving window)"}  # fmt: skip
 

@@ -19,6 +19,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,16 +39,23 @@ APPS = {
     "throttlex_any_key": "tests.perf.gateway_apps:throttlex_any_key_app",
     "slowapi": "tests.perf.gateway_apps:slowapi_app",
 }
+WSGI_APPS = {
+    "bare": "tests.perf.gateway_apps:flask_bare_app",
+    "throttlex": "tests.perf.gateway_apps:flask_throttlex_app",
+}
+"""The same comparison for the WSGI middleware: a Flask app served by waitress, bare and behind ThrottleX."""
+WAITRESS_THREADS = 8
 EMITTING = ("throttlex", "throttlex_any_key")
 PARTITIONS = 4
 
 
-def _serve(target: str, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", target, "--factory", "--port", str(port), "--log-level", "warning",
-         "--no-access-log"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+def _serve(target: str, port: int, env: dict[str, str], *, wsgi: bool = False) -> subprocess.Popen[bytes]:
+    """A server for ``target``; its output goes to a file (a pipe nobody reads would stall it once full:
+    waitress warns of its task queue's depth under load)."""
+    command = (["waitress", f"--port={port}", f"--threads={WAITRESS_THREADS}", "--call", target] if wsgi else
+               ["uvicorn", target, "--factory", "--port", str(port), "--log-level", "warning", "--no-access-log"])  # fmt: skip
+    output = tempfile.TemporaryFile()
+    server = subprocess.Popen([sys.executable, "-m", *command], env=env, stdout=output, stderr=output)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -56,7 +64,8 @@ def _serve(target: str, port: int, env: dict[str, str]) -> subprocess.Popen[byte
         except httpx.TransportError:
             time.sleep(0.2)
     server.kill()
-    raise RuntimeError(f"{target} did not start: {server.stderr.read().decode() if server.stderr else ''}")
+    output.seek(0)
+    raise RuntimeError(f"{target} did not start: {output.read().decode(errors='replace')}")
 
 
 def _wrk(port: int, seconds: int, connections: int) -> dict[str, float]:
@@ -133,17 +142,19 @@ def _events_emitted(bootstrap: str, topic: str, accounted: float) -> float:
     return float(events)
 
 
-def run(runs: int, seconds: int, connections: int, env: dict[str, str], tag: str) -> dict[str, dict[str, float]]:
-    """Median results per gateway (the events check over all runs)."""
-    topics = {name: f"bench-gateway-{tag}-{name}.events" for name in EMITTING}
+def run(runs: int, seconds: int, connections: int, env: dict[str, str], tag: str, *, wsgi: bool = False) -> dict[str, dict[str, float]]:
+    """Median results per gateway (the events check over all runs); with ``wsgi``, the Flask pair."""
+    apps = WSGI_APPS if wsgi else APPS
+    topics = {name: f"bench-gateway-{tag}-{'wsgi-' if wsgi else ''}{name}.events" for name in EMITTING if name in apps}
     asyncio.run(_prepare(env, list(topics.values())))
     bootstrap = os.environ.get("THROTTLEX_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
-    results: dict[str, list[dict[str, float]]] = {name: [] for name in APPS}
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in apps}
     servers = {}
     try:
-        for name, target in APPS.items():
+        for name, target in apps.items():
             port = free_port()
-            servers[name] = (port, _serve(target, port, {**os.environ, **env, "THROTTLEX_EVENTS_TOPIC": topics.get(name, "unused")}))
+            servers[name] = (port, _serve(target, port, {**os.environ, **env, "THROTTLEX_EVENTS_TOPIC": topics.get(name, "unused")},
+                                          wsgi=wsgi))  # fmt: skip
         for port, _ in servers.values():  # warm-up, not counted: first connections, caches, the key's first lookup
             _wrk(port, 2, connections)
         broker = _broker_pid()
@@ -163,7 +174,7 @@ def run(runs: int, seconds: int, connections: int, env: dict[str, str], tag: str
         medians = {name: {k: statistics.median(r[k] for r in runs_) for k in runs_[0]} for name, runs_ in results.items()}
         for name, runs_ in results.items():  # paired: each run's req/s over the bare app's in the same round
             medians[name]["of_bare"] = statistics.median(r["req_per_s"] / b["req_per_s"] for r, b in zip(runs_, results["bare"]))
-        for name in EMITTING:
+        for name in topics:
             accounted = _accounted(servers[name][0])
             medians[name]["requests_accounted"] = accounted
             medians[name]["events_emitted"] = _events_emitted(bootstrap, topics[name], accounted)

@@ -3,17 +3,21 @@ limiter), the app behind ThrottleX's middleware (keys checked against the regist
 admitted), and the app behind slowapi (the `limits` library on the same Redis, moving window,
 checked per request).
 
-Run with uvicorn's ``--factory``; settings come from ``THROTTLEX_*`` variables.
+Run with uvicorn's ``--factory``; settings come from ``THROTTLEX_*`` variables. For the WSGI middleware, the
+same route in Flask, bare and behind ThrottleX (waitress's ``--call``).
 """
 
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
+from flask import Flask, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from slowapi import Limiter, _rate_limit_exceeded_handler
 from slowapi.errors import RateLimitExceeded
 
 from throttlex.api.demo_gateway import create_gateway_app
 from throttlex.ingest.settings import GatewaySettings
+from throttlex.ingest.wsgi import ThrottleXWSGIMiddleware
 
 LIMIT = "1000000000/hour"  # never reached: every request does the full work of being admitted
 
@@ -53,4 +57,25 @@ def slowapi_app() -> FastAPI:
     async def item(request: Request, item_id: int) -> dict[str, int | str]:
         return {"id": item_id, "name": f"item {item_id}"}
 
+    return app
+
+
+def flask_bare_app() -> Flask:
+    app = Flask("bare")
+
+    @app.get("/v1/items/<int:item_id>")
+    def item(item_id: int) -> dict[str, int | str]:
+        return {"id": item_id, "name": f"item {item_id}"}
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def flask_throttlex_app() -> Flask:
+    app = flask_bare_app()
+    app.wsgi_app = ThrottleXWSGIMiddleware(app.wsgi_app, GatewaySettings(edge_keys="registry"),  # type: ignore[method-assign]
+                                           public_paths=frozenset({"/metrics"}))  # fmt: skip
     return app
