@@ -68,7 +68,7 @@ class Match(_Strict):
 class SlidingWindowAlgorithm(_Strict):
     type: Literal["sliding_window"]
     limit: int = Field(gt=0, le=MAX_UNITS, description="cost units allowed in any window")
-    window_s: float = Field(gt=0, le=MAX_WINDOW_S, description="window length in seconds")
+    window_s: float = Field(ge=0.001, le=MAX_WINDOW_S, description="window length in seconds")
     bucket_s: float = Field(1.0, ge=0.001, le=MAX_WINDOW_S, description="resolution at which the window is exact")
 
     @property

@@ -2,7 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from throttlex.processors.core.policy import PolicyFileError, load_policies
+from pydantic import ValidationError
+
+from throttlex.processors.core.policy import PolicyFileError, SlidingWindowAlgorithm, load_policies
 from tests.factories import make_event
 
 FILES = Path(__file__).parent / "policy_files"
@@ -59,3 +61,10 @@ def test_match_on_route_glob_and_method(tmp_path: Path) -> None:
     assert policies.matching(make_event(route="/v1/items/{item_id}", method="POST"))
     assert not policies.matching(make_event(route="/v1/items/{item_id}", method="GET"))
     assert not policies.matching(make_event(route="/v2/other", method="POST"))
+
+
+def test_a_sliding_window_under_a_millisecond_is_refused() -> None:
+    """5e-324 s passed `gt=0`, rounded to a 0 ms window that every bucket size divides, and the window's
+    construction then failed inside a dry run (a 500 the API fuzzing found)."""
+    with pytest.raises(ValidationError, match="window_s"):
+        SlidingWindowAlgorithm.model_validate({"type": "sliding_window", "limit": 1, "window_s": 5e-324})
