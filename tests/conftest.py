@@ -31,7 +31,7 @@ from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from throttlex.ingest.events import UsageEvent, encode, key_id_for
+from throttlex.ingest.events import UsageEvent, decode, encode, key_id_for
 from throttlex.ingest.keys import KeyRecord
 from throttlex.ingest.settings import ConnectionSettings
 from throttlex.processors.core.policy import PolicySet
@@ -373,6 +373,25 @@ async def topic_ends(sandbox: Sandbox, topics: list[str]) -> dict[TopicPartition
         partitions = [TopicPartition(topic, p) for topic in topics for p in range(EVENTS_PARTITIONS)]
         ends: dict[TopicPartition, int] = await consumer.end_offsets(partitions)
         return ends
+    finally:
+        await consumer.stop()
+
+
+async def events_on_topic(sandbox: Sandbox, topic: str) -> list[UsageEvent]:
+    """Every event on ``topic`` now, read from the start of each partition to its end (30 s at most)."""
+    ends = await topic_ends(sandbox, [topic])
+    consumer = AIOKafkaConsumer(bootstrap_servers=sandbox.kafka_bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign(list(ends))
+        await consumer.seek_to_beginning()
+        values: list[bytes] = []
+        deadline = time.monotonic() + 30
+        while len(values) < sum(ends.values()):
+            assert time.monotonic() < deadline, f"read {len(values)} of {sum(ends.values())} events"
+            batch = await consumer.getmany(timeout_ms=1000)
+            values += [record.value for partition in batch.values() for record in partition if record.value is not None]
+        return [decode(value) for value in values]
     finally:
         await consumer.stop()
 

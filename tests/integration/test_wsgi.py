@@ -9,22 +9,19 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer
 from redis.asyncio import Redis
 
 from throttlex.ingest.clock import wall_clock_ms
 from throttlex.ingest.denylist_entries import Block
-from throttlex.ingest.events import UsageEvent, decode
 from throttlex.processors.topics import ensure_topics
 from throttlex.processors.worker.denylist_writer import DenylistWriter
-from tests.conftest import EVENTS_PARTITIONS, Sandbox, eventually, free_port, register_keys, topic_ends
+from tests.conftest import EVENTS_PARTITIONS, Sandbox, eventually, free_port, events_on_topic, register_keys
 
 pytestmark = pytest.mark.integration
 
@@ -93,7 +90,7 @@ async def test_a_flask_app_under_waitress_blocks_refuses_and_accounts_every_requ
             pytest.fail(f"waitress did not exit within 30 s of SIGINT:\n{log.read_text()[-3000:]}")
     expected = {"calm": statuses["wsgi-calm-key", 200], "hot_admitted": statuses["wsgi-hot-key", 200],
                 "hot_refused": statuses["wsgi-hot-key", 429]}  # fmt: skip
-    events = await _events(sandbox, topic)
+    events = await events_on_topic(sandbox, topic)
     calm = [e for e in events if e.api_key_id == ids["wsgi-calm-key"]]
     hot = [e for e in events if e.api_key_id == ids["wsgi-hot-key"]]
     assert len(events) == len(calm) + len(hot), "an unknown key's request was accounted"
@@ -101,22 +98,3 @@ async def test_a_flask_app_under_waitress_blocks_refuses_and_accounts_every_requ
         ("/items/<int:item_id>", "acme", 200, False)}  # fmt: skip
     assert sum(e.edge_blocked for e in hot) == expected["hot_refused"] and {e.status for e in hot if e.edge_blocked} == {429}
     assert len(hot) == expected["hot_refused"] + expected["hot_admitted"]
-
-
-async def _events(sandbox: Sandbox, topic: str) -> list[UsageEvent]:
-    """Every event on ``topic`` now."""
-    ends = await topic_ends(sandbox, [topic])
-    consumer = AIOKafkaConsumer(bootstrap_servers=sandbox.kafka_bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        consumer.assign(list(ends))
-        await consumer.seek_to_beginning()
-        values: list[bytes] = []
-        deadline = time.monotonic() + 30
-        while len(values) < sum(ends.values()):
-            assert time.monotonic() < deadline, f"read {len(values)} of {sum(ends.values())} events"
-            batch = await consumer.getmany(timeout_ms=1000)
-            values += [record.value for partition in batch.values() for record in partition if record.value is not None]
-        return [decode(value) for value in values]
-    finally:
-        await consumer.stop()

@@ -16,15 +16,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from redis.asyncio import Redis
 
 from throttlex.ingest.clock import wall_clock_ms
 from throttlex.ingest.denylist_entries import Block
-from throttlex.ingest.events import UsageEvent, decode, key_id_for
+from throttlex.ingest.events import key_id_for
 from throttlex.processors.topics import ensure_topics
 from throttlex.processors.worker.denylist_writer import DenylistWriter
-from tests.conftest import EVENTS_PARTITIONS, Sandbox, free_port, topic_ends
+from tests.conftest import EVENTS_PARTITIONS, Sandbox, events_on_topic, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -116,26 +115,7 @@ async def test_a_starlette_app_behind_the_gateway_install_blocks_and_emits(
         server.wait(60)
         await redis.aclose()
     calm_id = key_id_for("calm-key", salt.encode())
-    events = await _events(sandbox, topic)
+    events = await events_on_topic(sandbox, topic)
     calm = [e for e in events if e.api_key_id == calm_id]
     assert len(calm) >= 21 and {e.tenant for e in calm} == {"packaging-test"}
     assert any(e.api_key_id == hot_id and e.edge_blocked for e in events)
-
-
-async def _events(sandbox: Sandbox, topic: str) -> list[UsageEvent]:
-    """Every event on ``topic`` now."""
-    ends = await topic_ends(sandbox, [topic])
-    consumer = AIOKafkaConsumer(bootstrap_servers=sandbox.kafka_bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        consumer.assign(list(ends))
-        await consumer.seek_to_beginning()
-        records: list[ConsumerRecord[bytes, bytes]] = []
-        deadline = time.monotonic() + 30
-        while len(records) < sum(ends.values()):
-            assert time.monotonic() < deadline, f"read {len(records)} of {sum(ends.values())} events"
-            batch = await consumer.getmany(timeout_ms=1000)
-            records += [record for partition in batch.values() for record in partition]
-        return [decode(record.value) for record in records if record.value is not None]
-    finally:
-        await consumer.stop()
