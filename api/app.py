@@ -21,6 +21,7 @@ from throttlex.api import admin, analyst, event_ingest, quota, usage
 from throttlex.api.audit import AuditTrail
 from throttlex.api.settings import ApiSettings
 from throttlex.ingest.producer import EventProducer
+from throttlex.ingest.tasks import cancel_and_wait
 from throttlex.processors.accounting.exact_usage import ExactUsage
 from throttlex.processors.core.policy import PolicySet
 from throttlex.processors.policy_watch import PolicySource
@@ -77,8 +78,7 @@ def create_app(
             yield
         finally:
             if preparing is not None:
-                preparing.cancel()
-                await asyncio.gather(preparing, return_exceptions=True)
+                await cancel_and_wait(preparing)
             if app.state.producer is not None:
                 await app.state.producer.stop()
                 await app.state.exact_usage.stop()

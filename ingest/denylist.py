@@ -34,6 +34,7 @@ from redis.exceptions import RedisError
 from throttlex.ingest import denylist_entries, metrics
 from throttlex.ingest.denylist_entries import Block, request_limit_key
 from throttlex.ingest.clock import Clock, wall_clock_ms
+from throttlex.ingest.tasks import cancel_and_wait
 
 FailMode = Literal["open", "closed"]
 
@@ -113,8 +114,7 @@ class EdgeDenylist:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait(self._task)
         await self._redis.aclose()
 
     @property

@@ -29,6 +29,7 @@ from redis.exceptions import RedisError
 from throttlex.ingest import metrics
 from throttlex.ingest.clock import Clock, wall_clock_ms
 from throttlex.ingest.denylist import edge_redis, listen
+from throttlex.ingest.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +144,7 @@ class EdgeKeys:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait(self._task)
         await self._redis.aclose()
 
     def cached(self, key_id: str, *, count: bool = True) -> KeyRecord | None:

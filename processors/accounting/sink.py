@@ -39,6 +39,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
+from throttlex.ingest.tasks import cancel_and_wait
 from throttlex.processors import metrics
 from throttlex.processors.settings import SinkSettings
 from throttlex.processors.tasks import crash_of
@@ -155,8 +156,7 @@ class UsageSink:
         if self._writing is not None and not self._writing.done():
             done, _ = await asyncio.wait([self._writing], timeout=_REVOKE_WAIT_S)
             if not done:
-                self._writing.cancel()
-                await asyncio.wait([self._writing])
+                await cancel_and_wait(self._writing)
         for tp in revoked:  # not committed: the next owner reads them again
             self._pending.pop(tp, None)
             self._fences.pop(tp, None)

@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 
 from throttlex.ingest.clock import wall_clock_ms
 from throttlex.ingest.denylist_entries import Block
+from throttlex.ingest.tasks import cancel_and_wait
 from throttlex.processors import metrics
 from throttlex.processors.core.state import KeyState
 from throttlex.processors.worker.denylist_writer import DenylistWriter
@@ -68,9 +69,7 @@ class RedisPublisher:
         """Write what is pending (for at most ``timeout_s``), then stop."""
         if self._task is None:
             return
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await cancel_and_wait(self._task)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
                 await self._write()
