@@ -53,9 +53,10 @@ def machine() -> dict[str, Any]:
 
 
 def sink(bootstrap: str, runs: int, events: int) -> dict[str, float]:
+    topic = asyncio.run(bench_sink.events_topic(bootstrap, events))
     results = []
     for n in range(runs):
-        results.append(asyncio.run(bench_sink.one_run(bootstrap, events, 50_000)))
+        results.append(asyncio.run(bench_sink.one_run(bootstrap, topic, events, 50_000)))
         print(f"  sink run {n + 1}/{runs}: {results[-1]['rows_per_s']:,.0f} rows/s", flush=True)
     return {key: statistics.median(r[key] for r in results) for key in results[0]}
 
@@ -144,7 +145,7 @@ def main() -> None:
     print("4/6 pipeline", flush=True)
     floors = bench_floor.run(bootstrap, runs, 100_000 if args.quick else 300_000)
     worker = asyncio.run(bench_pipeline.run(bootstrap, redis_url, runs, 150_000 if args.quick else 400_000))
-    sink_rows = sink(bootstrap, runs, 50_000 if args.quick else 200_000)
+    sink_rows = sink(bootstrap, runs, 200_000 if args.quick else 1_000_000)
     sink_formats = asyncio.run(bench_sink.formats(runs=runs))
     quota = asyncio.run(bench_quota.run(bootstrap, 1_000_000 if args.quick else 10_000_000, 10_000, 50_000,
                                         300 if args.quick else 1_000))  # fmt: skip
