@@ -403,20 +403,24 @@ async def wait_until_worker_committed(
     event sent so far is applied and its state written (forwards the workers make meanwhile included).
     With ``past``, until they have committed at least those offsets: for traffic that does not stop,
     whose end moves on."""
-    group = sandbox.env["THROTTLEX_WORKER_GROUP"]
     events = sandbox.env["THROTTLEX_EVENTS_TOPIC"]
 
     async def committed() -> bool:
         ends = past if past is not None else await topic_ends(sandbox, [events, f"{events}.regrouped"])
-        admin = AIOKafkaAdminClient(bootstrap_servers=sandbox.kafka_bootstrap)
-        await admin.start()
-        try:
-            done = {tp: meta.offset for tp, meta in (await admin.list_consumer_group_offsets(group)).items()}
-        finally:
-            await admin.close()
+        done = await worker_committed(sandbox)
         return all(done.get(tp, 0) >= end for tp, end in ends.items())
 
     await eventually(committed, timeout_s=timeout_s, what="the workers to commit every event")
+
+
+async def worker_committed(sandbox: Sandbox) -> dict[TopicPartition, int]:
+    """The offsets the workers' group has committed, by partition."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=sandbox.kafka_bootstrap)
+    await admin.start()
+    try:
+        return {tp: meta.offset for tp, meta in (await admin.list_consumer_group_offsets(sandbox.env["THROTTLEX_WORKER_GROUP"])).items()}
+    finally:
+        await admin.close()
 
 
 async def worker_state(sandbox: Sandbox, policies: PolicySet) -> dict[str, KeyState]:

@@ -230,6 +230,8 @@ class UsageSink:
             # buffered, and the write of the previous batches (its commits, its insert) and, in `throttlex run`,
             # the API's requests must go on meanwhile.
             fetched = await self._consumer.getmany(timeout_ms=min(left_ms, 200), max_records=_READ_STEP)
+            if fetched and not any(pending.offsets for pending in self._pending.values()):
+                log.debug("reading the next batches", extra={"partitions": len(fetched)})
             for tp, records in fetched.items():
                 self._pending.setdefault(tp, _Pending()).add(tp, records)
             await asyncio.sleep(0)

@@ -92,12 +92,15 @@ async def test_broker_restart_sheds_past_the_bound_and_delivers_every_accepted_e
         await eventually(lambda: _sink_running(sink_port), timeout_s=60, what="the sink to serve metrics")
         running = asyncio.create_task(load.run())
         watching = asyncio.create_task(load.watch_loop())
-        await asyncio.sleep(3)
+        # The load runs with the broker there (two seconds' worth delivered), then without it until the
+        # gateway has shed a second's worth (its buffer is small here), then with it again.
+        await eventually(lambda: counter(metrics.EVENTS_PRODUCED) - before["produced"] >= 2 * RATE_PER_S, timeout_s=30,
+                         what="events delivered before the broker goes down")  # fmt: skip
 
         stopped_at = time.monotonic()
         await asyncio.to_thread(private_kafka.run, "down")
-        await eventually(lambda: counter(metrics.EVENTS_SHED) > before["shed"], timeout_s=30, what="the gateway to shed")
-        await asyncio.sleep(2)
+        await eventually(lambda: counter(metrics.EVENTS_SHED) - before["shed"] >= RATE_PER_S, timeout_s=30,
+                         what="the gateway to shed a second of events")  # fmt: skip
         await asyncio.to_thread(private_kafka.run, "up")
         back_at = time.monotonic()
         # Under load some events are always in flight, so "nothing undelivered" is not a condition to
@@ -111,7 +114,9 @@ async def test_broker_restart_sheds_past_the_bound_and_delivers_every_accepted_e
 
         await eventually(backlog_delivered, timeout_s=60, what="the events buffered while the broker was away to be delivered")
         drained_s = time.monotonic() - back_at
-        await asyncio.sleep(3)
+        delivered_at_drain = counter(metrics.EVENTS_PRODUCED)
+        await eventually(lambda: counter(metrics.EVENTS_PRODUCED) - delivered_at_drain >= 2 * RATE_PER_S, timeout_s=30,
+                         what="two seconds of load delivered after the backlog")  # fmt: skip
         load.stop.set()
         await running
         await watching

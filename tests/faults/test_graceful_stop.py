@@ -14,7 +14,7 @@ import pytest
 from redis.asyncio import Redis
 
 from throttlex.ingest.clock import wall_clock_ms
-from tests.conftest import EventSender, RoleProcess, Sandbox, eventually, free_port, stored_events
+from tests.conftest import EventSender, RoleProcess, Sandbox, eventually, free_port, stored_events, worker_committed
 from tests.integration.test_sink import end_offsets, wait_until_all_committed
 from tests.integration.test_policies import _has_block_until, _wait_until_worker_committed, request, sliding_admit, worker_counting
 
@@ -35,9 +35,14 @@ async def test_sigterm_stops_every_role_cleanly_and_loses_nothing(
     now = wall_clock_ms()
     near = [request("near", now + i) for i in range(LIMIT - 1)]
     load = [request(f"load-{n % 700}", now + n) for n in range(5_000)]
+    applied_before = sum((await worker_committed(sandbox)).values())
     await producer.send_all(near + load)
     produced = 1 + len(near) + len(load)
-    await asyncio.sleep(1.0)
+
+    async def applying() -> bool:  # the stop comes once the run has taken some of them
+        return sum((await worker_committed(sandbox)).values()) > applied_before
+
+    await eventually(applying, timeout_s=30, what="the run to commit some of the events")
     stopped_at = time.monotonic()
     assert run.stop(signal.SIGTERM, timeout_s=30) == 0
     stop_s = time.monotonic() - stopped_at

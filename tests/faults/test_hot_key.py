@@ -50,7 +50,10 @@ async def test_a_key_with_half_the_traffic_does_not_hold_up_other_keys_decisions
     load = asyncio.create_task(skewed_load())
     latencies = []
     try:
-        await asyncio.sleep(3)  # the hot key is well over its limit and the worker is under load
+        # The hot key is over its limit and the worker has been under this load for a second.
+        hot_key = denylist_entries.block_key(prefix, limit_key([("api_key", "hot")]))
+        await eventually(lambda: redis.exists(hot_key), timeout_s=30, what="the hot key's block")
+        await eventually(lambda: sent["background"] >= RATE_PER_S // 2, timeout_s=30, what="a second of load")
         for k in range(20):
             key = f"calm-{k}"
             now = wall_clock_ms()
@@ -65,7 +68,7 @@ async def test_a_key_with_half_the_traffic_does_not_hold_up_other_keys_decisions
         stop.set()
         await load
 
-    hot_block = await redis.get(denylist_entries.block_key(prefix, limit_key([("api_key", "hot")])))
+    hot_block = await redis.get(hot_key)
     assert hot_block is not None and denylist_entries.decode_block(hot_block).policy == "test-limit"
     worst = max(latencies)
     print(

@@ -60,8 +60,8 @@ async def test_sigkill_at_any_point_neither_loses_nor_duplicates(
 
     # 3. Mid-batch: records read, nothing inserted yet.
     sink = spawn("sink", extra_env={**debug, "THROTTLEX_SINK_FLUSH_INTERVAL_S": "30", "THROTTLEX_SINK_BATCH_MAX_ROWS": "100000"})
-    await eventually(lambda: "replaying an interrupted batch" in sink.log() or "running" in sink.log(), timeout_s=60, what="the sink to start")
-    await asyncio.sleep(3)
+    await eventually(lambda: "reading the next batches" in sink.log(), timeout_s=60, what="the sink to read records")
+    assert inserted(sink) == 0
     sink.stop(signal.SIGKILL)
 
     # 4. Run to the end and stop cleanly.
