@@ -14,7 +14,7 @@ import pytest
 from redis.asyncio import Redis
 
 from throttlex.ingest.clock import wall_clock_ms
-from tests.conftest import EventSender, RoleProcess, Sandbox, eventually, free_port, stored_events, worker_committed
+from tests.conftest import EventSender, RoleProcess, Sandbox, eventually, free_port, stored_events, topic_ends, worker_committed
 from tests.integration.test_sink import end_offsets, wait_until_all_committed
 from tests.integration.test_policies import _has_block_until, _wait_until_worker_committed, request, sliding_admit, worker_counting
 
@@ -35,12 +35,13 @@ async def test_sigterm_stops_every_role_cleanly_and_loses_nothing(
     now = wall_clock_ms()
     near = [request("near", now + i) for i in range(LIMIT - 1)]
     load = [request(f"load-{n % 700}", now + n) for n in range(5_000)]
-    applied_before = sum((await worker_committed(sandbox)).values())
+    ends = await topic_ends(sandbox, [sandbox.env["THROTTLEX_EVENTS_TOPIC"]])
     await producer.send_all(near + load)
     produced = 1 + len(near) + len(load)
 
-    async def applying() -> bool:  # the stop comes once the run has taken some of them
-        return sum((await worker_committed(sandbox)).values()) > applied_before
+    async def applying() -> bool:  # the stop comes once the run has committed some of these events
+        committed = await worker_committed(sandbox)
+        return any(committed.get(tp, 0) > end for tp, end in ends.items())
 
     await eventually(applying, timeout_s=30, what="the run to commit some of the events")
     stopped_at = time.monotonic()

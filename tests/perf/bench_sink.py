@@ -198,7 +198,7 @@ async def one_run(bootstrap: str, topic: str, events: int, batch_max_rows: int) 
         started = time.perf_counter()
         await sink.start()
         while await committed(admin, settings.sink_group) < events:
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
         elapsed = time.perf_counter() - started
         cpu_after = resource.getrusage(resource.RUSAGE_SELF)
         await admin.close()
