@@ -282,6 +282,14 @@ def _flask_routes(app: WSGIApp) -> Callable[[Environ], str] | None:
     if url_map is None or not hasattr(url_map, "bind_to_environ"):
         return None
 
+    def rule_of(bound: Any, path: str | None = None, method: str | None = None) -> str:
+        """The rule ``bound`` (a werkzeug MapAdapter) matches; for the environ it was bound to by default."""
+        try:
+            rule, _ = bound.match(path, method, return_rule=True)
+        except Exception:  # werkzeug's NotFound, MethodNotAllowed, RequestRedirect: the app answers those
+            return UNMATCHED
+        return str(rule.rule)
+
     @cache
     def adapter() -> Any:
         """One adapter, bound on the first request (Flask takes no routes after it): binding one per request
@@ -291,20 +299,12 @@ def _flask_routes(app: WSGIApp) -> Callable[[Environ], str] | None:
 
     @lru_cache(maxsize=ROUTES_CACHED)
     def matched(path: str, method: str) -> str:
-        try:
-            rule, _ = adapter().match(path.encode("latin-1").decode("utf-8", "replace"), method, return_rule=True)
-        except Exception:  # werkzeug's NotFound, MethodNotAllowed, RequestRedirect: the app answers those
-            return UNMATCHED
-        return str(rule.rule)
+        return rule_of(adapter(), path.encode("latin-1").decode("utf-8", "replace"), method)
 
     def route_of(environ: Environ) -> str:
         """The rule for the request's path (as werkzeug reads it: UTF-8 bytes the server passed as latin-1)."""
         if adapter() is not None:  # werkzeug's matcher takes ~12 µs a request here: paths seen lately are cached
             return matched(environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD", "GET"))
-        try:
-            rule, _ = url_map.bind_to_environ(environ).match(return_rule=True)
-        except Exception:
-            return UNMATCHED
-        return str(rule.rule)
+        return rule_of(url_map.bind_to_environ(environ))
 
     return route_of
