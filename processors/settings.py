@@ -57,8 +57,8 @@ class SinkSettings(StreamSettings):
     )
     sink_group: str = Field("throttlex-sink", description="Kafka consumer group of the usage sink")
     sink_batch_max_rows: int = Field(
-        50_000, ge=1, le=1_000_000,  # below min_insert_block_size_rows: a batch is one block, stored whole or not at all
-        description="most rows read ahead of an insert (a batch per partition, each one insert)",
+        100_000, ge=1, le=1_000_000,  # below min_insert_block_size_rows: a batch is one block, stored whole or not at all
+        description="most records in one batch: one partition's records, stored by one insert",
     )  # fmt: skip
     sink_flush_interval_s: float = Field(1.0, gt=0, description="longest wait before a partial batch is inserted")
     reconcile_interval_s: float = Field(30.0, ge=0, description="how often live counts are checked against ClickHouse (0: never)")

@@ -14,7 +14,7 @@ step. Anything that path does not take is decoded with the contract's decoder re
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Protocol
+from typing import Annotated
 
 import msgspec
 import pyarrow as pa
@@ -59,15 +59,8 @@ assert UsageEvent.__struct_fields__ == _Row.__struct_fields__ == (
 ), "UsageEvent's fields changed: update EVENT_SCHEMA"  # fmt: skip
 
 
-class Record(Protocol):
-    @property
-    def offset(self) -> int: ...
-    @property
-    def value(self) -> bytes | None: ...
-
-
-def event_rows(records: Sequence[Record], partition: int) -> tuple[pa.RecordBatch, list[int]]:
-    """The valid events among ``records`` (all of one partition) as rows, and their offsets.
+def event_rows(values: Sequence[bytes | None], offsets: Sequence[int], partition: int) -> tuple[pa.RecordBatch, list[int]]:
+    """The valid events among the records ``values`` at ``offsets`` (all of one partition) as rows, and their offsets.
 
     Records that are not valid events are left out: the worker dead-letters them, the sink never stores them.
     When every record is an event with a hyphenated id (all the gateways write), the rows come from `_Row`s;
@@ -75,29 +68,29 @@ def event_rows(records: Sequence[Record], partition: int) -> tuple[pa.RecordBatc
     the contract accepts.
     """
     try:
-        rows = [_decode_row(record.value) for record in records]  # type: ignore[arg-type]
-        offsets = [record.offset for record in records]
+        rows = list(map(_decode_row, values))  # type: ignore[arg-type]
         columns = _columns(rows)
         ids = _ids_of_texts(columns[0])
+        row_offsets = list(offsets)
     except (msgspec.DecodeError, TypeError, ValueError):  # one is not an event (TypeError: a record without a value)
-        events, offsets = [], []
-        for record in records:
+        events, row_offsets = [], []
+        for value, offset in zip(values, offsets):
             try:
-                events.append(decode_valid(record.value or b""))
+                events.append(decode_valid(value or b""))
             except msgspec.DecodeError:
                 continue
-            offsets.append(record.offset)
+            row_offsets.append(offset)
         columns = _columns(events)
         ids = b"".join([event.event_id.bytes for event in events])
-    count = len(offsets)
+    count = len(row_offsets)
     arrays = [pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), count, [None, pa.py_buffer(ids)])]
     arrays += [pa.array(column, type) for column, type in zip(columns[1:], _TYPES)]
     arrays += [
         pa.array([SCHEMA_VERSION] * count, pa.uint8()),
         pa.array([partition] * count, pa.uint16()),
-        pa.array(offsets, pa.uint64()),
+        pa.array(row_offsets, pa.uint64()),
     ]
-    return pa.RecordBatch.from_arrays(arrays, schema=EVENT_SCHEMA), offsets
+    return pa.RecordBatch.from_arrays(arrays, schema=EVENT_SCHEMA), row_offsets
 
 
 def _columns(events: Sequence[UsageEvent | _Row]) -> list[tuple[object, ...]]:

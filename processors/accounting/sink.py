@@ -1,8 +1,8 @@
 """The usage sink: Kafka events into ClickHouse exactly once, in large batches.
 
-A plain aiokafka consumer with manual commits (not a stream framework's agent, which acknowledges events
-even when the code handling them raised). Exactly-once comes from three steps per batch, each batch
-holding one Kafka partition's offsets ``first..last``:
+A librdkafka consumer (confluent-kafka) with manual commits, not a stream framework's agent, which
+acknowledges events even when the code handling them raised. Exactly-once comes from three steps per
+batch, each batch holding one Kafka partition's offsets ``first..last``:
 
 1. **Intent.** Commit the partition's current position with metadata ``inflight:<last>``: the batch's
    boundaries are now durable in Kafka.
@@ -18,31 +18,40 @@ retried with backoff and nothing is committed meanwhile, so no event is lost; an
 such (a schema mismatch) stops the sink with the reason instead. A batch is one block (at most
 ``sink_batch_max_rows``, below ClickHouse's ``min_insert_block_size_rows``), so it lands whole or not at all.
 
-Records are validated and turned into Arrow columns as they are read (`processors.accounting.rows`),
-and the next batches are read while the previous ones are inserted: ClickHouse works on its own thread
-outside the GIL, so reading and inserting share the machine's cores. One write is in flight at a time,
-so each partition's commits stay in order.
+Two threads of its own, so the event loop that starts the sink (in `throttlex run`, the API's) never
+waits for it:
+
+- **usage-sink** reads, validates records into Arrow columns as they arrive (`processors.accounting.rows`),
+  cuts batches and makes every consumer call, commits and rebalances included. librdkafka fetches and
+  decompresses on threads of its own, outside the interpreter lock, and hands over records it built in C:
+  half the interpreter time a record cost with aiokafka (`BENCHMARKS.md`).
+- **usage-sink-insert** inserts one write (the batches cut at once) at a time while the next batches
+  are read; ClickHouse works outside the interpreter lock, so reading and inserting share the cores.
+  The reading thread commits a write's ends once its inserts are done, so each partition's commits
+  stay in order.
+
+Rebalances run inside the reading thread's ``consume`` (librdkafka's rebalance callbacks). A revocation
+first finishes the write in flight while its commits can still land; a write still inserting after
+`_REVOKE_WAIT_S` (ClickHouse failing) is abandoned: its intents stay in Kafka for the next owner to
+replay, and nothing commits it once the partitions are someone else's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from bisect import bisect_right
-from dataclasses import dataclass
-from typing import TypeAlias
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_futures
+from dataclasses import dataclass, field
 
 import pyarrow as pa
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import CommitFailedError, KafkaError
-from aiokafka.structs import OffsetAndMetadata
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from throttlex.ingest.tasks import cancel_and_wait
 from throttlex.processors import metrics
 from throttlex.processors.settings import SinkSettings
-from throttlex.processors.tasks import crash_of
 from throttlex.processors.topics import ensure_topics
 from throttlex.processors.accounting.rows import EVENT_SCHEMA, arrow_stream, event_rows
 from throttlex.processors.accounting.store import StoreError, UsageStore
@@ -51,44 +60,55 @@ log = logging.getLogger(__name__)
 
 _MAX_BACKOFF_S = 10.0
 _INFLIGHT = "inflight:"
-_READ_STEP = 1_000
+_READ_STEP = 2_000
+"""Records one ``consume`` call returns at most."""
+_POLL_S = 0.1
+"""Longest wait in one ``consume`` call: how soon the reading thread notices a stop or a finished write."""
 _REVOKE_WAIT_S = 10.0
-
-Record: TypeAlias = ConsumerRecord[bytes, bytes]
+_KAFKA_TIMEOUT_S = 10.0
 
 
 class _Pending:
     """What was read from one partition and is not in a batch yet: every offset read, and the valid
     events among them as rows (in Arrow record batches, one per read)."""
 
-    __slots__ = ("offsets", "row_offsets", "rows")
+    __slots__ = ("offsets", "row_offsets", "rows", "since")
 
     def __init__(self) -> None:
         self.offsets: list[int] = []
         self.row_offsets: list[int] = []
         self.rows: list[pa.RecordBatch] = []
+        self.since = 0.0
+        """When the oldest record not in a batch yet was read (`time.monotonic`)."""
 
-    def add(self, tp: TopicPartition, records: list[Record]) -> None:
-        rows, row_offsets = event_rows(records, tp.partition)
-        self.offsets += [record.offset for record in records]
+    def add(self, partition: int, messages: list[Message]) -> None:
+        offsets: list[int] = list(map(Message.offset, messages))  # type: ignore[arg-type]
+        if self.offsets and offsets[0] <= self.offsets[-1]:  # librdkafka drops what a seek or rebalance outdated
+            raise RuntimeError(f"partition {partition} read offset {offsets[0]} after {self.offsets[-1]}")
+        rows, row_offsets = event_rows(list(map(Message.value, messages)), offsets, partition)
+        if not self.offsets:
+            self.since = time.monotonic()
+        self.offsets += offsets
         self.row_offsets += row_offsets
         self.rows.append(rows)
 
-    def take(self, tp: TopicPartition, count: int) -> Batch:
+    def take(self, topic: str, partition: int, count: int) -> Batch:
         """The first ``count`` records read, as a batch."""
         first, last = self.offsets[0], self.offsets[count - 1]
         stored = bisect_right(self.row_offsets, last)
         table = pa.Table.from_batches(self.rows, EVENT_SCHEMA)
         self.rows = table.slice(stored).to_batches()
         del self.offsets[:count], self.row_offsets[:stored]
-        return Batch(tp, first, last, table.slice(0, stored), skipped=count - stored)
+        self.since = time.monotonic()
+        return Batch(topic, partition, first, last, table.slice(0, stored), skipped=count - stored)
 
 
 @dataclass(frozen=True)
 class Batch:
     """The records of one partition from ``first`` to ``last`` offset, inserted as one block."""
 
-    tp: TopicPartition
+    topic: str
+    partition: int
     first: int
     last: int
     rows: pa.Table
@@ -97,29 +117,52 @@ class Batch:
 
     @property
     def token(self) -> str:
-        return f"{self.tp.topic}/{self.tp.partition}/{self.first}-{self.last}"
+        return f"{self.topic}/{self.partition}/{self.first}-{self.last}"
+
+    def position(self, offset: int, metadata: str = "") -> TopicPartition:
+        return TopicPartition(self.topic, self.partition, offset, metadata)
+
+
+@dataclass
+class _Write:
+    """Batches whose intents are committed, being inserted on the insert thread."""
+
+    batches: list[Batch]
+    done: Future[bool] = field(default_factory=Future)
+    """True once every batch is inserted; False if it gave up (stopping or abandoned while inserts failed)."""
+    abandoned: threading.Event = field(default_factory=threading.Event)
+    """Set at a revocation that did not wait for it: it stops retrying, and nothing commits it."""
 
 
 class UsageSink:
     def __init__(self, settings: SinkSettings, store: UsageStore) -> None:
         self._settings = settings
         self._store = store
-        self._consumer = AIOKafkaConsumer(
-            **settings.kafka.aiokafka_options(),
-            group_id=settings.sink_group,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_partition_fetch_bytes=4 * 1024 * 1024,
-        )
-        self._pending: dict[TopicPartition, _Pending] = {}
-        self._fences: dict[TopicPartition, int] = {}
+        self._topic = settings.events_topic
+        self._consumer = Consumer({
+            **settings.kafka.librdkafka_config(), "group.id": settings.sink_group,
+            "enable.auto.commit": False, "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",  # nothing committed, or an offset retention deleted: what is left
+            # Fetch far ahead: with librdkafka's defaults (100,000 records, 1 MiB a partition) the fetches, not
+            # the sink, set the pace (~290,000 records/s read and dropped here, 700,000 with these; the queue
+            # stays within queued.max.messages.kbytes, 64 MiB).
+            "queued.min.messages": 500_000, "max.partition.fetch.bytes": 8 * 1024 * 1024, "fetch.wait.max.ms": 100,
+            "error_cb": _kafka_error, "logger": log,
+        })  # fmt: skip
+        self._assigned: set[int] = set()
+        self._pending: dict[int, _Pending] = {}
+        self._fences: dict[int, int] = {}
         """Partitions whose next batch must end exactly at this offset (an intent left by a crash)."""
-        self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._writing: asyncio.Task[bool] | None = None
-        """The batches being inserted while the next ones are read (at most one write at a time)."""
         self._assigning = False
-        """A rebalance is under way: no batch is cut or committed until the new assignment is loaded."""
+        """A rebalance is under way: no batch is cut until the new assignment is loaded."""
+        self._writing: _Write | None = None
+        """The batches being inserted while the next ones are read (at most one write at a time)."""
+        self._gave_up = False
+        """A write gave up at a stop while ClickHouse failed: its intents must stay for the next start."""
+        self._inserts = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usage-sink-insert")
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._finished: asyncio.Future[BaseException | None] | None = None
 
     async def start(self) -> None:
         settings = self._settings
@@ -129,172 +172,181 @@ class UsageSink:
             replication_factor=settings.topic_replication_factor,
             exact=[settings.events_topic],
         )
-        self._consumer.subscribe([settings.events_topic], listener=_Rebalance(self))
-        await self._consumer.start()
-        self._task = asyncio.create_task(self._run(), name="usage-sink")
+        loop = asyncio.get_running_loop()
+        self._finished = loop.create_future()
+        self._consumer.subscribe([self._topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        self._thread = threading.Thread(target=self._main, args=(loop,), name="usage-sink", daemon=True)
+        self._thread.start()
 
     async def crashed(self) -> BaseException:
-        """Wait until the sink loop fails for good (it retries ClickHouse errors itself); return why."""
-        assert self._task is not None
-        return await crash_of(self._task)
+        """Wait until the sink fails for good (it retries ClickHouse errors itself); return why. A sink
+        stopped on request never counts as a crash, so this then waits for ever (the runner cancels it)."""
+        assert self._finished is not None
+        error = await asyncio.shield(self._finished)
+        if error is None:
+            await asyncio.Event().wait()
+        assert error is not None
+        return error
 
     async def stop(self) -> None:
         """Insert and commit what has been read, then leave the consumer group."""
         self._stopping.set()
-        if self._task is not None:
-            await asyncio.wait([self._task])
-        await self._consumer.stop()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        else:
+            await asyncio.to_thread(self._consumer.close)
+        self._inserts.shutdown(wait=True)
 
-    async def partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Finish the write in flight while its commits can still land, then forget what was read.
-
-        A write still inserting after `_REVOKE_WAIT_S` (ClickHouse failing) is cancelled: its intents stay
-        in Kafka for the next owner to replay, and no late commit of it can land once the partitions are
-        someone else's.
-        """
-        self._assigning = True  # nothing is cut or committed until the next assignment is loaded
-        if self._writing is not None and not self._writing.done():
-            done, _ = await asyncio.wait([self._writing], timeout=_REVOKE_WAIT_S)
-            if not done:
-                await cancel_and_wait(self._writing)
-        for tp in revoked:  # not committed: the next owner reads them again
-            self._pending.pop(tp, None)
-            self._fences.pop(tp, None)
-
-    async def partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        """Load the intents left on the assigned partitions (their next batches are fixed) and read every
-        partition again from its committed offset: records the consumer returned while this ran are
-        read again, after the fences are in place."""
-        self._assigning = True  # until the intents are loaded: if that fails, nothing is cut (better than a replay at other bounds)
-        admin = AIOKafkaAdminClient(**self._settings.kafka.aiokafka_options())
-        await admin.start()
+    def _main(self, loop: asyncio.AbstractEventLoop) -> None:
+        error: BaseException | None = None
         try:
-            committed = await admin.list_consumer_group_offsets(self._settings.sink_group, partitions=list(assigned))
+            self._run()
+        except BaseException as exc:  # the runner reports it (`crashed`)
+            error = exc
         finally:
-            await admin.close()
-        fences = {}
-        for tp in assigned:
-            meta = committed.get(tp)
-            # Nothing committed: from the start (an offset retention has deleted resets to the earliest kept).
-            self._consumer.seek(tp, meta.offset if meta is not None and meta.offset >= 0 else 0)
-            if meta is None:
-                continue
-            if meta.metadata.startswith(_INFLIGHT):
-                fences[tp] = int(meta.metadata.removeprefix(_INFLIGHT))
-                log.info("replaying an interrupted batch", extra={"partition": tp.partition, "from": meta.offset, "to": fences[tp]})
-        # In the same step as the seeks (no await between): what was read before them is dropped.
-        self._pending.clear()
-        self._fences = fences
-        self._assigning = False
+            try:
+                self._consumer.close()  # leaves the group (a last revocation, with nothing in flight)
+            except Exception as exc:  # noqa: BLE001 - reported with the first failure, if any
+                log.warning("closing the sink's consumer failed", extra={"error": repr(exc)})
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_resolve, self._finished, error)
 
-    async def _run(self) -> None:
+    def _run(self) -> None:
         try:
             while not self._stopping.is_set():
-                await self._collect()
-                if not await self._finish_write():
+                self._collect()
+                self._settle_write(wait=True)
+                if self._gave_up:
                     return  # stopped while ClickHouse failed: that write's intents must stay for the next start
                 batches = [] if self._assigning else self._take_batches()
-                if batches and await self._commit_intents(batches):  # before reading on: it is quick while nothing is read
-                    self._writing = asyncio.create_task(self._write(batches), name="usage-sink-write")
-                self._consumer.resume(*self._consumer.paused())
+                if batches and self._commit_intents(batches):  # before reading on: it is quick while nothing is read
+                    self._writing = _Write(batches)
+                    self._inserts.submit(self._insert_all, self._writing)
         finally:
-            await self._finish_write()
+            self._settle_write(wait=True)
 
-    async def _finish_write(self) -> bool:
-        """Wait for the write in flight; False if it gave up (a stop came while inserts failed)."""
-        if self._writing is None:
-            return True
-        writing, self._writing = self._writing, None
-        await asyncio.wait([writing])
-        if writing.cancelled():
-            return True  # at a revocation: the partitions' next owner replays its intents
-        return writing.result()  # raises what stopped it for good (an insert ClickHouse refuses as such)
+    def _collect(self) -> None:
+        """Read until a batch can be cut or a stop is requested; commit the ends of the write in flight as
+        soon as its inserts are done.
 
-    async def _collect(self) -> None:
-        """Read until enough rows are pending, the flush interval has passed, or a stop is requested.
-
-        A replayed batch must be read to its recorded end whatever its size: while one is incomplete
-        and the other partitions have filled their share, those partitions are paused.
+        A batch can be cut once one is due (`_due`) and no write is in flight. While one is, reading goes on
+        until a partition holds two batches' worth of records: then the reading thread waits for the write
+        (a ClickHouse that stalls stops the reading instead of filling memory).
         """
-        settings = self._settings
-        deadline = time.monotonic() + settings.sink_flush_interval_s
+        max_rows = self._settings.sink_batch_max_rows
         while not self._stopping.is_set():
-            unfenced = sum(len(pending.offsets) for tp, pending in self._pending.items() if tp not in self._fences)
-            room = settings.sink_batch_max_rows - unfenced
-            left_ms = int((deadline - time.monotonic()) * 1000)
-            if left_ms <= 0 or (room <= 0 and not self._incomplete_fences()):
+            self._settle_write(wait=False)
+            now = time.monotonic()
+            due = any(self._due(p, pending, now) for p, pending in self._pending.items())
+            if self._writing is None and due:
                 return
-            if room <= 0:
-                self._consumer.pause(*(tp for tp in self._consumer.assignment() if tp not in self._fences))
-            # In steps of a few milliseconds, yielding between them: getmany does not yield while it has records
-            # buffered, and the write of the previous batches (its commits, its insert) and, in `throttlex run`,
-            # the API's requests must go on meanwhile.
-            fetched = await self._consumer.getmany(timeout_ms=min(left_ms, 200), max_records=_READ_STEP)
-            if fetched and not any(pending.offsets for pending in self._pending.values()):
-                log.debug("reading the next batches", extra={"partitions": len(fetched)})
-            for tp, records in fetched.items():
-                self._pending.setdefault(tp, _Pending()).add(tp, records)
-            await asyncio.sleep(0)
+            if self._writing is not None and any(len(pending.offsets) >= 2 * max_rows for pending in self._pending.values()):
+                return
+            oldest = min((pending.since for pending in self._pending.values() if pending.offsets), default=now)
+            wait_s = _POLL_S if due else min(oldest + self._settings.sink_flush_interval_s - now, _POLL_S)
+            self._add(self._consumer.consume(_READ_STEP, max(wait_s, 0.001)))
 
-    def _incomplete_fences(self) -> bool:
-        return any(
-            not (pending := self._pending.get(tp)) or not pending.offsets or pending.offsets[-1] < fence
-            for tp, fence in self._fences.items()
-        )
+    def _add(self, messages: list[Message]) -> None:
+        if not messages:
+            return
+        if not any(pending.offsets for pending in self._pending.values()):
+            log.debug("reading the next batches", extra={"records": len(messages)})
+        by_partition: dict[int, list[Message]] = {}
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                _kafka_error(error)
+                continue
+            by_partition.setdefault(message.partition(), []).append(message)  # type: ignore[arg-type]
+        for partition, read in by_partition.items():
+            if partition in self._assigned:
+                self._pending.setdefault(partition, _Pending()).add(partition, read)
+
+    def _due(self, partition: int, pending: _Pending, now: float) -> int:
+        """How many of a partition's pending records make its batch now (0: none yet).
+
+        A partition's batch is cut once it holds ``sink_batch_max_rows`` records, once its oldest record has
+        waited ``sink_flush_interval_s``, or at a stop. Each batch is one insert, and an insert costs
+        ClickHouse a fixed share on top of its rows (planning the materialized views, writing a part per
+        table), so batches are cut full and per partition, not shared among the partitions. A replayed batch
+        (a fenced partition) is cut exactly at its recorded end, once that has been read, whatever its size.
+        """
+        if not pending.offsets:
+            return 0
+        fence = self._fences.get(partition)
+        if fence is not None:
+            return bisect_right(pending.offsets, fence) if pending.offsets[-1] >= fence else 0
+        settings = self._settings
+        if (
+            len(pending.offsets) >= settings.sink_batch_max_rows
+            or now - pending.since >= settings.sink_flush_interval_s
+            or self._stopping.is_set()
+        ):
+            return min(len(pending.offsets), settings.sink_batch_max_rows)
+        return 0
 
     def _take_batches(self) -> list[Batch]:
-        """Cut each partition's pending records into its next batch.
-
-        A fenced partition yields its batch only once the fence offset has been read, and the batch
-        stops there; every other partition flushes all it has.
-        """
-        batches = []
-        for tp, pending in list(self._pending.items()):
-            fence = self._fences.get(tp)
-            if fence is None:
-                cut = len(pending.offsets)
-            elif pending.offsets and pending.offsets[-1] >= fence:
-                cut = bisect_right(pending.offsets, fence)
-                del self._fences[tp]  # the replayed batch is cut; a failed commit sets the fence again
-            else:
-                continue
-            if cut:
-                batches.append(pending.take(tp, cut))
+        """Cut every partition's batch that is due."""
+        batches, now = [], time.monotonic()
+        for partition, pending in list(self._pending.items()):
+            if cut := self._due(partition, pending, now):
+                self._fences.pop(partition, None)  # a replayed batch is cut; a failed commit sets the fence again
+                batches.append(pending.take(self._topic, partition, cut))
         return batches
 
-    async def _commit_intents(self, batches: list[Batch]) -> bool:
-        try:
-            await self._consumer.commit({b.tp: OffsetAndMetadata(b.first, f"{_INFLIGHT}{b.last}") for b in batches})
-        except (CommitFailedError, KafkaError) as exc:
-            self._forget(batches, f"intent commit failed: {exc!r}")
-            return False
-        return True
+    def _commit_intents(self, batches: list[Batch]) -> bool:
+        failure = self._commit([b.position(b.first, f"{_INFLIGHT}{b.last}") for b in batches])
+        if failure:
+            self._forget(batches, f"intent commit failed: {failure}")
+        return not failure
 
-    async def _write(self, batches: list[Batch]) -> bool:
-        """Insert batches whose intents are committed, then commit their ends; False if a stop came first."""
-        for batch in batches:
-            if not await self._insert(batch):
-                return False  # stopping while ClickHouse fails: nothing committed, the intents stay
-        if self._settings.sink_commit_delay_s:
-            await asyncio.sleep(self._settings.sink_commit_delay_s)
-        try:
-            await self._consumer.commit({b.tp: OffsetAndMetadata(b.last + 1, "") for b in batches})
-        except (CommitFailedError, KafkaError) as exc:
+    def _settle_write(self, *, wait: bool) -> None:
+        """Commit the ends of the write in flight once its inserts are done (waiting for them if ``wait``)."""
+        write = self._writing
+        if write is None or not (wait or write.done.done()):
+            return
+        self._writing = None
+        if not write.done.result():  # raises what stopped it for good (an insert ClickHouse refuses as such)
+            self._gave_up = True
+            return
+        failure = self._commit([b.position(b.last + 1) for b in write.batches])
+        if failure:
             # Inserted but not committed: whoever owns the partition next replays the intent, and the
             # deduplication token makes that replay a no-op.
-            self._forget(batches, f"commit after insert failed: {exc!r}")
-        return True
+            self._forget(write.batches, f"commit after insert failed: {failure}")
 
-    async def _insert(self, batch: Batch) -> bool:
-        """Insert one batch, retrying with backoff; False if a stop came before it succeeded."""
+    def _commit(self, positions: list[TopicPartition]) -> str | None:
+        """Commit ``positions``; what went wrong, or None."""
+        try:
+            committed = self._consumer.commit(offsets=positions, asynchronous=False)
+        except KafkaException as exc:
+            return str(exc.args[0])
+        return "; ".join(str(tp.error) for tp in committed or [] if tp.error is not None) or None
+
+    def _insert_all(self, write: _Write) -> None:
+        """On the insert thread: insert the write's batches in order, then resolve ``write.done``."""
+        try:
+            inserted = all(self._insert(batch, write) for batch in write.batches)
+            if inserted and self._settings.sink_commit_delay_s:
+                time.sleep(self._settings.sink_commit_delay_s)
+        except BaseException as exc:
+            write.done.set_exception(exc)
+        else:
+            write.done.set_result(inserted)
+
+    def _insert(self, batch: Batch, write: _Write) -> bool:
+        """Insert one batch, retrying with backoff; False if a stop or a revocation came before it succeeded."""
         metrics.SINK_SKIPPED.inc(batch.skipped)
         rows, backoff_s = batch.rows.num_rows, 0.2
-        data = arrow_stream(batch.rows) if rows else b""
+        if not rows:
+            return True
+        data = arrow_stream(batch.rows)
         while True:
             started = time.perf_counter()
             try:
-                if rows:
-                    await self._store.insert_arrow("usage_events", data, EVENT_SCHEMA.names, dedup_token=batch.token)
+                self._store.insert_formatted_blocking(
+                    "usage_events", data, EVENT_SCHEMA.names, "ArrowStream", dedup_token=batch.token
+                )
             except StoreError as exc:
                 metrics.SINK_ERRORS.labels(kind="insert").inc()
                 if not exc.retriable:
@@ -303,12 +355,10 @@ class UsageSink:
                     "insert failed; retrying",
                     extra={"batch": batch.token, "error": str(exc), "retry_in_s": backoff_s},
                 )
-                try:
-                    await asyncio.wait_for(self._stopping.wait(), backoff_s)
+                if self._stopping.wait(backoff_s) or write.abandoned.is_set():
                     return False
-                except TimeoutError:
-                    backoff_s = min(backoff_s * 2, _MAX_BACKOFF_S)
-                    continue
+                backoff_s = min(backoff_s * 2, _MAX_BACKOFF_S)
+                continue
             metrics.SINK_INSERT_SECONDS.observe(time.perf_counter() - started)
             metrics.SINK_ROWS.inc(rows)
             log.debug("batch inserted", extra={"batch": batch.token, "rows": rows})
@@ -323,21 +373,67 @@ class UsageSink:
         """
         metrics.SINK_ERRORS.labels(kind="commit").inc()
         log.warning("dropping batches after a failed commit; their partitions will be replayed", extra={"reason": reason})
-        assigned = self._consumer.assignment()
         for batch in batches:
-            self._pending.pop(batch.tp, None)
-            self._fences.pop(batch.tp, None)
-            if batch.tp in assigned:
-                self._consumer.seek(batch.tp, batch.first)
-                self._fences[batch.tp] = batch.last
+            self._pending.pop(batch.partition, None)
+            self._fences.pop(batch.partition, None)
+            if batch.partition in self._assigned:
+                self._consumer.seek(batch.position(batch.first))
+                self._fences[batch.partition] = batch.last
+
+    # Rebalance callbacks: librdkafka calls them on the reading thread, inside `consume`.
+
+    def _on_revoke(self, consumer: Consumer, revoked: list[TopicPartition]) -> None:
+        """Finish the write in flight while its commits can still land, then forget what was read."""
+        self._assigning = True  # nothing is cut until the next assignment is loaded
+        write = self._writing
+        if write is not None:
+            wait_for_futures([write.done], timeout=_REVOKE_WAIT_S)
+            if write.done.done():
+                self._settle_write(wait=True)
+            else:  # ClickHouse failing: the partitions' next owner replays its intents
+                write.abandoned.set()
+                self._writing = None
+        for tp in revoked:  # not committed: the next owner reads them again
+            self._assigned.discard(tp.partition)
+            self._pending.pop(tp.partition, None)
+            self._fences.pop(tp.partition, None)
+
+    def _on_assign(self, consumer: Consumer, assigned: list[TopicPartition]) -> None:
+        """Load the intents left on the assigned partitions (their next batches are fixed) and read every
+        partition from its committed offset."""
+        self._assigning = True  # until the intents are loaded: if that fails, nothing is cut (better than a replay at other bounds)
+        committed = self._committed(assigned)
+        if committed is None:
+            return  # stopping: nothing more is cut or committed
+        fences = {}
+        for tp in committed:
+            if tp.offset < 0:  # nothing committed: from the start
+                tp.offset = OFFSET_BEGINNING
+            elif tp.metadata and tp.metadata.startswith(_INFLIGHT):
+                fences[tp.partition] = int(tp.metadata.removeprefix(_INFLIGHT))
+                log.info("replaying an interrupted batch", extra={"partition": tp.partition, "from": tp.offset, "to": fences[tp.partition]})
+        consumer.assign(committed)
+        self._pending.clear()
+        self._fences = fences
+        self._assigned = {tp.partition for tp in committed}
+        self._assigning = False
+
+    def _committed(self, partitions: list[TopicPartition]) -> list[TopicPartition] | None:
+        """The group's committed offsets and metadata of ``partitions``, asked until the coordinator answers;
+        None if a stop comes first."""
+        while not self._stopping.is_set():
+            try:
+                return list(self._consumer.committed(partitions, timeout=_KAFKA_TIMEOUT_S))
+            except KafkaException as exc:
+                log.warning("could not read the sink's committed offsets; retrying", extra={"error": str(exc.args[0])})
+        return None
 
 
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, sink: UsageSink) -> None:
-        self._sink = sink
+def _kafka_error(error: KafkaError) -> None:
+    """librdkafka retries what passes (a broker restarting); say what it met."""
+    log.warning("kafka error in the sink", extra={"error": str(error)})
 
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        await self._sink.partitions_revoked(revoked)
 
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        await self._sink.partitions_assigned(assigned)
+def _resolve(finished: asyncio.Future[BaseException | None] | None, error: BaseException | None) -> None:
+    if finished is not None and not finished.done():
+        finished.set_result(error)

@@ -168,10 +168,20 @@ class UsageStore:
         self, table: str, data: bytes, columns: Sequence[str], fmt: str, *, dedup_token: str | None = None
     ) -> None:
         """Insert ``data`` in one of ClickHouse's input formats (``ArrowStream``, ``JSONEachRow``, ...)."""
-        insert = functools.partial(
+        await self._call(self._writer, self._raw_insert(table, data, columns, fmt, dedup_token))
+
+    def insert_formatted_blocking(
+        self, table: str, data: bytes, columns: Sequence[str], fmt: str, *, dedup_token: str | None = None
+    ) -> None:
+        """`insert_formatted` for a caller on a thread of its own (the sink's): waits for the writer's thread."""
+        self._writer.thread.submit(_translated, self._raw_insert(table, data, columns, fmt, dedup_token)).result()
+
+    def _raw_insert(
+        self, table: str, data: bytes, columns: Sequence[str], fmt: str, dedup_token: str | None
+    ) -> Callable[[], Any]:
+        return functools.partial(
             self._writer.client.raw_insert, table, list(columns), data, settings=_insert_settings(dedup_token), fmt=fmt
         )
-        await self._call(self._writer, insert)
 
     async def ping(self) -> bool:
         try:
@@ -181,19 +191,24 @@ class UsageStore:
 
     @staticmethod
     async def _call(session: _Session, fn: Callable[[], T]) -> T:
-        try:
-            return await asyncio.get_running_loop().run_in_executor(session.thread, fn)
-        except OperationalError as exc:  # connection-level: the server may come back
-            metrics.CLICKHOUSE_ERRORS.labels(kind="connection").inc()
-            raise StoreError(_first_line(exc), retriable=True) from exc
-        except ClickHouseError as exc:  # refused by the server: retry only what is known to pass
-            code = re.search(r"Code: (\d+)", str(exc))
-            transient = code is not None and int(code[1]) in _TRANSIENT_CODES
-            metrics.CLICKHOUSE_ERRORS.labels(kind="transient" if transient else "refused").inc()
-            raise StoreError(_first_line(exc), retriable=transient) from exc
-        except OSError as exc:
-            metrics.CLICKHOUSE_ERRORS.labels(kind="connection").inc()
-            raise StoreError(f"{type(exc).__name__}: {exc}", retriable=True) from exc
+        return await asyncio.get_running_loop().run_in_executor(session.thread, _translated, fn)
+
+
+def _translated(fn: Callable[[], T]) -> T:
+    """``fn()``, its client's errors raised as `StoreError`."""
+    try:
+        return fn()
+    except OperationalError as exc:  # connection-level: the server may come back
+        metrics.CLICKHOUSE_ERRORS.labels(kind="connection").inc()
+        raise StoreError(_first_line(exc), retriable=True) from exc
+    except ClickHouseError as exc:  # refused by the server: retry only what is known to pass
+        code = re.search(r"Code: (\d+)", str(exc))
+        transient = code is not None and int(code[1]) in _TRANSIENT_CODES
+        metrics.CLICKHOUSE_ERRORS.labels(kind="transient" if transient else "refused").inc()
+        raise StoreError(_first_line(exc), retriable=transient) from exc
+    except OSError as exc:
+        metrics.CLICKHOUSE_ERRORS.labels(kind="connection").inc()
+        raise StoreError(f"{type(exc).__name__}: {exc}", retriable=True) from exc
 
 
 def _insert_settings(dedup_token: str | None) -> dict[str, Any]:

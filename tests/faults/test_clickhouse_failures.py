@@ -2,7 +2,7 @@
 and failure counter show it, a crash while inserts fail loses nothing, and once inserts succeed
 every event is stored exactly once.
 
-The fault is injected at the client boundary: the sink process runs with `UsageStore.insert_arrow` wrapped
+The fault is injected at the client boundary: the sink process runs with `UsageStore.insert_formatted_blocking` (the sink's insert) wrapped
 to raise a transient `StoreError` while a flag file exists. Everything else — Kafka, the sink, chDB —
 is the real thing."""
 
@@ -30,14 +30,14 @@ from pathlib import Path
 from throttlex.processors.accounting.store import StoreError, UsageStore
 
 refuse_while = Path(os.environ["THROTTLEX_TEST_REFUSE_INSERTS_WHILE"])
-insert = UsageStore.insert_arrow
+insert = UsageStore.insert_formatted_blocking
 
-async def refusing_insert(self, table, stream, columns, *, dedup_token=None):
+def refusing_insert(self, table, data, columns, fmt, *, dedup_token=None):
     if refuse_while.exists() and table == "usage_events":
         raise StoreError("Code: 210. connection reset by peer (injected)", retriable=True)
-    await insert(self, table, stream, columns, dedup_token=dedup_token)
+    insert(self, table, data, columns, fmt, dedup_token=dedup_token)
 
-UsageStore.insert_arrow = refusing_insert
+UsageStore.insert_formatted_blocking = refusing_insert
 from throttlex.api.cli import main
 main()
 """

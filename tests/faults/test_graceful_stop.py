@@ -50,9 +50,10 @@ async def test_sigterm_stops_every_role_cleanly_and_loses_nothing(
     assert "Traceback" not in run.log()
 
     again = spawn("run", "--policy-file", policy, "--api-port", str(free_port()), extra_env=FAST_REJOIN)
-    await producer(request("near", now + 5_000))
+    last = wall_clock_ms()  # dated when it is sent: a time ahead of the worker's clock would be dead-lettered
+    await producer(request("near", last))
     produced += 1
-    until = sliding_admit([e.event_time_ms for e in near] + [now + 5_000], LIMIT, WINDOW_S)
+    until = sliding_admit([e.event_time_ms for e in near] + [last], LIMIT, WINDOW_S)
     await eventually(lambda: _has_block_until(redis, prefix, "near", until), timeout_s=60, what="the near key's count to survive the stop")
     await _wait_until_worker_committed(sandbox)
     await wait_until_all_committed(sandbox, await end_offsets(sandbox), timeout_s=60)  # the sink's group too

@@ -5,7 +5,6 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NamedTuple
 
 import pyarrow as pa
 import pytest
@@ -30,11 +29,6 @@ POLICIES = parse_policies(
 )
 
 
-class _Record(NamedTuple):
-    offset: int
-    value: bytes
-
-
 def history() -> list[UsageEvent]:
     """Bursts of 12 keys of 3 tenants over ten minutes, many on the same millisecond (ties across pages)."""
     events = []
@@ -52,7 +46,7 @@ async def stored(tmp_path: Path, events: list[UsageEvent]) -> UsageStore:
     await store.migrate()
     for partition in range(4):
         mine = [event for event in events if int(event.api_key_id.removeprefix("key-")) % 4 == partition]
-        rows, _ = event_rows([_Record(offset, encode(event)) for offset, event in enumerate(mine)], partition)
+        rows, _ = event_rows([encode(event) for event in mine], range(len(mine)), partition)
         await store.insert_arrow("usage_events", arrow_stream(pa.Table.from_batches([rows])), EVENT_SCHEMA.names,
                                  dedup_token=f"dry-run/{partition}")  # fmt: skip
     return store

@@ -6,7 +6,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
 import httpx
 import pyarrow as pa
@@ -121,7 +120,7 @@ async def test_a_round_compares_what_the_policies_in_force_count(sandbox: Sandbo
     await store.open()
     try:
         await store.migrate()
-        rows, _ = event_rows([_Record(offset, encode(event)) for offset, event in enumerate(events)], 0)
+        rows, _ = event_rows([encode(event) for event in events], range(len(events)), 0)
         await store.insert_arrow("usage_events", arrow_stream(pa.Table.from_batches([rows])), EVENT_SCHEMA.names, dedup_token="t/0/0")
         reconciler = Reconciler(redis, prefix, parse_policies(STARTUP_POLICIES, "start-up"), store, settle_s=2, max_keys=100)
         before = await reconciler.run_once()
@@ -131,11 +130,6 @@ async def test_a_round_compares_what_the_policies_in_force_count(sandbox: Sandbo
         await store.close()
     assert before.windows == 0  # the start-up policies have no window by that name
     assert (after.windows, after.mismatched, after.drift_units) == (2, 0, 0)
-
-
-class _Record(NamedTuple):
-    offset: int
-    value: bytes
 
 
 STARTUP_POLICIES = """

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from throttlex.ingest.clock import wall_clock_ms
@@ -100,8 +100,7 @@ async def test_rows_keep_every_field_exactly(tmp_path: Path) -> None:
         make_event(event_id=uuid.UUID(int=0), event_time_ms=946_684_800_000, latency_ms=0.0, response_bytes=0, cost=0),
     ]
     values = [encode(events[0]), b"\x00 not json", encode(events[1]), None, encode(events[2])]
-    records = [ConsumerRecord("events", 3, 70 + n, 0, 0, None, value, None, 0, 0, []) for n, value in enumerate(values)]
-    rows, offsets = event_rows(records, 3)
+    rows, offsets = event_rows(values, range(70, 70 + len(values)), 3)
     assert offsets == [70, 72, 74]
     store = UsageStore(f"chdb://{tmp_path / 'chdb'}")
     await store.open()
@@ -128,10 +127,11 @@ async def test_a_batch_rebuilt_from_other_reads_is_dropped_as_a_duplicate(tmp_pa
     """After a crash the batch is read again in other steps; inserted under its token it must be a
     duplicate of the first insert, in the raw table and the rollups, however its reads were split."""
     values = [encode(make_event(event_id=uuid.uuid4(), event_time_ms=1_790_000_000_000 + n, cost=1 + n % 3)) for n in range(10)]
-    records = [ConsumerRecord("events", 0, n, 0, 0, None, value, None, 0, 0, []) for n, value in enumerate(values)]
-    first_reads = pa.Table.from_batches([event_rows(records[:4], 0)[0], event_rows(records[4:], 0)[0]])
-    replay_reads = pa.Table.from_batches([event_rows(records[:2], 0)[0], event_rows(records[2:7], 0)[0],
-                                          event_rows(records[7:], 0)[0]])  # fmt: skip
+    def read(first: int, end: int) -> pa.RecordBatch:
+        return event_rows(values[first:end], range(first, end), 0)[0]
+
+    first_reads = pa.Table.from_batches([read(0, 4), read(4, 10)])
+    replay_reads = pa.Table.from_batches([read(0, 2), read(2, 7), read(7, 10)])
     store = UsageStore(f"chdb://{tmp_path / 'chdb'}")
     await store.open()
     try:
@@ -151,8 +151,7 @@ async def test_a_batch_spanning_many_months_is_stored_once(tmp_path: Path) -> No
     in the raw table and the rollups."""
     events = [make_event(event_id=uuid.uuid4(), event_time_ms=int(datetime(2000 + m // 12, m % 12 + 1, 3, tzinfo=UTC).timestamp() * 1000))
               for m in range(150)]  # fmt: skip
-    records = [ConsumerRecord("events", 0, n, 0, 0, None, encode(event), None, 0, 0, []) for n, event in enumerate(events)]
-    rows, _ = event_rows(records, 0)
+    rows, _ = event_rows([encode(event) for event in events], range(len(events)), 0)
     stream = arrow_stream(pa.Table.from_batches([rows]))
     store = UsageStore(f"chdb://{tmp_path / 'chdb'}")
     await store.open()

@@ -42,13 +42,14 @@ from throttlex.ingest.events import decode_valid, encode
 from throttlex.processors.accounting.rows import EVENT_SCHEMA, arrow_stream, event_rows
 from throttlex.processors.settings import SinkSettings
 from throttlex.processors.accounting.sink import UsageSink
-from throttlex.processors.tasks import tune_gc
+from throttlex.processors.tasks import share_interpreter_often, tune_gc
 from throttlex.processors.topics import ensure_topics
 from throttlex.processors.accounting.store import UsageStore
 from tests.factories import make_event
 
 RESULTS = Path(__file__).with_name("results.json")
 PARTITIONS = 4
+DEFAULT_BATCH_MAX_ROWS: int = SinkSettings.model_fields["sink_batch_max_rows"].default
 
 
 async def produce(bootstrap: str, topic: str, events: int) -> None:
@@ -113,7 +114,7 @@ def _event_bytes(records: list[_Record]) -> bytes:
 
 
 def _arrow(records: list[_Record]) -> bytes:
-    rows, _ = event_rows(records, 0)
+    rows, _ = event_rows([r.value for r in records], [r.offset for r in records], 0)
     return arrow_stream(pa.Table.from_batches([rows]))
 
 
@@ -194,6 +195,7 @@ async def one_run(bootstrap: str, topic: str, events: int, batch_max_rows: int) 
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
         await admin.start()
         tune_gc()
+        share_interpreter_often()
         cpu_before = resource.getrusage(resource.RUSAGE_SELF)
         started = time.perf_counter()
         await sink.start()
@@ -214,7 +216,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=1_000_000, help="events per run (produced once, read by every run)")
     parser.add_argument("--runs", type=int, default=3, help="runs; the medians are reported")
-    parser.add_argument("--batch-max-rows", type=int, default=SinkSettings.model_fields["sink_batch_max_rows"].default)
+    parser.add_argument("--batch-max-rows", type=int, default=DEFAULT_BATCH_MAX_ROWS)
     args = parser.parse_args()
     bootstrap = os.environ.get("THROTTLEX_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
 

@@ -38,7 +38,7 @@ def _expected(records: list[_Record], partition: int) -> list[dict[str, object]]
 
 
 def _built(records: list[_Record], partition: int) -> list[dict[str, object]]:
-    batch, offsets = event_rows(records, partition)
+    batch, offsets = event_rows([r.value for r in records], [r.offset for r in records], partition)
     rows = batch.to_pylist()
     assert [row["kafka_offset"] for row in rows] == offsets
     for row in rows:  # compared as milliseconds, as the contract holds them
