@@ -179,6 +179,11 @@ class UsageSink:
         self._thread = threading.Thread(target=self._main, args=(loop,), name="usage-sink", daemon=True)
         self._thread.start()
 
+    @property
+    def partitions(self) -> list[int]:
+        """The partitions of the events topic this sink owns now."""
+        return sorted(self._assigned)
+
     async def crashed(self) -> BaseException:
         """Wait until the sink fails for good (it retries ClickHouse errors itself); return why. A sink
         stopped on request never counts as a crash, so this then waits for ever (the runner cancels it)."""
@@ -209,8 +214,10 @@ class UsageSink:
                 self._consumer.close()  # leaves the group (a last revocation, with nothing in flight)
             except Exception as exc:  # noqa: BLE001 - reported with the first failure, if any
                 log.warning("closing the sink's consumer failed", extra={"error": repr(exc)})
-            if not loop.is_closed():
+            try:
                 loop.call_soon_threadsafe(_resolve, self._finished, error)
+            except RuntimeError:  # the loop that started the sink is closed: nobody waits for it
+                pass
 
     def _run(self) -> None:
         try:
@@ -387,16 +394,19 @@ class UsageSink:
     def _on_revoke(self, consumer: Consumer, revoked: list[TopicPartition]) -> None:
         """Finish the write in flight while its commits can still land, then forget what was read."""
         self._assigning = True  # nothing is cut until the next assignment is loaded
-        write = self._writing
+        self._assigned -= {tp.partition for tp in revoked}  # a commit failing now seeks none of them
+        write, outcome = self._writing, "nothing in flight"
         if write is not None:
             wait_for_futures([write.done], timeout=_REVOKE_WAIT_S)
             if write.done.done():
                 self._settle_write(wait=True)
+                outcome = "the write in flight finished"
             else:  # ClickHouse failing: the partitions' next owner replays its intents
                 write.abandoned.set()
                 self._writing = None
+                outcome = "the write in flight abandoned, its intents left to replay"
+        log.info("partitions revoked", extra={"partitions": sorted(tp.partition for tp in revoked), "write": outcome})
         for tp in revoked:  # not committed: the next owner reads them again
-            self._assigned.discard(tp.partition)
             self._pending.pop(tp.partition, None)
             self._fences.pop(tp.partition, None)
 
@@ -419,15 +429,21 @@ class UsageSink:
         self._fences = fences
         self._assigned = {tp.partition for tp in committed}
         self._assigning = False
+        log.info("partitions assigned", extra={"partitions": self.partitions})
 
     def _committed(self, partitions: list[TopicPartition]) -> list[TopicPartition] | None:
         """The group's committed offsets and metadata of ``partitions``, asked until the coordinator answers;
         None if a stop comes first."""
         while not self._stopping.is_set():
             try:
-                return list(self._consumer.committed(partitions, timeout=_KAFKA_TIMEOUT_S))
+                committed = list(self._consumer.committed(partitions, timeout=_KAFKA_TIMEOUT_S))
             except KafkaException as exc:
-                log.warning("could not read the sink's committed offsets; retrying", extra={"error": str(exc.args[0])})
+                error = str(exc.args[0])
+            else:  # a partition whose offset could not be read must not be read from the start instead
+                error = "; ".join(f"partition {tp.partition}: {tp.error}" for tp in committed if tp.error is not None)
+                if not error:
+                    return committed
+            log.warning("could not read the sink's committed offsets; retrying", extra={"error": error})
         return None
 
 

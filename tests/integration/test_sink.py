@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -15,7 +16,9 @@ from aiokafka.admin import AIOKafkaAdminClient
 from throttlex.ingest.clock import wall_clock_ms
 from throttlex.ingest.events import encode
 from throttlex.processors.accounting.rows import EVENT_SCHEMA, arrow_stream, event_rows
+from throttlex.processors.accounting.sink import UsageSink
 from throttlex.processors.accounting.store import UsageStore
+from throttlex.processors.settings import SinkSettings
 from tests.conftest import EventSender, EVENTS_PARTITIONS, RoleProcess, Sandbox, eventually
 from tests.factories import make_event
 
@@ -87,6 +90,59 @@ async def test_every_event_lands_in_clickhouse_once(
     assert cost == sum(event.cost for event in events)
     assert keys == 7
     assert per_key == {f"key-{k}": sum(1 for n in range(N) if n % 7 == k) for k in range(7)}
+
+
+async def test_a_sink_joining_mid_stream_takes_partitions_over_and_nothing_counts_twice(
+    sandbox: Sandbox, producer: EventSender, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A second sink joins the group while the first has writes in flight (each holds its commit back),
+    so the first's partitions are revoked mid-stream and shared out: the first finishes its write before
+    they move, the second starts from what was committed, and every event is stored once, in the raw
+    table and in the rollups. Both sinks run in this process, on one chDB store."""
+    caplog.set_level(logging.INFO, logger="throttlex.processors.accounting.sink")
+    env = sandbox.env
+    store = UsageStore(env["THROTTLEX_CLICKHOUSE_DSN"])
+    await store.open()
+    await store.migrate()
+
+    def sink(commit_delay_s: float) -> UsageSink:
+        settings = SinkSettings(kafka_bootstrap=sandbox.kafka_bootstrap, events_topic=env["THROTTLEX_EVENTS_TOPIC"],
+                                sink_group=env["THROTTLEX_SINK_GROUP"], clickhouse_dsn=env["THROTTLEX_CLICKHOUSE_DSN"],
+                                sink_batch_max_rows=300, sink_commit_delay_s=commit_delay_s)  # fmt: skip
+        return UsageSink(settings, store)
+
+    start_ms = wall_clock_ms()
+    events = [make_event(event_id=uuid.uuid4(), api_key_id=f"key-{n % 31}", event_time_ms=start_ms + n, cost=1 + n % 4)
+              for n in range(8_000)]  # fmt: skip
+    first, second = sink(commit_delay_s=0.3), sink(commit_delay_s=0.0)
+    try:
+        await first.start()
+        await producer.send_all(events[:4_000])
+
+        async def stored() -> int:
+            [(rows,)] = await store.query("SELECT count() FROM usage_events")
+            return int(rows)
+
+        await eventually(lambda: stored(), timeout_s=60, what="the first sink to insert")
+        assert await stored() < 4_000  # the second joins mid-stream
+        await second.start()
+        await producer.send_all(events[4_000:])
+        await eventually(lambda: first.partitions and second.partitions, timeout_s=60, what="the partitions to be shared")
+        assert sorted(first.partitions + second.partitions) == list(range(EVENTS_PARTITIONS))
+        await wait_until_all_committed(sandbox, await end_offsets(sandbox), timeout_s=60)
+    finally:
+        await second.stop()
+        await first.stop()
+    try:
+        [(rows, ids, cost)] = await store.query("SELECT count(), uniqExact(event_id), sum(cost) FROM usage_events")
+        [(requests, cost_units)] = await store.query("SELECT sum(requests), sum(cost_units) FROM usage_per_hour")
+    finally:
+        await store.close()
+    revocations = [getattr(record, "write", "") for record in caplog.records if record.getMessage() == "partitions revoked"]
+    assert "the write in flight finished" in revocations  # the case this test is about happened
+    total_cost = sum(e.cost for e in events)
+    assert (rows, ids, cost) == (len(events), len(events), total_cost)
+    assert (requests, cost_units) == (len(events), total_cost)
 
 
 async def test_rows_keep_every_field_exactly(tmp_path: Path) -> None:

@@ -333,7 +333,7 @@ def report(r: dict[str, Any]) -> str:
                             [f"before that: the key's raw rows and the partition's unstored records on Kafka, per call (commit {q['raw_scan']['measured_at']})",
                              f"{q['raw_scan']['p50_ms']:.1f}", f"{q['raw_scan']['p99_ms']:.1f}"]]))  # fmt: skip
         parts.append("What `GET /v1/quota` spends on the plan quota, measured on `ExactUsage` in the process that runs the "
-                     f"sink (on its own loop thread, as `throttlex run` does): {q['reads']:,} reads of random keys, one every "
+                     f"sink (started on a loop thread of its own as `throttlex run` does; it reads and inserts on threads of its own): {q['reads']:,} reads of random keys, one every "
                      "20 ms, each one's latency counted from when it was due, so waiting for the event loop counts. The "
                      f"ledger loaded in {q['ledger_load_s']:.1f} s (once, at start-up) and its follower caught up "
                      f"{q['catch_up_s']:.1f} s later. The earlier reads were measured by the same bench at the commits named"
