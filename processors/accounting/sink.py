@@ -18,8 +18,7 @@ retried with backoff and nothing is committed meanwhile, so no event is lost; an
 such (a schema mismatch) stops the sink with the reason instead. A batch is one block (at most
 ``sink_batch_max_rows``, below ClickHouse's ``min_insert_block_size_rows``), so it lands whole or not at all.
 
-Two threads of its own, so the event loop that starts the sink (in `throttlex run`, the API's) never
-waits for it:
+Two threads of its own, so the event loop that starts the sink never waits for it:
 
 - **usage-sink** reads, validates records into Arrow columns as they arrive (`processors.accounting.rows`),
   cuts batches and makes every consumer call, commits and rebalances included. librdkafka fetches and
@@ -30,10 +29,13 @@ waits for it:
   The reading thread commits a write's ends once its inserts are done, so each partition's commits
   stay in order.
 
-Rebalances run inside the reading thread's ``consume`` (librdkafka's rebalance callbacks). A revocation
-first finishes the write in flight while its commits can still land; a write still inserting after
-`_REVOKE_WAIT_S` (ClickHouse failing) is abandoned: its intents stay in Kafka for the next owner to
-replay, and nothing commits it once the partitions are someone else's.
+Rebalances run inside the reading thread's ``consume`` (librdkafka's rebalance callbacks), which the
+reading thread keeps calling while it waits for a write (it pauses the partitions instead of blocking).
+A revocation first finishes the write in flight while its commits can still land; a write still
+inserting after `_REVOKE_WAIT_S` (ClickHouse failing) is abandoned: its intents stay in Kafka for the
+next owner to replay, and nothing commits it once the partitions are someone else's. Partitions lost
+without a revocation (this sink missed its session) commit nothing at all: they may be someone else's
+already.
 """
 
 from __future__ import annotations
@@ -98,8 +100,7 @@ class _Pending:
         stored = bisect_right(self.row_offsets, last)
         table = pa.Table.from_batches(self.rows, EVENT_SCHEMA)
         self.rows = table.slice(stored).to_batches()
-        del self.offsets[:count], self.row_offsets[:stored]
-        self.since = time.monotonic()
+        del self.offsets[:count], self.row_offsets[:stored]  # what is left was read after `since`: it keeps it
         return Batch(topic, partition, first, last, table.slice(0, stored), skipped=count - stored)
 
 
@@ -119,7 +120,8 @@ class Batch:
     def token(self) -> str:
         return f"{self.topic}/{self.partition}/{self.first}-{self.last}"
 
-    def position(self, offset: int, metadata: str = "") -> TopicPartition:
+    def at(self, offset: int, metadata: str = "") -> TopicPartition:
+        """The batch's partition at ``offset`` (to commit, with ``metadata``, or to seek to)."""
         return TopicPartition(self.topic, self.partition, offset, metadata)
 
 
@@ -131,7 +133,7 @@ class _Write:
     done: Future[bool] = field(default_factory=Future)
     """True once every batch is inserted; False if it gave up (stopping or abandoned while inserts failed)."""
     abandoned: threading.Event = field(default_factory=threading.Event)
-    """Set at a revocation that did not wait for it: it stops retrying, and nothing commits it."""
+    """Set when its partitions moved before it was done: it inserts nothing more, and nothing commits it."""
 
 
 class UsageSink:
@@ -158,6 +160,8 @@ class UsageSink:
         """A rebalance is under way: no batch is cut until the new assignment is loaded."""
         self._writing: _Write | None = None
         """The batches being inserted while the next ones are read (at most one write at a time)."""
+        self._paused = False
+        """Reading is paused until the write in flight is done: a partition holds two batches' worth."""
         self._gave_up = False
         """A write gave up at a stop while ClickHouse failed: its intents must stay for the next start."""
         self._inserts = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usage-sink-insert")
@@ -175,7 +179,9 @@ class UsageSink:
         )
         loop = asyncio.get_running_loop()
         self._finished = loop.create_future()
-        self._consumer.subscribe([self._topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        self._consumer.subscribe(
+            [self._topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
         self._thread = threading.Thread(target=self._main, args=(loop,), name="usage-sink", daemon=True)
         self._thread.start()
 
@@ -195,7 +201,8 @@ class UsageSink:
         return error
 
     async def stop(self) -> None:
-        """Insert and commit what has been read, then leave the consumer group."""
+        """Insert and commit a batch of what each partition has read (up to the batch size; the rest, and a
+        replayed batch not read to its end yet, are read again at the next start), then leave the group."""
         self._stopping.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
@@ -237,21 +244,28 @@ class UsageSink:
         """Read until a batch can be cut or a stop is requested; commit the ends of the write in flight as
         soon as its inserts are done.
 
-        A batch can be cut once one is due (`_due`) and no write is in flight. While one is, reading goes on
-        until a partition holds two batches' worth of records: then the reading thread waits for the write
-        (a ClickHouse that stalls stops the reading instead of filling memory).
+        A batch can be cut once one is due (`_cut_size`) and no write is in flight. While one is, reading goes
+        on until a partition holds two batches' worth of records; then the partitions are paused until the
+        write is done (a ClickHouse that stalls stops the reading instead of filling memory), and ``consume``
+        goes on serving rebalances meanwhile.
         """
-        max_rows = self._settings.sink_batch_max_rows
+        settings = self._settings
         while not self._stopping.is_set():
             self._settle_write(wait=False)
+            if self._writing is None and self._paused:
+                self._consumer.resume(self._consumer.assignment())
+                self._paused = False
             now = time.monotonic()
-            due = any(self._due(p, pending, now) for p, pending in self._pending.items())
+            due = not self._assigning and any(self._cut_size(p, pending, now) for p, pending in self._pending.items())
             if self._writing is None and due:
                 return
-            if self._writing is not None and any(len(pending.offsets) >= 2 * max_rows for pending in self._pending.values()):
-                return
-            oldest = min((pending.since for pending in self._pending.values() if pending.offsets), default=now)
-            wait_s = _POLL_S if due else min(oldest + self._settings.sink_flush_interval_s - now, _POLL_S)
+            if self._writing is not None and not self._paused and any(
+                len(pending.offsets) >= 2 * settings.sink_batch_max_rows for pending in self._pending.values()
+            ):
+                self._consumer.pause(self._consumer.assignment())
+                self._paused = True
+            aging = [pending.since for p, pending in self._pending.items() if pending.offsets and p not in self._fences]
+            wait_s = _POLL_S if due or not aging else min(min(aging) + settings.sink_flush_interval_s - now, _POLL_S)
             self._add(self._consumer.consume(_READ_STEP, max(wait_s, 0.001)))
 
     def _add(self, messages: list[Message]) -> None:
@@ -267,10 +281,16 @@ class UsageSink:
                 continue
             by_partition.setdefault(message.partition(), []).append(message)  # type: ignore[arg-type]
         for partition, read in by_partition.items():
-            if partition in self._assigned:
-                self._pending.setdefault(partition, _Pending()).add(partition, read)
+            if partition not in self._assigned:
+                continue
+            pending = self._pending.setdefault(partition, _Pending())
+            pending.add(partition, read)
+            fence = self._fences.get(partition)
+            if fence is not None and pending.offsets[0] > fence:  # Kafka's retention deleted the batch's records
+                log.warning("an interrupted batch's records are gone; reading on", extra={"partition": partition, "to": fence})
+                del self._fences[partition]
 
-    def _due(self, partition: int, pending: _Pending, now: float) -> int:
+    def _cut_size(self, partition: int, pending: _Pending, now: float) -> int:
         """How many of a partition's pending records make its batch now (0: none yet).
 
         A partition's batch is cut once it holds ``sink_batch_max_rows`` records, once its oldest record has
@@ -298,16 +318,16 @@ class UsageSink:
         """Cut every partition's batch that is due."""
         batches, now = [], time.monotonic()
         for partition, pending in list(self._pending.items()):
-            if cut := self._due(partition, pending, now):
+            if cut := self._cut_size(partition, pending, now):
                 self._fences.pop(partition, None)  # a replayed batch is cut; a failed commit sets the fence again
                 batches.append(pending.take(self._topic, partition, cut))
         return batches
 
     def _commit_intents(self, batches: list[Batch]) -> bool:
-        failure = self._commit([b.position(b.first, f"{_INFLIGHT}{b.last}") for b in batches])
-        if failure:
-            self._forget(batches, f"intent commit failed: {failure}")
-        return not failure
+        failed = self._commit([b.at(b.first, f"{_INFLIGHT}{b.last}") for b in batches])
+        if failed:
+            self._forget(batches, failed)  # all of them: the write is not started
+        return not failed
 
     def _settle_write(self, *, wait: bool) -> None:
         """Commit the ends of the write in flight once its inserts are done (waiting for them if ``wait``)."""
@@ -318,24 +338,24 @@ class UsageSink:
         if not write.done.result():  # raises what stopped it for good (an insert ClickHouse refuses as such)
             self._gave_up = True
             return
-        failure = self._commit([b.position(b.last + 1) for b in write.batches])
-        if failure:
+        failed = self._commit([b.at(b.last + 1) for b in write.batches])
+        if failed:
             # Inserted but not committed: whoever owns the partition next replays the intent, and the
             # deduplication token makes that replay a no-op.
-            self._forget(write.batches, f"commit after insert failed: {failure}")
+            self._forget([b for b in write.batches if b.partition in failed], failed)
 
-    def _commit(self, positions: list[TopicPartition]) -> str | None:
-        """Commit ``positions``; what went wrong, or None."""
+    def _commit(self, positions: list[TopicPartition]) -> dict[int, str]:
+        """Commit ``positions``; what went wrong, by partition (empty: all committed)."""
         try:
             committed = self._consumer.commit(offsets=positions, asynchronous=False)
         except KafkaException as exc:
-            return str(exc.args[0])
-        return "; ".join(str(tp.error) for tp in committed or [] if tp.error is not None) or None
+            return {tp.partition: str(exc.args[0]) for tp in positions}
+        return {tp.partition: str(tp.error) for tp in committed or [] if tp.error is not None}
 
     def _insert_all(self, write: _Write) -> None:
         """On the insert thread: insert the write's batches in order, then resolve ``write.done``."""
         try:
-            inserted = all(self._insert(batch, write) for batch in write.batches)
+            inserted = all(not write.abandoned.is_set() and self._insert(batch, write) for batch in write.batches)
             if inserted and self._settings.sink_commit_delay_s:
                 time.sleep(self._settings.sink_commit_delay_s)
         except BaseException as exc:
@@ -373,7 +393,7 @@ class UsageSink:
             log.debug("batch inserted", extra={"batch": batch.token, "rows": rows})
             return True
 
-    def _forget(self, batches: list[Batch], reason: str) -> None:
+    def _forget(self, batches: list[Batch], failed: dict[int, str]) -> None:
         """Give up batches whose offsets could not be committed.
 
         Their partitions are read again from the batch's first offset, by whoever owns them next: this
@@ -381,12 +401,12 @@ class UsageSink:
         What was read past them is dropped and read again after them.
         """
         metrics.SINK_ERRORS.labels(kind="commit").inc()
-        log.warning("dropping batches after a failed commit; their partitions will be replayed", extra={"reason": reason})
+        log.warning("dropping batches after a failed commit; their partitions will be replayed", extra={"failed": failed})
         for batch in batches:
             self._pending.pop(batch.partition, None)
             self._fences.pop(batch.partition, None)
             if batch.partition in self._assigned:
-                self._consumer.seek(batch.position(batch.first))
+                self._consumer.seek(batch.at(batch.first))
                 self._fences[batch.partition] = batch.last
 
     # Rebalance callbacks: librdkafka calls them on the reading thread, inside `consume`.
@@ -410,6 +430,19 @@ class UsageSink:
             self._pending.pop(tp.partition, None)
             self._fences.pop(tp.partition, None)
 
+    def _on_lost(self, consumer: Consumer, lost: list[TopicPartition]) -> None:
+        """Partitions taken away without a revocation (this sink missed its session): they may be another
+        sink's already, so nothing of the write in flight is committed; the next owner replays its intents."""
+        self._assigning = True
+        self._assigned -= {tp.partition for tp in lost}
+        if self._writing is not None:
+            self._writing.abandoned.set()
+            self._writing = None
+        for tp in lost:
+            self._pending.pop(tp.partition, None)
+            self._fences.pop(tp.partition, None)
+        log.warning("partitions lost", extra={"partitions": sorted(tp.partition for tp in lost)})
+
     def _on_assign(self, consumer: Consumer, assigned: list[TopicPartition]) -> None:
         """Load the intents left on the assigned partitions (their next batches are fixed) and read every
         partition from its committed offset."""
@@ -421,10 +454,12 @@ class UsageSink:
         for tp in committed:
             if tp.offset < 0:  # nothing committed: from the start
                 tp.offset = OFFSET_BEGINNING
-            elif tp.metadata and tp.metadata.startswith(_INFLIGHT):
-                fences[tp.partition] = int(tp.metadata.removeprefix(_INFLIGHT))
+            elif tp.metadata and tp.metadata.startswith(_INFLIGHT):  # librdkafka stores it with a trailing NUL
+                fences[tp.partition] = int(tp.metadata.removeprefix(_INFLIGHT).rstrip("\0"))
                 log.info("replaying an interrupted batch", extra={"partition": tp.partition, "from": tp.offset, "to": fences[tp.partition]})
         consumer.assign(committed)
+        consumer.resume(committed)  # librdkafka keeps a partition paused across a revocation and a new assignment
+        self._paused = False
         self._pending.clear()
         self._fences = fences
         self._assigned = {tp.partition for tp in committed}
@@ -444,6 +479,7 @@ class UsageSink:
                 if not error:
                     return committed
             log.warning("could not read the sink's committed offsets; retrying", extra={"error": error})
+            self._stopping.wait(1.0)
         return None
 
 

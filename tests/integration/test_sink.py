@@ -114,26 +114,28 @@ async def test_a_sink_joining_mid_stream_takes_partitions_over_and_nothing_count
     start_ms = wall_clock_ms()
     events = [make_event(event_id=uuid.uuid4(), api_key_id=f"key-{n % 31}", event_time_ms=start_ms + n, cost=1 + n % 4)
               for n in range(8_000)]  # fmt: skip
-    first, second = sink(commit_delay_s=0.3), sink(commit_delay_s=0.0)
+    # The first sink's writes hold their commits back a second each: it is still writing when it notices the
+    # rebalance (at its next heartbeat, within 3 s), so the revocation finds a write in flight.
+    first, second = sink(commit_delay_s=1.0), sink(commit_delay_s=0.0)
     try:
-        await first.start()
-        await producer.send_all(events[:4_000])
+        try:
+            await first.start()
+            await producer.send_all(events[:4_000])
 
-        async def stored() -> int:
-            [(rows,)] = await store.query("SELECT count() FROM usage_events")
-            return int(rows)
+            async def stored() -> int:
+                [(rows,)] = await store.query("SELECT count() FROM usage_events")
+                return int(rows)
 
-        await eventually(lambda: stored(), timeout_s=60, what="the first sink to insert")
-        assert await stored() < 4_000  # the second joins mid-stream
-        await second.start()
-        await producer.send_all(events[4_000:])
-        await eventually(lambda: first.partitions and second.partitions, timeout_s=60, what="the partitions to be shared")
-        assert sorted(first.partitions + second.partitions) == list(range(EVENTS_PARTITIONS))
-        await wait_until_all_committed(sandbox, await end_offsets(sandbox), timeout_s=60)
-    finally:
-        await second.stop()
-        await first.stop()
-    try:
+            await eventually(lambda: stored(), timeout_s=60, what="the first sink to insert")
+            assert await stored() < 4_000  # the second joins mid-stream
+            await second.start()
+            await producer.send_all(events[4_000:])
+            await eventually(lambda: first.partitions and second.partitions, timeout_s=60, what="the partitions to be shared")
+            assert sorted(first.partitions + second.partitions) == list(range(EVENTS_PARTITIONS))
+            await wait_until_all_committed(sandbox, await end_offsets(sandbox), timeout_s=60)
+        finally:
+            await second.stop()
+            await first.stop()
         [(rows, ids, cost)] = await store.query("SELECT count(), uniqExact(event_id), sum(cost) FROM usage_events")
         [(requests, cost_units)] = await store.query("SELECT sum(requests), sum(cost_units) FROM usage_per_hour")
     finally:
