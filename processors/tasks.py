@@ -50,9 +50,9 @@ def share_interpreter_often() -> None:
     sys.setswitchinterval(SWITCH_INTERVAL_S)
 
 
-async def crash_of(task: asyncio.Task[None]) -> BaseException:
-    """Wait until ``task`` fails and return why; a task stopped on request (it returned, or was
-    cancelled) never counts as a crash, so this then waits for ever (the runner cancels it)."""
+async def crash_of(task: asyncio.Future[None]) -> BaseException:
+    """Wait until ``task`` (or any future a role resolves when it ends) fails and return why; a task stopped on
+    request (it returned, or was cancelled) never counts as a crash, so this then waits for ever (the runner cancels it)."""
     await asyncio.wait([task])
     error = None if task.cancelled() else task.exception()
     if error is None:

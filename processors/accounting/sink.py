@@ -54,6 +54,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from throttlex.processors import metrics
 from throttlex.processors.settings import SinkSettings
+from throttlex.processors.tasks import crash_of
 from throttlex.processors.topics import ensure_topics
 from throttlex.processors.accounting.rows import EVENT_SCHEMA, arrow_stream, event_rows
 from throttlex.processors.accounting.store import StoreError, UsageStore
@@ -167,7 +168,8 @@ class UsageSink:
         self._inserts = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usage-sink-insert")
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._finished: asyncio.Future[BaseException | None] | None = None
+        self._finished: asyncio.Future[None] | None = None
+        """Done when the reading thread ends: with what stopped it, if it failed."""
 
     async def start(self) -> None:
         settings = self._settings
@@ -191,14 +193,9 @@ class UsageSink:
         return sorted(self._assigned)
 
     async def crashed(self) -> BaseException:
-        """Wait until the sink fails for good (it retries ClickHouse errors itself); return why. A sink
-        stopped on request never counts as a crash, so this then waits for ever (the runner cancels it)."""
+        """Wait until the sink fails for good (it retries ClickHouse errors itself); return why."""
         assert self._finished is not None
-        error = await asyncio.shield(self._finished)
-        if error is None:
-            await asyncio.Event().wait()
-        assert error is not None
-        return error
+        return await crash_of(self._finished)
 
     async def stop(self) -> None:
         """Insert and commit a batch of what each partition has read (up to the batch size; the rest, and a
@@ -234,7 +231,7 @@ class UsageSink:
                 if self._gave_up:
                     return  # stopped while ClickHouse failed: that write's intents must stay for the next start
                 batches = [] if self._assigning else self._take_batches()
-                if batches and self._commit_intents(batches):  # before reading on: it is quick while nothing is read
+                if batches and self._commit_intents(batches):
                     self._writing = _Write(batches)
                     self._inserts.submit(self._insert_all, self._writing)
         finally:
@@ -413,8 +410,7 @@ class UsageSink:
 
     def _on_revoke(self, consumer: Consumer, revoked: list[TopicPartition]) -> None:
         """Finish the write in flight while its commits can still land, then forget what was read."""
-        self._assigning = True  # nothing is cut until the next assignment is loaded
-        self._assigned -= {tp.partition for tp in revoked}  # a commit failing now seeks none of them
+        self._drop(revoked)  # first: a commit failing below seeks none of them
         write, outcome = self._writing, "nothing in flight"
         if write is not None:
             wait_for_futures([write.done], timeout=_REVOKE_WAIT_S)
@@ -426,22 +422,24 @@ class UsageSink:
                 self._writing = None
                 outcome = "the write in flight abandoned, its intents left to replay"
         log.info("partitions revoked", extra={"partitions": sorted(tp.partition for tp in revoked), "write": outcome})
-        for tp in revoked:  # not committed: the next owner reads them again
-            self._pending.pop(tp.partition, None)
-            self._fences.pop(tp.partition, None)
 
     def _on_lost(self, consumer: Consumer, lost: list[TopicPartition]) -> None:
         """Partitions taken away without a revocation (this sink missed its session): they may be another
         sink's already, so nothing of the write in flight is committed; the next owner replays its intents."""
-        self._assigning = True
-        self._assigned -= {tp.partition for tp in lost}
+        self._drop(lost)
         if self._writing is not None:
             self._writing.abandoned.set()
             self._writing = None
-        for tp in lost:
+        log.warning("partitions lost", extra={"partitions": sorted(tp.partition for tp in lost)})
+
+    def _drop(self, partitions: list[TopicPartition]) -> None:
+        """Forget what was read of ``partitions``, no longer this sink's (not committed: their next owner reads
+        it again); nothing is cut until the next assignment is loaded."""
+        self._assigning = True
+        for tp in partitions:
+            self._assigned.discard(tp.partition)
             self._pending.pop(tp.partition, None)
             self._fences.pop(tp.partition, None)
-        log.warning("partitions lost", extra={"partitions": sorted(tp.partition for tp in lost)})
 
     def _on_assign(self, consumer: Consumer, assigned: list[TopicPartition]) -> None:
         """Load the intents left on the assigned partitions (their next batches are fixed) and read every
@@ -488,6 +486,10 @@ def _kafka_error(error: KafkaError) -> None:
     log.warning("kafka error in the sink", extra={"error": str(error)})
 
 
-def _resolve(finished: asyncio.Future[BaseException | None] | None, error: BaseException | None) -> None:
-    if finished is not None and not finished.done():
-        finished.set_result(error)
+def _resolve(finished: asyncio.Future[None] | None, error: BaseException | None) -> None:
+    if finished is None or finished.done():
+        return
+    if error is None:
+        finished.set_result(None)
+    else:
+        finished.set_exception(error)

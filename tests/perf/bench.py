@@ -68,6 +68,15 @@ def sink(bootstrap: str, runs: int, events: int) -> dict[int, dict[str, float]]:
     return {batch: {key: statistics.median(r[key] for r in measured) for key in measured[0]} for batch, measured in results.items()}
 
 
+def accounting(bootstrap: str, runs: int, quick: bool) -> tuple[dict[int, dict[str, float]], dict[str, Any], dict[str, Any]]:
+    """Tables 4b (the sink's rows), 4c (the insert formats) and 4d (the quota read)."""
+    by_batch = sink(bootstrap, runs, 200_000 if quick else 1_000_000)
+    forms = asyncio.run(bench_sink.formats(runs=runs))
+    quota = asyncio.run(bench_quota.run(bootstrap, 1_000_000 if quick else 10_000_000, 10_000, 50_000,
+                                        300 if quick else 1_000))  # fmt: skip
+    return by_batch, {name: {k: round(v, 2) for k, v in r.items()} for name, r in forms.items()}, quota
+
+
 def sink_results(by_batch: dict[int, dict[str, float]]) -> dict[str, dict[str, float]]:
     def figures(batch: int) -> dict[str, float]:
         return {"rows_per_s": round(by_batch[batch]["rows_per_s"]), "cpu_s_per_100k_rows": round(by_batch[batch]["cpu_s_per_100k_rows"], 2),
@@ -143,12 +152,8 @@ def remeasure_accounting(bootstrap: str, runs: int, quick: bool) -> None:
     """The sink, its insert formats and the quota read alone, replacing their figures (and the whole system's
     CPU per request, which counts the sink's) in results.json."""
     results = json.loads(RESULTS.read_text())
-    by_batch = sink(bootstrap, runs, 200_000 if quick else 1_000_000)
+    by_batch, results["pipeline"]["sink_formats"], results["quota"] = accounting(bootstrap, runs, quick)
     results["pipeline"].update(sink_results(by_batch))
-    forms = asyncio.run(bench_sink.formats(runs=runs))
-    results["pipeline"]["sink_formats"] = {name: {k: round(v, 2) for k, v in r.items()} for name, r in forms.items()}
-    results["quota"] = asyncio.run(bench_quota.run(bootstrap, 1_000_000 if quick else 10_000_000, 10_000, 50_000,
-                                                   300 if quick else 1_000))  # fmt: skip
     cpu = results["system_cpu_us_per_request"]
     cpu["throttlex"]["sink"] = round(by_batch[SINK_BATCHES]["cpu_s_per_100k_rows"] * 10, 1)
     cpu["throttlex"]["total"] = round(sum(v for k, v in cpu["throttlex"].items() if k != "total"), 1)
@@ -197,11 +202,8 @@ def main() -> None:
     print("4/6 pipeline", flush=True)
     floors = bench_floor.run(bootstrap, runs, 100_000 if args.quick else 300_000)
     worker = asyncio.run(bench_pipeline.run(bootstrap, redis_url, runs, 150_000 if args.quick else 400_000))
-    sink_by_batch = sink(bootstrap, runs, 200_000 if args.quick else 1_000_000)
+    sink_by_batch, sink_formats, quota = accounting(bootstrap, runs, args.quick)
     sink_rows = sink_by_batch[SINK_BATCHES]
-    sink_formats = asyncio.run(bench_sink.formats(runs=runs))
-    quota = asyncio.run(bench_quota.run(bootstrap, 1_000_000 if args.quick else 10_000_000, 10_000, 50_000,
-                                        300 if args.quick else 1_000))  # fmt: skip
     print("5/6 detection", flush=True)
     detection = asyncio.run(bench_detection.run(bootstrap, redis_url, [1_000, 10_000, 20_000]))
     print("6/6 whole system", flush=True)
@@ -223,7 +225,7 @@ def main() -> None:
             "floors": {name: {k: round(v, 2) for k, v in r.items()} for name, r in floors.items()},
             "worker": {name: {k: round(v, 2) for k, v in r.items()} for name, r in worker.items()},
             **sink_results(sink_by_batch),
-            "sink_formats": {name: {k: round(v, 2) for k, v in r.items()} for name, r in sink_formats.items()},
+            "sink_formats": sink_formats,
         },  # fmt: skip
         "quota": quota,
         "detection": {
