@@ -142,7 +142,7 @@ def service_addresses() -> tuple[str, str]:
                     await admin.list_consumer_group_offsets("throttlex-readiness-probe")
                     break
                 except KafkaError:
-                    await asyncio.sleep(0.5)
+                    await asyncio.sleep(0.1)
         finally:
             await admin.close()
         client = Redis.from_url(redis_url, socket_connect_timeout=2)
