@@ -7,7 +7,13 @@ EVENTS_DEAD_LETTERED = Counter(
     "throttlex_worker_dead_letters_total", "Events sent to the dead-letter topic", ["reason"]
 )
 EVENTS_LATE = Counter(
-    "throttlex_worker_late_events_total", "Event/policy pairs too late to count in their window"
+    "throttlex_worker_late_events_total", "Event/policy pairs whose window or period had closed when they arrived"
+)
+SOURCE_CLOCK_OFFSET = Gauge(
+    "throttlex_worker_source_clock_offset_seconds",
+    "Event time minus Kafka's append time of the last event seen from each source (gateway or ingest token): "
+    "a gateway whose clock is wrong shows here",
+    ["source"],
 )
 DECISIONS = Counter(
     "throttlex_worker_decisions_total", "Blocks decided, by policy and outcome", ["policy", "outcome"]

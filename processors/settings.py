@@ -38,9 +38,11 @@ class WorkerSettings(StreamSettings):
     state_commit_delay_s: float = Field(
         0.0, ge=0, description="pause between writing a flush's state and committing its offsets; 0 except in crash tests"
     )
-    max_future_skew_s: float = Field(
-        2.0, ge=0, description="how far ahead of the worker's clock an event time may be; later ones are dead-lettered"
-    )
+    event_time_tolerance_s: float = Field(
+        2.0, ge=0, le=300,
+        description="how far before Kafka's append time an event may be stamped and still count at its own time; "
+        "earlier ones count at that bound, later ones at the append time (docs: time)",
+    )  # fmt: skip
     evict_interval_s: float = Field(30.0, gt=0, description="how often the state of idle keys is dropped")
     policy_reload_interval_s: float = Field(1.0, gt=0, description="how often the policy file is checked for changes")
 

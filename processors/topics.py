@@ -9,9 +9,18 @@ from collections.abc import Collection
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError
 
 from throttlex.ingest.kafka_access import KafkaAccess
+
+
+APPEND_TIME = {"message.timestamp.type": "LogAppendTime"}
+"""The events topic's setting: each record carries the time a broker appended it, which the worker
+enforces on (`throttlex.processors.worker.timing`)."""
+
+_DYNAMIC_TOPIC_CONFIG = 1
+"""``config_source`` of a setting made on the topic itself (not inherited from the broker)."""
 
 
 class PartitionCountMismatch(ValueError):
@@ -51,6 +60,32 @@ async def ensure_topics(
                     f"topic {name!r} has {actual} partitions but THROTTLEX_EVENTS_PARTITIONS is {partitions[name]}: "
                     f"set it to {actual}, or move to a new topic (keyed state does not follow a changed count)"
                 )
+    finally:
+        await admin.close()
+
+
+async def ensure_topic_configs(kafka: KafkaAccess | str, configs: dict[str, dict[str, str]]) -> list[str]:
+    """Give existing topics these topic-level settings, keeping the others set on them; returns the topics
+    changed. (Kafka's AlterConfigs replaces a topic's whole set, so the settings it has are read first.)"""
+    admin = AIOKafkaAdminClient(**KafkaAccess.of(kafka).aiokafka_options())
+    await admin.start()
+    try:
+        changed = []
+        for topic, wanted in configs.items():
+            [response] = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+            [(error_code, error_message, _, _, entries)] = response.resources
+            if error_code:
+                raise RuntimeError(f"cannot read the settings of topic {topic!r}: {error_message or error_code}")
+            current = {entry[0]: entry[1] for entry in entries}
+            if all(current.get(name) == value for name, value in wanted.items()):
+                continue
+            own = {entry[0]: entry[1] for entry in entries if entry[3] == _DYNAMIC_TOPIC_CONFIG}
+            [altered] = await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, {**own, **wanted})])
+            [(error_code, error_message, *_)] = altered.resources
+            if error_code:
+                raise RuntimeError(f"cannot change the settings of topic {topic!r}: {error_message or error_code}")
+            changed.append(topic)
+        return changed
     finally:
         await admin.close()
 

@@ -35,12 +35,12 @@ from throttlex.ingest.events import UsageEvent, decode, encode, key_id_for
 from throttlex.ingest.keys import KeyRecord
 from throttlex.ingest.settings import ConnectionSettings
 from throttlex.processors.core.policy import PolicySet
-from throttlex.processors.core.state import KeyState
+from throttlex.processors.core.state import KeyState, decode_key_state
 from throttlex.processors.registry import open_registry
 from throttlex.processors.worker.changelog import changelog_topic
 from throttlex.processors.worker.changelog import restore as restore_changelog
 from throttlex.processors.accounting.store import UsageStore
-from throttlex.processors.topics import ensure_topics
+from throttlex.processors.topics import APPEND_TIME, ensure_topics
 
 # Tests build settings with the development salt; a role outside them refuses it (ingest/settings.py).
 os.environ.setdefault("THROTTLEX_ALLOW_DEV_SECRETS", "1")
@@ -253,7 +253,9 @@ class EventSender:
 @pytest.fixture
 async def producer(sandbox: Sandbox) -> AsyncIterator[EventSender]:
     topic = sandbox.env["THROTTLEX_EVENTS_TOPIC"]
-    await ensure_topics(sandbox.kafka_bootstrap, {topic: EVENTS_PARTITIONS, sandbox.env["THROTTLEX_DEAD_LETTER_TOPIC"]: 1})
+    # Created as the worker and the sink create it (records stamped with Kafka's append time).
+    await ensure_topics(sandbox.kafka_bootstrap, {topic: EVENTS_PARTITIONS, sandbox.env["THROTTLEX_DEAD_LETTER_TOPIC"]: 1},
+                        configs={topic: APPEND_TIME})  # fmt: skip
     client = AIOKafkaProducer(
         bootstrap_servers=sandbox.kafka_bootstrap, acks="all", enable_idempotence=True, linger_ms=5
     )
@@ -325,6 +327,16 @@ async def stored_events(sandbox: Sandbox) -> tuple[int, int]:
     finally:
         await store.close()
     return rows, unique
+
+
+async def stored_events_where(sandbox: Sandbox, sql: str) -> list[tuple[object, ...]]:
+    """The rows of ``sql`` over the sandbox's chDB (opens only once no role holds it)."""
+    store = UsageStore(sandbox.env["THROTTLEX_CLICKHOUSE_DSN"])
+    await store.open()
+    try:
+        return await store.query(sql)
+    finally:
+        await store.close()
 
 
 async def redis_answers(client: Redis) -> bool:
@@ -415,12 +427,29 @@ async def wait_until_worker_committed(
 
 async def worker_committed(sandbox: Sandbox) -> dict[TopicPartition, int]:
     """The offsets the workers' group has committed, by partition."""
+    return await group_committed(sandbox, sandbox.env["THROTTLEX_WORKER_GROUP"])
+
+
+async def group_committed(sandbox: Sandbox, group: str) -> dict[TopicPartition, int]:
+    """The offsets consumer group ``group`` has committed, by partition."""
     admin = AIOKafkaAdminClient(bootstrap_servers=sandbox.kafka_bootstrap)
     await admin.start()
     try:
-        return {tp: meta.offset for tp, meta in (await admin.list_consumer_group_offsets(sandbox.env["THROTTLEX_WORKER_GROUP"])).items()}
+        return {tp: meta.offset for tp, meta in (await admin.list_consumer_group_offsets(group)).items()}
     finally:
         await admin.close()
+
+
+async def wait_until_sink_committed(sandbox: Sandbox, timeout_s: float = 60.0) -> None:
+    """Wait until the sink has committed the events topic's end: every event sent so far is stored."""
+    events = sandbox.env["THROTTLEX_EVENTS_TOPIC"]
+
+    async def committed() -> bool:
+        ends = await topic_ends(sandbox, [events])
+        done = await group_committed(sandbox, sandbox.env["THROTTLEX_SINK_GROUP"])
+        return all(done.get(tp, 0) >= end for tp, end in ends.items())
+
+    await eventually(committed, timeout_s=timeout_s, what="the sink to commit every event")
 
 
 async def worker_state(sandbox: Sandbox, policies: PolicySet) -> dict[str, KeyState]:
@@ -431,6 +460,33 @@ async def worker_state(sandbox: Sandbox, policies: PolicySet) -> dict[str, KeySt
                for topic in (events, f"{events}.regrouped") for p in range(EVENTS_PARTITIONS)]  # fmt: skip
     states = await restore_changelog(sandbox.kafka_bootstrap, sources, policies)
     return {key: state for keys in states.values() for key, state in keys.items()}
+
+
+async def compacted_state(sandbox: Sandbox, policies: PolicySet) -> dict[str, KeyState]:
+    """Every limit key's state as compaction will leave the workers' changelogs: the last committed record of
+    each key, whatever its version says (a restore today may still see an older one beside it)."""
+    group = sandbox.env["THROTTLEX_WORKER_GROUP"]
+    events = sandbox.env["THROTTLEX_EVENTS_TOPIC"]
+    sources = [TopicPartition(changelog_topic(group, topic), p)
+               for topic in (events, f"{events}.regrouped") for p in range(EVENTS_PARTITIONS)]  # fmt: skip
+    consumer = AIOKafkaConsumer(bootstrap_servers=sandbox.kafka_bootstrap, enable_auto_commit=False,
+                                auto_offset_reset="earliest", isolation_level="read_committed")  # fmt: skip
+    await consumer.start()
+    try:
+        consumer.assign(sources)
+        ends = await consumer.end_offsets(sources)
+        await consumer.seek_to_beginning(*sources)
+        last: dict[str, bytes | None] = {}
+        deadline = time.monotonic() + 30
+        while [tp for tp in sources if await consumer.position(tp) < ends[tp]]:
+            assert time.monotonic() < deadline, "could not read the changelogs to their ends"
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                for record in records:
+                    if record.key is not None and record.offset < ends[TopicPartition(record.topic, record.partition)]:
+                        last[record.key.decode()] = record.value
+    finally:
+        await consumer.stop()
+    return {key: decode_key_state(value, policies) for key, value in last.items() if value is not None}
 
 
 def window_counts(states: dict[str, KeyState], policy: str, now_ms: int) -> dict[str, int]:

@@ -40,6 +40,7 @@ EVENT_SCHEMA = pa.schema([
     ("schema_version", pa.uint8()),
     ("kafka_partition", pa.uint16()),
     ("kafka_offset", pa.uint64()),
+    ("appended_at", pa.timestamp("ms", tz="UTC")),  # when Kafka appended the record (the brokers' clock)
 ])  # fmt: skip
 """The columns the sink inserts, named as in ``usage_events``; the first 14 are `UsageEvent`'s fields in order."""
 
@@ -59,8 +60,11 @@ assert UsageEvent.__struct_fields__ == _Row.__struct_fields__ == (
 ), "UsageEvent's fields changed: update EVENT_SCHEMA"  # fmt: skip
 
 
-def event_rows(values: Sequence[bytes | None], offsets: Sequence[int], partition: int) -> tuple[pa.RecordBatch, list[int]]:
+def event_rows(
+    values: Sequence[bytes | None], offsets: Sequence[int], partition: int, appended_ms: Sequence[int] | None = None
+) -> tuple[pa.RecordBatch, list[int]]:
     """The valid events among the records ``values`` at ``offsets`` (all of one partition) as rows, and their offsets.
+    ``appended_ms`` are the records' timestamps (Kafka's append time); without them, each row's own event time.
 
     Records that are not valid events are left out: the worker dead-letters them, the sink never stores them.
     When every record is an event with a hyphenated id (all the gateways write), the rows come from `_Row`s;
@@ -72,14 +76,17 @@ def event_rows(values: Sequence[bytes | None], offsets: Sequence[int], partition
         columns = _columns(rows)
         ids = _ids_of_texts(columns[0])
         row_offsets = list(offsets)
+        row_appended = columns[1] if appended_ms is None else appended_ms
     except (msgspec.DecodeError, TypeError, ValueError):  # one is not an event (TypeError: a record without a value)
-        events, row_offsets = [], []
-        for value, offset in zip(values, offsets):
+        events, row_offsets, row_appended = [], [], []
+        for n, (value, offset) in enumerate(zip(values, offsets)):
             try:
-                events.append(decode_valid(value or b""))
+                event = decode_valid(value or b"")
             except msgspec.DecodeError:
                 continue
+            events.append(event)
             row_offsets.append(offset)
+            row_appended.append(event.event_time_ms if appended_ms is None else appended_ms[n])
         columns = _columns(events)
         ids = b"".join([event.event_id.bytes for event in events])
     count = len(row_offsets)
@@ -89,6 +96,7 @@ def event_rows(values: Sequence[bytes | None], offsets: Sequence[int], partition
         pa.array([SCHEMA_VERSION] * count, pa.uint8()),
         pa.array([partition] * count, pa.uint16()),
         pa.array(row_offsets, pa.uint64()),
+        pa.array(row_appended, pa.timestamp("ms", tz="UTC")),
     ]
     return pa.RecordBatch.from_arrays(arrays, schema=EVENT_SCHEMA), row_offsets
 

@@ -55,7 +55,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from throttlex.processors import metrics
 from throttlex.processors.settings import SinkSettings
 from throttlex.processors.tasks import crash_of
-from throttlex.processors.topics import ensure_topics
+from throttlex.processors.topics import APPEND_TIME, ensure_topics
 from throttlex.processors.accounting.rows import EVENT_SCHEMA, arrow_stream, event_rows
 from throttlex.processors.accounting.store import StoreError, UsageStore
 
@@ -88,7 +88,8 @@ class _Pending:
         offsets: list[int] = list(map(Message.offset, messages))  # type: ignore[arg-type]
         if self.offsets and offsets[0] <= self.offsets[-1]:  # librdkafka drops what a seek or rebalance outdated
             raise RuntimeError(f"partition {partition} read offset {offsets[0]} after {self.offsets[-1]}")
-        rows, row_offsets = event_rows(list(map(Message.value, messages)), offsets, partition)
+        appended = [message.timestamp()[1] for message in messages]
+        rows, row_offsets = event_rows(list(map(Message.value, messages)), offsets, partition, appended)
         if not self.offsets:
             self.since = time.monotonic()
         self.offsets += offsets
@@ -178,6 +179,7 @@ class UsageSink:
             {settings.events_topic: settings.events_partitions},
             replication_factor=settings.topic_replication_factor,
             exact=[settings.events_topic],
+            configs={settings.events_topic: APPEND_TIME},
         )
         loop = asyncio.get_running_loop()
         self._finished = loop.create_future()

@@ -11,7 +11,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import re
+import socket
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -23,6 +26,7 @@ import clickhouse_connect
 from clickhouse_connect.driver.exceptions import ClickHouseError, OperationalError
 
 from throttlex.processors import metrics
+from throttlex.processors.accounting.migration_lock import migration_lock
 
 log = logging.getLogger(__name__)
 
@@ -108,19 +112,28 @@ class UsageStore:
             session.thread.shutdown(wait=True)
 
     async def migrate(self) -> list[str]:
-        """Apply the schema files not applied yet, in order; returns the names applied now."""
+        """Apply the schema files not applied yet, in order, holding the migration lock (`migration_lock`) so
+        that processes starting together apply each once; returns the names applied now (by this call).
+
+        Schema files expand, then contract: a file adds what the new version needs (a column with a default,
+        a table, a view) in a form the previous version's sinks keep inserting through, and drops what no
+        version in service uses any more only in a later release, once every process is past it."""
         await self.command(_MIGRATIONS_TABLE)
-        done = {row[0] for row in await self.query("SELECT version FROM throttlex_schema_migrations")}
+        if not await self._pending():
+            return []
         applied = []
-        for version, name, sql in _schema_files():
-            if version in done:
-                continue
-            for statement in _statements(sql):
-                await self.command(statement)
-            await self.insert("throttlex_schema_migrations", [(version, name)], ("version", "name"))
-            log.info("applied migration", extra={"migration": name})
-            applied.append(name)
+        async with migration_lock(self, f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"):
+            for version, name, sql in await self._pending():  # read again: the last holder may have applied them
+                for statement in _statements(sql):
+                    await self.command(statement)
+                await self.insert("throttlex_schema_migrations", [(version, name)], ("version", "name"))
+                log.info("applied migration", extra={"migration": name})
+                applied.append(name)
         return applied
+
+    async def _pending(self) -> list[tuple[int, str, str]]:
+        done = {row[0] for row in await self.query("SELECT version FROM throttlex_schema_migrations")}
+        return [(version, name, sql) for version, name, sql in _schema_files() if version not in done]
 
     async def apply_retention(self, days: int) -> None:
         """Keep raw events ``days`` days (0: forever). Rollups are kept regardless."""

@@ -1,7 +1,8 @@
 """The policy engine: applies every matching policy to each event and says which blocks to publish.
 
 Pure: no I/O and no clock. State is a plain ``dict`` of limit key to `KeyState` (one worker partition's
-keys) and time is each event's own ``event_time_ms``, so results depend only on the events seen.
+keys) and time is the instant each event counts at (given with it), so results depend only on the
+events seen.
 
 Events arrive partitioned by API key, so the policies keyed on ``api_key`` are applied where the
 event arrives (`apply`). For the policies keyed on other dimensions `apply` returns one `Forward` per
@@ -107,17 +108,21 @@ class PolicyEngine:
         self._groups: dict[tuple[str, str, str, str | None], tuple[_Group, ...]] = {}
         self._regrouped: dict[tuple[str, str, str, str | None, tuple[str, ...]], _Group | None] = {}
 
-    def apply(self, event: UsageEvent, origin: tuple[int, int] | None = None, into: Outcome | None = None) -> Outcome:
+    def apply(
+        self, event: UsageEvent, origin: tuple[int, int] | None = None, into: Outcome | None = None, *, at_ms: int | None = None
+    ) -> Outcome:
         """Apply the matching policies keyed on ``api_key``; forward the event for the others.
 
         ``origin`` is the event's events partition and offset; with it, a key whose state already
-        includes that offset is left as it is. Forwards are made either way."""
+        includes that offset is left as it is. Forwards are made either way. ``at_ms`` is the instant the
+        event counts at (the worker's enforcement time, see `processors.worker.timing`); by default its
+        own ``event_time_ms``."""
         outcome = Outcome() if into is None else into
         if event.edge_blocked:  # refused at the edge: accounted, never counted against a window
             return outcome
         plan = event.plan or self.policies.default_plan
         source_partition, source_offset = (-1, -1) if origin is None else origin
-        t = event.event_time_ms
+        t = event.event_time_ms if at_ms is None else at_ms
         groups = self._groups.get((event.route, event.method, event.tenant, plan))
         if groups is None:
             groups = self._matching(event.route, event.method, event.tenant, plan)
@@ -226,6 +231,30 @@ class PolicyEngine:
             state.published = replacement
             changes.append(msgspec.structs.replace(published, until_ms=0) if replacement is None else replacement)
         return changes
+
+    def settle_restored_blocks(self, now_ms: int) -> list[Block]:
+        """For a state just read back, which may have been written under other policies (changed while no
+        worker ran): every block in force checked against the policies now in force. Returns what to
+        publish: a block that still holds as it is, a shorter one where a policy was relaxed, an unblock
+        (``until_ms=0``) where none holds any more (its policy removed, or its limit no longer reached).
+
+        A block that still holds is recomputed as long or longer (windows only gain events), so a shorter
+        answer means a policy says less now."""
+        publish = []
+        for key, state in self.state.items():
+            published = state.published
+            if published is None or published.until_ms <= now_ms:
+                continue
+            replacement = self._recompute(key, published.dims, state)
+            if replacement is None or replacement.until_ms <= now_ms:
+                state.published = None
+                publish.append(msgspec.structs.replace(published, until_ms=0))
+            elif replacement.until_ms < published.until_ms:
+                state.published = replacement
+                publish.append(replacement)
+            else:
+                publish.append(published)
+        return publish
 
     def blocks_in_force(self, now_ms: int) -> list[Block]:
         """Every block published from this state that has not ended by ``now_ms``."""

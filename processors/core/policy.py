@@ -168,7 +168,9 @@ class Policy(_Strict):
         default_factory=dict, description="route glob to cost units; the first match overrides the event's cost"
     )
     on_breach: OnBreach = Field(default_factory=OnBreach)
-    allowed_lateness_s: float = Field(5.0, ge=0, le=86_400, description="how late an event may arrive and still count")
+    allowed_lateness_s: float = Field(5.0, ge=0, le=86_400, description=(
+        "how much of a token bucket's history is kept to place late events in time order (older ones count at its "
+        "start); windows and quotas count every event of a period still open"))
     shadow: bool = Field(False, description="count and report, never block")
 
     @model_validator(mode="after")
@@ -225,10 +227,12 @@ class PolicySet(_Strict):
             raise ValueError(f"default_plan {self.default_plan!r} is not one of the plans: {', '.join(self.plans) or 'none'}")
         for policy in self.policies:
             algorithm = policy.algorithm
-            if isinstance(algorithm, QuotaAlgorithm) and algorithm.limit is None:
+            plan_limit = isinstance(algorithm, QuotaAlgorithm) and algorithm.limit is None
+            if isinstance(algorithm, QuotaAlgorithm) and plan_limit:
                 if not any(plan.units(algorithm.period) for plan in self.plans.values()):
                     field = "monthly_units" if algorithm.period == "month" else "daily_units"
                     raise ValueError(f"policy {policy.name!r}: a quota without a limit needs plans with {field}")
+            _check_plans_on_shared_key(policy, plan_limit)
         self._by_name.update((policy.name, policy) for policy in self.policies)
         return self
 
@@ -258,6 +262,22 @@ class PolicySet(_Strict):
 
     def by_name(self, name: str) -> Policy | None:
         return self._by_name.get(name)
+
+
+def _check_plans_on_shared_key(policy: Policy, plan_limit: bool) -> None:
+    """The rule for plans on shared keys. A limit key without ``api_key`` (``[tenant]``, ``[ip]``…) is shared
+    by keys that may be on different plans, and its one block refuses them all. So such a policy may
+    neither take its limit from the calling key's plan (it would change with whichever key's event came,
+    and a free key's event would block a tenant's pro keys) nor match on plans (its block would refuse
+    the keys of the plans it does not match): it is refused when the policies are read."""
+    if "api_key" in policy.key:
+        return
+    shared = f"policy {policy.name!r}: keyed on [{', '.join(policy.key)}], which keys of different plans share,"
+    if plan_limit:
+        raise ValueError(f"{shared} it cannot take its limit from the calling key's plan; give it a limit, or key it on api_key")
+    if policy.match.plans is not None:
+        raise ValueError(f"{shared} it cannot match on plans (its block would refuse keys of every plan); "
+                         "drop match.plans, or key it on api_key")  # fmt: skip
 
 
 class PolicyFileError(ValueError):

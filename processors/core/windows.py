@@ -3,11 +3,17 @@
 Pure: no clock, no I/O; every instant is passed in. Each keeps ``add``, ``used_at``, ``admits_at``,
 ``empties_at`` and a compact ``to_state``/``restore``.
 
-Lateness. Every limiter remembers the newest event time it has seen (``newest_ms``). An event more than
-``lateness_ms`` older than that is *late*: ``add`` refuses it (returns False) and it changes no
-decision, though the sink still accounts it. Events within the bound are counted exactly as if they
-had arrived in time order: the sliding and fixed windows only add up counts, which does not depend on
-order, and the token bucket keeps the not-yet-settled part of its history (see `TokenBucket`).
+Order. Every limiter remembers the newest time it has counted (``newest_ms``), and counts an event of
+any period still open, however far behind that it arrives: a sliding window counts every event whose
+bucket is still in the window, a fixed window and a calendar quota every event of the current period.
+Adding up counts does not depend on order, so such events count exactly as if they had arrived in time
+order. Only an event whose bucket or period has already closed is refused (``add`` returns False): no
+decision depends on it any more, though the sink still accounts it. A key regrouped from many input
+partitions therefore counts the backlog of a partition that moved after a crash like any other events.
+
+The token bucket depends on order (a full bucket wastes refill), so it keeps the last ``lateness_ms``
+of its history to place late events in time; an event older than that counts at the oldest instant it
+still keeps (see `TokenBucket`): counted, a little later than it happened, never dropped.
 
 Sliding window:
 
@@ -46,7 +52,8 @@ class SlidingWindow:
     window_ms: int
     bucket_ms: int
     lateness_ms: int | None = None
-    """How late an event may be and still count; None: as late as the window reaches."""
+    """Unused: a sliding window counts every event whose bucket is still in the window (kept so every
+    limiter is built alike)."""
     newest_ms: int = -1
     counts: list[int] = field(default_factory=list)
     total: int = field(default=0, init=False)
@@ -72,11 +79,9 @@ class SlidingWindow:
         return self.newest_ms // self.bucket_ms
 
     def add(self, event_time_ms: int, cost: int) -> bool:
-        """Count ``cost`` units at ``event_time_ms``; False (nothing counted) for a late event: one
-        beyond the lateness bound, or whose bucket has already left the window."""
+        """Count ``cost`` units at ``event_time_ms``; False (nothing counted) for an event whose bucket
+        has already left the window."""
         newest = self.newest_ms
-        if self.lateness_ms is not None and event_time_ms < newest - self.lateness_ms:
-            return False
         bucket = event_time_ms // self.bucket_ms
         head = newest // self.bucket_ms
         if event_time_ms > newest:
@@ -148,7 +153,7 @@ class FixedWindow:
     """Cost units per fixed window: ``[origin_ms + k * window_ms, origin_ms + (k + 1) * window_ms)``.
 
     A key is blocked once the current window holds ``limit`` units, until the next window starts. An
-    event within the lateness bound that belongs to an earlier window is accepted but changes nothing:
+    event of the current window counts however late it arrives; one of an earlier window is refused:
     that window has closed, and no decision depends on it any more.
     """
 
@@ -167,12 +172,10 @@ class FixedWindow:
         if newest is None:
             self.newest_ms, self.used = event_time_ms, cost
             return True
-        if self.lateness_ms is not None and event_time_ms < newest - self.lateness_ms:
-            return False
         origin, window = self.origin_ms, self.window_ms
         index, newest_index = (event_time_ms - origin) // window, (newest - origin) // window
         if index < newest_index:
-            return self.lateness_ms is not None
+            return False
         if index > newest_index:
             self.used = 0
         if event_time_ms > newest:
@@ -218,7 +221,8 @@ class TokenBucket:
     Unlike a count, the bucket depends on the order of events (a full bucket wastes refill), so events
     inside the lateness bound are kept pending, one entry per distinct millisecond in time order, as
     three parallel lists: ``times``, ``costs`` and ``tats`` (the ``tat`` after the entry); older events
-    are folded into ``settled_tat_ms``. Memory: at most ``lateness_ms`` + 32 pending entries.
+    are folded into ``settled_tat_ms``. Memory: at most ``lateness_ms`` + 32 pending entries. An event
+    older than the lateness bound counts at the bound's instant (``newest_ms - lateness_ms``).
 
     An event in time order moves ``tat`` on directly. One that arrives out of order is inserted, and
     the entries after it are replayed only when an answer needs them: until then their ``tat`` is
@@ -255,9 +259,10 @@ class TokenBucket:
         return self.tats[-1] if self.tats else self.settled_tat_ms
 
     def add(self, event_time_ms: int, cost: int) -> bool:
+        """Always True: an event older than ``lateness_ms`` before the newest counts at that horizon."""
         newest = self.newest_ms
         if event_time_ms < newest - self.lateness_ms:
-            return False
+            event_time_ms = newest - self.lateness_ms
         times, tats = self.times, self.tats
         if not times or event_time_ms > times[-1]:
             tat = tats[-1] if tats else self.settled_tat_ms
@@ -342,7 +347,7 @@ class TokenBucket:
 
     def _settle(self, horizon_ms: int) -> None:
         """Fold the pending events before ``horizon_ms`` (no late event can precede them any more):
-        ``add`` refuses events before the horizon whatever is pending."""
+        ``add`` moves events before the horizon onto it, whatever is pending."""
         settled = bisect.bisect_left(self.times, horizon_ms)
         if not settled:
             return
@@ -377,13 +382,11 @@ class CalendarQuota:
     def add(self, event_time_ms: int, cost: int) -> bool:
         newest = self.newest_ms
         if newest is not None:
-            if self.lateness_ms is not None and event_time_ms < newest - self.lateness_ms:
-                return False
             start, end = self._bounds
             if not start <= newest < end:
                 start, end = self._period_of(newest)
             if event_time_ms < start:
-                return self.lateness_ms is not None  # a closed period: no decision depends on it
+                return False  # a closed period: no decision depends on it
             if event_time_ms < end:
                 if event_time_ms > newest:
                     self.newest_ms = event_time_ms

@@ -1,9 +1,9 @@
 """The worker's durable state: one compacted changelog topic per input topic, one partition per input
 partition, one record per limit key (`encode_key_state`; a tombstone when the key is dropped).
 
-Why a restored partition and its resume position always agree: a worker commits an input offset only
-after every state record written before it is acknowledged, so the committed offset never passes what
-the changelog holds. Each record carries the input offset it includes (`KeyState.version`), so state
+Why a restored partition and its resume position always agree: a worker commits an input offset in the
+same Kafka transaction as the state records that cover it (`flush`), so the committed offset never passes
+what the changelog holds. Each record carries the input offset it includes (`KeyState.version`), so state
 written past the committed offset (a flush that was cut short by a crash, in any part) is still exact
 for its key: the records up to that offset are skipped for that key when the input is read again, and
 counted for every key whose newer state never reached Kafka.
@@ -44,8 +44,11 @@ async def restore(
         return states
     # "earliest" also for the position a fresh assignment starts from: with "latest", that reset could
     # land after the seek below and the partition would look read to its end.
+    # Committed records only: a worker that lost the partition may have begun a transaction its successor's
+    # start aborted (see `flush`).
     consumer = AIOKafkaConsumer(**KafkaAccess.of(kafka).aiokafka_options(), enable_auto_commit=False, group_id=None,
-                                auto_offset_reset="earliest", max_partition_fetch_bytes=8 * 1024 * 1024)  # fmt: skip
+                                auto_offset_reset="earliest", max_partition_fetch_bytes=8 * 1024 * 1024,
+                                isolation_level="read_committed")  # fmt: skip
     await consumer.start()
     try:
         consumer.assign(partitions)

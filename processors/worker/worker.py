@@ -29,14 +29,12 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import Any
 
 import msgspec
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import CommitFailedError, KafkaError
-from aiokafka.structs import OffsetAndMetadata
+from aiokafka.errors import KafkaError
 
 from throttlex.ingest.clock import Clock, wall_clock_ms
 from throttlex.ingest.denylist_entries import Block
@@ -44,46 +42,30 @@ from throttlex.ingest.events import EventError, decode, decode_valid
 from throttlex.processors import metrics
 from throttlex.processors.core.engine import Forward, Outcome, PolicyEngine
 from throttlex.processors.core.policy import PolicySet
-from throttlex.processors.core.state import KeyState, encode_key_state
 from throttlex.processors.redis_client import redis_client
 from throttlex.processors.settings import WorkerSettings
 from throttlex.processors.tasks import crash_of
-from throttlex.processors.topics import ensure_topics
+from throttlex.processors.topics import APPEND_TIME, ensure_topic_configs, ensure_topics
 from throttlex.processors.worker import changelog, regroup
+from throttlex.processors.worker.fetch import Fetcher, Record
+from throttlex.processors.worker.flush import Fenced, StateWriter
+from throttlex.processors.worker.partition import Partition
 from throttlex.processors.worker.publisher import RedisPublisher
+from throttlex.processors.worker.timing import LOG_APPEND_TIME, SourceClocks, enforcement_time
 
 log = logging.getLogger(__name__)
 
-ALIGN_MS = 1_000
-"""How far ahead in record time one events partition may run of another while catching up."""
-
 REGROUP_PARTITIONS_REMEMBERED = 100_000
 
-FLUSH_STEP = 200
-"""Keys encoded between two turns of the event loop in a flush: small enough that the consumer's
-fetches and the loop's own batches are not held up behind a large flush (about 2 ms of work)."""
+ASSIGN_ATTEMPTS = 6
+ASSIGN_FIRST_BACKOFF_S = 0.5
+ASSIGN_MAX_BACKOFF_S = 8.0
+"""Taking over assigned partitions is tried this many times, waiting 0.5, 1, 2, 4, 8 s between tries
+(about 15 s in all, well inside the time a rebalance waits), before the worker gives up and exits."""
 
-Record: TypeAlias = ConsumerRecord[bytes, bytes]
 
-
-@dataclass(eq=False)
-class Partition:
-    """One input partition this worker owns: its keys and how far they go."""
-
-    tp: TopicPartition
-    engine: PolicyEngine
-    regrouped: bool
-    next_offset: int = -1
-    """The offset after the last record applied (-1: none yet)."""
-    committed: int = -1
-    """The offset this worker last committed for it (-1: none yet)."""
-    watermark_ms: int = 0
-    """The newest event time applied: idle keys are found by it, not by the wall clock."""
-    dirty: set[str] = field(default_factory=set)
-    """Keys changed (or dropped) since the last flush."""
-    catch_up_to: int = 0
-    """For a regroup partition: the end offset it had when assigned. Until the records before it are
-    applied, forwards to it go through Kafka too (see `StreamWorker._local_targets`)."""
+class AssignmentFailed(RuntimeError):
+    """The worker could not take over the partitions Kafka assigned it: it stops, so that it is restarted."""
 
 
 class StreamWorker:
@@ -93,6 +75,8 @@ class StreamWorker:
         self._settings = settings
         self._policies = policies
         self._clock = clock
+        self._tolerance_ms = round(settings.event_time_tolerance_s * 1000)
+        self._source_clocks = SourceClocks()
         self._group = settings.worker_group
         self._consumer = AIOKafkaConsumer(
             **settings.kafka.aiokafka_options(),
@@ -108,6 +92,7 @@ class StreamWorker:
             session_timeout_ms=round(settings.worker_session_timeout_s * 1000),
             heartbeat_interval_ms=2_000,
         )
+        self._fetcher = Fetcher(self._consumer, settings.events_topic, settings.worker_batch_max_records)
         self._producer = AIOKafkaProducer(
             **settings.kafka.aiokafka_options(),
             acks="all",
@@ -116,6 +101,7 @@ class StreamWorker:
             max_batch_size=1024 * 1024,
             max_request_size=4 * 1024 * 1024,
         )
+        self._state = StateWriter(settings.kafka, self._group, commit_delay_s=settings.state_commit_delay_s)
         self._redis = redis_client(settings.redis_url, settings.redis_timeout_s)
         self._publisher = RedisPublisher(
             self._redis,
@@ -135,8 +121,6 @@ class StreamWorker:
         """Per regroup partition, the delivery of the last regroup record this worker sent to it."""
         self._regroup_partitions: dict[str, int] = {}
         """Limit key -> its regroup partition, for the keys seen lately (a hash per forward costs more)."""
-        self._held: dict[TopicPartition, list[Record]] = {}
-        """Records taken from the consumer and not applied yet (see `_fetch`)."""
         self._generation = 0
         """Counts rebalances. Records fetched before one are never applied after it: the consumer reads
         on from the committed offsets, and a key's state must see its partition's records in offset
@@ -144,6 +128,8 @@ class StreamWorker:
         self._lock = asyncio.Lock()
         """Held while records are applied or state is flushed, so a rebalance finds a consistent state."""
         self._stopping = asyncio.Event()
+        self._failure: BaseException | None = None
+        """Why the worker cannot go on (set by a rebalance callback, which aiokafka would not let raise)."""
         self._task: asyncio.Task[None] | None = None
         self._committing: asyncio.Task[None] | None = None
         """The last flush (its writes and its commit), under way or done."""
@@ -160,7 +146,11 @@ class StreamWorker:
             {settings.events_topic: settings.events_partitions, settings.regroup_topic: settings.events_partitions,
              settings.dead_letter_topic: 1},
             replication_factor=settings.topic_replication_factor, exact=inputs,
+            configs={settings.events_topic: APPEND_TIME},
         )  # fmt: skip
+        if await ensure_topic_configs(settings.kafka, {settings.events_topic: APPEND_TIME}):
+            log.warning("the events topic now stamps records with Kafka's append time; records before the change "
+                        "are judged against this worker's clock", extra={"topic": settings.events_topic})  # fmt: skip
         await self._producer.start()
         counts = {topic: len(await self._producer.partitions_for(topic)) for topic in inputs}
         self._regroup_tps = [TopicPartition(settings.regroup_topic, p) for p in range(counts[settings.regroup_topic])]
@@ -187,9 +177,10 @@ class StreamWorker:
         try:
             async with self._lock:
                 await self._flush(list(self._partitions.values()))
-        except KafkaError as exc:
+        except (KafkaError, Fenced) as exc:
             log.warning("final flush failed; the next owner reads the rest again", extra={"error": str(exc)})
         await self._consumer.stop()
+        await self._state.close()
         await self._producer.stop()
         await self._publisher.stop(timeout_s=5.0)
         await self._redis.aclose()
@@ -215,7 +206,9 @@ class StreamWorker:
         settings = self._settings
         next_flush = next_evict = time.monotonic()
         while not self._stopping.is_set():
-            fetched = await self._fetch()  # consistent with the assignment as it is now (aiokafka sees to it)
+            fetched = await self._fetcher.next_batch()  # consistent with the assignment as it is now (aiokafka sees to it)
+            if self._failure is not None:
+                raise self._failure
             generation = self._generation
             async with self._lock:
                 if generation != self._generation:
@@ -237,48 +230,6 @@ class StreamWorker:
                 if now >= next_evict:
                     self._evict()
                     next_evict = now + settings.evict_interval_s
-
-    async def _fetch(self) -> dict[TopicPartition, list[Record]]:
-        """The next batch: up to ``worker_batch_max_records`` records, an even share from each partition
-        that has some (if none has any, wait up to 100 ms for the first).
-
-        Records are taken out of the consumer as soon as it has them, into ``_held``, for every
-        partition holding less than its share here: aiokafka sends a broker no new fetch while any of
-        its partitions still has records the application has not taken, so taking them at once keeps
-        the next fetch under way while this batch is applied (measured: leaving them in the consumer
-        made fetches wait 40–100 ms at 10,000 events/s). A partition already holding a share or more
-        is left in the consumer, which bounds what is held to about one fetch per partition.
-
-        The events partitions are kept in step by record time: records more than ``ALIGN_MS`` newer
-        than the newest record of the events partition furthest behind (one with more to read) are
-        held back for a later batch. Catching up after a restart, partitions would otherwise drift
-        apart in event time, and a regrouped key, fed by all of them, would take the events of the
-        partition behind for late ones.
-        """
-        assigned = self._consumer.assignment()
-        share = max(1, self._settings.worker_batch_max_records // max(1, len(assigned)))
-        held = self._held
-        wanted = [tp for tp in assigned if len(held.get(tp, ())) < share]
-        if wanted:
-            timeout_ms = 0 if any(held.get(tp) for tp in assigned) else 100
-            for tp, records in (await self._consumer.getmany(*wanted, timeout_ms=timeout_ms)).items():
-                held[tp] = held[tp] + records if tp in held else records
-        fetched: dict[TopicPartition, list[Record]] = {}
-        for tp in assigned:
-            records = held.pop(tp, None)
-            if records:
-                fetched[tp] = records[:share]
-                if len(records) > share:
-                    held[tp] = records[share:]
-        behind = [records[-1].timestamp for tp, records in fetched.items()
-                  if tp.topic == self._settings.events_topic and records[-1].offset + 1 < (self._consumer.highwater(tp) or 0)]  # fmt: skip
-        if behind:
-            bound = min(behind) + ALIGN_MS
-            for tp, records in list(fetched.items()):
-                if tp.topic == self._settings.events_topic and records[-1].timestamp > bound:
-                    cut = next(i for i, record in enumerate(records) if record.timestamp > bound)
-                    held[tp], fetched[tp] = records[cut:] + held.get(tp, []), records[:cut]
-        return {tp: records for tp, records in fetched.items() if records}
 
     async def _forward(self, forwards: list[list[Forward]]) -> None:
         """Hand a batch's forwards (one list per events partition, in offset order) to the owners of
@@ -345,11 +296,13 @@ class StreamWorker:
         return partition
 
     async def _apply_events(self, part: Partition, records: list[Record]) -> list[Forward]:
-        skew_ms = round(self._settings.max_future_skew_s * 1000)
+        """Apply a batch of one events partition, each event at its enforcement time (`timing`)."""
+        tolerance_ms = self._tolerance_ms
         now_ms = self._clock()
         outcome = Outcome()
         engine, partition = part.engine, part.tp.partition
         watermark = part.watermark_ms
+        offsets: dict[str, int] = {}
         applied = 0
         for record in records:
             try:
@@ -361,18 +314,17 @@ class StreamWorker:
                     await self._dead_letter(record, exc.kind, exc.reason)
                 continue
             t = event.event_time_ms
-            if t > now_ms + skew_ms:
-                reason = (f"event time {t} is {(t - now_ms) / 1000:.1f} s ahead of the worker's clock "
-                          f"(at most {self._settings.max_future_skew_s:g} s allowed)")  # fmt: skip
-                await self._dead_letter(record, "future_event_time", reason)
-                continue
-            if t > watermark:
-                watermark = t
-            engine.apply(event, (partition, record.offset), outcome)
+            appended = record.timestamp if record.timestamp_type == LOG_APPEND_TIME else min(record.timestamp, now_ms)
+            offsets[event.source] = t - appended
+            at = enforcement_time(t, appended, tolerance_ms)
+            if at > watermark:
+                watermark = at
+            engine.apply(event, (partition, record.offset), outcome, at_ms=at)
             applied += 1
         part.watermark_ms = watermark
         part.next_offset = records[-1].offset + 1
         metrics.EVENTS_CONSUMED.inc(applied)
+        self._source_clocks.report(offsets)
         self._conclude(part, outcome)
         return outcome.forwards
 
@@ -442,50 +394,7 @@ class StreamWorker:
             part.dirty = set()
         deliveries, self._deliveries = self._deliveries, []
         covered = {part: part.next_offset for part in partitions if part.next_offset > part.committed}
-        self._committing = asyncio.create_task(self._write_and_commit(changed, deliveries, covered), name="flush")
-
-    async def _write_and_commit(
-        self, changed: list[tuple[Partition, set[str]]], deliveries: list[asyncio.Future[Any]], covered: dict[Partition, int]
-    ) -> None:
-        """Write each changed key's state as it is now (it may include events after the covered offsets:
-        its version says so), then, once Kafka has acknowledged every record sent before, commit."""
-        started = time.perf_counter()
-        sends = list(deliveries)
-        for part, keys in changed:
-            topic = changelog.changelog_topic(self._group, part.tp.topic)
-            state = part.engine.state
-            # Records go into batches built here and handed to the producer whole: a future, a
-            # partitioner call and a queue entry per record would cost more than the record.
-            batch = self._producer.create_batch()
-            for n, key in enumerate(keys):
-                value = encode_key_state(state[key]) if key in state else None
-                if batch.append(key=key.encode(), value=value, timestamp=None) is None:  # full
-                    sends.append(await self._producer.send_batch(batch, topic, partition=part.tp.partition))
-                    batch = self._producer.create_batch()
-                    batch.append(key=key.encode(), value=value, timestamp=None)
-                if n % FLUSH_STEP == FLUSH_STEP - 1:
-                    await asyncio.sleep(0)  # let the consumer loop go on between parts of a large flush
-            if batch.record_count():
-                sends.append(await self._producer.send_batch(batch, topic, partition=part.tp.partition))
-            metrics.STATE_RECORDS_WRITTEN.inc(len(keys))
-        # Wait for the producer's batches rather than for each record (a callback per record costs more
-        # than the write), then look at each record's outcome.
-        await self._producer.flush()
-        for delivery in sends:
-            if delivery.exception() is not None:
-                raise delivery.exception()  # type: ignore[misc]
-        if self._settings.state_commit_delay_s:
-            await asyncio.sleep(self._settings.state_commit_delay_s)
-        if covered:
-            try:
-                await self._consumer.commit({part.tp: OffsetAndMetadata(offset, "") for part, offset in covered.items()})
-            except (CommitFailedError, KafkaError) as exc:  # the partitions moved: their new owner reads on
-                metrics.WORKER_ERRORS.labels(kind="commit").inc()
-                log.warning("offset commit failed", extra={"error": str(exc)})
-                return
-            for part, offset in covered.items():
-                part.committed = max(part.committed, offset)
-        metrics.STATE_FLUSH_SECONDS.observe(time.perf_counter() - started)
+        self._committing = asyncio.create_task(self._state.write_and_commit(changed, deliveries, covered), name="flush")
 
     def _evict(self) -> None:
         """Drop idle keys (by each partition's event-time watermark) whose state is already covered by
@@ -514,52 +423,84 @@ class StreamWorker:
         async with self._lock:
             try:
                 await self._flush(list(self._partitions.values()))
-            except KafkaError as exc:
+            except (KafkaError, Fenced) as exc:
                 log.warning("flush before a rebalance failed", extra={"error": str(exc)})
+                self._committing = None
+                if isinstance(exc, Fenced):  # its state here is old: the changelog has the new owner's
+                    self._partitions.pop(exc.tp, None)
+                    await self._state.release([exc.tp])
             self._generation += 1
             for tp in revoked:
-                self._held.pop(tp, None)  # never applied: the partition's next owner reads them
+                self._fetcher.forget(tp)
                 part = self._partitions.pop(tp, None)
                 if part is not None:
                     self._parked[tp] = part
             metrics.ASSIGNED_PARTITIONS.set(len(self._partitions))
 
     async def _assigned(self, assigned: set[TopicPartition]) -> None:
-        """Take over ``assigned``: a partition given back with no commit by another worker keeps its
-        state in memory, every other one is read from its changelog. Blocks in force are queued for
-        Redis again (the previous owner may have decided them without writing them)."""
+        """Take over ``assigned``, retrying with backoff what fails (a broker away, a changelog that cannot
+        be read). If it cannot, the worker fails (`crashed` says why) so its orchestrator restarts it: a
+        worker that kept its group membership without its partitions' state would consume nothing."""
         async with self._lock:
-            started = time.perf_counter()
             parked, self._parked = self._parked, {}
-            committed = await self._committed(assigned)
-            restore = []
-            for tp in assigned:
-                part = parked.get(tp)
-                if part is not None and part.committed == committed.get(tp, -1):
-                    # Nobody committed on it since this worker did, so its state here holds everything
-                    # the changelog could add; records after the commit come again and are skipped by
-                    # every key that has them (a broker restart ends this way, without a restore).
-                    self._partitions[tp] = part
-                else:
-                    restore.append(tp)
-            regrouped = [tp for tp in assigned if tp.topic == self._settings.regroup_topic]
-            ends = await self._consumer.end_offsets(regrouped) if regrouped else {}
-            changelogs = [TopicPartition(changelog.changelog_topic(self._group, tp.topic), tp.partition) for tp in restore]
-            states = await changelog.restore(self._settings.kafka, changelogs, self._policies)
-            now_ms = self._clock()
-            keys = 0
-            for tp, source in zip(restore, changelogs):
-                engine = PolicyEngine(self._policies, states[source])
-                self._partitions[tp] = Partition(tp, engine, regrouped=tp.topic == self._settings.regroup_topic)
-                for block in engine.blocks_in_force(now_ms):
-                    self._publisher.block(block, None)
-                keys += len(engine.state)
-            for tp in regrouped:  # records sent before this assignment are applied before any forward at once
-                self._partitions[tp].catch_up_to = ends[tp] if ends[tp] > max(0, committed.get(tp, -1)) else 0
-            metrics.ASSIGNED_PARTITIONS.set(len(self._partitions))
-            metrics.TRACKED_KEYS.set(sum(len(part.engine.state) for part in self._partitions.values()))
-            log.info("partitions assigned", extra={"partitions": sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),
-                     "restored": len(restore), "keys_restored": keys, "seconds": round(time.perf_counter() - started, 3)})  # fmt: skip
+            await self._state.release([tp for tp in parked if tp not in assigned])
+            delay_s = ASSIGN_FIRST_BACKOFF_S
+            for attempt in range(1, ASSIGN_ATTEMPTS + 1):
+                try:
+                    await self._take_over(assigned, parked)
+                    return
+                except Exception as exc:  # noqa: BLE001 - aiokafka would log and swallow it: every kind counts
+                    metrics.WORKER_ERRORS.labels(kind="assignment").inc()
+                    reason = f"{type(exc).__name__}: {exc}"
+                    if attempt == ASSIGN_ATTEMPTS:
+                        log.error("could not take over the assigned partitions; stopping", extra={"error": reason})
+                        self._failure = AssignmentFailed(
+                            f"could not restore the state of the assigned partitions after {attempt} attempts: {reason}"
+                        )
+                        return
+                    log.warning("taking over the assigned partitions failed; retrying",
+                                extra={"error": reason, "attempt": attempt, "retry_in_s": delay_s})  # fmt: skip
+                    await asyncio.sleep(delay_s)
+                    delay_s = min(delay_s * 2, ASSIGN_MAX_BACKOFF_S)
+
+    async def _take_over(self, assigned: set[TopicPartition], parked: dict[TopicPartition, Partition]) -> None:
+        """A partition given back with no commit by another worker keeps its state in memory, every other
+        one is read from its changelog; nothing is installed unless all of them are ready. Blocks in
+        force are queued for Redis again (the previous owner may have decided them without writing them),
+        checked against the policies now in force."""
+        started = time.perf_counter()
+        await self._state.take(assigned)  # first: it fences the previous owners before their state is read
+        committed = await self._committed(assigned)
+        kept, restore = {}, []
+        for tp in assigned:
+            part = parked.get(tp)
+            if part is not None and part.committed == committed.get(tp, -1):
+                # Nobody committed on it since this worker did, so its state here holds everything
+                # the changelog could add; records after the commit come again and are skipped by
+                # every key that has them (a broker restart ends this way, without a restore).
+                kept[tp] = part
+            else:
+                restore.append(tp)
+        regrouped = [tp for tp in assigned if tp.topic == self._settings.regroup_topic]
+        ends = await self._consumer.end_offsets(regrouped) if regrouped else {}
+        changelogs = [TopicPartition(changelog.changelog_topic(self._group, tp.topic), tp.partition) for tp in restore]
+        states = await changelog.restore(self._settings.kafka, changelogs, self._policies)
+        self._partitions.update(kept)
+        now_ms = self._clock()
+        keys = 0
+        for tp, source in zip(restore, changelogs):
+            engine = PolicyEngine(self._policies, states[source])
+            part = self._partitions[tp] = Partition(tp, engine, regrouped=tp.topic == self._settings.regroup_topic)
+            for block in engine.settle_restored_blocks(now_ms):  # a policy may have changed while stopped
+                self._publisher.block(block, None)
+                part.dirty.add(block.limit_key)
+            keys += len(engine.state)
+        for tp in regrouped:  # records sent before this assignment are applied before any forward at once
+            self._partitions[tp].catch_up_to = ends[tp] if ends[tp] > max(0, committed.get(tp, -1)) else 0
+        metrics.ASSIGNED_PARTITIONS.set(len(self._partitions))
+        metrics.TRACKED_KEYS.set(sum(len(part.engine.state) for part in self._partitions.values()))
+        log.info("partitions assigned", extra={"partitions": sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),
+                 "restored": len(restore), "keys_restored": keys, "seconds": round(time.perf_counter() - started, 3)})  # fmt: skip
 
     async def _committed(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
         admin = AIOKafkaAdminClient(**self._settings.kafka.aiokafka_options())

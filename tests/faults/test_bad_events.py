@@ -53,8 +53,8 @@ async def test_bad_events_are_dead_lettered_counted_and_skipped_and_processing_g
     worker_port, sink_port = free_port(), free_port()
     spawn("worker", "--policy-file", str(sandbox.write_policy(LIMIT, WINDOW_S)), extra_env={"THROTTLEX_METRICS_PORT": str(worker_port)})
     bad = bad_events()
-    start_ms = wall_clock_ms() - 5_000
-    good = [make_event(event_id=uuid.uuid4(), api_key_id=KEY_ID, event_time_ms=start_ms + 100 * n, cost=1) for n in range(LIMIT + 5)]
+    start_ms = wall_clock_ms() - 1_000  # within the tolerance of Kafka's time: each keeps its own
+    good = [make_event(event_id=uuid.uuid4(), api_key_id=KEY_ID, event_time_ms=start_ms + 10 * n, cost=1) for n in range(LIMIT + 5)]
     # interleaved: a bad event before and after good ones, all on the key's partition
     sequence: list[bytes] = []
     for n, event in enumerate(good):

@@ -127,7 +127,7 @@ async def test_a_policy_document_in_the_registry_reaches_a_running_worker_proces
     worker = spawn("worker", "--policy-file", str(sandbox.write_policy(limit=1_000, window_s=60)))
     block_key = denylist_entries.block_key(settings.redis_prefix, limit_key([("api_key", key_id)]))
     usage_key = f"{settings.redis_prefix}:usage:{limit_key([('api_key', key_id)])}"
-    start_ms = wall_clock_ms() - 3_000
+    start_ms = wall_clock_ms() - 1_000
     for n in range(5):
         await producer(make_event(event_id=uuid.uuid4(), api_key_id=key_id, event_time_ms=start_ms + n, cost=1))
     await eventually(lambda: redis.exists(usage_key), timeout_s=60, what="the worker to count the five events")

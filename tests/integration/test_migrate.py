@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
+from throttlex.ingest.events import encode
+from throttlex.processors.accounting.rows import EVENT_SCHEMA, arrow_stream, event_rows
 from throttlex.processors.accounting.store import UsageStore
+from tests.factories import make_event
 from tests.unit.api.test_cli import throttlex
 
 pytestmark = pytest.mark.integration
@@ -17,7 +23,8 @@ async def test_migrations_apply_once(tmp_path: Path) -> None:
     first = throttlex("migrate", env=env)
     assert first.returncode == 0, first.stderr
     assert first.stdout.strip() == ("applied: 0001_usage_events.sql, 0002_exactly_once_and_rollups.sql, 0003_key_plan.sql, "
-                                    "0004_units_per_minute.sql, 0005_deduplication_bounds.sql, 0006_event_source.sql")  # fmt: skip
+                                    "0004_units_per_minute.sql, 0005_deduplication_bounds.sql, 0006_event_source.sql, "
+                                    "0007_append_time.sql")  # fmt: skip
     again = throttlex("migrate", env=env)
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip() == "schema is up to date"
@@ -30,7 +37,8 @@ async def test_migrations_apply_once(tmp_path: Path) -> None:
     finally:
         await store.close()
     assert "event_time" in columns and "cost" in columns and "edge_blocked" in columns and "source" in columns
-    assert sorted(versions) == [(1,), (2,), (3,), (4,), (5,), (6,)]
+    assert "appended_at" in columns
+    assert sorted(versions) == [(1,), (2,), (3,), (4,), (5,), (6,), (7,)]
 
     with_retention = throttlex("migrate", env={**env, "THROTTLEX_RAW_RETENTION_DAYS": "400"})
     assert with_retention.returncode == 0, with_retention.stderr
@@ -84,8 +92,54 @@ async def test_the_units_rollup_takes_in_what_was_stored_before_it(tmp_path: Pat
         windows = await store.query(
             "SELECT name, extract(create_table_query, 'non_replicated_deduplication_window = (\\d+)'), "
             "extract(create_table_query, 'replicated_deduplication_window_seconds = (\\d+)') FROM system.tables "
-            "WHERE database = currentDatabase() AND engine LIKE '%MergeTree' AND name != 'throttlex_schema_migrations'"
+            "WHERE database = currentDatabase() AND engine LIKE '%MergeTree' AND name NOT IN ('throttlex_schema_migrations', 'throttlex_migration_lock')"
         )
     finally:
         await store.close()
     assert len(windows) == 5 and all(window == "10000" and seconds == "604800" for _, window, seconds in windows), windows
+
+
+async def test_two_processes_migrating_at_once_apply_each_migration_once(tmp_path: Path) -> None:
+    """Sinks and the API each migrate at start. chDB opens a directory from one process at a time, so the two
+    "processes" here are two stores of one process, each with its own connections to the engine."""
+    dsn = f"chdb://{tmp_path / 'chdb'}"
+    first, second = UsageStore(dsn), UsageStore(dsn)
+    await first.open()
+    await second.open()
+    try:
+        applied = await asyncio.gather(first.migrate(), second.migrate())
+        versions = await first.query("SELECT version, count() FROM throttlex_schema_migrations GROUP BY version ORDER BY version")
+        turns = await first.query("SELECT turn, groupArray(state) FROM throttlex_migration_lock GROUP BY turn ORDER BY turn")
+    finally:
+        await second.close()
+        await first.close()
+    assert sorted(applied[0] + applied[1]) == [f"000{n}_{name}.sql" for n, name in enumerate(
+        ["usage_events", "exactly_once_and_rollups", "key_plan", "units_per_minute", "deduplication_bounds",
+         "event_source", "append_time"], start=1)]  # fmt: skip
+    assert [] in applied  # one applied them all; the other waited, then found nothing left
+    assert versions == [(n, 1) for n in range(1, 8)]
+    assert [(turn, sorted(states)) for turn, states in turns] == [(1, ["released", "taken"])]
+
+
+async def test_a_sink_of_the_previous_version_keeps_inserting_after_this_versions_migration(tmp_path: Path) -> None:
+    """0007 only expands: an insert without ``appended_at`` (what a sink of the previous version sends while a newer
+    one has migrated) is stored, the column taking its insert time; a new sink's insert stores Kafka's time."""
+    store = UsageStore(f"chdb://{tmp_path / 'chdb'}")
+    await store.open()
+    try:
+        await store.migrate()
+        old, new = make_event(event_id=uuid.uuid4(), api_key_id="old"), make_event(event_id=uuid.uuid4(), api_key_id="new")
+        rows, _ = event_rows([encode(old)], [0], 0)
+        previous = pa.Table.from_batches([rows]).drop_columns(["appended_at"])
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, previous.schema) as writer:
+            writer.write_table(previous)
+        await store.insert_formatted("usage_events", sink.getvalue().to_pybytes(), previous.schema.names, "ArrowStream")
+        rows, _ = event_rows([encode(new)], [1], 0, [1_800_000_000_000])
+        await store.insert_arrow("usage_events", arrow_stream(pa.Table.from_batches([rows])), EVENT_SCHEMA.names)
+        stored = dict(await store.query(
+            "SELECT api_key_id, toUnixTimestamp64Milli(appended_at) - toUnixTimestamp64Milli(inserted_at) FROM usage_events"))  # fmt: skip
+        [(appended,)] = await store.query("SELECT toUnixTimestamp64Milli(appended_at) FROM usage_events WHERE api_key_id = 'new'")
+    finally:
+        await store.close()
+    assert stored["old"] == 0 and appended == 1_800_000_000_000

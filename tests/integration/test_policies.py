@@ -43,8 +43,8 @@ def values(key_id: str = "someone", **changes: str) -> dict[str, str]:
             "method": "GET", **changes}  # fmt: skip
 
 
-def sliding_admit(times: list[int], limit: int, window_s: int) -> int:
-    reference = SlidingWindow(window_s * 1000, 1000)
+def sliding_admit(times: list[int], limit: int, window_s: int, *, bucket_ms: int = 1000) -> int:
+    reference = SlidingWindow(window_s * 1000, bucket_ms)
     for t in times:
         reference.add(t, 1)
     until = reference.admits_at(limit)
@@ -100,7 +100,7 @@ async def test_several_policies_on_one_stream_each_block_their_own_key_and_shado
 
     now = wall_clock_ms()
     # per key per minute: 10 requests of one key, each from its own address.
-    hot = [request("k-hot", now - 3_000 + 100 * n) for n in range(10)]
+    hot = [request("k-hot", now - 1_000 + 100 * n) for n in range(10)]
     # per tenant burst: 6 keys of tenant t-burst at one instant; the bucket holds 5.
     t0 = now
     burst = [request(f"k-burst-{n}", t0, tenant="t-burst") for n in range(6)]
@@ -206,28 +206,30 @@ async def test_a_worker_killed_with_sigkill_resumes_with_the_same_counts(
     sandbox: Sandbox, spawn: Callable[..., RoleProcess], producer: EventSender, redis: Redis
 ) -> None:
     prefix = sandbox.env["THROTTLEX_REDIS_PREFIX"]
-    policy_file = sandbox.write_policy(limit=10, window_s=120)
+    policy_file = sandbox.write_policy(limit=10, window_s=120, bucket_s=0.05)
     worker = spawn("worker", "--policy-file", str(policy_file))
     now = wall_clock_ms()
-    # One event a second, so that each extra event moves the admit time by a whole bucket.
-    blocked = [request("k-blocked", now - 15_000 + 1_000 * n) for n in range(10)]
-    near = [request("k-near", now - 15_000 + 1_000 * n) for n in range(9)]
+    # One event every 50 ms bucket, so that each extra event moves the admit time by a whole bucket; all
+    # within the tolerance of Kafka's append time, so each counts at its own time.
+    blocked = [request("k-blocked", now - 1_000 + 50 * n) for n in range(10)]
+    near = [request("k-near", now - 1_000 + 50 * n) for n in range(9)]
     await producer.send_all(blocked + near)
     await eventually(lambda: redis.exists(denylist_entries.block_key(prefix, "api_key=k-blocked")), what="the first block")
     await _wait_until_worker_committed(sandbox)
 
     worker.stop(signal.SIGKILL)
     spawn("worker", "--policy-file", str(policy_file))
-    extra = [request("k-blocked", now + 100), request("k-near", now + 100)]
+    later = wall_clock_ms()
+    extra = [request("k-blocked", later), request("k-near", later)]
     await producer.send_all(extra)
 
     # k-near had 9 of 10: one more blocks it, so its count survived. k-blocked's block moves on by one
     # bucket, to the admit time of all 11 of its events, so its window survived too.
-    first_until = sliding_admit([e.event_time_ms for e in blocked], 10, 120)
-    assert sliding_admit([e.event_time_ms for e in blocked] + [now + 100], 10, 120) == first_until + 1_000
+    first_until = sliding_admit([e.event_time_ms for e in blocked], 10, 120, bucket_ms=50)
+    assert sliding_admit([e.event_time_ms for e in blocked] + [later], 10, 120, bucket_ms=50) == first_until + 50
     for key, events in (("k-near", near), ("k-blocked", blocked)):
-        times = [e.event_time_ms for e in events] + [now + 100]
-        until = sliding_admit(times, 10, 120)
+        times = [e.event_time_ms for e in events] + [later]
+        until = sliding_admit(times, 10, 120, bucket_ms=50)
         await eventually(lambda: _has_block_until(redis, prefix, key, until), timeout_s=60, what=f"{key}'s block")
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from throttlex.processors.topics import ensure_topics
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+from throttlex.processors.topics import APPEND_TIME, ensure_topic_configs, ensure_topics
 from tests.conftest import Sandbox
 from tests.unit.api.test_cli import throttlex
 
@@ -27,3 +30,21 @@ async def test_a_topic_created_a_moment_ago_is_checked_once_its_partitions_are_k
     worker once refused to start on its fresh regroup topic: "has 0 partitions but ... is 4".)"""
     topics = [f"fresh-{sandbox.tag}-{n}" for n in range(30)]
     await asyncio.gather(*(ensure_topics(sandbox.kafka_bootstrap, {topic: 4}, exact=[topic]) for topic in topics))
+
+
+async def test_an_existing_events_topic_is_switched_to_append_time_keeping_its_other_settings(sandbox: Sandbox) -> None:
+    """A topic made before (by an older worker, or by hand) stamps records with the producer's clock; the worker
+    switches it to Kafka's append time at start, and Kafka's AlterConfigs replaces a topic's whole set of settings,
+    so the ones made on the topic must be carried over."""
+    topic = f"old-{sandbox.tag}.events"
+    await ensure_topics(sandbox.kafka_bootstrap, {topic: 1}, configs={topic: {"retention.ms": "123456789"}})
+    assert await ensure_topic_configs(sandbox.kafka_bootstrap, {topic: APPEND_TIME}) == [topic]
+    assert await ensure_topic_configs(sandbox.kafka_bootstrap, {topic: APPEND_TIME}) == []  # nothing left to change
+    admin = AIOKafkaAdminClient(bootstrap_servers=sandbox.kafka_bootstrap)
+    await admin.start()
+    try:
+        [response] = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+        settings = {entry[0]: entry[1] for entry in response.resources[0][4]}
+    finally:
+        await admin.close()
+    assert (settings["message.timestamp.type"], settings["retention.ms"]) == ("LogAppendTime", "123456789")

@@ -242,3 +242,26 @@ def test_a_key_with_a_block_in_force_is_not_idle(tmp_path: Path) -> None:
     assert published is not None and published.until_ms == 600_400
     assert engine.idle_keys(watermark_ms=600_000) == []
     assert engine.idle_keys(watermark_ms=600_400) == [KEY]
+
+
+def test_blocks_read_back_under_changed_policies_are_lifted_shortened_or_kept(tmp_path: Path) -> None:
+    """A state written under one policy set and read back under another (changed while no worker ran)."""
+    engine = PolicyEngine(policies(tmp_path), {})
+    for t in (0, 100, 200, 1_000, 1_100):
+        engine.apply(hit(t))
+    stored = encode_key_state(engine.state[KEY])
+    assert engine.state[KEY].published == Block(KEY, 60_000, "per-minute")
+
+    def settled(text: str) -> tuple[list[Block], Block | None]:
+        restored = {KEY: decode_key_state(stored, policies(tmp_path, text))}
+        blocks = PolicyEngine(policies(tmp_path, text), restored).settle_restored_blocks(now_ms=1_200)
+        return blocks, restored[KEY].published
+
+    assert settled(POLICIES) == ([Block(KEY, 60_000, "per-minute")], Block(KEY, 60_000, "per-minute"))
+    removed = POLICIES.split("  - name: per-minute")[0]
+    assert settled(removed) == ([Block(KEY, 0, "per-minute")], None)  # per-second admits again at 1.2 s
+    raised = POLICIES.replace("limit: 5, window_s: 60", "limit: 50, window_s: 60")
+    assert settled(raised) == ([Block(KEY, 0, "per-minute")], None)
+    shorter = POLICIES.replace("limit: 3, window_s: 1,", "limit: 2, window_s: 1,").replace("limit: 5, window_s: 60", "limit: 50, window_s: 60")
+    blocks, published = settled(shorter)
+    assert blocks == [published] and published is not None and 1_200 < published.until_ms < 60_000

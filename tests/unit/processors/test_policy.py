@@ -32,6 +32,10 @@ def test_the_shipped_sample_policy_file_loads() -> None:
         ("quota_without_plan_units", "policy 'daily': a quota without a limit needs plans with daily_units"),
         ("not_yaml", "not valid YAML"),
         ("unknown_default_plan", "default_plan 'gold' is not one of the plans: free"),
+        ("shared_key_limit_from_plan", "policy 'tenant-month': keyed on [tenant], which keys of different plans share, "
+                                       "it cannot take its limit from the calling key's plan; give it a limit"),
+        ("shared_key_match_on_plan", "policy 'free-ip-burst': keyed on [ip], which keys of different plans share, "
+                                     "it cannot match on plans (its block would refuse keys of every plan)"),
         ("absurd_window", "policy 'forever': algorithm.sliding_window.window_s: Input should be less than or equal to 31622400"),
         ("too_many_buckets", "policy 'fine-grained': algorithm.sliding_window: Value error, at most 100000 buckets per window"),
         ("negative_route_cost", "policy 'refunds': route_costs./v1/refund: Input should be greater than or equal to 0"),

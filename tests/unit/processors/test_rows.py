@@ -16,6 +16,11 @@ class _Record(NamedTuple):
     offset: int
     value: bytes | None
 
+    @property
+    def appended_ms(self) -> int:
+        """Kafka's append time of the record: made up, distinct from every event time here."""
+        return 1_800_000_000_000 + 7 * self.offset
+
 
 def _with_id(event_id: str) -> bytes:
     document = msgspec.json.decode(encode(make_event()))
@@ -33,16 +38,18 @@ def _expected(records: list[_Record], partition: int) -> list[dict[str, object]]
             continue
         values = [getattr(event, name) for name in event.__struct_fields__]
         values[0] = event.event_id.bytes
-        rows.append(dict(zip(EVENT_SCHEMA.names, [*values, 1, partition, record.offset])))
+        rows.append(dict(zip(EVENT_SCHEMA.names, [*values, 1, partition, record.offset, record.appended_ms])))
     return rows
 
 
 def _built(records: list[_Record], partition: int) -> list[dict[str, object]]:
-    batch, offsets = event_rows([r.value for r in records], [r.offset for r in records], partition)
+    batch, offsets = event_rows([r.value for r in records], [r.offset for r in records], partition,
+                                [r.appended_ms for r in records])  # fmt: skip
     rows = batch.to_pylist()
     assert [row["kafka_offset"] for row in rows] == offsets
     for row in rows:  # compared as milliseconds, as the contract holds them
-        row["event_time_ms"] = int(row.pop("event_time").timestamp() * 1000)
+        row["event_time_ms"] = round(row.pop("event_time").timestamp() * 1000)
+        row["appended_at"] = round(row["appended_at"].timestamp() * 1000)
     return [{name: row[name if name != "event_time" else "event_time_ms"] for name in EVENT_SCHEMA.names} for row in rows]
 
 
