@@ -60,6 +60,7 @@ def create_gateway_app(settings: GatewaySettings) -> FastAPI:
         keys=keys,
         public_paths=frozenset({"/metrics"}),
         tenant=settings.tenant,
+        gateway_name=settings.gateway_name,
         api_key_header=settings.api_key_header,
     )
 

@@ -53,8 +53,9 @@ class UsageEvent(msgspec.Struct, tag_field="v", tag=SCHEMA_VERSION, frozen=True,
     plan: Annotated[str, msgspec.Meta(max_length=64)] = ""
     """The calling key's plan when the gateway knows it; empty means the deployment's default plan."""
     source: Annotated[str, msgspec.Meta(max_length=80)] = ""
-    """Who sent the event when it did not come from a gateway's middleware: ``ingest:<token name>`` for
-    events posted to ``POST /v1/events`` (set by the API from the credential, whatever the body says)."""
+    """Who sent the event: ``gateway:<name>`` from a gateway's middleware (``THROTTLEX_GATEWAY_NAME``, the host
+    name by default), ``ingest:<token name>`` for events posted to ``POST /v1/events`` (set by the API from the
+    credential, whatever the body says); empty from a middleware given no name."""
 
     @property
     def schema_version(self) -> int:

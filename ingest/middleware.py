@@ -52,6 +52,7 @@ class ThrottleXMiddleware:
         keys: EdgeKeys | None = None,
         public_paths: frozenset[str] = frozenset(),
         tenant: str = "default",
+        gateway_name: str = "",
         api_key_header: str = "x-api-key",
         clock: Clock = wall_clock_ms,
     ) -> None:
@@ -63,6 +64,7 @@ class ThrottleXMiddleware:
         self._keys = keys
         self._public = public_paths
         self._tenant = tenant
+        self._source = f"gateway:{gateway_name}" if gateway_name else ""
         self._header = api_key_header.lower().encode()
         self._clock = clock
         self._routes = RouteTemplates(app)
@@ -134,6 +136,7 @@ class ThrottleXMiddleware:
                 response_bytes=sent_bytes,
                 client_ip=request.client_ip,
                 edge_blocked=edge_blocked,
+                source=self._source,
             )
         )
 

@@ -7,6 +7,8 @@ patching the environment.
 
 from __future__ import annotations
 
+import socket
+
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
@@ -103,6 +105,10 @@ class ConnectionSettings(BaseSettings):
 
 class GatewaySettings(ConnectionSettings):
     tenant: str = Field("default", description="tenant recorded on events from this gateway")
+    gateway_name: str = Field(
+        default_factory=socket.gethostname, min_length=1, max_length=64,
+        description="this gateway's name on its events (source gateway:<name>): the workers' clock-offset metric names it",
+    )  # fmt: skip
     producer_linger_ms: int = Field(5, ge=0, description="how long the producer waits to fill a batch")
     producer_buffer_max_events: int = Field(
         100_000, ge=1, description="most usage events held while Kafka is out of reach; beyond it events are shed"

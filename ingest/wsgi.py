@@ -149,6 +149,7 @@ class ThrottleXWSGIMiddleware:
     ) -> None:
         self.app = app
         self._settings = settings
+        self._source = f"gateway:{settings.gateway_name}"
         self._route_of = route_of or _flask_routes(app) or (lambda environ: UNMATCHED)
         self._public = public_paths
         self._header = "HTTP_" + settings.api_key_header.upper().replace("-", "_")
@@ -185,7 +186,7 @@ class ThrottleXWSGIMiddleware:
         received_ms, started = wall_clock_ms(), time.perf_counter()
         client_ip, route, method = environ.get("REMOTE_ADDR", ""), self._route(environ), environ.get("REQUEST_METHOD", "GET")
         event = partial(UsageEvent, api_key_id=key_id, tenant=tenant, plan=plan, route=route, method=method,
-                        client_ip=client_ip, event_time_ms=received_ms)  # fmt: skip
+                        client_ip=client_ip, event_time_ms=received_ms, source=self._source)  # fmt: skip
         block = edge.denylist.check({"api_key": key_id, "tenant": tenant, "ip": client_ip, "route": route, "method": method},
                                     on_expired=edge.forget_later)  # fmt: skip
         if edge.denylist.refusing or block is not None:

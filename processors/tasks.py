@@ -32,7 +32,8 @@ def tune_gc() -> None:
     every later collection, and the young generation is collected every 10,000 allocations instead of
     700: the worker and the sink allocate short-lived objects by the hundred thousand a second, which
     the defaults turn into thousands of collections a second, each one scanning what a batch still holds.
-    Measured on the sink: 20-30 % more rows a second for the same work (`make bench-sink`)."""
+    Measured on the sink: 20-30 % more rows a second for the same work (`make bench-sink`). The one place
+    the thresholds are set, for every role (the worker set its own once, which this call overrode)."""
     gc.freeze()
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)

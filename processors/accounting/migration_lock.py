@@ -6,9 +6,12 @@ sequence of turns in ``throttlex_migration_lock``: to take turn ``n``, a process
 under the token ``take-<n>``. The first such insert is stored and every later one is dropped, so reading turn
 ``n`` back tells each claimant whether it holds the lock. The holder ends its turn with a ``'released'`` row;
 the next claimant takes turn ``n + 1``. A turn taken longer ago than ``lease_s`` and never released (its holder
-died) may be taken over the same way. On a cluster the table is replicated and the tokens are kept by Keeper,
-so the claim holds across servers; with the embedded engine, across the connections of the one process that
-may open its directory.
+died) may be taken over the same way; a holder checks before each schema file that its turn is still the last
+(`LockLost` otherwise). With the embedded engine the claim holds across the connections of the one process
+that may open its directory, and with a single server across processes. On a cluster the lock table must be
+a replicated table created on every server, whose deduplication tokens Keeper keeps for all of them: the
+cluster schema's job (until then, run `throttlex migrate` once, from one place). Should a token not be
+deduplicated, every reader still agrees on one holder: the earliest claim of the turn.
 """
 
 from __future__ import annotations
@@ -47,11 +50,29 @@ class MigrationLockTimeout(TimeoutError):
     """Another process held the migration lock for longer than the caller would wait."""
 
 
+class LockLost(RuntimeError):
+    """This process's turn was taken over (it held the lock past the lease): it must stop migrating."""
+
+
+class Held:
+    """The turn a process holds; `check` raises `LockLost` once another process has taken a later one."""
+
+    def __init__(self, store: UsageStore, turn: int, owner: str) -> None:
+        self._store = store
+        self.turn = turn
+        self._owner = owner
+
+    async def check(self) -> None:
+        last, holder = await _last_turn(self._store)
+        if (last, holder) != (self.turn, self._owner):
+            raise LockLost(f"the migration lock was taken over by {holder} (turn {last}) while this process held turn {self.turn}")
+
+
 @contextlib.asynccontextmanager
 async def migration_lock(
     store: UsageStore, owner: str, *, lease_s: float = LEASE_S, wait_s: float = LEASE_S + 60
-) -> AsyncIterator[int]:
-    """Hold the migration lock (yields the turn held); waits while another process holds it."""
+) -> AsyncIterator[Held]:
+    """Hold the migration lock; waits while another process holds it (`MigrationLockTimeout` after ``wait_s``)."""
     await store.command(LOCK_TABLE)
     deadline = time.monotonic() + wait_s
     reported = 0.0
@@ -66,17 +87,26 @@ async def migration_lock(
             reported = time.monotonic()
         await asyncio.sleep(POLL_S)
     try:
-        yield turn
+        yield Held(store, turn, owner)
     finally:
         await store.insert("throttlex_migration_lock", [(turn, owner, "released")], ("turn", "owner", "state"),
                            dedup_token=f"release-{turn}")  # fmt: skip
 
 
+async def _last_turn(store: UsageStore) -> tuple[int, str]:
+    rows = await store.query(f"SELECT turn, {_HOLDER} FROM throttlex_migration_lock GROUP BY turn ORDER BY turn DESC LIMIT 1")
+    return (rows[0][0], rows[0][1]) if rows else (0, "")
+
+
+_HOLDER = "argMinIf(owner, (at, owner), state = 'taken')"
+"""A turn's holder: its earliest claim (the only one, when the deduplication token did its work)."""
+
+
 async def _claim(store: UsageStore, owner: str, lease_s: float) -> tuple[int, str]:
     """Try to take the next free turn; returns the turn looked at and who holds it (``owner`` if this did)."""
     rows = await store.query(
-        "SELECT turn, anyIf(owner, state = 'taken'), countIf(state = 'released') > 0,"
-        " dateDiff('millisecond', anyIf(at, state = 'taken'), now64(3)) / 1000"
+        f"SELECT turn, {_HOLDER}, countIf(state = 'released') > 0,"
+        " dateDiff('millisecond', minIf(at, state = 'taken'), now64(3)) / 1000"
         " FROM throttlex_migration_lock GROUP BY turn ORDER BY turn DESC LIMIT 1"
     )
     if rows:
@@ -89,6 +119,6 @@ async def _claim(store: UsageStore, owner: str, lease_s: float) -> tuple[int, st
     await store.insert("throttlex_migration_lock", [(turn, owner, "taken")], ("turn", "owner", "state"),
                        dedup_token=f"take-{turn}")  # fmt: skip
     [(holder,)] = await store.query(
-        "SELECT anyIf(owner, state = 'taken') FROM throttlex_migration_lock WHERE turn = {turn:UInt64}", {"turn": turn}
+        f"SELECT {_HOLDER} FROM throttlex_migration_lock WHERE turn = {{turn:UInt64}}", {"turn": turn}
     )
     return turn, holder

@@ -26,7 +26,7 @@ import clickhouse_connect
 from clickhouse_connect.driver.exceptions import ClickHouseError, OperationalError
 
 from throttlex.processors import metrics
-from throttlex.processors.accounting.migration_lock import migration_lock
+from throttlex.processors.accounting.migration_lock import LEASE_S, migration_lock
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class UsageStore:
                 await self._call(session, client.close)
             session.thread.shutdown(wait=True)
 
-    async def migrate(self) -> list[str]:
+    async def migrate(self, *, lock_wait_s: float = LEASE_S + 60) -> list[str]:
         """Apply the schema files not applied yet, in order, holding the migration lock (`migration_lock`) so
         that processes starting together apply each once; returns the names applied now (by this call).
 
@@ -122,8 +122,10 @@ class UsageStore:
         if not await self._pending():
             return []
         applied = []
-        async with migration_lock(self, f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"):
+        owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        async with migration_lock(self, owner, wait_s=lock_wait_s) as held:
             for version, name, sql in await self._pending():  # read again: the last holder may have applied them
+                await held.check()
                 for statement in _statements(sql):
                     await self.command(statement)
                 await self.insert("throttlex_schema_migrations", [(version, name)], ("version", "name"))

@@ -59,8 +59,12 @@ class StateWriter:
         self._producers: dict[TopicPartition, AIOKafkaProducer] = {}
 
     async def take(self, partitions: Iterable[TopicPartition]) -> None:
-        """Start the producers of partitions taken over: from here on their previous owner is fenced."""
-        new = {tp: self._producer(tp) for tp in partitions if tp not in self._producers}
+        """Start the producers of the partitions assigned, afresh also for those this worker had: from here on
+        any previous owner is fenced, this worker's own unfinished transactions are aborted, and a producer
+        another worker fenced meanwhile is replaced."""
+        partitions = list(partitions)
+        await self.release(partitions)
+        new = {tp: self._producer(tp) for tp in partitions}
         try:
             await asyncio.gather(*(producer.start() for producer in new.values()))
         except BaseException:
@@ -80,61 +84,87 @@ class StateWriter:
         self, changed: list[tuple[Partition, set[str]]], deliveries: list[asyncio.Future[Any]], covered: dict[Partition, int]
     ) -> None:
         """Write each changed key's state as it is now (it may include events after the covered offsets: its
-        version says so) and commit the covered offsets, once every record sent before is acknowledged."""
+        version says so) and commit the covered offsets, once every record sent before is acknowledged.
+
+        Whatever is not written and committed is left for the next flush: its keys are marked changed again and
+        its offsets stay uncommitted. Raises `Fenced` (after that) if another worker owns one of the partitions."""
         started = time.perf_counter()
-        if deliveries:
-            await asyncio.gather(*deliveries)
         work = [(part, keys) for part, keys in changed if keys or part in covered]
-        regrouped = [(part, keys) for part, keys in work if part.regrouped]
-        if all(await asyncio.gather(*(self._transaction(part, keys, covered.get(part)) for part, keys in regrouped))):
-            events = [(part, keys) for part, keys in work if not part.regrouped]
-            await asyncio.gather(*(self._transaction(part, keys, covered.get(part)) for part, keys in events))
-        else:  # the events' offsets wait until the forwards they made are in the regroup partitions' state
+        done: set[Partition] = set()
+        try:
+            if deliveries:
+                await asyncio.gather(*deliveries)
+            regrouped = [(part, keys) for part, keys in work if part.regrouped]
+            if await self._transactions(regrouped, covered, done):
+                # The events' offsets only once the forwards they made are in the regroup partitions' state.
+                await self._transactions([(part, keys) for part, keys in work if not part.regrouped], covered, done)
+        finally:
             for part, keys in work:
-                if not part.regrouped:
+                if part not in done:
                     part.dirty |= keys
         metrics.STATE_FLUSH_SECONDS.observe(time.perf_counter() - started)
 
+    async def _transactions(self, work: list[tuple[Partition, set[str]]], covered: dict[Partition, int], done: set[Partition]) -> bool:
+        """One transaction per partition, concurrently; True if all of them committed. Raises `Fenced` once all
+        have ended, if one was."""
+        outcomes = await asyncio.gather(*(self._transaction(part, keys, covered.get(part)) for part, keys in work),
+                                        return_exceptions=True)  # fmt: skip
+        for (part, _), outcome in zip(work, outcomes):
+            if outcome is True:
+                done.add(part)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return all(outcomes)
+
     async def _transaction(self, part: Partition, keys: set[str], offset: int | None) -> bool:
-        """Write ``keys`` and commit ``offset`` in one transaction; False if Kafka refused it (the keys are
-        changed again, for the next flush; the offset stays uncommitted). `Fenced` if another worker owns
-        the partition now."""
-        producer = self._producers[part.tp]
-        topic = changelog.changelog_topic(self._group, part.tp.topic)
-        state = part.engine.state
+        """Write ``keys`` and commit ``offset`` in one transaction; False if Kafka refused it (the producer is
+        replaced before the partition's next transaction). `Fenced` if another worker owns the partition now."""
+        producer = self._producers.get(part.tp)
         try:
-            async with producer.transaction():
-                # Records go into batches built here and handed to the producer whole: a future, a partitioner
-                # call and a queue entry per record would cost more than the record.
-                batch = producer.create_batch()
-                for n, key in enumerate(keys):
-                    value = encode_key_state(state[key]) if key in state else None
-                    if batch.append(key=key.encode(), value=value, timestamp=None) is None:  # full
-                        await producer.send_batch(batch, topic, partition=part.tp.partition)
-                        batch = producer.create_batch()
-                        batch.append(key=key.encode(), value=value, timestamp=None)
-                    if n % FLUSH_STEP == FLUSH_STEP - 1:
-                        await asyncio.sleep(0)  # let the consumer loop go on between parts of a large flush
-                if batch.record_count():
-                    await producer.send_batch(batch, topic, partition=part.tp.partition)
-                if self._commit_delay_s:
-                    await asyncio.sleep(self._commit_delay_s)
-                if offset is not None:
-                    await producer.send_offsets_to_transaction({part.tp: OffsetAndMetadata(offset, "")}, self._group)
+            if producer is None:  # the last one failed: a new one, whose start aborts what that left open
+                producer = self._producers[part.tp] = self._producer(part.tp)
+                await producer.start()
+            await self._write(producer, part, keys, offset)
         except (ProducerFenced, InvalidProducerEpoch) as exc:
             metrics.WORKER_ERRORS.labels(kind="fenced").inc()
             raise Fenced(part.tp, f"partition {part.tp.topic}:{part.tp.partition} was taken over by another worker "
                                   f"(this one stalled past the session timeout?): {exc}") from None  # fmt: skip
-        except KafkaError as exc:
+        except (KafkaError, OSError, AssertionError) as exc:  # AssertionError: aiokafka's, on a transaction state it did not expect
             metrics.WORKER_ERRORS.labels(kind="flush").inc()
             log.warning("state flush failed; written again at the next", extra={"partition": f"{part.tp.topic}:{part.tp.partition}",
                         "error": f"{type(exc).__name__}: {exc}"})  # fmt: skip
-            part.dirty |= keys
+            await self.release([part.tp])
             return False
         metrics.STATE_RECORDS_WRITTEN.inc(len(keys))
         if offset is not None:
             part.committed = max(part.committed, offset)
         return True
+
+    async def _write(self, producer: AIOKafkaProducer, part: Partition, keys: set[str], offset: int | None) -> None:
+        topic = changelog.changelog_topic(self._group, part.tp.topic)
+        state = part.engine.state
+        async with producer.transaction():
+            # Records go into batches built here and handed to the producer whole: a future, a partitioner call
+            # and a queue entry per record would cost more than the record.
+            sends = []
+            batch = producer.create_batch()
+            for n, key in enumerate(keys):
+                value = encode_key_state(state[key]) if key in state else None
+                if batch.append(key=key.encode(), value=value, timestamp=None) is None:  # full
+                    sends.append(await producer.send_batch(batch, topic, partition=part.tp.partition))
+                    batch = producer.create_batch()
+                    batch.append(key=key.encode(), value=value, timestamp=None)
+                if n % FLUSH_STEP == FLUSH_STEP - 1:
+                    await asyncio.sleep(0)  # let the consumer loop go on between parts of a large flush
+            if batch.record_count():
+                sends.append(await producer.send_batch(batch, topic, partition=part.tp.partition))
+            # A batch that failed fails only its own future: the transaction would commit without it.
+            await asyncio.gather(*sends)
+            if self._commit_delay_s:
+                await asyncio.sleep(self._commit_delay_s)
+            if offset is not None:
+                await producer.send_offsets_to_transaction({part.tp: OffsetAndMetadata(offset, "")}, self._group)
 
     def _producer(self, tp: TopicPartition) -> AIOKafkaProducer:
         return AIOKafkaProducer(
@@ -146,3 +176,19 @@ class StateWriter:
             max_batch_size=1024 * 1024,
             max_request_size=4 * 1024 * 1024,
         )
+
+
+def evict_idle(partitions: Iterable[Partition]) -> tuple[int, int]:
+    """Drop idle keys (by each partition's watermark of enforcement time, never the wall clock) whose state a
+    commit already covers, so reading the input again can never reach them; the next flush writes their
+    tombstones. Returns the keys dropped and the keys left."""
+    evicted = tracked = 0
+    for part in partitions:
+        state = part.engine.state
+        for key in part.engine.idle_keys(part.watermark_ms):
+            if state[key].version < part.committed:
+                del state[key]
+                part.dirty.add(key)
+                evicted += 1
+        tracked += len(state)
+    return evicted, tracked

@@ -8,32 +8,32 @@ One `StreamWorker` per process, in a Kafka consumer group over two topics of equ
   packed per batch into the regroup topic (`regroup`);
 - the **regroup topic**, partitioned by those limit keys: the policies keyed on them are applied.
 
-Records are read with ``getmany`` (thousands per call), decoded with msgspec and applied to live
-`KeyState` objects kept per input partition. Blocks and live usage go to a `RedisPublisher` whose
-own task writes them, so Redis never holds up consumption. Every ``state_flush_interval_s`` the keys
-that changed are written to the partition's changelog (`changelog`), and once Kafka has acknowledged
-them, and every forward and dead letter sent before, the consumed offsets are committed. On
-assignment a partition's state is read back from its changelog; on revocation it is flushed and
-dropped. Because each stored key says which input it includes, an event is counted exactly once per
-key after any crash, restart or rebalance (see `changelog`).
+This module is the loop that applies and forwards. Its parts, one concern each: reading and aligning
+partitions (`fetch`), the instant each event counts at (`timing`), writing state and committing offsets
+in one fenced transaction per input partition (`flush`), taking partitions over (`assignment`), reading
+a partition's state back (`changelog`), and Redis (`publisher`).
+
+Records are decoded with msgspec and applied to live `KeyState` objects kept per input partition.
+Blocks and live usage go to a `RedisPublisher` whose own task writes them, so Redis never holds up
+consumption. Every ``state_flush_interval_s`` the keys that changed are written and the offsets they
+cover committed. On assignment a partition's state is read back from its changelog; on revocation it
+is flushed and put aside. Because each stored key says which input it includes, an event is counted
+exactly once per key after any crash, restart or rebalance (see `changelog`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import heapq
 import logging
 import operator
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable
 from typing import Any
 
 import msgspec
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from throttlex.ingest.clock import Clock, wall_clock_ms
@@ -47,8 +47,9 @@ from throttlex.processors.settings import WorkerSettings
 from throttlex.processors.tasks import crash_of
 from throttlex.processors.topics import APPEND_TIME, ensure_topic_configs, ensure_topics
 from throttlex.processors.worker import changelog, regroup
+from throttlex.processors.worker.assignment import Rebalance, committed_offsets, with_retries
 from throttlex.processors.worker.fetch import Fetcher, Record
-from throttlex.processors.worker.flush import Fenced, StateWriter
+from throttlex.processors.worker.flush import Fenced, StateWriter, evict_idle
 from throttlex.processors.worker.partition import Partition
 from throttlex.processors.worker.publisher import RedisPublisher
 from throttlex.processors.worker.timing import LOG_APPEND_TIME, SourceClocks, enforcement_time
@@ -56,17 +57,6 @@ from throttlex.processors.worker.timing import LOG_APPEND_TIME, SourceClocks, en
 log = logging.getLogger(__name__)
 
 REGROUP_PARTITIONS_REMEMBERED = 100_000
-
-ASSIGN_ATTEMPTS = 6
-ASSIGN_FIRST_BACKOFF_S = 0.5
-ASSIGN_MAX_BACKOFF_S = 8.0
-"""Taking over assigned partitions is tried this many times, waiting 0.5, 1, 2, 4, 8 s between tries
-(about 15 s in all, well inside the time a rebalance waits), before the worker gives up and exits."""
-
-
-class AssignmentFailed(RuntimeError):
-    """The worker could not take over the partitions Kafka assigned it: it stops, so that it is restarted."""
-
 
 class StreamWorker:
     """Create and start inside the running event loop; `stop` flushes, commits and leaves the group."""
@@ -136,10 +126,6 @@ class StreamWorker:
 
     async def start(self) -> None:
         settings = self._settings
-        # The state is millions of long-lived objects and each batch allocates thousands that die young:
-        # collect the young generation every 100,000 allocations instead of 700 (measured: about a fifth
-        # less CPU per event with the sample policies).
-        gc.set_threshold(100_000, 50, 100)
         inputs = [settings.events_topic, settings.regroup_topic]
         await ensure_topics(
             settings.kafka,
@@ -160,7 +146,7 @@ class StreamWorker:
             replication_factor=settings.topic_replication_factor,
             configs={changelog.changelog_topic(self._group, topic): changelog.TOPIC_CONFIG for topic in inputs},
         )
-        self._consumer.subscribe(inputs, listener=_Rebalance(self))
+        self._consumer.subscribe(inputs, listener=Rebalance(self._revoked, self._assigned))
         await self._consumer.start()
         self._publisher.start()
         self._task = asyncio.create_task(self._run(), name="stream-worker")
@@ -397,17 +383,7 @@ class StreamWorker:
         self._committing = asyncio.create_task(self._state.write_and_commit(changed, deliveries, covered), name="flush")
 
     def _evict(self) -> None:
-        """Drop idle keys (by each partition's event-time watermark) whose state is already covered by
-        a commit, so reading the input again can never reach them."""
-        evicted = tracked = 0
-        for part in self._partitions.values():
-            state = part.engine.state
-            for key in part.engine.idle_keys(part.watermark_ms):
-                if state[key].version < part.committed:
-                    del state[key]
-                    part.dirty.add(key)
-                    evicted += 1
-            tracked += len(state)
+        evicted, tracked = evict_idle(self._partitions.values())
         metrics.TRACKED_KEYS.set(tracked)
         if evicted:
             metrics.KEYS_EVICTED.inc(evicted)
@@ -424,11 +400,13 @@ class StreamWorker:
             try:
                 await self._flush(list(self._partitions.values()))
             except (KafkaError, Fenced) as exc:
-                log.warning("flush before a rebalance failed", extra={"error": str(exc)})
+                # What this worker holds may be older than the changelog (another worker took a partition over
+                # while it stalled) or not all written: every partition is read back from the changelog, where
+                # state and committed offsets always agree, if it is assigned again.
+                log.warning("flush before a rebalance failed; the partitions will be read back", extra={"error": str(exc)})
                 self._committing = None
-                if isinstance(exc, Fenced):  # its state here is old: the changelog has the new owner's
-                    self._partitions.pop(exc.tp, None)
-                    await self._state.release([exc.tp])
+                await self._state.release(list(self._partitions))
+                self._partitions.clear()
             self._generation += 1
             for tp in revoked:
                 self._fetcher.forget(tp)
@@ -444,24 +422,9 @@ class StreamWorker:
         async with self._lock:
             parked, self._parked = self._parked, {}
             await self._state.release([tp for tp in parked if tp not in assigned])
-            delay_s = ASSIGN_FIRST_BACKOFF_S
-            for attempt in range(1, ASSIGN_ATTEMPTS + 1):
-                try:
-                    await self._take_over(assigned, parked)
-                    return
-                except Exception as exc:  # noqa: BLE001 - aiokafka would log and swallow it: every kind counts
-                    metrics.WORKER_ERRORS.labels(kind="assignment").inc()
-                    reason = f"{type(exc).__name__}: {exc}"
-                    if attempt == ASSIGN_ATTEMPTS:
-                        log.error("could not take over the assigned partitions; stopping", extra={"error": reason})
-                        self._failure = AssignmentFailed(
-                            f"could not restore the state of the assigned partitions after {attempt} attempts: {reason}"
-                        )
-                        return
-                    log.warning("taking over the assigned partitions failed; retrying",
-                                extra={"error": reason, "attempt": attempt, "retry_in_s": delay_s})  # fmt: skip
-                    await asyncio.sleep(delay_s)
-                    delay_s = min(delay_s * 2, ASSIGN_MAX_BACKOFF_S)
+            failure = await with_retries(lambda: self._take_over(assigned, parked))
+            if failure is not None:
+                self._failure = failure
 
     async def _take_over(self, assigned: set[TopicPartition], parked: dict[TopicPartition, Partition]) -> None:
         """A partition given back with no commit by another worker keeps its state in memory, every other
@@ -470,7 +433,7 @@ class StreamWorker:
         checked against the policies now in force."""
         started = time.perf_counter()
         await self._state.take(assigned)  # first: it fences the previous owners before their state is read
-        committed = await self._committed(assigned)
+        committed = await committed_offsets(self._settings.kafka, self._group, assigned)
         kept, restore = {}, []
         for tp in assigned:
             part = parked.get(tp)
@@ -502,25 +465,4 @@ class StreamWorker:
         log.info("partitions assigned", extra={"partitions": sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),
                  "restored": len(restore), "keys_restored": keys, "seconds": round(time.perf_counter() - started, 3)})  # fmt: skip
 
-    async def _committed(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
-        admin = AIOKafkaAdminClient(**self._settings.kafka.aiokafka_options())
-        await admin.start()
-        try:
-            offsets = await admin.list_consumer_group_offsets(self._group, partitions=list(partitions))
-        finally:
-            await admin.close()
-        return {tp: meta.offset for tp, meta in offsets.items()}
-
-
 _event_time = operator.attrgetter("event_time_ms")
-
-
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, worker: StreamWorker) -> None:
-        self._worker = worker
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        await self._worker._revoked(revoked)
-
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        await self._worker._assigned(assigned)

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 
 from throttlex.ingest.events import encode
+from throttlex.processors.accounting.migration_lock import MigrationLockTimeout, migration_lock
 from throttlex.processors.accounting.rows import EVENT_SCHEMA, arrow_stream, event_rows
 from throttlex.processors.accounting.store import UsageStore
 from tests.factories import make_event
@@ -109,16 +110,18 @@ async def test_two_processes_migrating_at_once_apply_each_migration_once(tmp_pat
     try:
         applied = await asyncio.gather(first.migrate(), second.migrate())
         versions = await first.query("SELECT version, count() FROM throttlex_schema_migrations GROUP BY version ORDER BY version")
+        assert versions == [(n, 1) for n in range(1, 8)]  # each applied once
+        assert sorted(applied[0] + applied[1]) == [f"000{n}_{name}.sql" for n, name in enumerate(
+            ["usage_events", "exactly_once_and_rollups", "key_plan", "units_per_minute", "deduplication_bounds",
+             "event_source", "append_time"], start=1)]  # fmt: skip
+        assert [] in applied  # one applied them all; the other waited, then found nothing left
         turns = await first.query("SELECT turn, groupArray(state) FROM throttlex_migration_lock GROUP BY turn ORDER BY turn")
+        # One turn each at most (the second store may take the lock after the first released it, to find nothing
+        # left), every turn released.
+        assert [turn for turn, _ in turns] in ([1], [1, 2]) and all(sorted(states) == ["released", "taken"] for _, states in turns)
     finally:
         await second.close()
         await first.close()
-    assert sorted(applied[0] + applied[1]) == [f"000{n}_{name}.sql" for n, name in enumerate(
-        ["usage_events", "exactly_once_and_rollups", "key_plan", "units_per_minute", "deduplication_bounds",
-         "event_source", "append_time"], start=1)]  # fmt: skip
-    assert [] in applied  # one applied them all; the other waited, then found nothing left
-    assert versions == [(n, 1) for n in range(1, 8)]
-    assert [(turn, sorted(states)) for turn, states in turns] == [(1, ["released", "taken"])]
 
 
 async def test_a_sink_of_the_previous_version_keeps_inserting_after_this_versions_migration(tmp_path: Path) -> None:
@@ -143,3 +146,20 @@ async def test_a_sink_of_the_previous_version_keeps_inserting_after_this_version
     finally:
         await store.close()
     assert stored["old"] == 0 and appended == 1_800_000_000_000
+
+
+async def test_a_migration_waits_while_another_process_holds_the_lock(tmp_path: Path) -> None:
+    """The lock contended for certain: one store holds it while the other tries to migrate."""
+    dsn = f"chdb://{tmp_path / 'chdb'}"
+    holder, waiter = UsageStore(dsn), UsageStore(dsn)
+    await holder.open()
+    await waiter.open()
+    try:
+        async with migration_lock(holder, "the-holder"):
+            with pytest.raises(MigrationLockTimeout, match="held by the-holder"):
+                await waiter.migrate(lock_wait_s=1)
+            assert await waiter.query("SELECT count() FROM throttlex_schema_migrations") == [(0,)]  # nothing applied
+        assert len(await waiter.migrate()) == 7  # released: all of them now
+    finally:
+        await waiter.close()
+        await holder.close()

@@ -29,11 +29,13 @@ import platform
 import secrets
 import statistics
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from throttlex.processors.topics import ensure_topics
+from tests.previous_release import PREVIOUS_RELEASE, previous_release
 from tests.perf import (bench_detection, bench_edge, bench_engine, bench_floor, bench_gateway, bench_pipeline, bench_quota,
                         bench_sink, bench_system)
 
@@ -165,6 +167,46 @@ def remeasure_accounting(bootstrap: str, runs: int, quick: bool) -> None:
     print(f"wrote {RESULTS} and {REPORT}")
 
 
+def worker_ratios(worker: dict[str, dict[str, float]]) -> dict[str, float]:
+    sample, previous = worker["sample_policies"], worker["previous_release_sample_policies"]
+    return {
+        "worker_2_vs_1": round(worker["scale_out_2_workers"]["events_per_s"] / sample["events_per_s"], 2),
+        "worker_vs_previous_release": round(sample["events_per_s"] / previous["events_per_s"], 2),
+        "worker_cpu_us_per_event_added": round(sample["cpu_us_per_event"] - previous["cpu_us_per_event"], 2),
+    }
+
+
+def remeasure_worker(bootstrap: str, redis_url: str, runs: int, quick: bool) -> None:
+    """The workers (this release's, and the previous release's beside it) and detection alone, replacing their
+    figures (and the whole system's CPU per request, which counts the worker's) in results.json."""
+    results = json.loads(RESULTS.read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        worker = asyncio.run(bench_pipeline.run(bootstrap, redis_url, runs, 150_000 if quick else 400_000,
+                                                previous=previous_release(Path(tmp))))  # fmt: skip
+    print("detection", flush=True)
+    detection = asyncio.run(bench_detection.run(bootstrap, redis_url, [1_000, 10_000, 20_000]))
+    results["pipeline"]["worker"] = {name: {k: round(v, 2) for k, v in r.items()} for name, r in worker.items()}
+    results["detection"] = detection_results(detection)
+    results["ratios"].update(worker_ratios(worker))
+    cpu = results["system_cpu_us_per_request"]
+    cpu["throttlex"]["worker"] = round(worker["sample_policies"]["cpu_us_per_event"], 1)
+    cpu["throttlex"]["total"] = round(sum(v for k, v in cpu["throttlex"].items() if k != "total"), 1)
+    results["ratios"]["system_cpu_limits_vs_throttlex"] = round(cpu["limits_moving_window"]["total_cpu_us"] / cpu["throttlex"]["total"], 2)
+    results["worker_measured_apart"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    REPORT.write_text(report(results))
+    print(REPORT.read_text())
+    print(f"wrote {RESULTS} and {REPORT}")
+
+
+def detection_results(detection: dict[str, dict[str, float]]) -> dict[str, Any]:
+    return {
+        "p99_ms_at_10k_eps": round(detection["10000"]["p99_ms"], 1),
+        "overshoot_requests_at_10k_eps": detection["10000"]["overshoot_requests_max"],
+        "by_rate": {rate: {k: round(v, 1) for k, v in r.items()} for rate, r in detection.items()},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3, help="runs per scenario; medians are reported")
@@ -176,6 +218,9 @@ def main() -> None:
     parser.add_argument("--only-accounting", action="store_true",
                         help="measure the sink, its insert formats and the quota read (4b-4d) alone and replace them "
                              "in results.json; the report says when they were measured apart from the rest")  # fmt: skip
+    parser.add_argument("--only-worker", action="store_true",
+                        help="measure the workers (this release's and the previous release's beside it) and detection "
+                             "alone and replace them in results.json; the report says when they were measured apart")  # fmt: skip
     args = parser.parse_args()
     if args.report_only:
         REPORT.write_text(report(json.loads(RESULTS.read_text())))
@@ -191,6 +236,9 @@ def main() -> None:
     if args.only_accounting:
         remeasure_accounting(bootstrap, runs, args.quick)
         return
+    if args.only_worker:
+        remeasure_worker(bootstrap, redis_url, runs, args.quick)
+        return
 
     print("1/6 edge check", flush=True)
     edge = asyncio.run(bench_edge.run(redis_url, runs, 5_000 if args.quick else 20_000))
@@ -201,7 +249,9 @@ def main() -> None:
     engine = bench_engine.measure_all(keys=5_000 if args.quick else 20_000, events=20_000 if args.quick else 100_000, runs=runs)
     print("4/6 pipeline", flush=True)
     floors = bench_floor.run(bootstrap, runs, 100_000 if args.quick else 300_000)
-    worker = asyncio.run(bench_pipeline.run(bootstrap, redis_url, runs, 150_000 if args.quick else 400_000))
+    with tempfile.TemporaryDirectory() as tmp:
+        worker = asyncio.run(bench_pipeline.run(bootstrap, redis_url, runs, 150_000 if args.quick else 400_000,
+                                                previous=previous_release(Path(tmp))))  # fmt: skip
     sink_by_batch, sink_formats, quota = accounting(bootstrap, runs, args.quick)
     sink_rows = sink_by_batch[SINK_BATCHES]
     print("5/6 detection", flush=True)
@@ -228,11 +278,7 @@ def main() -> None:
             "sink_formats": sink_formats,
         },  # fmt: skip
         "quota": quota,
-        "detection": {
-            "p99_ms_at_10k_eps": round(detection["10000"]["p99_ms"], 1),
-            "overshoot_requests_at_10k_eps": detection["10000"]["overshoot_requests_max"],
-            "by_rate": {rate: {k: round(v, 1) for k, v in r.items()} for rate, r in detection.items()},
-        },
+        "detection": detection_results(detection),
         "system_cpu_us_per_request": {
             "throttlex": {**{k: round(v, 1) for k, v in throttlex_cpu.items()}, "total": round(sum(throttlex_cpu.values()), 1)},
             "limits_moving_window": {k: round(v, 1) for k, v in system["limits_moving_window"].items()},
@@ -240,7 +286,7 @@ def main() -> None:
         "ratios": {
             "edge_check_vs_limits_moving_window": round(edge["throttlex"]["checks_per_s"] / limits_moving, 1),
             **gateway_ratios(gateway),
-            "worker_2_vs_1": round(worker["scale_out_2_workers"]["events_per_s"] / worker["sample_policies"]["events_per_s"], 2),
+            **worker_ratios(worker),
             "system_cpu_limits_vs_throttlex": round(system["limits_moving_window"]["total_cpu_us"] / sum(throttlex_cpu.values()), 2),
         },
     }
@@ -312,8 +358,12 @@ def report(r: dict[str, Any]) -> str:
     w = p["worker"]
     names = {"sample_policies": "sample policy file (2 of 5 policies regrouped), 1 worker",
              "per_key_policies": "3 policies keyed on api_key, 1 worker", "no_policies": "no policies, 1 worker",
-             "scale_out_2_workers": "sample policy file, 2 workers on the 4 + 4 partitions"}  # fmt: skip
-    parts.append(table("4b. Workers draining a backlog (the worker's own metrics; CPU of the worker processes)",
+             "scale_out_2_workers": "sample policy file, 2 workers on the 4 + 4 partitions",
+             "previous_release_sample_policies": f"the previous release ({PREVIOUS_RELEASE}: changelog outside transactions), "
+                                                 "sample policy file, 1 worker"}  # fmt: skip
+    apart = r.get("worker_measured_apart")
+    when = f"; measured apart from the rest, {apart}" if apart else ""
+    parts.append(table(f"4b. Workers draining a backlog (the worker's own metrics; CPU of the worker processes{when})",
                        ["case", "events/s", "CPU-µs per event"],
                        [[names[name], f"{v['events_per_s']:,.0f}", f"{v['cpu_us_per_event']:.1f}"] for name, v in w.items()]
                        + sink_rows(r)))  # fmt: skip
@@ -341,6 +391,12 @@ def report(r: dict[str, Any]) -> str:
                      f"{q['catch_up_s']:.1f} s later. The earlier reads were measured by the same bench at the commits named"
                      + (" (measured alone, by `python -m tests.perf.bench_quota`, after the full run)" if q.get("measured_alone") else "")
                      + ".\n")  # fmt: skip
+    if "worker_vs_previous_release" in r["ratios"]:
+        parts.append(f"This release's worker against the previous release's, same run, sample policies: "
+                     f"{r['ratios']['worker_vs_previous_release']}× the events/s, "
+                     f"{r['ratios']['worker_cpu_us_per_event_added']:+.2f} CPU-µs per event: what writing the changelog "
+                     "and committing offsets in one transaction per input partition (the fence against a stalled worker) "
+                     "and the enforcement time cost together.\n")
     parts.append(f"Two workers against one: {r['ratios']['worker_2_vs_1']}× (the machine has 2 cores and runs Kafka "
                  "and Redis too).\n")  # fmt: skip
     d = r["detection"]["by_rate"]

@@ -66,10 +66,12 @@ def cpu_seconds(pid: int) -> float:
 
 @contextlib.contextmanager
 def worker_process(
-    bootstrap: str, redis_url: str, tag: str, policy_file: Path, metrics_port: int = 0
+    bootstrap: str, redis_url: str, tag: str, policy_file: Path, metrics_port: int = 0, python_path: Path | None = None
 ) -> Iterator[tuple[subprocess.Popen[bytes], IO[bytes]]]:
-    """A `throttlex worker` on topic ``bench-{tag}.events`` (stderr to a temporary file), stopped on exit."""
-    env = {**os.environ, "THROTTLEX_KAFKA_BOOTSTRAP": bootstrap, "THROTTLEX_REDIS_URL": redis_url,
+    """A `throttlex worker` on topic ``bench-{tag}.events`` (stderr to a temporary file), stopped on exit; with
+    ``python_path``, the `throttlex` found there (another release's) instead of this tree's."""
+    extra = {} if python_path is None else {"PYTHONPATH": str(python_path)}
+    env = {**os.environ, **extra, "THROTTLEX_KAFKA_BOOTSTRAP": bootstrap, "THROTTLEX_REDIS_URL": redis_url,
            "THROTTLEX_EVENTS_TOPIC": f"bench-{tag}.events", "THROTTLEX_WORKER_GROUP": f"bench-{tag}-worker",
            "THROTTLEX_REDIS_PREFIX": f"bench-{tag}", "THROTTLEX_METRICS_PORT": str(metrics_port),
            "THROTTLEX_LOG_LEVEL": "WARNING"}  # fmt: skip
@@ -98,12 +100,15 @@ async def _progress(ports: list[int]) -> tuple[float, float, float]:
     return totals[0], totals[1], totals[2]
 
 
-async def one_run(bootstrap: str, redis_url: str, events: int, policy_file: Path, workers: int = 1) -> dict[str, float]:
+async def one_run(
+    bootstrap: str, redis_url: str, events: int, policy_file: Path, workers: int = 1, python_path: Path | None = None
+) -> dict[str, float]:
     tag = secrets.token_hex(4)
     await produce(bootstrap, f"bench-{tag}.events", events)
     ports = [free_port() for _ in range(workers)]
     with contextlib.ExitStack() as stack:
-        processes = [stack.enter_context(worker_process(bootstrap, redis_url, tag, policy_file, port)) for port in ports]
+        processes = [stack.enter_context(worker_process(bootstrap, redis_url, tag, policy_file, port, python_path))
+                     for port in ports]  # fmt: skip
         first = 0.0
         while not first:
             for worker, log in processes:
@@ -142,14 +147,20 @@ async def delete_topics(bootstrap: str, tag: str) -> None:
 SETS = {"sample_policies": SAMPLE, "per_key_policies": PER_KEY, "no_policies": NO_POLICIES}
 
 
-async def run(bootstrap: str, redis_url: str, runs: int, events: int) -> dict[str, dict[str, float]]:
+async def run(
+    bootstrap: str, redis_url: str, runs: int, events: int, *, previous: Path | None = None
+) -> dict[str, dict[str, float]]:
     """Medians for each policy set with one worker, and for the sample set with two workers sharing
-    the four partitions (``scale_out``); runs interleaved."""
-    cases = {name: (path, 1) for name, path in SETS.items()} | {"scale_out_2_workers": (SAMPLE, 2)}
+    the four partitions (``scale_out``); with ``previous`` (another release's `throttlex` on a Python path),
+    that release's worker with the sample set too (``previous_release_sample_policies``); runs interleaved."""
+    cases: dict[str, tuple[Path, int, Path | None]] = {name: (path, 1, None) for name, path in SETS.items()}
+    cases["scale_out_2_workers"] = (SAMPLE, 2, None)
+    if previous is not None:
+        cases["previous_release_sample_policies"] = (SAMPLE, 1, previous)
     results: dict[str, list[dict[str, float]]] = {name: [] for name in cases}
     for n in range(runs):
-        for name, (policy_file, workers) in cases.items():
-            results[name].append(await one_run(bootstrap, redis_url, events, policy_file, workers))
+        for name, (policy_file, workers, python_path) in cases.items():
+            results[name].append(await one_run(bootstrap, redis_url, events, policy_file, workers, python_path))
             r = results[name][-1]
             print(f"  worker run {n + 1}/{runs} ({name}): {r['events_per_s']:,.0f} events/s, "
                   f"{r['cpu_us_per_event']:.1f} CPU-µs per event", flush=True)  # fmt: skip
