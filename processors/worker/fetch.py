@@ -9,8 +9,11 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
 
-ALIGN_MS = 1_000
-"""How far ahead in record time one events partition may run of another while catching up."""
+ALIGN_MS = 100
+"""How far ahead in record time one events partition may run of another while catching up. A key fed by
+several partitions (a tenant) receives their events this far out of order at most: windows add up counts
+and do not mind, but a token bucket replays its history from each out-of-order event (measured on one
+over-limit tenant bucket: 1.9 CPU-µs an event at 100 ms of disorder, 12.4 at 1 s)."""
 
 
 class Fetcher:
