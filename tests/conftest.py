@@ -329,6 +329,11 @@ async def stored_events(sandbox: Sandbox) -> tuple[int, int]:
     return rows, unique
 
 
+async def owns_partitions(port: int, at_least: int) -> bool:
+    """Whether the worker serving metrics on ``port`` owns ``at_least`` input partitions."""
+    return (await role_metrics(port)).get(("throttlex_worker_assigned_partitions", ()), 0.0) >= at_least
+
+
 async def stored_events_where(sandbox: Sandbox, sql: str) -> list[tuple[object, ...]]:
     """The rows of ``sql`` over the sandbox's chDB (opens only once no role holds it)."""
     store = UsageStore(sandbox.env["THROTTLEX_CLICKHOUSE_DSN"])

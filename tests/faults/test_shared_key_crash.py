@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from throttlex.ingest.clock import wall_clock_ms
 from throttlex.processors.core.policy import parse_policies
 from tests.conftest import (EVENTS_PARTITIONS, EventSender, RoleProcess, Sandbox, eventually, free_port,
-                            role_metrics, wait_until_worker_committed, window_counts, worker_state)  # fmt: skip
+                            owns_partitions, wait_until_worker_committed, window_counts, worker_state)  # fmt: skip
 from tests.integration.test_policies import request
 
 pytestmark = pytest.mark.faults
@@ -29,7 +29,6 @@ policies:
     algorithm: {type: sliding_window, limit: 1150, window_s: 3600, bucket_s: 1}
 """
 SESSION = {"THROTTLEX_WORKER_SESSION_TIMEOUT_S": "6"}
-ASSIGNED = ("throttlex_worker_assigned_partitions", ())
 
 
 async def test_a_killed_workers_moved_backlog_counts_exactly_for_shared_keys(
@@ -45,7 +44,7 @@ async def test_a_killed_workers_moved_backlog_counts_exactly_for_shared_keys(
     (first, first_port), (_, second_port) = start_worker(), start_worker()
 
     async def both_assigned() -> bool:
-        return await _assigned(first_port, 1) and await _assigned(second_port, 1)
+        return await owns_partitions(first_port, 1) and await owns_partitions(second_port, 1)
 
     await eventually(both_assigned, timeout_s=60, what="both workers to own partitions")
 
@@ -66,12 +65,12 @@ async def test_a_killed_workers_moved_backlog_counts_exactly_for_shared_keys(
         await eventually(lambda: sum(tenants.values()) >= 1_000, what="load before the kill")
         first.stop(signal.SIGKILL)
         # The survivor takes every partition after the session timeout, the dead one's backlog with them.
-        await eventually(lambda: _assigned(second_port, 2 * EVENTS_PARTITIONS), timeout_s=60,
+        await eventually(lambda: owns_partitions(second_port, 2 * EVENTS_PARTITIONS), timeout_s=60,
                          what="the surviving worker to take the killed worker's partitions")  # fmt: skip
         produced_before = sum(tenants.values())
         await eventually(lambda: sum(tenants.values()) >= produced_before + 800, what="load after the takeover")
         _, restarted_port = start_worker()
-        await eventually(lambda: _assigned(restarted_port, 1), timeout_s=60, what="the restarted worker to own partitions")
+        await eventually(lambda: owns_partitions(restarted_port, 1), timeout_s=60, what="the restarted worker to own partitions")
         produced_before = sum(tenants.values())
         await eventually(lambda: sum(tenants.values()) >= produced_before + 800, what="load after the restart")
     finally:
@@ -84,7 +83,3 @@ async def test_a_killed_workers_moved_backlog_counts_exactly_for_shared_keys(
     assert counted == {f"tenant={tenant}": n for tenant, n in tenants.items()}
     print(f"{sum(tenants.values())} events over {len(tenants)} tenants, one of two workers SIGKILLed and restarted: "
           "every tenant counted exactly")  # fmt: skip
-
-
-async def _assigned(port: int, at_least: int) -> bool:
-    return (await role_metrics(port)).get(ASSIGNED, 0.0) >= at_least

@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from throttlex.ingest.clock import wall_clock_ms
 from throttlex.processors.core.policy import parse_policies
 from tests.conftest import (EVENTS_PARTITIONS, EventSender, RoleProcess, Sandbox, eventually, free_port,
-                            compacted_state, role_metrics, wait_until_worker_committed, window_counts,
+                            compacted_state, owns_partitions, wait_until_worker_committed, window_counts,
                             worker_state)  # fmt: skip
 from tests.integration.test_policies import request
 
@@ -34,7 +34,6 @@ policies:
     algorithm: {type: sliding_window, limit: 1000000, window_s: 3600, bucket_s: 1}
 """
 SESSION = {"THROTTLEX_WORKER_SESSION_TIMEOUT_S": "6"}
-ASSIGNED = ("throttlex_worker_assigned_partitions", ())
 
 
 async def test_a_worker_woken_after_its_partitions_moved_cannot_overwrite_newer_state(
@@ -47,7 +46,7 @@ async def test_a_worker_woken_after_its_partitions_moved_cannot_overwrite_newer_
                             extra_env={**SESSION, "THROTTLEX_METRICS_PORT": str(port)}) for port in ports)  # fmt: skip
 
     async def both_assigned() -> bool:
-        return all([await _assigned(port, 1) for port in ports])
+        return all([await owns_partitions(port, 1) for port in ports])
 
     await eventually(both_assigned, timeout_s=60, what="both workers to own partitions")
 
@@ -66,7 +65,7 @@ async def test_a_worker_woken_after_its_partitions_moved_cannot_overwrite_newer_
     stalled.process.send_signal(signal.SIGSTOP)  # state applied since its last flush is in its memory only
     try:
         await load(400)
-        await eventually(lambda: _assigned(ports[1], 2 * EVENTS_PARTITIONS), timeout_s=60,
+        await eventually(lambda: owns_partitions(ports[1], 2 * EVENTS_PARTITIONS), timeout_s=60,
                          what="the other worker to take the stalled worker's partitions")  # fmt: skip
         await load(400)
         await wait_until_worker_committed(sandbox)  # the new owner's state is written and its offsets committed
@@ -87,7 +86,3 @@ async def test_a_worker_woken_after_its_partitions_moved_cannot_overwrite_newer_
     for states in (await worker_state(sandbox, policies), await compacted_state(sandbox, policies)):
         assert (window_counts(states, "per-key", now_ms), window_counts(states, "per-tenant", now_ms)) == expected
     assert other.process.poll() is None
-
-
-async def _assigned(port: int, at_least: int) -> bool:
-    return (await role_metrics(port)).get(ASSIGNED, 0.0) >= at_least

@@ -156,11 +156,17 @@ def remeasure_accounting(bootstrap: str, runs: int, quick: bool) -> None:
     results = json.loads(RESULTS.read_text())
     by_batch, results["pipeline"]["sink_formats"], results["quota"] = accounting(bootstrap, runs, quick)
     results["pipeline"].update(sink_results(by_batch))
+    write_measured_apart(results, "accounting", "sink", by_batch[SINK_BATCHES]["cpu_s_per_100k_rows"] * 10)
+
+
+def write_measured_apart(results: dict[str, Any], part: str, role: str, cpu_us: float) -> None:
+    """Results with ``part`` measured again apart from the rest: the whole system's CPU per request takes the
+    role's new figure, the date is noted, results.json and BENCHMARKS.md are written."""
     cpu = results["system_cpu_us_per_request"]
-    cpu["throttlex"]["sink"] = round(by_batch[SINK_BATCHES]["cpu_s_per_100k_rows"] * 10, 1)
+    cpu["throttlex"][role] = round(cpu_us, 1)
     cpu["throttlex"]["total"] = round(sum(v for k, v in cpu["throttlex"].items() if k != "total"), 1)
     results["ratios"]["system_cpu_limits_vs_throttlex"] = round(cpu["limits_moving_window"]["total_cpu_us"] / cpu["throttlex"]["total"], 2)
-    results["accounting_measured_apart"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    results[f"{part}_measured_apart"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     REPORT.write_text(report(results))
     print(REPORT.read_text())
@@ -188,15 +194,7 @@ def remeasure_worker(bootstrap: str, redis_url: str, runs: int, quick: bool) -> 
     results["pipeline"]["worker"] = {name: {k: round(v, 2) for k, v in r.items()} for name, r in worker.items()}
     results["detection"] = detection_results(detection)
     results["ratios"].update(worker_ratios(worker))
-    cpu = results["system_cpu_us_per_request"]
-    cpu["throttlex"]["worker"] = round(worker["sample_policies"]["cpu_us_per_event"], 1)
-    cpu["throttlex"]["total"] = round(sum(v for k, v in cpu["throttlex"].items() if k != "total"), 1)
-    results["ratios"]["system_cpu_limits_vs_throttlex"] = round(cpu["limits_moving_window"]["total_cpu_us"] / cpu["throttlex"]["total"], 2)
-    results["worker_measured_apart"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    REPORT.write_text(report(results))
-    print(REPORT.read_text())
-    print(f"wrote {RESULTS} and {REPORT}")
+    write_measured_apart(results, "worker", "worker", worker["sample_policies"]["cpu_us_per_event"])
 
 
 def detection_results(detection: dict[str, dict[str, float]]) -> dict[str, Any]:
