@@ -457,12 +457,17 @@ async def wait_until_sink_committed(sandbox: Sandbox, timeout_s: float = 60.0) -
     await eventually(committed, timeout_s=timeout_s, what="the sink to commit every event")
 
 
-async def worker_state(sandbox: Sandbox, policies: PolicySet) -> dict[str, KeyState]:
-    """Every limit key's state as the workers' changelogs hold it (what a new worker would restore)."""
+def changelog_partitions(sandbox: Sandbox) -> list[TopicPartition]:
+    """Every partition of the workers' changelogs (one per events and regroup partition)."""
     group = sandbox.env["THROTTLEX_WORKER_GROUP"]
     events = sandbox.env["THROTTLEX_EVENTS_TOPIC"]
-    sources = [TopicPartition(changelog_topic(group, topic), p)
-               for topic in (events, f"{events}.regrouped") for p in range(EVENTS_PARTITIONS)]  # fmt: skip
+    return [TopicPartition(changelog_topic(group, topic), p)
+            for topic in (events, f"{events}.regrouped") for p in range(EVENTS_PARTITIONS)]  # fmt: skip
+
+
+async def worker_state(sandbox: Sandbox, policies: PolicySet) -> dict[str, KeyState]:
+    """Every limit key's state as the workers' changelogs hold it (what a new worker would restore)."""
+    sources = changelog_partitions(sandbox)
     states = await restore_changelog(sandbox.kafka_bootstrap, sources, policies)
     return {key: state for keys in states.values() for key, state in keys.items()}
 
@@ -470,10 +475,7 @@ async def worker_state(sandbox: Sandbox, policies: PolicySet) -> dict[str, KeySt
 async def compacted_state(sandbox: Sandbox, policies: PolicySet) -> dict[str, KeyState]:
     """Every limit key's state as compaction will leave the workers' changelogs: the last committed record of
     each key, whatever its version says (a restore today may still see an older one beside it)."""
-    group = sandbox.env["THROTTLEX_WORKER_GROUP"]
-    events = sandbox.env["THROTTLEX_EVENTS_TOPIC"]
-    sources = [TopicPartition(changelog_topic(group, topic), p)
-               for topic in (events, f"{events}.regrouped") for p in range(EVENTS_PARTITIONS)]  # fmt: skip
+    sources = changelog_partitions(sandbox)
     consumer = AIOKafkaConsumer(bootstrap_servers=sandbox.kafka_bootstrap, enable_auto_commit=False,
                                 auto_offset_reset="earliest", isolation_level="read_committed")  # fmt: skip
     await consumer.start()
