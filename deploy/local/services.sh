@@ -17,49 +17,12 @@
 #   THROTTLEX_READY_TIMEOUT_S  how long to wait for each service (default: 60)
 set -euo pipefail
 
-here=$(cd "$(dirname "$0")" && pwd)
-root=$(cd "$here/../.." && pwd)
 kafka_port=${THROTTLEX_KAFKA_PORT:-9092}
 controller_port=${THROTTLEX_KAFKA_CONTROLLER_PORT:-9093}
 sasl_ssl_port=${THROTTLEX_KAFKA_SASL_SSL_PORT:-9094}
 redis_port=${THROTTLEX_REDIS_PORT:-6379}
+source "$(dirname "$0")/lib.sh"
 state=${THROTTLEX_LOCAL_DIR:-$root/.throttlex/local}
-pom="$root/deploy/kafka/pom.xml"
-kafka_version=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$pom")
-libs=${THROTTLEX_KAFKA_LIBS:-$HOME/.cache/throttlex/kafka-$kafka_version}
-ready_timeout_s=${THROTTLEX_READY_TIMEOUT_S:-60}
-
-say() { printf '[services] %s\n' "$*"; }
-die() { printf '[services] error: %s\n' "$*" >&2; exit 1; }
-
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
-pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
-
-as_root() {
-  if [ "$(id -u)" -eq 0 ]; then "$@"
-  elif command -v sudo >/dev/null; then sudo "$@"
-  else die "need root to run: $*  (install it by hand, or run this script as root)"
-  fi
-}
-
-install_redis() {
-  command -v redis-server >/dev/null && return
-  say "installing redis-server with apt"
-  as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
-}
-
-resolve_kafka() {
-  if [ -f "$libs/.complete" ]; then return; fi
-  command -v mvn >/dev/null || die "Maven (mvn) is needed to fetch the Kafka broker: apt-get install maven"
-  command -v java >/dev/null || die "Java 17+ is needed to run the Kafka broker: apt-get install openjdk-17-jre-headless"
-  say "resolving Apache Kafka $kafka_version from Maven Central into $libs"
-  mkdir -p "$libs"
-  mvn -B -f "$pom" dependency:copy-dependencies -DoutputDirectory="$libs" >"$state/maven.log" 2>&1 \
-    || { tail -n 40 "$state/maven.log" >&2; die "Maven could not resolve the Kafka broker (full log: $state/maven.log)"; }
-  touch "$libs/.complete"
-}
 
 make_tls() {  # a CA and the broker's certificate (for 127.0.0.1 and localhost), made once
   local tls="$state/tls"
@@ -104,47 +67,19 @@ auto.create.topics.enable=false
 EOF
 }
 
-wait_until() {  # wait_until <what> <log file> <command...>
-  local what=$1 log=$2; shift 2
-  local deadline=$((SECONDS + ready_timeout_s))
-  until "$@"; do
-    if [ $SECONDS -ge $deadline ]; then
-      printf '[services] error: %s did not become ready within %ss; last lines of %s:\n' "$what" "$ready_timeout_s" "$log" >&2
-      tail -n 30 "$log" >&2 || true
-      exit 1
-    fi
-    sleep 0.5
-  done
-}
-
-kafka_ready() {
-  pid_alive "$state/kafka.pid" || { tail -n 30 "$state/kafka.log" >&2; die "the Kafka broker exited during start-up (log: $state/kafka.log)"; }
-  port_open "$kafka_port" && grep -q "Kafka Server started" "$state/kafka.log"
-}
-
 start_kafka() {
   if pid_alive "$state/kafka.pid"; then say "kafka already running on 127.0.0.1:$kafka_port (pid $(cat "$state/kafka.pid"))"; return; fi
   port_open "$kafka_port" && die "port $kafka_port is taken by another process; set THROTTLEX_KAFKA_PORT"
   port_open "$sasl_ssl_port" && die "port $sasl_ssl_port is taken by another process; set THROTTLEX_KAFKA_SASL_SSL_PORT"
   resolve_kafka
   write_kafka_config
-  if [ ! -f "$state/kafka-data/meta.properties" ]; then
-    java -cp "$libs/*" -Dlog4j.configuration="file:$here/kafka-log4j.properties" kafka.tools.StorageTool \
-      format -t "$(java -cp "$libs/*" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n 1)" \
-      -c "$state/kafka.properties" >"$state/kafka-format.log" 2>&1 \
-      || { cat "$state/kafka-format.log" >&2; die "formatting KRaft storage failed"; }
-  fi
+  format_kafka "$state/kafka.properties" "$state/kafka-data" "$(kafka_cluster_id)"
   say "starting kafka on 127.0.0.1:$kafka_port"
   local started=$SECONDS
-  nohup java -Xms256m -Xmx768m -XX:+UseG1GC -Djava.awt.headless=true \
-    -Dlog4j.configuration="file:$here/kafka-log4j.properties" \
-    -cp "$libs/*" kafka.Kafka "$state/kafka.properties" >"$state/kafka.log" 2>&1 &
-  echo $! >"$state/kafka.pid"
-  wait_until kafka "$state/kafka.log" kafka_ready
+  run_kafka kafka 768m "$state/kafka.properties"
+  wait_until kafka "$state/kafka.log" kafka_node_ready kafka "$kafka_port"
   say "kafka ready after $((SECONDS - started))s"
 }
-
-redis_ready() { redis-cli -p "$redis_port" ping 2>/dev/null | grep -q PONG; }
 
 start_redis() {
   if pid_alive "$state/redis.pid"; then say "redis already running on 127.0.0.1:$redis_port (pid $(cat "$state/redis.pid"))"; return; fi
@@ -153,23 +88,8 @@ start_redis() {
   say "starting redis on 127.0.0.1:$redis_port"
   redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
     --dir "$state" --pidfile "$state/redis.pid" --logfile "$state/redis.log"
-  wait_until redis "$state/redis.log" redis_ready
+  wait_until redis "$state/redis.log" redis_ready "$redis_port"
   say "redis ready"
-}
-
-stop_one() {  # stop_one <name>
-  local pidfile="$state/$1.pid"
-  if ! pid_alive "$pidfile"; then rm -f "$pidfile"; say "$1 not running"; return; fi
-  local pid; pid=$(cat "$pidfile")
-  kill "$pid"
-  for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
-  kill -0 "$pid" 2>/dev/null && { say "$1 did not stop in 30s, killing"; kill -9 "$pid"; }
-  rm -f "$pidfile"
-  say "$1 stopped"
-}
-
-status_one() {  # status_one <name> <port>
-  if pid_alive "$state/$1.pid"; then say "$1 running (pid $(cat "$state/$1.pid"), 127.0.0.1:$2)"; else say "$1 stopped"; fi
 }
 
 only=${2:-}
