@@ -10,7 +10,7 @@ export THROTTLEX_REDIS_URL       ?= redis://127.0.0.1:$(or $(THROTTLEX_REDIS_POR
 # Local trials and tests may start with the development salt; a deployment must set its own secrets.
 export THROTTLEX_ALLOW_DEV_SECRETS ?= 1
 
-.PHONY: help install services tools demo test typecheck bench bench-sink down clean
+.PHONY: help install services cluster tools demo test typecheck bench bench-sink down clean
 
 help:
 	@echo "make demo      run the whole pipeline locally with traffic; shows blocked keys and a quota report"
@@ -18,6 +18,7 @@ help:
 	@echo "make bench     every benchmark beside the alternatives (writes BENCHMARKS.md, tests/perf/results.json)"
 	@echo "make bench-sink  measure the sink's rows per second into chDB (writes tests/perf/results.json)"
 	@echo "make services  start local Kafka and Redis (deploy/local/services.sh up)"
+	@echo "make cluster   start a local cluster: three Kafka brokers, Redis with Sentinel (deploy/local/cluster.sh up)"
 	@echo "make down      stop them"
 	@echo "make clean     remove .venv and local data (.throttlex/)"
 
@@ -31,6 +32,9 @@ install: $(BIN)/throttlex
 
 services:
 	deploy/local/services.sh up
+
+cluster:
+	deploy/local/cluster.sh up
 
 demo: install
 	PATH="$(abspath $(BIN)):$$PATH" deploy/local/demo.sh
@@ -56,6 +60,7 @@ bench-sink: install services
 
 down:
 	deploy/local/services.sh down
+	deploy/local/cluster.sh down
 
 clean: down
 	rm -rf $(VENV) .throttlex

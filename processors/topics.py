@@ -23,6 +23,13 @@ _DYNAMIC_TOPIC_CONFIG = 1
 """``config_source`` of a setting made on the topic itself (not inherited from the broker)."""
 
 
+def min_insync_replicas(replication_factor: int) -> int:
+    """The ``min.insync.replicas`` of every topic ThrottleX creates: a majority of its replicas (2 of 3), so a
+    write acknowledged with ``acks=all`` is on at least two brokers whenever there are three, and one broker
+    can be lost without refusing writes."""
+    return replication_factor // 2 + 1
+
+
 class PartitionCountMismatch(ValueError):
     """An existing topic has another partition count than the settings give it."""
 
@@ -35,16 +42,18 @@ async def ensure_topics(
     configs: dict[str, dict[str, str]] | None = None,
     exact: Collection[str] = (),
 ) -> None:
-    """Create each missing topic with its partition count and topic configs (e.g. compaction);
-    existing topics are left as they are. A topic in ``exact`` must have the count given, or
+    """Create each missing topic with its partition count, ``replication_factor`` replicas of which a majority
+    must have a write (`min_insync_replicas`), and its topic configs (e.g. compaction); existing topics are left
+    as they are. A topic in ``exact`` must have the count given, or
     `PartitionCountMismatch` says both: keys are spread by the count, and state kept per partition
     (windows, changelogs) would be read from the wrong partitions under another one."""
     admin = AIOKafkaAdminClient(**KafkaAccess.of(kafka).aiokafka_options())
     await admin.start()
     try:
         existing = set(await admin.list_topics())
+        in_sync = {"min.insync.replicas": str(min_insync_replicas(replication_factor))}
         missing = [
-            NewTopic(name, count, replication_factor, topic_configs=(configs or {}).get(name, {}))
+            NewTopic(name, count, replication_factor, topic_configs={**in_sync, **(configs or {}).get(name, {})})
             for name, count in partitions.items()
             if name not in existing
         ]

@@ -80,6 +80,8 @@ class Sandbox:
     redis_url: str
     root: Path
     tag: str = field(default_factory=lambda: secrets.token_hex(4))
+    replication_factor: int = 1
+    """Of the topics the roles create: 3 on the local cluster (tests/cluster)."""
 
     @property
     def env(self) -> dict[str, str]:
@@ -98,6 +100,7 @@ class Sandbox:
             "THROTTLEX_METRICS_PORT": "0",
             "THROTTLEX_LOG_LEVEL": "INFO",
             "THROTTLEX_POLICY_FILE": str(self.root / "policies.yaml"),
+            "THROTTLEX_TOPIC_REPLICATION_FACTOR": str(self.replication_factor),
         }
 
     def settings(self, cls: type[S]) -> S:
@@ -499,3 +502,9 @@ async def compacted_state(sandbox: Sandbox, policies: PolicySet) -> dict[str, Ke
 def window_counts(states: dict[str, KeyState], policy: str, now_ms: int) -> dict[str, int]:
     """Units each key's window of ``policy`` holds at ``now_ms`` (keys without that window left out)."""
     return {key: state.windows[policy].used_at(now_ms) for key, state in states.items() if policy in state.windows}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The cluster tests (tests/cluster) run last: the cluster they start stays up until the session ends,
+    and the other tests should not share the machine with it."""
+    items.sort(key=lambda item: item.get_closest_marker("cluster") is not None)
