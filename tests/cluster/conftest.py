@@ -97,6 +97,7 @@ class LocalCluster:
             client = Redis(port=port, socket_timeout=2)
             try:
                 host_port = await client.sentinel_get_master_addr_by_name(SERVICE)
+                assert isinstance(host_port, tuple | list), host_port
                 answers.add(int(host_port[1]))
             except Exception:
                 return None
