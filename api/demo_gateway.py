@@ -28,6 +28,7 @@ def create_gateway_app(settings: GatewaySettings) -> FastAPI:
     denylist = EdgeDenylist(
         settings.redis_url, settings.redis_prefix,
         fail_mode=settings.edge_fail_mode, fail_after_s=settings.edge_fail_after_s,
+        resync_interval_s=settings.edge_resync_interval_s,
     )  # fmt: skip
     keys = None
     if settings.edge_keys == "registry":

@@ -1,10 +1,13 @@
 """The edge denylist: a gateway-local cache of blocked limit keys, kept in sync from Redis.
 
 A check (`EdgeDenylist.blocked`) is a dictionary lookup: no Redis call on the request path. The cache
-is filled from a snapshot of the ``{prefix}:block:*`` keys and then follows the ``{prefix}:blocks``
-channel. The subscription is made before the snapshot, so no change published in between is missed.
-When the connection drops, the cache keeps its entries (they still expire on time) and the client
-reconnects, resubscribes and takes a fresh snapshot.
+is filled from a snapshot of the blocks in force (the ``{prefix}:block-index`` sorted set, then their
+entries) and then follows the ``{prefix}:blocks`` channel. The subscription is made before the snapshot,
+so no change published in between is missed. When the connection drops, the cache keeps its entries
+(they still expire on time) and the client reconnects (to the new primary, after a Sentinel failover),
+resubscribes and takes a fresh snapshot. A snapshot is also taken every ``resync_interval_s`` while
+connected, so a change lost in a failover (published to a primary that died before its replicas had
+it) lives no longer than that.
 
 A request is checked against every kind of limit key in force: blocks carry their dimensions
 (``api_key``, ``tenant``, ``ip``…), and the cache counts how many blocks of each kind it holds, so a
@@ -21,8 +24,8 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Literal, NoReturn
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Any, Literal, NoReturn, cast
 
 import msgspec
 from redis.asyncio import Redis
@@ -33,6 +36,7 @@ from redis.exceptions import RedisError
 
 from throttlex.ingest import denylist_entries, metrics
 from throttlex.ingest.denylist_entries import Block, request_limit_key
+from throttlex.ingest.redis_connection import connect_redis
 from throttlex.ingest.clock import Clock, wall_clock_ms
 from throttlex.ingest.tasks import cancel_and_wait
 
@@ -47,7 +51,7 @@ _LISTEN_POLL_S = 0.25
 def edge_redis(url: str, *, connect_timeout_s: float, timeout_s: float | None = None) -> Redis:
     """A Redis client for an edge cache: no retries of its own, so nothing waits behind a backoff;
     the cache's own loop reconnects every ``reconnect_delay_s`` and resynchronises."""
-    return Redis.from_url(
+    return connect_redis(
         url, socket_connect_timeout=connect_timeout_s, socket_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
     )
 
@@ -72,6 +76,17 @@ async def listen(pubsub: PubSub, silence_s: float, apply: Callable[[bytes], Awai
             heard, pinged = now, True
 
 
+async def first_failure(*jobs: Coroutine[Any, Any, NoReturn]) -> NoReturn:
+    """Run ``jobs`` together until one fails; cancel the others and raise its error."""
+    tasks = [asyncio.create_task(job) for job in jobs]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        raise next(iter(done)).exception()  # type: ignore[misc]
+    finally:
+        for task in tasks:
+            await cancel_and_wait(task)
+
+
 class EdgeDenylist:
     def __init__(
         self,
@@ -83,8 +98,10 @@ class EdgeDenylist:
         fail_mode: FailMode = "open",
         fail_after_s: float = 5.0,
         silence_s: float = 1.0,
+        resync_interval_s: float = 5.0,
     ) -> None:
         self._redis = edge_redis(redis_url, connect_timeout_s=2.0)
+        self._resync_interval_s = resync_interval_s
         self._silence_s = silence_s
         """After this long without a message the channel is pinged; without an answer as long again, the
         connection counts as lost (an open connection that delivers nothing: a stopped Redis, a dropped
@@ -99,6 +116,8 @@ class EdgeDenylist:
         self._kinds: Counter[tuple[str, ...]] = Counter()  # blocks in the cache by dimensions
         self._synced = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._heard_during_snapshot: list[bytes] | None = None
+        """Messages applied while a snapshot is read: applied again over it, since it may predate them."""
 
     async def start(self, *, ready_timeout_s: float = 5.0) -> None:
         """Start following Redis; wait up to ``ready_timeout_s`` for the first snapshot.
@@ -164,7 +183,7 @@ class EdgeDenylist:
                     await self._snapshot()
                     self._synced.set()
                     self._unsynced_since = None
-                    await listen(pubsub, self._silence_s, self._apply)
+                    await first_failure(listen(pubsub, self._silence_s, self._apply), self._resync_every())
             except (RedisError, OSError) as exc:
                 self._synced.clear()
                 if self._unsynced_since is None:
@@ -173,20 +192,36 @@ class EdgeDenylist:
                 log.warning("edge denylist lost Redis; reconnecting", extra={"error": str(exc)})
                 await asyncio.sleep(self._reconnect_delay_s)
 
+    async def _resync_every(self) -> NoReturn:
+        while True:
+            await asyncio.sleep(self._resync_interval_s)
+            await self._snapshot()
+
     async def _snapshot(self) -> None:
-        keys = [key async for key in self._redis.scan_iter(match=denylist_entries.block_key_pattern(self._prefix), count=1000)]
-        fresh: dict[str, Block] = {}
-        for start in range(0, len(keys), _SNAPSHOT_CHUNK):
-            for raw in await self._redis.mget(keys[start : start + _SNAPSHOT_CHUNK]):
-                if raw is not None:
-                    block = denylist_entries.decode_block(raw)
-                    fresh[block.limit_key] = block
+        """Replace the cache with the blocks in force in Redis (the index, then their entries)."""
+        self._heard_during_snapshot = []
+        try:
+            index = denylist_entries.block_index(self._prefix)
+            limit_keys = cast(list[bytes], await self._redis.zrangebyscore(index, f"({self._clock()}", "+inf"))
+            fresh: dict[str, Block] = {}
+            for start in range(0, len(limit_keys), _SNAPSHOT_CHUNK):
+                chunk = [denylist_entries.block_key(self._prefix, key.decode()) for key in limit_keys[start : start + _SNAPSHOT_CHUNK]]
+                for raw in await self._redis.mget(chunk):
+                    if raw is not None:  # ended or lifted since the index was read
+                        block = denylist_entries.decode_block(raw)
+                        fresh[block.limit_key] = block
+        finally:
+            heard, self._heard_during_snapshot = self._heard_during_snapshot, None
         self._cache = fresh
         self._kinds = Counter(block.dims for block in fresh.values())
+        for raw in heard:
+            self._apply(raw)
         metrics.EDGE_RESYNCS.inc()
-        metrics.EDGE_CACHE_SIZE.set(len(fresh))
+        metrics.EDGE_CACHE_SIZE.set(len(self._cache))
 
     def _apply(self, raw: bytes) -> None:
+        if self._heard_during_snapshot is not None:
+            self._heard_during_snapshot.append(raw)
         try:
             block = denylist_entries.decode_block(raw)
         except msgspec.DecodeError as exc:

@@ -4,6 +4,9 @@ Layout (all names under one configurable prefix, default ``throttlex``):
 
 - ``{prefix}:block:{limit_key}`` — a string holding the encoded `Block`, with a TTL that ends exactly
   at ``until_ms``; Redis expiry removes it when the policy admits again.
+- ``{prefix}:block-index`` — a sorted set of the limit keys blocked, each scored with its ``until_ms``: an
+  edge's resynchronisation reads the blocks in force from it (and then their entries), never the keyspace.
+  Writers drop ended blocks from it as they write new ones.
 - ``{prefix}:blocks`` — a pub/sub channel carrying each new or changed `Block`, so edge caches update
   without polling. A `Block` whose ``until_ms`` is in the past is an unblock.
 
@@ -52,8 +55,8 @@ def block_key(prefix: str, limit_key: str) -> str:
     return f"{prefix}:block:{limit_key}"
 
 
-def block_key_pattern(prefix: str) -> str:
-    return f"{prefix}:block:*"
+def block_index(prefix: str) -> str:
+    return f"{prefix}:block-index"
 
 
 def channel(prefix: str) -> str:

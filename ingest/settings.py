@@ -11,12 +11,13 @@ import socket
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from throttlex.ingest.denylist import FailMode
 from throttlex.ingest.kafka_access import KafkaAccess, SaslMechanism, SecurityProtocol
+from throttlex.ingest.redis_connection import check_redis_url
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import AfterValidator, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
@@ -41,7 +42,11 @@ class ConnectionSettings(BaseSettings):
     )
     events_topic: str = Field("throttlex.events", description="topic the gateways write usage events to")
     events_partitions: int = Field(4, ge=1, description="partitions of the events topic when ThrottleX creates it")
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the denylist and live usage")
+    redis_url: Annotated[str, AfterValidator(check_redis_url)] = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis holding the denylist and live usage: redis://host:port/db (rediss:// for TLS), or a primary "
+        "through Sentinel: redis+sentinel://host:port,host:port/service/db",
+    )
     redis_prefix: str = Field("throttlex", description="prefix of every Redis key and channel ThrottleX uses")
     redis_timeout_s: float = Field(1.0, gt=0, description="socket timeout for Redis commands")
     key_salt: SecretStr = Field(
@@ -124,3 +129,8 @@ class GatewaySettings(ConnectionSettings):
     edge_unknown_keys_cached: int = Field(10_000, ge=1, description="most unknown keys remembered, to spare Redis")
     edge_unknown_key_ttl_s: float = Field(30.0, gt=0, description="how long an unknown key is remembered")
     edge_fail_after_s: float = Field(5.0, ge=0, description="how long Redis may be out of reach before the fail mode applies")
+    edge_resync_interval_s: float = Field(
+        5.0, gt=0, le=60,
+        description="how often the edge rereads the blocks in force while connected, so a change lost in a Redis failover "
+        "lives no longer than this",
+    )  # fmt: skip

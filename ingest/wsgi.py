@@ -78,7 +78,8 @@ class _Edge:
         producer = EventProducer(settings.kafka, settings.events_topic, linger_ms=settings.producer_linger_ms,
                                  buffer_max_events=settings.producer_buffer_max_events)  # fmt: skip
         denylist = EdgeDenylist(settings.redis_url, settings.redis_prefix, fail_mode=settings.edge_fail_mode,
-                                fail_after_s=settings.edge_fail_after_s)  # fmt: skip
+                                fail_after_s=settings.edge_fail_after_s,
+                                resync_interval_s=settings.edge_resync_interval_s)  # fmt: skip
         keys = None
         if settings.edge_keys == "registry":
             keys = EdgeKeys(settings.redis_url, settings.redis_prefix, unknown_size=settings.edge_unknown_keys_cached,

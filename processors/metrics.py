@@ -60,7 +60,7 @@ for _outcome in ("applied", "refused"):
     POLICY_RELOADS.labels(outcome=_outcome)  # exported at 0 from the start
 
 DENYLIST_RESTORES = Counter(
-    "throttlex_worker_denylist_restores_total", "Times a worker found Redis had lost the denylist and wrote it again"
+    "throttlex_worker_denylist_restores_total", "Times a worker found another Redis server answering (restarted or failed over) and wrote the blocks in force again"
 )
 ACTIVE_BLOCKS = Gauge("throttlex_worker_active_blocks", "Blocks this worker wrote that are still in force")
 CONSUMER_LAG = Gauge("throttlex_consumer_lag_events", "Events on the topic the group has not committed yet", ["group"])

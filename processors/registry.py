@@ -19,8 +19,9 @@ Every process that follows the registry also mirrors the keys into Redis (``{pre
 see `ingest.keys`), which is what gateways read, as it applies them. A writer waits until it has read
 its own record back (milliseconds), so a change reaches gateways at once; the mirror only ever moves a
 view to a later version (a script in Redis compares), so a follower that is behind cannot put an older
-record back. A Redis that restarted empty is noticed within a second (a marker key is gone) and
-rewritten from the registry.
+record back. A Redis that restarted empty, or a primary that a Sentinel failover replaced (whose replica
+may have missed the last writes), is noticed within a second (another server run id answers, or a marker
+key is gone) and rewritten from the registry.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from throttlex.ingest.keys import RESYNC, KeyRecord, decode_key, encode_key, key
 from throttlex.ingest.settings import ConnectionSettings
 from throttlex.processors import metrics
 from throttlex.processors.core.policy import PolicyFileError, PolicySet, parse_policies
-from throttlex.processors.redis_client import redis_client
+from throttlex.processors.redis_client import redis_client, redis_server_id
 from throttlex.processors.topics import ensure_topics
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class Registry:
         self._topic = topic
         self._redis = redis
         self._prefix = prefix
+        self._mirrored_to: str | None = None  # the run id of the Redis server the key view was last written to
         self._replication_factor = replication_factor
         self._partition = TopicPartition(topic, 0)
         self._producer: AIOKafkaProducer | None = None
@@ -256,7 +258,7 @@ class Registry:
         if self._redis is None:
             return True
         try:
-            return bool(await self._redis.exists(self._marker))
+            return await redis_server_id(self._redis) == self._mirrored_to and bool(await self._redis.exists(self._marker))
         except (RedisError, OSError):
             return True  # unreachable: nothing to rewrite into yet
 
@@ -264,6 +266,7 @@ class Registry:
         if self._redis is None:
             return
         try:
+            server = await redis_server_id(self._redis)
             async with self._redis.pipeline(transaction=False) as pipe:
                 for record in self.keys.values():
                     pipe.eval(_MIRROR, 2, *self._mirror_args(record, publish=False))
@@ -274,6 +277,7 @@ class Registry:
             metrics.REDIS_ERRORS.labels(kind=type(exc).__name__).inc()
             log.warning("key view not rewritten; trying again", extra={"error": str(exc)})
             return
+        self._mirrored_to = server
         log.info("key view written to Redis", extra={"keys": len(self.keys)})
 
     def _mirror_args(self, record: KeyRecord, *, publish: bool) -> list[str | bytes | int]:

@@ -23,27 +23,27 @@ from throttlex.ingest.denylist_entries import Block
 from throttlex.ingest.tasks import cancel_and_wait
 from throttlex.processors import metrics
 from throttlex.processors.core.state import KeyState
+from throttlex.processors.redis_client import redis_server_id
 from throttlex.processors.worker.denylist_writer import DenylistWriter
 from throttlex.processors.worker.live_usage import LiveUsageWriter
 
 log = logging.getLogger(__name__)
 
 _MAX_BACKOFF_S = 1.0
-_MARKER_TTL_S = 600
 
 
 class RedisPublisher:
     """Writes blocks (first) and live usage (every ``live_flush_interval_s``) from its own task.
 
-    ``blocks_in_force`` gives every block the worker's current state holds: if Redis lost the denylist
-    (it restarted empty), they are written again; a marker key that only this publisher writes tells.
+    ``blocks_in_force`` gives every block the worker's current state holds: whenever the Redis server
+    answering is another one than before (it restarted, perhaps empty, or a Sentinel failover promoted a
+    replica that had not received the last writes), they are all written again.
     """
 
     def __init__(
         self,
         redis: Redis,
         prefix: str,
-        marker: str,
         blocks_in_force: Callable[[], list[Block]],
         *,
         live_flush_interval_s: float,
@@ -52,8 +52,7 @@ class RedisPublisher:
         self._redis = redis
         self._denylist = DenylistWriter(redis, prefix)
         self._live = LiveUsageWriter(redis, prefix, max_pending_keys)
-        self._marker = marker
-        self._marked = False
+        self._server: str | None = None  # the Redis server written to (its run id)
         self._blocks_in_force = blocks_in_force
         self._interval_s = live_flush_interval_s
         self._blocks: dict[str, tuple[Block, int | None]] = {}
@@ -145,17 +144,18 @@ class RedisPublisher:
         log.info("blocks written", extra={"blocks": written})
 
     async def _restore_denylist(self) -> None:
-        """If Redis lost the denylist (restarted empty), write every block still in force again;
-        edges pick them up through pub/sub."""
-        if await self._redis.expire(self._marker, _MARKER_TTL_S):
+        """If another Redis server answers than before (restarted, or failed over), write every block still
+        in force again; edges pick them up through pub/sub and their periodic resync."""
+        server = await redis_server_id(self._redis)
+        if server == self._server:
             return
         blocks = self._blocks_in_force()
         await self._denylist.publish(blocks)
-        await self._redis.set(self._marker, b"1", ex=_MARKER_TTL_S)
-        if self._marked:  # not the first check after start-up: Redis did lose what was written
+        if self._server is not None:  # not the first check after start-up: what was written may be gone
             metrics.DENYLIST_RESTORES.inc()
-            log.warning("Redis had lost the denylist; blocks in force written again", extra={"blocks": len(blocks)})
-        self._marked = True
+            log.warning("another Redis server answers (restarted or failed over); blocks in force written again",
+                        extra={"blocks": len(blocks)})  # fmt: skip
+        self._server = server
 
     def _expire_active(self) -> None:
         now_ms = wall_clock_ms()

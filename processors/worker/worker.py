@@ -28,7 +28,6 @@ import heapq
 import logging
 import operator
 import time
-import uuid
 from collections import Counter
 from typing import Any
 
@@ -96,7 +95,6 @@ class StreamWorker:
         self._publisher = RedisPublisher(
             self._redis,
             settings.redis_prefix,
-            marker=f"{settings.redis_prefix}:denylist-writer:{uuid.uuid4().hex}",
             blocks_in_force=self._blocks_in_force,
             live_flush_interval_s=settings.live_flush_interval_s,
             max_pending_keys=settings.live_usage_max_pending_keys,
