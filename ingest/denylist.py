@@ -21,6 +21,7 @@ When Redis has been unreachable for longer than ``fail_after_s``, the configured
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -36,7 +37,7 @@ from redis.exceptions import RedisError
 
 from throttlex.ingest import denylist_entries, metrics
 from throttlex.ingest.denylist_entries import Block, request_limit_key
-from throttlex.ingest.redis_connection import connect_redis
+from throttlex.ingest.redis_connection import connect_redis, refuse_cluster
 from throttlex.ingest.clock import Clock, wall_clock_ms
 from throttlex.ingest.tasks import cancel_and_wait
 
@@ -123,8 +124,11 @@ class EdgeDenylist:
         """Start following Redis; wait up to ``ready_timeout_s`` for the first snapshot.
 
         If Redis does not answer in time the gateway still starts, with an empty cache, and the client
-        keeps trying in the background.
+        keeps trying in the background. A Redis Cluster is refused (`RedisUrlError`).
         """
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(ready_timeout_s):
+                await refuse_cluster(self._redis)
         self._task = asyncio.create_task(self._follow(), name="edge-denylist")
         try:
             await asyncio.wait_for(self._synced.wait(), ready_timeout_s)
@@ -168,6 +172,11 @@ class EdgeDenylist:
             (on_expired or self._drop)(limit_key)
             return None
         return block
+
+    def in_force(self) -> dict[str, Block]:
+        """The blocks this edge enforces now, by limit key (for the gateway's status and for tests)."""
+        now_ms = self._clock()
+        return {key: block for key, block in self._cache.items() if block.until_ms > now_ms}
 
     def forget_if_expired(self, limit_key: str) -> None:
         """Drop ``limit_key``'s block if it has expired (a renewal may have replaced it meanwhile)."""

@@ -41,6 +41,7 @@ from throttlex.ingest.clock import wall_clock_ms
 from throttlex.ingest.events import key_id_for
 from throttlex.ingest.kafka_access import KafkaAccess
 from throttlex.ingest.keys import RESYNC, KeyRecord, decode_key, encode_key, key_channel, key_view
+from throttlex.ingest.redis_connection import RedisUrlError, refuse_cluster
 from throttlex.ingest.settings import ConnectionSettings
 from throttlex.processors import metrics
 from throttlex.processors.core.policy import PolicyFileError, PolicySet, parse_policies
@@ -304,8 +305,16 @@ async def issue_key(
 
 @asynccontextmanager
 async def open_registry(settings: ConnectionSettings, *, replication_factor: int = 1) -> AsyncIterator[Registry]:
-    """A started registry that mirrors keys into the settings' Redis; stopped on exit."""
+    """A started registry that mirrors keys into the settings' Redis; stopped on exit. Every service role opens
+    one at its start: a Redis Cluster is refused here (`RedisUrlError`)."""
     redis = redis_client(settings.redis_url, settings.redis_timeout_s)
+    try:
+        await refuse_cluster(redis)
+    except (RedisError, OSError):
+        pass  # not reachable yet: the registry mirrors the keys once it is
+    except RedisUrlError:
+        await redis.aclose()
+        raise
     registry = Registry(
         settings.kafka, settings.registry_topic, redis, settings.redis_prefix,
         replication_factor=replication_factor,

@@ -10,7 +10,7 @@ import msgspec
 import pytest
 from redis.asyncio import Redis
 
-from throttlex.ingest.denylist_entries import Block
+from throttlex.ingest.denylist_entries import Block, encode_block
 from throttlex.ingest.clock import wall_clock_ms
 from throttlex.ingest.denylist import EdgeDenylist
 from throttlex.processors.worker.denylist_writer import DenylistWriter
@@ -83,5 +83,51 @@ async def test_a_synchronised_edge_never_refuses_in_closed_mode(sandbox: Sandbox
     try:
         await asyncio.sleep(0.3)
         assert edge.synced and not edge.refusing
+    finally:
+        await edge.stop()
+
+
+async def test_a_block_whose_notice_was_lost_reaches_the_edge_at_its_next_resync(sandbox: Sandbox, redis: Redis) -> None:
+    """A change written to Redis whose notice never reached the edge (published to a primary that failed over
+    before its replicas had it, say) is in the edge's cache within its resync interval."""
+    prefix = sandbox.env["THROTTLEX_REDIS_PREFIX"]
+    edge = EdgeDenylist(sandbox.redis_url, prefix, resync_interval_s=1.0)
+    await edge.start()
+    try:
+        block = Block("api_key=unannounced", wall_clock_ms() + 60_000, "per-key")
+        async with redis.pipeline(transaction=False) as pipe:  # the entry and its index, as the writer leaves them, no notice
+            pipe.set(f"{prefix}:block:{block.limit_key}", encode_block(block), px=60_000)
+            pipe.zadd(f"{prefix}:block-index", {block.limit_key: block.until_ms})
+            await pipe.execute()
+        written = time.monotonic()
+        await eventually(lambda: edge.blocked(block.limit_key) is not None, timeout_s=5, what="the edge's resync")
+        assert time.monotonic() - written < 1.0 + 0.5, "not within the resync interval"
+    finally:
+        await edge.stop()
+
+
+async def test_a_resync_reads_the_blocks_in_force_not_the_keyspace(sandbox: Sandbox, redis: Redis) -> None:
+    """Ten thousand other keys (live usage, key views) beside three blocks and one ended block: a resync reads
+    the three, without a SCAN."""
+    prefix = sandbox.env["THROTTLEX_REDIS_PREFIX"]
+    async with redis.pipeline(transaction=False) as pipe:
+        for n in range(10_000):
+            pipe.set(f"{prefix}:usage:api_key=k{n}", b"1", ex=60)
+        await pipe.execute()
+    now = wall_clock_ms()
+    blocks = [Block(f"api_key=hot-{n}", now + 60_000, "per-key") for n in range(3)]
+    writer = DenylistWriter(redis, prefix)
+    assert await writer.publish([*blocks, Block("api_key=ended", now + 300, "per-key")]) == 4
+
+    async def ended() -> bool:
+        return not await redis.exists(f"{prefix}:block:api_key=ended")
+
+    await eventually(ended, timeout_s=5, what="the short block to end")
+    scans_before = (await redis.info("commandstats")).get("cmdstat_scan", {}).get("calls", 0)
+    edge = EdgeDenylist(sandbox.redis_url, prefix)
+    await edge.start()
+    try:
+        assert set(edge.in_force()) == {block.limit_key for block in blocks}
+        assert (await redis.info("commandstats")).get("cmdstat_scan", {}).get("calls", 0) == scans_before
     finally:
         await edge.stop()
