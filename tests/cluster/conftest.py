@@ -18,6 +18,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from tests.conftest import RoleProcess, Samples, Sandbox, eventually, start_role, stop_role
 
@@ -90,8 +91,8 @@ class LocalCluster:
             for p in d["partitions"]
         )
 
-    async def redis_primary_port(self) -> int | None:
-        """The primary's port as the Sentinels agree on it, once it has both replicas attached."""
+    async def primary_named_by_sentinels(self) -> int | None:
+        """The primary's port if every Sentinel names the same one."""
         answers = set()
         for port in self.sentinel_ports:
             client = Redis(port=port, socket_timeout=2)
@@ -99,17 +100,21 @@ class LocalCluster:
                 host_port = await client.sentinel_get_master_addr_by_name(SERVICE)
                 assert isinstance(host_port, tuple | list), host_port
                 answers.add(int(host_port[1]))
-            except Exception:
+            except (RedisError, OSError):
                 return None
             finally:
                 await client.aclose()
-        if len(answers) != 1:
+        return answers.pop() if len(answers) == 1 else None
+
+    async def redis_primary_port(self) -> int | None:
+        """The primary's port as the Sentinels agree on it, once it has both replicas attached."""
+        primary = await self.primary_named_by_sentinels()
+        if primary is None:
             return None
-        [primary] = answers
         client = Redis(port=primary, socket_timeout=2)
         try:
             info = await client.info("replication")
-        except Exception:
+        except (RedisError, OSError):
             return None
         finally:
             await client.aclose()
