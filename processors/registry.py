@@ -5,15 +5,24 @@ the latest record of every entry for ever, and every process that needs the regi
 the beginning at start-up and then follows it. Records (key → JSON value):
 
 - ``key/{key_id}/v{version}/{writer}`` → a `KeyRecord`: the key's creation (version 1) or a change to it.
-  Every process reads the topic in the same order and applies a version only on top of the one before
-  (the first such record wins; a change written on top of a version someone else already replaced is
-  ignored everywhere, and its writer answers 409). Each write has a Kafka key of its own, so compaction
-  never drops a winning record for a losing one.
+  A writer writes the version after the one it has read. Every process reads the topic in the same order
+  and applies a record only if its version is above the one in force: of concurrent changes made on top
+  of one version, the first in the log wins everywhere; the others are ignored everywhere, and their
+  writers answer 409. Each write has a Kafka key of its own, so compaction never drops a winning record
+  for a losing one.
 - ``revoked/{key_id}`` → the key's revocation. Final: once read, no later record changes the key, and
   no later write under another Kafka key can ever replace it.
 - ``key/{key_id}`` → a `KeyRecord` written before records were versioned (read as version 0).
 - ``policies`` → the policy document in force, the same shape as the policy file (policies, plans,
   default plan). Until one is written, the policy file is in force.
+
+The topic stays as small as the live entries. A record no longer in force (a version its successor
+replaced, a change that lost, a second revocation) is *stale*: the writer whose change made it stale
+writes a tombstone for its Kafka key once it has read its own record back, and any process that starts
+writes tombstones for the stale records it read that have none (a writer that crashed in between, or
+history from a release before tombstones). Compaction then removes them, so a start reads the live
+entries. A compacted log is read the same way as the whole history: versions only go up, so the first
+record of a key read may have any version.
 
 Every process that follows the registry also mirrors the keys into Redis (``{prefix}:apikey:*``,
 see `ingest.keys`), which is what gateways read, as it applies them. A writer waits until it has read
@@ -35,6 +44,7 @@ from contextlib import asynccontextmanager
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from redis.asyncio import Redis
+from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
 from throttlex.ingest.clock import wall_clock_ms
@@ -87,6 +97,15 @@ class RegistryLag(Exception):
 
 
 _READ_BACK_S = 15.0
+REGISTRY_TOPIC_CONFIGS = {
+    "cleanup.policy": "compact",
+    "segment.ms": str(3_600_000),  # the head segment is compacted too, within the hour
+    "min.cleanable.dirty.ratio": "0.1",
+    "max.compaction.lag.ms": str(3_600_000),  # and cleaned again within the hour, however little changed: tombstones go
+    "delete.retention.ms": str(3_600_000),  # a start reads the whole topic in seconds; an hour of tombstones is plenty
+}
+"""The registry topic's settings, given when ThrottleX creates it (docs/clusters.md has the command for a topic
+made by an older release)."""
 
 
 class Registry:
@@ -108,12 +127,17 @@ class Registry:
         """The offset after the last record applied."""
         self._reading = asyncio.Lock()
         """One reader of the topic at a time: the follower, or a writer catching up to its own record."""
+        self._in_force: dict[str, str] = {}
+        """Key id -> the Kafka key of the record in force for it."""
+        self._stale: dict[str, str] = {}
+        """Kafka key of a record no longer in force, with no tombstone read yet -> its key id."""
+        self.records_read_at_start = 0
 
     async def start(self) -> None:
         """Create the topic if needed and read it to its end, so `keys` and `policies` are current."""
         await ensure_topics(
             self._kafka, {self._topic: 1}, replication_factor=self._replication_factor,
-            configs={self._topic: {"cleanup.policy": "compact"}},
+            configs={self._topic: REGISTRY_TOPIC_CONFIGS},
         )  # fmt: skip
         self._producer = AIOKafkaProducer(**self._kafka.aiokafka_options(), acks="all", enable_idempotence=True)
         self._consumer = AIOKafkaConsumer(**self._kafka.aiokafka_options(), group_id=None, enable_auto_commit=False)
@@ -123,9 +147,11 @@ class Registry:
         await self._consumer.seek_to_beginning(self._partition)
         end = (await self._consumer.end_offsets([self._partition]))[self._partition]
         while await self._consumer.position(self._partition) < end:
-            await self._read(timeout_ms=1000)
+            self.records_read_at_start += await self._read(timeout_ms=1000)
         await self._mirror_all()
-        log.info("registry loaded", extra={"keys": len(self.keys), "policy_document": self.policies is not None})
+        log.info("registry loaded", extra={"keys": len(self.keys), "policy_document": self.policies is not None,
+                                           "records_read": self.records_read_at_start, "stale": len(self._stale)})  # fmt: skip
+        await self._tombstone(list(self._stale))
 
     async def stop(self) -> None:
         if self._consumer is not None and self._producer is not None:
@@ -166,6 +192,7 @@ class Registry:
         mine = msgspec.structs.replace(record, version=base + 1, writer=secrets.token_hex(8))
         name = f"{_KEY}{record.key_id}/v{mine.version}/{mine.writer}"
         await self._write(name, mine)
+        await self._tombstone([stale for stale, key_id in self._stale.items() if key_id == record.key_id])
         now = self.keys.get(record.key_id)
         if now is not None and now.writer == mine.writer:
             return now
@@ -182,7 +209,23 @@ class Registry:
         if current.status != "revoked" or key_id not in self.keys:
             writer = secrets.token_hex(8)  # a Kafka key per revocation: compaction keeps the first one too
             await self._write(f"{_REVOKED}{key_id}/{writer}", msgspec.structs.replace(current, status="revoked", writer=writer))
+            await self._tombstone([stale for stale, stale_key_id in self._stale.items() if stale_key_id == key_id])
         return self.keys[key_id]
+
+    async def _tombstone(self, names: list[str]) -> None:
+        """Write a tombstone for each of these stale records (Kafka errors are logged: a later start retries)."""
+        if not names:
+            return
+        producer = self._started[0]
+        try:
+            await asyncio.gather(*[await producer.send(self._topic, None, key=name.encode()) for name in names])
+        except KafkaError as exc:
+            log.warning("tombstones for stale registry records not written; the next start writes them",
+                        extra={"records": len(names), "error": str(exc)})  # fmt: skip
+            return
+        for name in names:
+            self._stale.pop(name, None)
+        log.info("stale registry records tombstoned", extra={"records": len(names)})
 
     async def _write(self, name: str, record: KeyRecord) -> None:
         """Write a key record and read the topic up to it (applied and mirrored here, in log order).
@@ -203,20 +246,28 @@ class Registry:
         await self._started[0].send_and_wait(self._topic, document, key=POLICIES.encode())
         self.policies = policies
 
-    async def _read(self, *, timeout_ms: int) -> None:
-        batches = await self._started[1].getmany(self._partition, timeout_ms=timeout_ms)
-        for record in batches.get(self._partition, []):
+    async def _read(self, *, timeout_ms: int) -> int:
+        """Apply the next records; returns how many were read."""
+        records = (await self._started[1].getmany(self._partition, timeout_ms=timeout_ms)).get(self._partition, [])
+        for record in records:
             name = record.key.decode() if record.key else ""
             if record.value is None:
-                pass
+                self._stale.pop(name, None)  # tombstoned
             elif name.startswith((_KEY, _REVOKED)):
-                key = self._applied(name, decode_key(record.value))
-                if key is not None:
+                read = decode_key(record.value)
+                key = self._applied(name, read)
+                if key is None:
+                    self._stale[name] = read.key_id
+                else:
+                    if (replaced := self._in_force.get(key.key_id)) is not None and replaced != name:
+                        self._stale[replaced] = key.key_id
+                    self._in_force[key.key_id] = name
                     self.keys[key.key_id] = key
                     await self._mirror(key)
             elif name == POLICIES:
                 await self._apply_policies(record.value.decode())
             self._next_offset = record.offset + 1
+        return len(records)
 
     def _applied(self, name: str, record: KeyRecord) -> KeyRecord | None:
         """What a key record read from the topic makes of the key, or None if it changes nothing. The same
@@ -229,7 +280,7 @@ class Registry:
             return msgspec.structs.replace(held, status="revoked", version=held.version + 1, writer=record.writer)
         if name.count("/") == 1:  # written before versions: the latest record is the key
             return record if current is None or current.version == 0 else None
-        if record.version == (current.version if current is not None else 0) + 1:
+        if record.version > (current.version if current is not None else 0):  # (its predecessors may be compacted away)
             return record
         return None  # made on top of a version another change replaced first
 

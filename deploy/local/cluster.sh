@@ -23,8 +23,10 @@
 #
 # The brokers are set as docs/clusters.md asks of a production cluster: Kafka's internal topics are
 # replicated three times, unclean leader election is off. min.insync.replicas is left at the broker default
-# (1), as on most clusters: the topics ThrottleX creates set it themselves. A broker that stops heart-beating is fenced after 3 s (Kafka's default is 9 s), so a test that kills
-# leaders moves on quickly. Sentinels call a primary down after 1 s without an answer, with a quorum of 2.
+# (1), as on most clusters: the topics ThrottleX creates set it themselves. For tests that kill nodes and
+# wait for compaction, a broker that stops heart-beating is fenced after 3 s (Kafka's default is 9 s) and the
+# log cleaner looks for work every second (15 s). Sentinels call a primary down after 1 s without an answer,
+# with a quorum of 2.
 set -euo pipefail
 
 controller_port=${THROTTLEX_CLUSTER_CONTROLLER_PORT:-19090}
@@ -65,6 +67,7 @@ listeners=PLAINTEXT://127.0.0.1:$port
 advertised.listeners=PLAINTEXT://127.0.0.1:$port
 inter.broker.listener.name=PLAINTEXT
 broker.heartbeat.interval.ms=500
+log.cleaner.backoff.ms=1000
 num.partitions=4
 offsets.topic.replication.factor=3
 offsets.topic.num.partitions=4
