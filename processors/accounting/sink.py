@@ -13,7 +13,13 @@ batch, each batch holding one Kafka partition's offsets ``first..last``:
 
 After a crash anywhere in between, the partition's next owner reads the intent, rebuilds exactly the
 same batch (it waits for offset ``last`` and goes no further) and inserts it with the same token: a
-batch that had landed is dropped as a duplicate, one that had not lands now. Inserts that fail are
+batch that had landed is dropped as a duplicate, one that had not lands now.
+
+ClickHouse also keeps, per partition, the offset after the highest one stored (``sink_progress``, fed by a
+materialized view of every insert). A sink taking a partition resumes from it when Kafka's committed
+offset is missing (the group's offsets expired while it was idle) or behind it (a commit that never
+landed, an intent whose batch did): what is stored, not the deduplication window's reach, decides, so no
+event is stored twice however long the sink was away. Inserts that fail are
 retried with backoff and nothing is committed meanwhile, so no event is lost; an insert ClickHouse refuses as
 such (a schema mismatch) stops the sink with the reason instead. A batch is one block (at most
 ``sink_batch_max_rows``, below ClickHouse's ``min_insert_block_size_rows``), so it lands whole or not at all.
@@ -448,15 +454,25 @@ class UsageSink:
         partition from its committed offset."""
         self._assigning = True  # until the intents are loaded: if that fails, nothing is cut (better than a replay at other bounds)
         committed = self._committed(assigned)
-        if committed is None:
+        stored = self._stored_ends()
+        if committed is None or stored is None:
             return  # stopping: nothing more is cut or committed
         fences = {}
         for tp in committed:
-            if tp.offset < 0:  # nothing committed: from the start
+            resume = stored.get(tp.partition, 0)
+            fence = None
+            if tp.metadata and tp.metadata.startswith(_INFLIGHT):  # librdkafka stores it with a trailing NUL
+                fence = int(tp.metadata.removeprefix(_INFLIGHT).rstrip("\0"))
+            if resume > max(tp.offset, 0) and (fence is None or resume > fence):
+                log.warning("resuming after the last event stored in ClickHouse: Kafka's committed offset is "
+                            + ("missing (expired?)" if tp.offset < 0 else "behind it"),
+                            extra={"partition": tp.partition, "committed": tp.offset, "from": resume})  # fmt: skip
+                tp.offset = resume
+            elif tp.offset < 0:  # nothing committed, nothing stored: from the start
                 tp.offset = OFFSET_BEGINNING
-            elif tp.metadata and tp.metadata.startswith(_INFLIGHT):  # librdkafka stores it with a trailing NUL
-                fences[tp.partition] = int(tp.metadata.removeprefix(_INFLIGHT).rstrip("\0"))
-                log.info("replaying an interrupted batch", extra={"partition": tp.partition, "from": tp.offset, "to": fences[tp.partition]})
+            elif fence is not None:
+                fences[tp.partition] = fence
+                log.info("replaying an interrupted batch", extra={"partition": tp.partition, "from": tp.offset, "to": fence})
         consumer.assign(committed)
         consumer.resume(committed)  # librdkafka keeps a partition paused across a revocation and a new assignment
         self._paused = False
@@ -480,6 +496,17 @@ class UsageSink:
                     return committed
             log.warning("could not read the sink's committed offsets; retrying", extra={"error": error})
             self._stopping.wait(1.0)
+        return None
+
+
+    def _stored_ends(self) -> dict[int, int] | None:
+        """`UsageStore.stored_ends_blocking`, asked until ClickHouse answers; None if a stop comes first."""
+        while not self._stopping.is_set():
+            try:
+                return self._store.stored_ends_blocking()
+            except StoreError as exc:
+                log.warning("could not read where the stored events end; retrying", extra={"error": str(exc)})
+                self._stopping.wait(1.0)
         return None
 
 

@@ -191,6 +191,13 @@ class UsageStore:
         """`insert_formatted` for a caller on a thread of its own (the sink's): waits for the writer's thread."""
         self._writer.thread.submit(_translated, self._raw_insert(table, data, columns, fmt, dedup_token)).result()
 
+    def stored_ends_blocking(self) -> dict[int, int]:
+        """Events partition -> the offset after the highest one stored (``sink_progress``), for a caller on a
+        thread of its own (the sink's); on the writer's thread, so it follows every insert made before."""
+        sql = "SELECT kafka_partition, max(next_offset) FROM sink_progress GROUP BY kafka_partition"
+        result = self._writer.thread.submit(_translated, functools.partial(self._writer.client.query, sql)).result()
+        return {int(partition): int(offset) for partition, offset in result.result_rows}
+
     def _raw_insert(
         self, table: str, data: bytes, columns: Sequence[str], fmt: str, dedup_token: str | None
     ) -> Callable[[], Any]:

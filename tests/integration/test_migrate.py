@@ -25,7 +25,7 @@ async def test_migrations_apply_once(tmp_path: Path) -> None:
     assert first.returncode == 0, first.stderr
     assert first.stdout.strip() == ("applied: 0001_usage_events.sql, 0002_exactly_once_and_rollups.sql, 0003_key_plan.sql, "
                                     "0004_units_per_minute.sql, 0005_deduplication_bounds.sql, 0006_event_source.sql, "
-                                    "0007_append_time.sql")  # fmt: skip
+                                    "0007_append_time_and_sink_progress.sql")  # fmt: skip
     again = throttlex("migrate", env=env)
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip() == "schema is up to date"

@@ -12,11 +12,12 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
+from confluent_kafka.admin import AdminClient
 
 from throttlex.processors.accounting.store import UsageStore
 from tests.conftest import EventSender, RoleProcess, Sandbox, eventually
 from tests.factories import make_event
-from tests.integration.test_sink import end_offsets, wait_until_all_committed
+from tests.integration.test_sink import committed_offsets, end_offsets, wait_until_all_committed
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +56,7 @@ async def test_sigkill_at_any_point_neither_loses_nor_duplicates(
     # 2. Anywhere in a stream of small batches: collecting, inserting or committing.
     sink = spawn("sink", extra_env={**debug, "THROTTLEX_SINK_BATCH_MAX_ROWS": "1000", "THROTTLEX_SINK_FLUSH_INTERVAL_S": "0.2"})
     await eventually(lambda: inserted(sink) >= 4, timeout_s=60, what="a few inserts")
-    assert "replaying an interrupted batch" in sink.log()
+    assert "resuming after the last event stored in ClickHouse" in sink.log()  # the batch of step 1 landed: not replayed
     sink.stop(signal.SIGKILL)
 
     # 3. Mid-batch: records read, nothing inserted yet.
@@ -95,3 +96,46 @@ async def test_sigkill_at_any_point_neither_loses_nor_duplicates(
             assert {(b, k): x for b, k, _, _, x in stored if x} == +expected_errors, table
     finally:
         await store.close()
+
+
+async def test_a_sink_whose_offsets_expired_stores_nothing_twice(
+    sandbox: Sandbox, spawn: Callable[..., RoleProcess], producer: EventSender
+) -> None:
+    """The sink group's committed offsets are gone (Kafka expires a group's offsets once it has been empty
+    longer than offsets.retention.minutes: deleting the group does the same) while the topic still holds
+    every event, more batches than ClickHouse's deduplication window remembers. The sink resumes after what
+    is stored, not from the start: every event once."""
+    first = [make_event(event_id=uuid.uuid4(), api_key_id=f"key-{n % KEYS}", event_time_ms=START_MS + n) for n in range(3_000)]
+    await producer.send_all(first)
+    sink = spawn("sink", extra_env={"THROTTLEX_SINK_BATCH_MAX_ROWS": "100", "THROTTLEX_SINK_FLUSH_INTERVAL_S": "0.2"})
+    await wait_until_all_committed(sandbox, await end_offsets(sandbox), timeout_s=120)
+    assert sink.stop() == 0
+
+    window = 5  # inserts each table remembers: far fewer than the 30 batches stored
+    store = UsageStore(sandbox.env["THROTTLEX_CLICKHOUSE_DSN"])
+    await store.open()
+    try:
+        for table in ("usage_events", "usage_per_minute", "usage_per_hour", "usage_per_day", "usage_units_per_minute"):
+            await store.command(f"ALTER TABLE {table} MODIFY SETTING non_replicated_deduplication_window = {window}")
+    finally:
+        await store.close()
+    admin = AdminClient({"bootstrap.servers": sandbox.kafka_bootstrap})
+    [deleted] = admin.delete_consumer_groups([sandbox.env["THROTTLEX_SINK_GROUP"]]).values()
+    await asyncio.wrap_future(deleted)
+    assert await committed_offsets(sandbox) == {}
+
+    later = [make_event(event_id=uuid.uuid4(), api_key_id=f"key-{n % KEYS}", event_time_ms=START_MS + n) for n in range(500)]
+    await producer.send_all(later)
+    sink = spawn("sink", extra_env={"THROTTLEX_SINK_BATCH_MAX_ROWS": "70", "THROTTLEX_SINK_FLUSH_INTERVAL_S": "0.2"})
+    await wait_until_all_committed(sandbox, await end_offsets(sandbox), timeout_s=120)
+    assert sink.stop() == 0
+    assert "resuming after the last event stored in ClickHouse" in sink.log()
+
+    store = UsageStore(sandbox.env["THROTTLEX_CLICKHOUSE_DSN"])
+    await store.open()
+    try:
+        [(rows, ids)] = await store.query("SELECT count(), uniqExact(event_id) FROM usage_events")
+        [(minute_events,)] = await store.query("SELECT sum(requests) FROM usage_per_minute")
+    finally:
+        await store.close()
+    assert (rows, ids, minute_events) == (3_500, 3_500, 3_500)
