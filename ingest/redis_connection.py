@@ -20,7 +20,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.connection import parse_url
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import ResponseError
 
 SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}  # scheme -> TLS
@@ -72,8 +72,18 @@ def connect_redis(url: str, **options: Any) -> Redis:
     if target.sentinel_password:
         sentinel_options["password"] = target.sentinel_password
     sentinel = Sentinel(target.sentinels, sentinel_kwargs=sentinel_options, **target.data, **options)  # type: ignore[no-untyped-call]
-    primary: Redis = sentinel.master_for(target.service, ssl=target.tls)
+    primary: Redis = sentinel.master_for(target.service, redis_class=_SentinelPrimary, ssl=target.tls)
     return primary
+
+
+class _SentinelPrimary(Redis):
+    """The primary's client; closing it also closes its connections to the Sentinels."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        pool = self.connection_pool
+        assert isinstance(pool, SentinelConnectionPool)
+        await pool.sentinel_manager.aclose()
 
 
 def parse_sentinel_url(url: str) -> SentinelTarget:

@@ -208,7 +208,9 @@ class StreamWorker:
                         forwards.append(await self._apply_events(part, records))
                 await self._forward(forwards)
                 now = time.monotonic()
-                if now >= next_flush:
+                if now >= next_flush and (self._committing is None or self._committing.done()):
+                    # A flush still writing (a changelog leader or the transaction coordinator failing over)
+                    # is not waited for: decisions and blocks go on, and the next flush takes what changed.
                     await self._start_flush(list(self._partitions.values()))
                     next_flush = now + settings.state_flush_interval_s
                 if now >= next_evict:

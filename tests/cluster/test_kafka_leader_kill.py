@@ -111,14 +111,14 @@ async def test_killed_partition_leaders_lose_and_double_nothing_and_hot_keys_sta
 
             await eventually(led, what=f"partition {partition}'s leader")
             leader = leaders[partition]
-            cluster.kill(f"broker-{leader}")
+            await asyncio.to_thread(cluster.kill, f"broker-{leader}")  # the traffic goes on meanwhile
             kills.append(f"broker-{leader} (leader of partition {partition})")
 
             async def moved() -> bool:
                 return (await cluster.leaders(topic)).get(partition, -1) not in (-1, leader)
 
             await eventually(moved, timeout_s=30, what=f"a new leader for partition {partition}")
-            cluster.start(f"broker-{leader}")
+            await asyncio.to_thread(cluster.start, f"broker-{leader}")
             await eventually(lambda: cluster.in_sync([topic]), timeout_s=60, what=f"broker-{leader} back in sync")
 
     started = time.monotonic()

@@ -91,7 +91,7 @@ async def test_a_killed_redis_primary_is_replaced_and_every_edge_agrees_with_the
         old_primary = await cluster.redis_primary_port()
         assert old_primary is not None
         killed = time.monotonic()
-        cluster.kill(f"redis-{cluster.redis_ports.index(old_primary) + 1}")
+        await asyncio.to_thread(cluster.kill, f"redis-{cluster.redis_ports.index(old_primary) + 1}")
 
         async def failed_over() -> bool:
             return await cluster.primary_named_by_sentinels() not in (None, old_primary)
