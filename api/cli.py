@@ -117,13 +117,25 @@ def api(policy_file: PolicyFile = None, api_port: ApiPort = None) -> None:
 
 
 @cli.command()
-def migrate() -> None:
+def migrate(
+    print_only: Annotated[
+        bool, typer.Option("--print", help="print every statement a migration from nothing runs (in its cluster form "
+                           "with $THROTTLEX_CLICKHOUSE_CLUSTER) and change nothing")  # fmt: skip
+    ] = False,
+) -> None:
     """Create or upgrade the ClickHouse schema ($THROTTLEX_CLICKHOUSE_DSN) and apply the raw retention
     ($THROTTLEX_RAW_RETENTION_DAYS); safe to run repeatedly."""
     settings = _settings(RunSettings)
+    if print_only:
+        try:
+            statements = UsageStore(settings.clickhouse_dsn, cluster=settings.clickhouse_cluster).schema()
+        except ValueError as exc:
+            _fail(str(exc))
+        typer.echo("".join(f"{statement};\n\n" for statement in statements), nl=False)
+        return
 
     async def apply() -> None:
-        store = UsageStore(settings.clickhouse_dsn)
+        store = UsageStore(settings.clickhouse_dsn, cluster=settings.clickhouse_cluster)
         await store.open()
         try:
             applied = await store.migrate()

@@ -93,7 +93,7 @@ async def _open_store(stack: contextlib.AsyncExitStack, roles: set[str], setting
     """The ClickHouse store, when this process writes usage (sink) or may read it (API on a server)."""
     if "sink" not in roles and ("api" not in roles or settings.clickhouse_dsn.startswith("chdb:")):
         return None
-    store = UsageStore(settings.clickhouse_dsn)
+    store = UsageStore(settings.clickhouse_dsn, cluster=settings.clickhouse_cluster)
     await store.open()
     stack.push_async_callback(store.close)
     if "sink" in roles:  # the writer owns the schema; `throttlex migrate` does it ahead of time

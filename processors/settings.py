@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from throttlex.ingest.settings import ConnectionSettings
+from throttlex.processors.accounting.cluster_schema import check_cluster_name
 
 
 def _default_chdb_dsn() -> str:
@@ -56,6 +58,11 @@ class SinkSettings(StreamSettings):
     clickhouse_dsn: str = Field(
         default_factory=_default_chdb_dsn,
         description="chdb:///path for the embedded engine, or http(s)://user:pass@host:8123/db for a server",
+    )
+    clickhouse_cluster: Annotated[str, AfterValidator(check_cluster_name)] = Field(
+        "",
+        description="a cluster of the ClickHouse server's remote_servers: the schema is made Replicated and Distributed "
+        "on it, every migration ON CLUSTER (docs: clusters); empty for one server or chDB",
     )
     sink_group: str = Field("throttlex-sink", description="Kafka consumer group of the usage sink")
     sink_batch_max_rows: int = Field(

@@ -8,10 +8,11 @@ under the token ``take-<n>``. The first such insert is stored and every later on
 the next claimant takes turn ``n + 1``. A turn taken longer ago than ``lease_s`` and never released (its holder
 died) may be taken over the same way; a holder checks before each schema file that its turn is still the last
 (`LockLost` otherwise). With the embedded engine the claim holds across the connections of the one process
-that may open its directory, and with a single server across processes. On a cluster the lock table must be
-a replicated table created on every server, whose deduplication tokens Keeper keeps for all of them: the
-cluster schema's job (until then, run `throttlex migrate` once, from one place). Should a token not be
-deduplicated, every reader still agrees on one holder: the earliest claim of the turn.
+that may open its directory, and with a single server across processes. On a cluster (`cluster_schema`) the
+lock table is one Replicated table with a copy on every server, so Keeper keeps its deduplication tokens for
+all of them: processes migrating through different servers agree, and the holder runs every schema
+statement ``ON CLUSTER``. Should a token not be deduplicated, every reader still agrees on one holder: the
+earliest claim of the turn.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ CREATE TABLE IF NOT EXISTS throttlex_migration_lock
 )
 ENGINE = MergeTree
 ORDER BY (turn, state)
-SETTINGS non_replicated_deduplication_window = 1000
+SETTINGS non_replicated_deduplication_window = 1000, replicated_deduplication_window = 1000
 """
 
 LEASE_S = 600.0
@@ -73,7 +74,8 @@ async def migration_lock(
     store: UsageStore, owner: str, *, lease_s: float = LEASE_S, wait_s: float = LEASE_S + 60
 ) -> AsyncIterator[Held]:
     """Hold the migration lock; waits while another process holds it (`MigrationLockTimeout` after ``wait_s``)."""
-    await store.command(LOCK_TABLE)
+    for statement in store.ddl(LOCK_TABLE):
+        await store.command(statement)
     deadline = time.monotonic() + wait_s
     reported = 0.0
     while True:

@@ -26,7 +26,8 @@ import clickhouse_connect
 from clickhouse_connect.driver.exceptions import ClickHouseError, OperationalError
 
 from throttlex.processors import metrics
-from throttlex.processors.accounting.migration_lock import LEASE_S, migration_lock
+from throttlex.processors.accounting.cluster_schema import check_cluster_name, for_cluster, local
+from throttlex.processors.accounting.migration_lock import LEASE_S, LOCK_TABLE, migration_lock
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +81,12 @@ class UsageStore:
     of events never delays a health check or a usage report; with chDB the clients are connections to
     the one engine the process hosts."""
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, *, cluster: str = "") -> None:
         self._scheme = check_dsn(dsn)
+        if cluster and self._scheme == "chdb":
+            raise ValueError("THROTTLEX_CLICKHOUSE_CLUSTER needs a ClickHouse server: chDB is one embedded engine")
         self._dsn = dsn
+        self._cluster = check_cluster_name(cluster)
         self._writer = _Session("clickhouse-write")
         self._reader = _Session("clickhouse-read")
         self._scanner = _Session("clickhouse-scan")
@@ -118,7 +122,8 @@ class UsageStore:
         Schema files expand, then contract: a file adds what the new version needs (a column with a default,
         a table, a view) in a form the previous version's sinks keep inserting through, and drops what no
         version in service uses any more only in a later release, once every process is past it."""
-        await self.command(_MIGRATIONS_TABLE)
+        for statement in self.ddl(_MIGRATIONS_TABLE):
+            await self.command(statement)
         if not await self._pending():
             return []
         applied = []
@@ -126,12 +131,24 @@ class UsageStore:
         async with migration_lock(self, owner, wait_s=lock_wait_s) as held:
             for version, name, sql in await self._pending():  # read again: the last holder may have applied them
                 await held.check()
-                for statement in _statements(sql):
+                for statement in self.ddl(sql):
                     await self.command(statement)
                 await self.insert("throttlex_schema_migrations", [(version, name)], ("version", "name"))
                 log.info("applied migration", extra={"migration": name})
                 applied.append(name)
         return applied
+
+    def ddl(self, sql: str) -> list[str]:
+        """The statements of ``sql`` (a schema file) as this store runs them: as written on one engine, in their
+        cluster form (`cluster_schema`) with a cluster."""
+        statements = _statements(sql)
+        if not self._cluster:
+            return statements
+        return [form for statement in statements for form in for_cluster(statement, self._cluster)]
+
+    def schema(self) -> list[str]:
+        """Every statement a migration from nothing runs, in order (for review: `throttlex migrate --print`)."""
+        return [*self.ddl(_MIGRATIONS_TABLE), *self.ddl(LOCK_TABLE), *(s for _, _, sql in _schema_files() for s in self.ddl(sql))]
 
     async def _pending(self) -> list[tuple[int, str, str]]:
         done = {row[0] for row in await self.query("SELECT version FROM throttlex_schema_migrations")}
@@ -139,14 +156,18 @@ class UsageStore:
 
     async def apply_retention(self, days: int) -> None:
         """Keep raw events ``days`` days (0: forever). Rollups are kept regardless."""
+        table = local("usage_events") if self._cluster else "usage_events"
         [(create,)] = await self.query(
-            "SELECT create_table_query FROM system.tables WHERE database = currentDatabase() AND name = 'usage_events'"
+            f"SELECT create_table_query FROM system.tables WHERE database = currentDatabase() AND name = '{table}'"
         )
         if days > 0:
-            ttl = f"toDateTime(event_time) + toIntervalDay({int(days)})"
-            await self.command(f"ALTER TABLE usage_events MODIFY TTL {ttl}")
+            change = f"MODIFY TTL toDateTime(event_time) + toIntervalDay({int(days)})"
         elif " TTL " in create:
-            await self.command("ALTER TABLE usage_events REMOVE TTL")
+            change = "REMOVE TTL"
+        else:
+            return
+        for statement in self.ddl(f"ALTER TABLE usage_events {change}"):
+            await self.command(statement)
 
     async def command(self, sql: str) -> None:
         await self._call(self._writer, functools.partial(self._writer.client.command, sql))
@@ -168,7 +189,7 @@ class UsageStore:
         """Insert synchronously. With ``dedup_token``, a block already inserted under the same token is
         dropped, in ``table`` and in the materialized views it feeds."""
         insert = functools.partial(
-            self._writer.client.insert, table, rows, column_names=list(columns), settings=_insert_settings(dedup_token)
+            self._writer.client.insert, table, rows, column_names=list(columns), settings=self._insert_settings(dedup_token)
         )
         await self._call(self._writer, insert)
 
@@ -202,8 +223,14 @@ class UsageStore:
         self, table: str, data: bytes, columns: Sequence[str], fmt: str, dedup_token: str | None
     ) -> Callable[[], Any]:
         return functools.partial(
-            self._writer.client.raw_insert, table, list(columns), data, settings=_insert_settings(dedup_token), fmt=fmt
+            self._writer.client.raw_insert, table, list(columns), data, settings=self._insert_settings(dedup_token), fmt=fmt
         )
+
+    def _insert_settings(self, dedup_token: str | None) -> dict[str, Any]:
+        settings = _insert_settings(dedup_token)
+        if self._cluster:  # into the Distributed table: split and stored on the shards before the insert returns
+            settings["distributed_foreground_insert"] = 1
+        return settings
 
     async def ping(self) -> bool:
         try:
