@@ -97,7 +97,7 @@ async def test_the_units_rollup_takes_in_what_was_stored_before_it(tmp_path: Pat
         )
     finally:
         await store.close()
-    assert len(windows) == 5 and all(window == "10000" and seconds == "604800" for _, window, seconds in windows), windows
+    assert len(windows) == 6 and all(window == "10000" and seconds == "604800" for _, window, seconds in windows), windows
 
 
 async def test_two_processes_migrating_at_once_apply_each_migration_once(tmp_path: Path) -> None:
@@ -113,7 +113,7 @@ async def test_two_processes_migrating_at_once_apply_each_migration_once(tmp_pat
         assert versions == [(n, 1) for n in range(1, 8)]  # each applied once
         assert sorted(applied[0] + applied[1]) == [f"000{n}_{name}.sql" for n, name in enumerate(
             ["usage_events", "exactly_once_and_rollups", "key_plan", "units_per_minute", "deduplication_bounds",
-             "event_source", "append_time"], start=1)]  # fmt: skip
+             "event_source", "append_time_and_sink_progress"], start=1)]  # fmt: skip
         assert [] in applied  # one applied them all; the other waited, then found nothing left
         turns = await first.query("SELECT turn, groupArray(state) FROM throttlex_migration_lock GROUP BY turn ORDER BY turn")
         # One turn each at most (the second store may take the lock after the first released it, to find nothing

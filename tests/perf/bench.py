@@ -14,7 +14,8 @@ Debian). Scenarios, each with medians over ``--runs`` runs, alternatives measure
    confluent-kafka loop and the worker's aiokafka loop (`bench_floor`), and the sink into chDB
    (`bench_pipeline`, `bench_sink`);
 5. detection latency and overshoot at 1,000, 10,000 and 20,000 events/s (`bench_detection`);
-6. CPU per request for the whole system beside `limits`' moving window (`bench_system`).
+6. CPU per request for the whole system beside `limits`' moving window (`bench_system`);
+7. 100 edges resynchronising at once over 100,000 keys, this release beside the previous one (`bench_resync`).
 
 Prints a table per scenario, writes tests/perf/results.json and BENCHMARKS.md.
 """
@@ -37,7 +38,7 @@ from typing import Any
 from throttlex.processors.topics import ensure_topics
 from tests.previous_release import PREVIOUS_RELEASE, previous_release
 from tests.perf import (bench_detection, bench_edge, bench_engine, bench_floor, bench_gateway, bench_pipeline, bench_quota,
-                        bench_sink, bench_system)
+                        bench_resync, bench_sink, bench_system)
 
 ROOT = Path(__file__).parents[2]
 RESULTS = Path(__file__).with_name("results.json")
@@ -197,6 +198,22 @@ def remeasure_worker(bootstrap: str, redis_url: str, runs: int, quick: bool) -> 
     write_measured_apart(results, "worker", "worker", worker["sample_policies"]["cpu_us_per_event"])
 
 
+def measure_resync(runs: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        return bench_resync.run(max(runs, 5), previous_release(Path(tmp)))
+
+
+def remeasure_resync(runs: int) -> None:
+    """The edges' resync alone (scenario 7), added to or replaced in results.json."""
+    results = json.loads(RESULTS.read_text())
+    results["resync"] = measure_resync(runs)
+    results["resync_measured_apart"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    REPORT.write_text(report(results))
+    print(REPORT.read_text())
+    print(f"wrote {RESULTS} and {REPORT}")
+
+
 def detection_results(detection: dict[str, dict[str, float]]) -> dict[str, Any]:
     return {
         "p99_ms_at_10k_eps": round(detection["10000"]["p99_ms"], 1),
@@ -219,6 +236,9 @@ def main() -> None:
     parser.add_argument("--only-worker", action="store_true",
                         help="measure the workers (this release's and the previous release's beside it) and detection "
                              "alone and replace them in results.json; the report says when they were measured apart")  # fmt: skip
+    parser.add_argument("--only-resync", action="store_true",
+                        help="measure the edges' resync (7.), this release's and the previous one's, alone and put it "
+                             "in results.json; the report says when it was measured apart")  # fmt: skip
     args = parser.parse_args()
     if args.report_only:
         REPORT.write_text(report(json.loads(RESULTS.read_text())))
@@ -229,6 +249,9 @@ def main() -> None:
     if args.only_gateway:
         remeasure_gateway(gateway_runs, 5 if args.quick else GATEWAY_RUN_S)
         return
+    if args.only_resync:
+        remeasure_resync(runs)
+        return
     bootstrap = os.environ.get("THROTTLEX_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
     redis_url = os.environ.get("THROTTLEX_REDIS_URL", "redis://127.0.0.1:6379/0")
     if args.only_accounting:
@@ -238,24 +261,26 @@ def main() -> None:
         remeasure_worker(bootstrap, redis_url, runs, args.quick)
         return
 
-    print("1/6 edge check", flush=True)
+    print("1/7 edge check", flush=True)
     edge = asyncio.run(bench_edge.run(redis_url, runs, 5_000 if args.quick else 20_000))
-    print("2/6 gateway", flush=True)
+    print("2/7 gateway", flush=True)
     gateway = measure_gateway(gateway_runs, 5 if args.quick else GATEWAY_RUN_S)
     gateway_wsgi = measure_gateway(gateway_runs, 5 if args.quick else GATEWAY_RUN_S, wsgi=True)
-    print("3/6 policy engine", flush=True)
+    print("3/7 policy engine", flush=True)
     engine = bench_engine.measure_all(keys=5_000 if args.quick else 20_000, events=20_000 if args.quick else 100_000, runs=runs)
-    print("4/6 pipeline", flush=True)
+    print("4/7 pipeline", flush=True)
     floors = bench_floor.run(bootstrap, runs, 100_000 if args.quick else 300_000)
     with tempfile.TemporaryDirectory() as tmp:
         worker = asyncio.run(bench_pipeline.run(bootstrap, redis_url, runs, 150_000 if args.quick else 400_000,
                                                 previous=previous_release(Path(tmp))))  # fmt: skip
     sink_by_batch, sink_formats, quota = accounting(bootstrap, runs, args.quick)
     sink_rows = sink_by_batch[SINK_BATCHES]
-    print("5/6 detection", flush=True)
+    print("5/7 detection", flush=True)
     detection = asyncio.run(bench_detection.run(bootstrap, redis_url, [1_000, 10_000, 20_000]))
-    print("6/6 whole system", flush=True)
+    print("6/7 whole system", flush=True)
     system = asyncio.run(bench_system.run(bootstrap, redis_url, runs, 20_000 if args.quick else 100_000))
+    print("7/7 edge resync", flush=True)
+    resync = measure_resync(runs)
 
     limits_moving = edge["limits_moving_window"]["checks_per_s"]
     throttlex_cpu = {"gateway": system["throttlex_gateway"]["cpu_us"],
@@ -277,6 +302,7 @@ def main() -> None:
         },  # fmt: skip
         "quota": quota,
         "detection": detection_results(detection),
+        "resync": resync,
         "system_cpu_us_per_request": {
             "throttlex": {**{k: round(v, 1) for k, v in throttlex_cpu.items()}, "total": round(sum(throttlex_cpu.values()), 1)},
             "limits_moving_window": {k: round(v, 1) for k, v in system["limits_moving_window"].items()},
@@ -417,6 +443,18 @@ def report(r: dict[str, Any]) -> str:
                         ["limits moving window", "client (`hit`)", f"{lm['client_cpu_us']:.1f}"],
                         ["limits moving window", "Redis server (`INFO cpu`)", f"{lm['redis_cpu_us']:.1f}"],
                         ["limits moving window", "**total**", f"**{lm['total_cpu_us']:.1f}**"]]))  # fmt: skip
+    if "resync" in r:
+        v = r["resync"]
+        apart = r.get("resync_measured_apart")
+        when = f"; measured apart from the rest, {apart}" if apart else ""
+        names = {"previous_release": f"previous release ({PREVIOUS_RELEASE}): SCAN of the keyspace",
+                 "this_release": "this release: the block index"}  # fmt: skip
+        parts.append(table(f"7. Edge resync: {v['edges']} edges at once, {v['keys']:,} keys in Redis of which {v['blocks']:,} "
+                           f"blocks (as after a failover; a Redis of its own; medians of {v['runs']} rounds{when})",
+                           ["edges", "all resynced after", "Redis CPU for the round", "Redis CPU-µs per edge", "Redis commands per edge"],
+                           [[names[name], f"{v[name]['resync_all_edges_ms']:,.0f} ms", f"{v[name]['redis_cpu_ms']:,.0f} ms",
+                             f"{v[name]['redis_cpu_us_per_edge']:,.0f}", f"{v[name]['redis_commands_per_edge']:,.1f}"]
+                            for name in ("previous_release", "this_release")]))  # fmt: skip
     parts.append(table("Goals", ["goal", "measured", "met"], goals(r)))
     parts.append(PROFILE)
     return "\n".join(parts)

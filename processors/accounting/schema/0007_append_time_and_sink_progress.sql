@@ -13,7 +13,9 @@ CREATE TABLE IF NOT EXISTS sink_progress
     next_offset     SimpleAggregateFunction(max, UInt64)
 )
 ENGINE = AggregatingMergeTree
-ORDER BY kafka_partition;
+ORDER BY kafka_partition
+SETTINGS non_replicated_deduplication_window = 10000, replicated_deduplication_window = 10000,
+    replicated_deduplication_window_seconds = 604800;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS sink_progress_mv TO sink_progress AS
 SELECT kafka_partition, max(kafka_offset) + 1 AS next_offset

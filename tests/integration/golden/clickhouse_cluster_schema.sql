@@ -172,7 +172,9 @@ CREATE TABLE IF NOT EXISTS sink_progress_local ON CLUSTER throttlex (
     next_offset     SimpleAggregateFunction(max, UInt64)
 )
 ENGINE = ReplicatedAggregatingMergeTree('/clickhouse/tables/{shard}/{database}/sink_progress_local', '{replica}')
-ORDER BY kafka_partition;
+ORDER BY kafka_partition
+SETTINGS non_replicated_deduplication_window = 10000, replicated_deduplication_window = 10000,
+    replicated_deduplication_window_seconds = 604800;
 
 CREATE TABLE IF NOT EXISTS sink_progress ON CLUSTER throttlex AS sink_progress_local
 ENGINE = Distributed(throttlex, currentDatabase(), sink_progress_local, kafka_partition);
