@@ -94,7 +94,7 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
         host, _, port = address.rpartition(":") if ":" in address else (address, "", "")
         if not host or (port and not port.isdigit()):
             raise RedisUrlError(f"cannot read the Sentinel address {address!r} in the Redis URL: give host:port")
-        sentinels.append((host, int(port or DEFAULT_SENTINEL_PORT)))
+        sentinels.append((host.strip("[]"), int(port or DEFAULT_SENTINEL_PORT)))  # an IPv6 address in brackets
     path = [segment for segment in parts.path.split("/") if segment]
     if not path or len(path) > 2:
         raise RedisUrlError("a redis+sentinel:// URL names the service after the addresses: redis+sentinel://host:port/service[/db]")
