@@ -1,8 +1,9 @@
 """A rolling upgrade: a worker of the previous release counts events and stops; a worker of this one takes its
 partitions over and restores the state the previous one wrote (its changelog records, written before the
 changelog went into transactions, and its committed offsets). One more event then blocks a key and a tenant
-exactly at their limits: nothing was counted twice or lost across versions. The previous release is taken from
-the repository's history (`git archive`), so it runs its own code."""
+exactly at their limits: nothing was counted twice or lost across versions. A block the previous release wrote
+(without an entry in the block index) is indexed by this release's worker at its start, so an edge of this release
+enforces it. The previous release is taken from the repository's history (`git archive`), so it runs its own code."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from redis.asyncio import Redis
 
 from throttlex.ingest.clock import wall_clock_ms
+from throttlex.ingest.denylist import EdgeDenylist
 from throttlex.processors.core.policy import parse_policies
 from tests.conftest import (EventSender, RoleProcess, Sandbox, eventually, start_role, stop_role, wait_until_worker_committed,
                             window_counts, worker_state)  # fmt: skip
@@ -50,18 +52,28 @@ async def test_state_written_by_the_previous_release_restores_in_this_one(
     old = start_role(sandbox, ["worker", "--policy-file", str(policy_file)], {"PYTHONPATH": str(previous)}, launch=SHOWING_CODE)
     near = [request("k-near", wall_clock_ms(), tenant="t-shared") for _ in range(9)]
     others = [request(f"k-{n}", wall_clock_ms(), tenant="t-shared") for n in range(20)]
-    await producer.send_all(near + others)
+    over = [request("k-over", wall_clock_ms(), tenant="t-other") for _ in range(10)]  # blocked by the previous release
+    await producer.send_all(near + others + over)
     await wait_until_worker_committed(sandbox)
     stop_role(old)
     assert f"worker code: {previous}/throttlex/processors/worker/worker.py" in old.log()  # the archive's, not this tree's
     assert await stored_block(redis, prefix, "api_key=k-near") is None  # 9 of 10
     assert await stored_block(redis, prefix, "tenant=t-shared") is None  # 29 of 30
+    assert await stored_block(redis, prefix, "api_key=k-over") is not None
+    assert await redis.zscore(f"{prefix}:block-index", "api_key=k-over") is None  # the previous release has no index
 
     spawn("worker", "--policy-file", str(policy_file))
     await producer(request("k-near", wall_clock_ms(), tenant="t-shared"))
     for key in ("api_key=k-near", "tenant=t-shared"):
         await eventually(lambda: stored_block(redis, prefix, key), timeout_s=60, what=f"{key} blocked by one more event")
     await wait_until_worker_committed(sandbox)
+    edge = EdgeDenylist(sandbox.redis_url, prefix)  # a gateway of this release, started after the new worker
+    await edge.start()
+    try:
+        await eventually(lambda: edge.blocked("api_key=k-over") is not None, timeout_s=15,
+                         what="the previous release's block at an edge of this one")  # fmt: skip
+    finally:
+        await edge.stop()
     states = await worker_state(sandbox, parse_policies(POLICIES, "test"))
     assert window_counts(states, "per-key", wall_clock_ms())["api_key=k-near"] == 10
-    assert window_counts(states, "per-tenant", wall_clock_ms()) == {"tenant=t-shared": 30}
+    assert window_counts(states, "per-tenant", wall_clock_ms()) == {"tenant=t-shared": 30, "tenant=t-other": 10}
