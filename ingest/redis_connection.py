@@ -71,7 +71,8 @@ def connect_redis(url: str, **options: Any) -> Redis:
         sentinel_options.update(ssl=True, **{name: value for name, value in target.data.items() if name.startswith("ssl_")})
     if target.sentinel_password:
         sentinel_options["password"] = target.sentinel_password
-    sentinel = Sentinel(target.sentinels, sentinel_kwargs=sentinel_options, **target.data, **options)  # type: ignore[no-untyped-call]
+    settings = {**target.data, **options}  # the caller's timeouts and retries over the URL's
+    sentinel = Sentinel(target.sentinels, sentinel_kwargs=sentinel_options, **settings)  # type: ignore[no-untyped-call]
     primary: Redis = sentinel.master_for(target.service, redis_class=_SentinelPrimary, ssl=target.tls)
     return primary
 
@@ -91,10 +92,14 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     credentials, _, hosts = parts.netloc.rpartition("@")
     sentinels = []
     for address in hosts.split(","):
-        host, _, port = address.rpartition(":") if ":" in address else (address, "", "")
+        if address.startswith("["):  # an IPv6 address: [::1] or [::1]:26379
+            host, _, rest = address[1:].partition("]")
+            port = rest.removeprefix(":")
+        else:
+            host, _, port = address.partition(":")
         if not host or (port and not port.isdigit()):
             raise RedisUrlError(f"cannot read the Sentinel address {address!r} in the Redis URL: give host:port")
-        sentinels.append((host.strip("[]"), int(port or DEFAULT_SENTINEL_PORT)))  # an IPv6 address in brackets
+        sentinels.append((host, int(port or DEFAULT_SENTINEL_PORT)))
     path = [segment for segment in parts.path.split("/") if segment]
     if not path or len(path) > 2:
         raise RedisUrlError("a redis+sentinel:// URL names the service after the addresses: redis+sentinel://host:port/service[/db]")
@@ -104,7 +109,8 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     tls = SENTINEL_SCHEMES[parts.scheme.lower()]
     data = parse_url(f"{'rediss' if tls else 'redis'}://{credentials + '@' if credentials else ''}sentinel/"
                      f"{path[1] if len(path) > 1 else 0}?{urlencode(query)}")  # fmt: skip
-    settings = {name: value for name, value in data.items() if name not in ("host", "port", "connection_class")}
+    settings = {name: value for name, value in data.items()
+                if name not in ("host", "port", "connection_class") and (tls or not name.startswith("ssl_"))}  # fmt: skip
     return SentinelTarget(sentinels, path[0], settings, tls, sentinel_password)
 
 

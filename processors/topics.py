@@ -24,9 +24,9 @@ _DYNAMIC_TOPIC_CONFIG = 1
 
 
 def min_insync_replicas(replication_factor: int) -> int:
-    """The ``min.insync.replicas`` of every topic ThrottleX creates: a majority of its replicas (2 of 3), so a
-    write acknowledged with ``acks=all`` is on at least two brokers whenever there are three, and one broker
-    can be lost without refusing writes."""
+    """The ``min.insync.replicas`` of every topic ThrottleX creates: a majority of its replicas, so a write
+    acknowledged with ``acks=all`` is on a majority of them. With three replicas that is two, and one broker can be
+    lost without refusing writes; with two replicas it is both, and losing either holds writes back."""
     return replication_factor // 2 + 1
 
 

@@ -11,6 +11,8 @@
 #   deploy/local/cluster.sh kill NODE            kill one node (SIGKILL: a crash)
 #   deploy/local/cluster.sh start NODE           start one node again (a Redis node rejoins as a replica of the
 #                                                primary the Sentinels name)
+#   deploy/local/cluster.sh pause|resume NODE    freeze a node (SIGSTOP) and let it go on (SIGCONT): a replica that
+#                                                receives nothing meanwhile, say
 #   NODE is controller, broker-1..3, redis-1..3 or sentinel-1..3.
 #
 # Settings (environment):
@@ -180,7 +182,7 @@ stop_kafka() {
 }
 
 wants() { [ -z "${2:-}" ] || [ "$2" = "$1" ]; }
-case "${2:-}" in ""|kafka|redis) ;; *) [[ "${1:-}" =~ ^(start|stop|kill)$ ]] || die "usage: $0 up|down|status|env [kafka|redis]" ;; esac
+case "${2:-}" in ""|kafka|redis) ;; *) [[ "${1:-}" =~ ^(start|stop|kill|pause|resume)$ ]] || die "usage: $0 up|down|status|env [kafka|redis]" ;; esac
 
 mkdir -p "$state"
 case "${1:-}" in
@@ -195,13 +197,19 @@ case "${1:-}" in
   start) start_node "${2:?usage: $0 start NODE}" ;;
   stop) port_of "${2:?usage: $0 stop NODE}" >/dev/null; stop_one "$2" ;;
   kill) port_of "${2:?usage: $0 kill NODE}" >/dev/null; stop_one "$2" KILL ;;
+  pause|resume)
+    port_of "${2:?usage: $0 $1 NODE}" >/dev/null
+    pid_alive "$state/$2.pid" || die "$2 is not running"
+    if [ "$1" = pause ]; then kill -STOP "$(cat "$state/$2.pid")"; else kill -CONT "$(cat "$state/$2.pid")"; fi
+    say "$2 ${1}d"
+    ;;
   status)
     for node in controller "${brokers[@]}" "${redises[@]}" "${sentinels[@]}"; do status_one "$node" "$(port_of "$node")"; done
     ;;
   env)
     echo "export THROTTLEX_KAFKA_BOOTSTRAP=127.0.0.1:$kafka_port,127.0.0.1:$((kafka_port + 1)),127.0.0.1:$((kafka_port + 2))"
-    echo "export THROTTLEX_KAFKA_REPLICATION_FACTOR=3"
+    echo "export THROTTLEX_TOPIC_REPLICATION_FACTOR=3"
     echo "export THROTTLEX_REDIS_URL=redis+sentinel://127.0.0.1:$sentinel_port,127.0.0.1:$((sentinel_port + 1)),127.0.0.1:$((sentinel_port + 2))/$service/0"
     ;;
-  *) die "usage: $0 up|down|status|env [kafka|redis], or start|stop|kill NODE" ;;
+  *) die "usage: $0 up|down|status|env [kafka|redis], or start|stop|kill|pause|resume NODE" ;;
 esac

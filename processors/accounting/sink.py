@@ -16,10 +16,11 @@ same batch (it waits for offset ``last`` and goes no further) and inserts it wit
 batch that had landed is dropped as a duplicate, one that had not lands now.
 
 ClickHouse also keeps, per partition, the offset after the highest one stored (``sink_progress``, fed by a
-materialized view of every insert). A sink taking a partition resumes from it when Kafka's committed
-offset is missing (the group's offsets expired while it was idle) or behind it (a commit that never
-landed, an intent whose batch did): what is stored, not the deduplication window's reach, decides, so no
-event is stored twice however long the sink was away. Inserts that fail are
+materialized view of every insert). A sink taking a partition with no intent on it resumes from there when
+Kafka's committed offset is missing (the group's offsets expired while it was idle) or behind it: what is
+stored, not the deduplication window's reach, decides, so no event is stored twice however long the sink
+was away. An intent is always replayed (its batch is recent, within the window): on a cluster a batch may
+have landed on some shards and not others. Inserts that fail are
 retried with backoff and nothing is committed meanwhile, so no event is lost; an insert ClickHouse refuses as
 such (a schema mismatch) stops the sink with the reason instead. A batch is one block (at most
 ``sink_batch_max_rows``, below ClickHouse's ``min_insert_block_size_rows``), so it lands whole or not at all.
@@ -459,18 +460,18 @@ class UsageSink:
             return  # stopping: nothing more is cut or committed
         fences = {}
         for tp in committed:
-            resume = stored.get(tp.partition, 0)
             fence = None
             if tp.metadata and tp.metadata.startswith(_INFLIGHT):  # librdkafka stores it with a trailing NUL
                 fence = int(tp.metadata.removeprefix(_INFLIGHT).rstrip("\0"))
-            if resume > max(tp.offset, 0) and (fence is None or resume > fence):
+            resume = self._resume_from(tp, stored.get(tp.partition, 0)) if fence is None else 0
+            if resume > max(tp.offset, 0):
                 log.warning("resuming after the last event stored in ClickHouse: Kafka's committed offset is "
                             + ("missing (expired?)" if tp.offset < 0 else "behind it"),
                             extra={"partition": tp.partition, "committed": tp.offset, "from": resume})  # fmt: skip
                 tp.offset = resume
             elif tp.offset < 0:  # nothing committed, nothing stored: from the start
                 tp.offset = OFFSET_BEGINNING
-            elif fence is not None:
+            elif fence is not None:  # replayed even if stored: on a cluster a batch may be stored on some shards only
                 fences[tp.partition] = fence
                 log.info("replaying an interrupted batch", extra={"partition": tp.partition, "from": tp.offset, "to": fence})
         consumer.assign(committed)
@@ -500,14 +501,33 @@ class UsageSink:
 
 
     def _stored_ends(self) -> dict[int, int] | None:
-        """`UsageStore.stored_ends_blocking`, asked until ClickHouse answers; None if a stop comes first."""
+        """`UsageStore.stored_ends_blocking`, asked until ClickHouse answers; None if a stop comes first. An error
+        ClickHouse will repeat (no ``sink_progress`` table: a schema older than this sink) stops the sink."""
         while not self._stopping.is_set():
             try:
                 return self._store.stored_ends_blocking()
             except StoreError as exc:
+                if not exc.retriable:
+                    raise
                 log.warning("could not read where the stored events end; retrying", extra={"error": str(exc)})
                 self._stopping.wait(1.0)
         return None
+
+    def _resume_from(self, tp: TopicPartition, stored_end: int) -> int:
+        """``stored_end`` if the partition reaches that far; 0 (Kafka's committed offset decides) if ClickHouse holds
+        offsets past the partition's end: they are another topic's (a recreated one), not this one's."""
+        if not stored_end:
+            return 0
+        try:
+            _, high = self._consumer.get_watermark_offsets(tp, timeout=_KAFKA_TIMEOUT_S)
+        except KafkaException as exc:
+            raise RuntimeError(f"could not read the end of partition {tp.partition}: {exc}") from exc
+        if stored_end > high:
+            log.error("ClickHouse holds offsets past this partition's end: sink_progress belongs to another events topic "
+                      "(recreated?); resuming from Kafka's committed offset. Clear it: TRUNCATE TABLE sink_progress",
+                      extra={"partition": tp.partition, "stored_end": stored_end, "end": high})  # fmt: skip
+            return 0
+        return stored_end
 
 
 def _kafka_error(error: KafkaError) -> None:

@@ -14,11 +14,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from typing import cast
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from throttlex.ingest.clock import wall_clock_ms
+from throttlex.ingest import denylist_entries
 from throttlex.ingest.denylist_entries import Block
 from throttlex.ingest.tasks import cancel_and_wait
 from throttlex.processors import metrics
@@ -30,21 +32,26 @@ from throttlex.processors.worker.live_usage import LiveUsageWriter
 log = logging.getLogger(__name__)
 
 _MAX_BACKOFF_S = 1.0
+_MARKER_TTL_S = 600
 
 
 class RedisPublisher:
     """Writes blocks (first) and live usage (every ``live_flush_interval_s``) from its own task.
 
-    ``blocks_in_force`` gives every block the worker's current state holds: whenever the Redis server
-    answering is another one than before (it restarted, perhaps empty, or a Sentinel failover promoted a
-    replica that had not received the last writes), they are all written again.
+    ``blocks_in_force`` gives every block the worker's current state holds. Whenever the Redis server answering
+    is another one than before (it restarted, perhaps empty, or a Sentinel failover promoted a replica that had
+    not received the last writes), or the denylist is gone (a marker key only this publisher writes, for a Redis
+    emptied in place), they are all written again; and a block Redis still holds for a key the worker ``holds``
+    with no block in force (a lift the old primary took with it) is lifted again.
     """
 
     def __init__(
         self,
         redis: Redis,
         prefix: str,
+        marker: str,
         blocks_in_force: Callable[[], list[Block]],
+        holds: Callable[[str], bool],
         *,
         live_flush_interval_s: float,
         max_pending_keys: int,
@@ -52,8 +59,11 @@ class RedisPublisher:
         self._redis = redis
         self._denylist = DenylistWriter(redis, prefix)
         self._live = LiveUsageWriter(redis, prefix, max_pending_keys)
+        self._prefix = prefix
+        self._marker = marker
         self._server: str | None = None  # the Redis server written to (its run id)
         self._blocks_in_force = blocks_in_force
+        self._holds = holds
         self._interval_s = live_flush_interval_s
         self._blocks: dict[str, tuple[Block, int | None]] = {}
         """Limit key -> the block to write and the event time that caused it (None: not an event)."""
@@ -144,17 +154,23 @@ class RedisPublisher:
         log.info("blocks written", extra={"blocks": written})
 
     async def _restore_denylist(self) -> None:
-        """If another Redis server answers than before (restarted, or failed over), write every block still
-        in force again; edges pick them up through pub/sub and their periodic resync."""
+        """If another Redis server answers than before (restarted, or failed over), or the denylist is gone, write
+        every block still in force again, and lift again what Redis blocks for keys of this worker's with none in
+        force; edges pick both up through pub/sub and their periodic resync."""
         server = await redis_server_id(self._redis)
-        if server == self._server:
+        if server == self._server and await self._redis.expire(self._marker, _MARKER_TTL_S):
             return
         blocks = self._blocks_in_force()
-        await self._denylist.publish(blocks)
+        in_force = {block.limit_key for block in blocks}
+        index = denylist_entries.block_index(self._prefix)
+        indexed = cast(list[bytes], await self._redis.zrangebyscore(index, f"({wall_clock_ms()}", "+inf"))
+        lifts = [Block(key, 0, "lifted") for key in (raw.decode() for raw in indexed) if key not in in_force and self._holds(key)]
+        await self._denylist.publish(blocks + lifts)
+        await self._redis.set(self._marker, b"1", ex=_MARKER_TTL_S)
         if self._server is not None:  # not the first check after start-up: what was written may be gone
             metrics.DENYLIST_RESTORES.inc()
-            log.warning("another Redis server answers (restarted or failed over); blocks in force written again",
-                        extra={"blocks": len(blocks)})  # fmt: skip
+            log.warning("another Redis server answers (restarted or failed over) or the denylist is gone; blocks in "
+                        "force written again", extra={"blocks": len(blocks), "lifts": len(lifts)})  # fmt: skip
         self._server = server
 
     def _expire_active(self) -> None:

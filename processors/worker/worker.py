@@ -28,6 +28,7 @@ import heapq
 import logging
 import operator
 import time
+import uuid
 from collections import Counter
 from typing import Any
 
@@ -95,7 +96,9 @@ class StreamWorker:
         self._publisher = RedisPublisher(
             self._redis,
             settings.redis_prefix,
+            marker=f"{settings.redis_prefix}:denylist-writer:{uuid.uuid4().hex}",
             blocks_in_force=self._blocks_in_force,
+            holds=self._holds,
             live_flush_interval_s=settings.live_flush_interval_s,
             max_pending_keys=settings.live_usage_max_pending_keys,
         )
@@ -388,6 +391,10 @@ class StreamWorker:
         if evicted:
             metrics.KEYS_EVICTED.inc(evicted)
             log.info("evicted idle keys", extra={"evicted": evicted, "tracked": tracked})
+
+    def _holds(self, limit_key: str) -> bool:
+        """Whether this worker keeps the state of ``limit_key`` (so it decides its blocks)."""
+        return any(limit_key in part.engine.state for part in self._partitions.values())
 
     def _blocks_in_force(self) -> list[Block]:
         now_ms = self._clock()

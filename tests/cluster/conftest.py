@@ -63,6 +63,12 @@ class LocalCluster:
     def start(self, node: str) -> None:
         self.run("start", node)
 
+    def pause(self, node: str) -> None:
+        self.run("pause", node)
+
+    def resume(self, node: str) -> None:
+        self.run("resume", node)
+
     async def leaders(self, topic: str) -> dict[int, int]:
         """Partition -> the broker id that leads it (-1: none); empty if no broker answered."""
         admin = AIOKafkaAdminClient(bootstrap_servers=self.kafka_bootstrap, request_timeout_ms=5000)
@@ -147,7 +153,10 @@ def local_cluster() -> Iterator[LocalCluster]:
 async def cluster(local_cluster: LocalCluster) -> LocalCluster:
     """The cluster with every node running, every Kafka replica in sync and the Redis primary with both
     replicas (a test before may have killed some)."""
-    if local_cluster.running() != set(NODES):
+    running = local_cluster.running()
+    for node in running & {"redis-1", "redis-2", "redis-3"}:
+        local_cluster.resume(node)  # a test that failed may have left one frozen
+    if running != set(NODES):
         local_cluster.run("up")
     await eventually(local_cluster.in_sync, timeout_s=60, what="every Kafka replica to be in sync")
     await eventually(local_cluster.redis_primary_port, timeout_s=60, what="the Redis primary with both replicas")
