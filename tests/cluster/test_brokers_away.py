@@ -20,7 +20,7 @@ from throttlex.ingest.settings import GatewaySettings
 from tests.cluster.conftest import LocalCluster, on_cluster
 from tests.conftest import (RoleProcess, Sandbox, eventually, free_port, owns_partitions, register_keys, stored_events,
                             wait_until_sink_committed)  # fmt: skip
-from tests.faults.test_broker_restart import REQUEST_TIMEOUT_S, Load, counter
+from tests.faults.test_broker_restart import REQUEST_TIMEOUT_S, Load, accounted_for, counter
 
 pytestmark = pytest.mark.cluster
 
@@ -70,12 +70,8 @@ async def test_two_brokers_away_shed_past_the_bound_and_lose_no_acknowledged_eve
             await asyncio.to_thread(cluster.start, node)
         back_at = time.monotonic()
         taken_before = len(load.statuses)
-
-        def backlog_delivered() -> bool:
-            delivered = counter(metrics.EVENTS_PRODUCED) - before["produced"]
-            return delivered + counter(metrics.EVENTS_SHED) - before["shed"] >= taken_before
-
-        await eventually(backlog_delivered, timeout_s=60, what="the events buffered while the brokers were away to be delivered")
+        await eventually(lambda: accounted_for(before) >= taken_before, timeout_s=60,
+                         what="the events buffered while the brokers were away to be delivered")  # fmt: skip
         drained_s = time.monotonic() - back_at
         load.stop.set()
         await running

@@ -68,6 +68,11 @@ def counter(metric: object) -> float:
     return sum(sample.value for family in metric.collect() for sample in family.samples if sample.name.endswith("_total"))  # type: ignore[attr-defined]
 
 
+def accounted_for(before: dict[str, float]) -> float:
+    """Events the gateway delivered or shed since ``before`` (its counters then)."""
+    return counter(metrics.EVENTS_PRODUCED) - before["produced"] + counter(metrics.EVENTS_SHED) - before["shed"]
+
+
 async def test_broker_restart_sheds_past_the_bound_and_delivers_every_accepted_event_once(
     sandbox: Sandbox, private_kafka: PrivateKafka, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -108,12 +113,8 @@ async def test_broker_restart_sheds_past_the_bound_and_delivers_every_accepted_e
         # wait for here: wait until as many events are delivered or shed as were taken before the
         # broker answered again (the buffer is at the head of every partition's queue).
         taken_before = len(load.statuses)
-
-        def backlog_delivered() -> bool:
-            delivered = counter(metrics.EVENTS_PRODUCED) - before["produced"]
-            return delivered + counter(metrics.EVENTS_SHED) - before["shed"] >= taken_before
-
-        await eventually(backlog_delivered, timeout_s=60, what="the events buffered while the broker was away to be delivered")
+        await eventually(lambda: accounted_for(before) >= taken_before, timeout_s=60,
+                         what="the events buffered while the broker was away to be delivered")  # fmt: skip
         drained_s = time.monotonic() - back_at
         delivered_at_drain = counter(metrics.EVENTS_PRODUCED)
         await eventually(lambda: counter(metrics.EVENTS_PRODUCED) - delivered_at_drain >= 2 * RATE_PER_S, timeout_s=30,
