@@ -192,8 +192,8 @@ class Registry:
         mine = msgspec.structs.replace(record, version=base + 1, writer=secrets.token_hex(8))
         name = f"{_KEY}{record.key_id}/v{mine.version}/{mine.writer}"
         await self._write(name, mine)
+        now = self.keys.get(record.key_id)  # what the log says right after this record (the tombstones' wait may read on)
         await self._tombstone([stale for stale, key_id in self._stale.items() if key_id == record.key_id])
-        now = self.keys.get(record.key_id)
         if now is not None and now.writer == mine.writer:
             return now
         if now is not None and now.status == "revoked":
