@@ -62,9 +62,8 @@ def check_redis_url(url: str) -> str:
 
 def connect_redis(url: str, **options: Any) -> Redis:
     """A client for ``url`` (see the module's docstring); ``options`` (timeouts, retries) apply to every connection."""
-    scheme = check_redis_url(url).partition("://")[0].lower()
-    if scheme not in SENTINEL_SCHEMES:
-        return Redis.from_url(url, **options)
+    if url.partition("://")[0].lower() not in SENTINEL_SCHEMES:
+        return Redis.from_url(check_redis_url(url), **options)
     target = parse_sentinel_url(url)
     sentinel_options = {name: value for name, value in options.items() if name.startswith("socket_")}
     if target.tls:

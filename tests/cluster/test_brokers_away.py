@@ -20,7 +20,7 @@ from throttlex.ingest.settings import GatewaySettings
 from tests.cluster.conftest import LocalCluster, on_cluster
 from tests.conftest import (RoleProcess, Sandbox, eventually, free_port, owns_partitions, register_keys, stored_events,
                             wait_until_sink_committed)  # fmt: skip
-from tests.faults.test_broker_restart import REQUEST_TIMEOUT_S, Load, accounted_for, counter
+from tests.faults.test_broker_restart import REQUEST_TIMEOUT_S, Load, accounted_for, counter, gateway_counters
 
 pytestmark = pytest.mark.cluster
 
@@ -44,8 +44,7 @@ async def test_two_brokers_away_shed_past_the_bound_and_lose_no_acknowledged_eve
     app = create_gateway_app(settings)
     producer: EventProducer = app.state.producer
     gateway = HttpServer(app, "127.0.0.1", free_port())
-    before = {name: counter(m) for name, m in [("produced", metrics.EVENTS_PRODUCED), ("shed", metrics.EVENTS_SHED),
-                                                ("failed", metrics.EVENTS_FAILED)]}  # fmt: skip
+    before = gateway_counters()
     http = httpx.AsyncClient(base_url=gateway.url, timeout=10)
     load = Load(http, plain_keys)
     buffered: list[int] = []

@@ -68,6 +68,12 @@ def counter(metric: object) -> float:
     return sum(sample.value for family in metric.collect() for sample in family.samples if sample.name.endswith("_total"))  # type: ignore[attr-defined]
 
 
+def gateway_counters() -> dict[str, float]:
+    """The gateway's event counters now (this process's): produced, shed and failed."""
+    return {name: counter(m) for name, m in [("produced", metrics.EVENTS_PRODUCED), ("shed", metrics.EVENTS_SHED),
+                                             ("failed", metrics.EVENTS_FAILED)]}  # fmt: skip
+
+
 def accounted_for(before: dict[str, float]) -> float:
     """Events the gateway delivered or shed since ``before`` (its counters then)."""
     return counter(metrics.EVENTS_PRODUCED) - before["produced"] + counter(metrics.EVENTS_SHED) - before["shed"]
@@ -89,8 +95,7 @@ async def test_broker_restart_sheds_past_the_bound_and_delivers_every_accepted_e
     app = create_gateway_app(settings)
     producer: EventProducer = app.state.producer
     gateway = HttpServer(app, "127.0.0.1", free_port())
-    before = {name: counter(m) for name, m in [("produced", metrics.EVENTS_PRODUCED), ("shed", metrics.EVENTS_SHED),
-                                                ("failed", metrics.EVENTS_FAILED)]}  # fmt: skip
+    before = gateway_counters()
     http = httpx.AsyncClient(base_url=gateway.url, timeout=10)
     load = Load(http, plain_keys)
     try:
