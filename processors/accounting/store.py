@@ -219,6 +219,15 @@ class UsageStore:
         result = self._writer.thread.submit(_translated, functools.partial(self._writer.client.query, sql)).result()
         return {int(partition): int(offset) for partition, offset in result.result_rows}
 
+    def stored_offsets_blocking(self, partition: int, first: int, last: int) -> list[int]:
+        """The offsets from ``first`` to ``last`` of events ``partition`` that ``usage_events`` holds, for a caller on
+        a thread of its own (the sink's); on the writer's thread, so it follows every insert made before."""
+        sql = ("SELECT DISTINCT kafka_offset FROM usage_events WHERE kafka_partition = {partition:UInt16} "
+               "AND kafka_offset BETWEEN {first:UInt64} AND {last:UInt64}")  # fmt: skip
+        parameters = {"partition": partition, "first": first, "last": last}
+        query = functools.partial(self._writer.client.query, sql, parameters=parameters)
+        return [int(offset) for (offset,) in self._writer.thread.submit(_translated, query).result().result_rows]
+
     def _raw_insert(
         self, table: str, data: bytes, columns: Sequence[str], fmt: str, dedup_token: str | None
     ) -> Callable[[], Any]:
