@@ -42,6 +42,7 @@ class ConnectionSettings(BaseSettings):
     )
     events_topic: str = Field("throttlex.events", description="topic the gateways write usage events to")
     events_partitions: int = Field(4, ge=1, description="partitions of the events topic when ThrottleX creates it")
+
     redis_url: Annotated[str, AfterValidator(check_redis_url)] = Field(
         "redis://127.0.0.1:6379/0",
         description="Redis holding the denylist and live usage: redis://host:port/db (rediss:// for TLS), or a primary "
@@ -63,6 +64,11 @@ class ConnectionSettings(BaseSettings):
         "throttlex.registry", description="compacted topic holding API keys, plans and policies (the source of truth)"
     )
     log_level: LogLevel = "INFO"
+
+    @property
+    def rollups_topic(self) -> str:
+        """The sink's per-batch sums of billable units, read by the API's plan ledgers (`processors.accounting.rollups`)."""
+        return f"{self.events_topic}.rollups"
 
     @property
     def kafka(self) -> KafkaAccess:

@@ -2,9 +2,11 @@
 
 A key's plan month is read from the `PlanLedger`, which holds every key's units per month of the plan's
 time zone. It is loaded at the sink group's committed offsets (below them every table holds every
-event; see `ledger`) and a `TailFollower` feeds it every event from those offsets on. So no event is
-counted twice or missed, even while the sink inserts, and raw retention changes nothing; and a read is
-a dictionary lookup, whatever the history.
+event; see `ledger`) and a `RollupFollower` feeds it the sums the sink publishes for every batch from
+those offsets on (`rollups`). So no event is counted twice or missed, even while the sink inserts, and
+raw retention changes nothing; and a read is a dictionary lookup, whatever the history. Events count
+once the sink has cut their batch (within ``sink_flush_interval_s``, 1 s by default), whether it has
+stored them yet or not.
 
 A partition added to the topic after the ledger was loaded is not followed until the process restarts.
 """
@@ -25,8 +27,9 @@ from aiokafka.structs import TopicPartition
 from throttlex.ingest.kafka_access import KafkaAccess
 
 from throttlex.processors.accounting.ledger import HOUR_MS, MINUTE_MS, PlanLedger, month_around
+from throttlex.processors.accounting.rollups import read_metadata
 from throttlex.processors.accounting.store import UsageStore
-from throttlex.processors.accounting.tail import TailFollower
+from throttlex.processors.accounting.tail import RollupFollower
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +52,10 @@ class ExactUsage:
         self._kafka = KafkaAccess.of(kafka)
         self._topic = topic
         self._sink_group = sink_group
+        self._rollups_topic = f"{topic}.rollups"
         self._admin = AIOKafkaAdminClient(**self._kafka.aiokafka_options())
         self._offsets = AIOKafkaConsumer(**self._kafka.aiokafka_options(), enable_auto_commit=False)  # end offsets only
-        self._follower: TailFollower | None = None
+        self._follower: RollupFollower | None = None
         self._starting = asyncio.Lock()
 
     async def start(self) -> None:
@@ -79,15 +83,20 @@ class ExactUsage:
                     log.error("the usage follower stopped; loading the plan ledger again", extra={"error": repr(self._follower.failure)})
                 old, self._follower = self._follower, None
                 await old.stop()
-            [description] = await self._admin.describe_topics([self._topic])  # no partitions if not made yet
-            tps = [TopicPartition(self._topic, p["partition"]) for p in description["partitions"]]
+            # No partitions if a topic is not made yet: no sink has started, so nothing is on its way.
+            events, published = await self._admin.describe_topics([self._topic, self._rollups_topic])
+            tps = [TopicPartition(self._topic, p["partition"]) for p in events["partitions"]]
             committed = await self._admin.list_consumer_group_offsets(self._sink_group, partitions=tps) if tps else {}
-            splits = {tp.partition: max(committed[tp].offset, 0) if tp in committed else 0 for tp in tps}
+            committed = {tp: meta for tp, meta in committed.items() if meta.offset >= 0}
+            stored = await store.stored_ends() if len(committed) < len(tps) else {}
+            # Below the committed offset, or with none (offsets expired) the stored end, ClickHouse holds every event.
+            splits = {tp.partition: committed[tp].offset if tp in committed else stored.get(tp.partition, 0) for tp in tps}
+            starts = {tp.partition: read_metadata(committed[tp].metadata)[1] if tp in committed else None for tp in tps}
             ledger = PlanLedger(zone, now or datetime.now(UTC))
             await ledger.load(store, splits)
-            if not splits:  # no topic yet, so nothing on its way: a ledger for this read only
+            if not splits or len(published["partitions"]) != len(splits):  # a ledger for this read only
                 return ledger
-            self._follower = TailFollower(self._kafka, self._topic, splits, ledger)
+            self._follower = RollupFollower(self._kafka, self._rollups_topic, starts, splits, ledger)
             return ledger
 
     def _ready(self, zone: ZoneInfo) -> PlanLedger | None:

@@ -4,11 +4,11 @@ A plan-quota read (`GET /v1/quota`) asked ClickHouse for the key's month on ever
 milliseconds on an idle machine, tens while the sink inserts. The ledger asks once, for every key, and
 then follows the events topic, so a read is a dictionary lookup however long the history.
 
-How it stays exact: the ledger is loaded at the offsets the follower starts reading from (the sink
-group's committed offsets, below which every table holds every event): the units stored below those
-offsets, per key and month, come from ClickHouse (`load`, two queries for all keys); every event at or
-past them is added as the follower reads it (`add`). No event is in both, none in neither, and the
-sink inserting meanwhile changes nothing. Months are those of the plan's time zone; a ledger serves
+How it stays exact: the ledger is split at the sink group's committed offsets, below which every table
+holds every event. The units stored below them, per key and month, come from ClickHouse (`load`, two
+queries for all keys); every batch at or past them is added from the sums the sink published for it
+(`add_units`, fed by `tail.RollupFollower`). No event is in both, none in neither, and the sink inserting
+meanwhile changes nothing. Months are those of the plan's time zone; a ledger serves
 one zone (a new zone loads a new ledger). The units of each minute of the last hour are kept beside
 them, for the plan's forecast.
 """
@@ -16,14 +16,11 @@ them, for the plan's forecast.
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Iterable
+from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import msgspec
-
-from throttlex.ingest.events import decode_valid
 from throttlex.processors.accounting.store import UsageStore
 
 MINUTE_MS = 60_000
@@ -110,19 +107,12 @@ class PlanLedger:
         counts = self._minutes.setdefault(minute_ms, {})
         counts[key_id] = counts.get(key_id, 0) + units
 
-    def add(self, values: Iterable[bytes | None], now_ms: int) -> None:
-        """Count the events among ``values`` (read in offset order past the split) as the sink will
-        store them: what the contract refuses is never stored, edge-blocked requests are not billable."""
-        months, minutes, bounds = self._months, self._minutes, self._bounds
+    def add_units(self, keys: Sequence[str], minutes: Sequence[int], units: Sequence[int], now_ms: int) -> None:
+        """Count ``units[i]`` for key ``keys[i]`` in the minute starting at ``minutes[i]`` (UTC ms): a batch's sums
+        past the split, as the sink publishes them (`rollups`)."""
+        months, bounds = self._months, self._bounds
         recent = now_ms - _RECENT_MS
-        for value in values:
-            try:
-                event = decode_valid(value)  # type: ignore[arg-type]
-            except (msgspec.DecodeError, TypeError):
-                continue
-            if event.edge_blocked:
-                continue
-            at, cost, key_id = event.event_time_ms, event.cost, event.api_key_id
+        for key_id, at, cost in zip(keys, minutes, units, strict=True):
             if at >= bounds[-1]:
                 if at > now_ms + _FUTURE_MS:
                     continue  # a clock years ahead: no plan month counts it yet
@@ -132,10 +122,9 @@ class PlanLedger:
                 month = months[bounds[index]]
                 month[key_id] = month.get(key_id, 0) + cost
             if recent <= at < now_ms + HOUR_MS:
-                minute = minutes.setdefault(at - at % MINUTE_MS, {})
-                minute[key_id] = minute.get(key_id, 0) + cost
-        for old in [minute for minute in minutes if minute < recent]:
-            del minutes[old]
+                self._count_minute(key_id, at, cost)
+        for old in [minute for minute in self._minutes if minute < recent]:
+            del self._minutes[old]
 
     def month_units(self, key_id: str, month_start: datetime) -> int:
         """``key_id``'s units in the month of this ledger's zone starting at ``month_start``."""

@@ -60,19 +60,19 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from throttlex.processors import metrics
 from throttlex.processors.settings import SinkSettings
 from throttlex.processors.tasks import crash_of
 from throttlex.processors.topics import APPEND_TIME, ensure_topics
+from throttlex.processors.accounting import rollups
 from throttlex.processors.accounting.rows import EVENT_SCHEMA, arrow_stream, event_rows
 from throttlex.processors.accounting.store import StoreError, UsageStore
 
 log = logging.getLogger(__name__)
 
 _MAX_BACKOFF_S = 10.0
-_INFLIGHT = "inflight:"
 _READ_STEP = 2_000
 """Records one ``consume`` call returns at most."""
 _POLL_S = 0.1
@@ -148,6 +148,8 @@ class _Write:
     """True once every batch is inserted; False if it gave up (stopping or abandoned while inserts failed)."""
     abandoned: threading.Event = field(default_factory=threading.Event)
     """Set when its partitions moved before it was done: it inserts nothing more, and nothing commits it."""
+    rollup_ends: dict[int, int] = field(default_factory=dict)
+    """Partition -> the rollups offset after its batch's rollup records, once published."""
 
 
 class UsageSink:
@@ -166,6 +168,13 @@ class UsageSink:
             "queued.min.messages": 500_000, "max.partition.fetch.bytes": 8 * 1024 * 1024, "fetch.wait.max.ms": 100,
             "error_cb": _kafka_error, "logger": log,
         })  # fmt: skip
+        self._rollups_topic = settings.rollups_topic
+        self._producer = Producer({
+            **settings.kafka.librdkafka_config(), "acks": "all", "enable.idempotence": True,
+            "compression.type": "lz4", "linger.ms": 5, "error_cb": _kafka_error, "logger": log,
+        })  # fmt: skip
+        self._rollup_ends: dict[int, int] = {}
+        """Partition -> the rollups offset after the last batch committed, where this sink knows it."""
         self._assigned: set[int] = set()
         self._pending: dict[int, _Pending] = {}
         self._fences: dict[int, int] = {}
@@ -188,10 +197,10 @@ class UsageSink:
         settings = self._settings
         await ensure_topics(
             settings.kafka,
-            {settings.events_topic: settings.events_partitions},
+            {settings.events_topic: settings.events_partitions, self._rollups_topic: settings.events_partitions},
             replication_factor=settings.topic_replication_factor,
-            exact=[settings.events_topic],
-            configs={settings.events_topic: APPEND_TIME},
+            exact=[settings.events_topic, self._rollups_topic],
+            configs={settings.events_topic: APPEND_TIME, self._rollups_topic: rollups.RETENTION},
         )
         loop = asyncio.get_running_loop()
         self._finished = loop.create_future()
@@ -336,7 +345,9 @@ class UsageSink:
         return batches
 
     def _commit_intents(self, batches: list[Batch]) -> bool:
-        failed = self._commit([b.at(b.first, f"{_INFLIGHT}{b.last}") for b in batches])
+        failed = self._commit([
+            b.at(b.first, rollups.commit_metadata(inflight=b.last, rollups=self._rollup_ends.get(b.partition))) for b in batches
+        ])
         if failed:
             self._forget(batches, failed)  # all of them: the write is not started
         return not failed
@@ -350,7 +361,9 @@ class UsageSink:
         if not write.done.result():  # raises what stopped it for good (an insert ClickHouse refuses as such)
             self._gave_up = True
             return
-        failed = self._commit([b.at(b.last + 1) for b in write.batches])
+        failed = self._commit([b.at(b.last + 1, rollups.commit_metadata(rollups=write.rollup_ends[b.partition]))
+                               for b in write.batches])  # fmt: skip
+        self._rollup_ends |= {b.partition: write.rollup_ends[b.partition] for b in write.batches if b.partition not in failed}
         if failed:
             # Inserted but not committed: whoever owns the partition next replays the intent, and the
             # deduplication token makes that replay a no-op.
@@ -378,6 +391,8 @@ class UsageSink:
     def _insert(self, batch: Batch, write: _Write) -> bool:
         """Insert one batch, retrying with backoff; False if a stop or a revocation came before it succeeded."""
         metrics.SINK_SKIPPED.inc(batch.skipped)
+        if not self._publish_rollups(batch, write):
+            return False
         if not batch.rows.num_rows:
             return True
         if not self._insert_rows(batch.rows, batch.token, write):
@@ -392,6 +407,33 @@ class UsageSink:
             metrics.SINK_ERRORS.labels(kind="missing").inc()
             return self._insert_rows(missing, f"{batch.token}/missing/{first}+{missing.num_rows}", write)
         return True
+
+    def _publish_rollups(self, batch: Batch, write: _Write) -> bool:
+        """Publish the batch's rollup records (`rollups`), before its rows are stored, retrying with backoff;
+        False if a stop or a revocation came first. A retry may publish some twice: readers count them once."""
+        records, backoff_s = list(rollups.rollup_records(batch.rows, batch.first, batch.last)), 0.2
+        while True:
+            offsets: list[int] = []
+            errors: list[str] = []
+
+            def delivered(error: KafkaError | None, message: Message) -> None:
+                if error is None:
+                    offsets.append(message.offset())  # type: ignore[arg-type]
+                else:
+                    errors.append(str(error))
+
+            for key, value in records:
+                self._producer.produce(self._rollups_topic, value, key, partition=batch.partition, on_delivery=delivered)
+            self._producer.flush(_KAFKA_TIMEOUT_S)
+            if len(offsets) == len(records):
+                write.rollup_ends[batch.partition] = max(offsets) + 1
+                return True
+            metrics.SINK_ERRORS.labels(kind="rollup").inc()
+            log.warning("publishing a batch's rollups failed; retrying",
+                        extra={"batch": batch.token, "error": "; ".join(errors) or "timed out", "retry_in_s": backoff_s})  # fmt: skip
+            if self._stopping.wait(backoff_s) or write.abandoned.is_set():
+                return False
+            backoff_s = min(backoff_s * 2, _MAX_BACKOFF_S)
 
     def _missing_rows(self, batch: Batch) -> pa.Table:
         """The rows of ``batch`` whose offsets ClickHouse does not hold."""
@@ -483,10 +525,11 @@ class UsageSink:
         if committed is None or stored is None:
             return  # stopping: nothing more is cut or committed
         fences = {}
+        self._rollup_ends = {}
         for tp in committed:
-            fence = None
-            if tp.metadata and tp.metadata.startswith(_INFLIGHT):  # librdkafka stores it with a trailing NUL
-                fence = int(tp.metadata.removeprefix(_INFLIGHT).rstrip("\0"))
+            fence, rollup_end = rollups.read_metadata(tp.metadata)
+            if rollup_end is not None:
+                self._rollup_ends[tp.partition] = rollup_end
             resume = self._resume_from(tp, stored.get(tp.partition, 0)) if fence is None else 0
             if resume > max(tp.offset, 0):
                 log.warning("resuming after the last event stored in ClickHouse: Kafka's committed offset is "

@@ -66,6 +66,9 @@ def check_dsn(dsn: str) -> str:
     return scheme
 
 
+_STORED_ENDS = "SELECT kafka_partition, max(next_offset) FROM sink_progress GROUP BY kafka_partition"
+
+
 class _Session:
     """One ClickHouse client and the one thread its calls run on, in order."""
 
@@ -212,11 +215,15 @@ class UsageStore:
         """`insert_formatted` for a caller on a thread of its own (the sink's): waits for the writer's thread."""
         self._writer.thread.submit(_translated, self._raw_insert(table, data, columns, fmt, dedup_token)).result()
 
+    async def stored_ends(self) -> dict[int, int]:
+        """Events partition -> the offset after the highest one stored (``sink_progress``)."""
+        return {int(partition): int(offset) for partition, offset in await self.query(_STORED_ENDS)}
+
     def stored_ends_blocking(self) -> dict[int, int]:
-        """Events partition -> the offset after the highest one stored (``sink_progress``), for a caller on a
-        thread of its own (the sink's); on the writer's thread, so it follows every insert made before."""
-        sql = "SELECT kafka_partition, max(next_offset) FROM sink_progress GROUP BY kafka_partition"
-        result = self._writer.thread.submit(_translated, functools.partial(self._writer.client.query, sql)).result()
+        """`stored_ends` for a caller on a thread of its own (the sink's); on the writer's thread, so it follows
+        every insert made before."""
+        query = functools.partial(self._writer.client.query, _STORED_ENDS)
+        result = self._writer.thread.submit(_translated, query).result()
         return {int(partition): int(offset) for partition, offset in result.result_rows}
 
     def stored_offsets_blocking(self, partition: int, first: int, last: int) -> list[int]:

@@ -1,11 +1,10 @@
-"""The events on their way to ClickHouse, followed as they are written, into a `PlanLedger`.
+"""The sink's rollups, followed as they are published, into a `PlanLedger`.
 
-The follower reads every partition of the events topic from given offsets (the sink group's committed
-ones when the ledger was loaded) and adds each event to the ledger. It runs on a thread of its own with
-librdkafka (confluent-kafka), which fetches and decompresses outside the interpreter lock: the API
-process that hosts it (and, in `throttlex run`, the sink and the worker) keeps its lock for its own
-work. Measured beside a sink storing 50,000 rows/s in the same process, an asyncio follower (aiokafka)
-could not keep up, as its parsing competed for the lock with the sink's.
+The follower reads every partition of the rollups topic (`rollups`) from given offsets (where the sink's
+committed metadata said they stood when the ledger was loaded) and adds each batch past the ledger's split
+to the ledger, each chunk once. It runs on a thread of its own with librdkafka (confluent-kafka), which
+fetches and decompresses outside the interpreter lock: the API process that hosts it (and, in `throttlex
+run`, the sink and the worker) keeps its lock for its own work.
 
 It reads with a consumer group of its own that never commits or joins (librdkafka requires a group
 name even to read assigned partitions), so no broker state is left behind. Only its thread calls the
@@ -20,11 +19,12 @@ import logging
 import threading
 import uuid
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from throttlex.ingest.clock import wall_clock_ms
 from throttlex.ingest.kafka_access import KafkaAccess
 from throttlex.processors.accounting.ledger import PlanLedger
+from throttlex.processors.accounting.rollups import RollupCounter, decode
 
 log = logging.getLogger(__name__)
 
@@ -33,27 +33,31 @@ _POLL_S = 0.1
 _SETTLE_POLL_S = 0.005
 
 
-class TailFollower:
-    """Feeds ``ledger`` every event of ``topic`` from ``offsets`` (partition -> first offset) on."""
+class RollupFollower:
+    """Feeds ``ledger`` every batch past ``splits`` (events partition -> first offset not loaded from ClickHouse)
+    from the rollups of ``topic``, read from ``starts`` (partition -> rollups offset; None: the earliest kept)."""
 
-    def __init__(self, kafka: KafkaAccess | str, topic: str, offsets: dict[int, int], ledger: PlanLedger) -> None:
+    def __init__(
+        self, kafka: KafkaAccess | str, topic: str, starts: dict[int, int | None], splits: dict[int, int], ledger: PlanLedger
+    ) -> None:
         self.ledger = ledger
-        self._topic = topic
-        self._positions = dict(offsets)  # partition -> next offset to read; read by other threads
+        self._counters = {partition: RollupCounter(split) for partition, split in splits.items()}
         self._consumer = Consumer({
             **KafkaAccess.of(kafka).librdkafka_config(), "group.id": f"throttlex-ledger-{uuid.uuid4()}",
             "enable.auto.commit": False, "enable.auto.offset.store": False, "fetch.wait.max.ms": 50,
-            "auto.offset.reset": "earliest",  # an offset gone with retention: what is left, as the sink reads it
+            "auto.offset.reset": "earliest",  # an offset gone with retention: what is left
         })  # fmt: skip
-        self._consumer.assign([TopicPartition(topic, partition, offset) for partition, offset in offsets.items()])
+        self._consumer.assign([
+            TopicPartition(topic, partition, OFFSET_BEGINNING if start is None else start) for partition, start in starts.items()
+        ])  # fmt: skip
         self._stopping = threading.Event()
         self.failure: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="usage-tail", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="usage-rollups", daemon=True)
         self._thread.start()
 
     @property
     def partitions(self) -> list[int]:
-        return sorted(self._positions)
+        return sorted(self._counters)
 
     @property
     def alive(self) -> bool:
@@ -65,11 +69,13 @@ class TailFollower:
         await asyncio.to_thread(self._consumer.close)
 
     async def wait_until_read(self, partition: int, until_offset: int, wait_s: float) -> bool:
-        """True once the follower has read ``partition`` up to ``until_offset``; False after ``wait_s``."""
+        """True once the follower has counted the batches of events ``partition`` up to ``until_offset``; False
+        after ``wait_s``."""
         deadline = asyncio.get_running_loop().time() + wait_s
-        while self._positions.get(partition, -1) < until_offset:
+        counter = self._counters.get(partition)
+        while counter is None or counter.position < until_offset:
             if asyncio.get_running_loop().time() >= deadline:
-                log.warning("the usage tail is behind; counting what it has read", extra={"partition": partition})
+                log.warning("the sink's rollups are behind; counting what was read", extra={"partition": partition})
                 return False
             await asyncio.sleep(_SETTLE_POLL_S)
         return True
@@ -77,23 +83,17 @@ class TailFollower:
     def _run(self) -> None:
         try:
             while not self._stopping.is_set():
-                messages = self._consumer.consume(_BATCH, _POLL_S)
-                if not messages:
-                    continue
-                values: list[bytes | None] = []
-                last: dict[int | None, int | None] = {}
-                for message in messages:
+                for message in self._consumer.consume(_BATCH, _POLL_S):
                     error = message.error()
                     if error is not None:
                         if error.code() != KafkaError._PARTITION_EOF:
-                            log.warning("the usage tail could not read Kafka", extra={"error": str(error)})
+                            log.warning("the rollups follower could not read Kafka", extra={"error": str(error)})
                         continue
-                    values.append(message.value())
-                    last[message.partition()] = message.offset()
-                self.ledger.add(values, wall_clock_ms())
-                for partition, offset in last.items():  # after the ledger has them: a settled read sees them
-                    if partition is not None and offset is not None:
-                        self._positions[partition] = offset + 1
+                    rollup = decode(message.value())  # type: ignore[arg-type]
+                    counter = self._counters[message.partition()]  # type: ignore[index]
+                    if counter.counts(rollup):
+                        self.ledger.add_units(rollup.keys, rollup.minutes, rollup.units, wall_clock_ms())
+                        counter.counted(rollup)  # after the ledger has them: a settled read sees them
         except BaseException as exc:  # a defect: reads notice (`alive`) and start a new follower
             self.failure = exc
-            log.exception("the usage tail stopped")
+            log.exception("the rollups follower stopped")

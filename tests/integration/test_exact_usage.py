@@ -1,10 +1,13 @@
-"""A key's plan usage = ClickHouse below the split + every event the follower reads from the split: the
-same total before the sink has stored anything, after it has stored everything, and in between, for a
-ledger loaded at each of those moments and for one following since the start."""
+"""A key's plan usage = ClickHouse below the split + the sink's rollups of every batch from the split on: the
+same total after the sink has stored everything and while a batch is stored but its offsets not yet
+committed (the split is the batch's first offset and its rollup was published before the ledger loaded),
+for a ledger loaded at each of those moments and for one following since the start. Batches published
+again after a crash: `test_sink_crash`."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
@@ -37,11 +40,15 @@ async def test_plan_usage_counts_each_event_once_wherever_it_is(sandbox: Sandbox
 
     following = reader()
     await following.start()
-    sink = UsageSink(
-        SinkSettings(kafka_bootstrap=sandbox.kafka_bootstrap, events_topic=env["THROTTLEX_EVENTS_TOPIC"],
-                     sink_group=env["THROTTLEX_SINK_GROUP"], clickhouse_dsn=env["THROTTLEX_CLICKHOUSE_DSN"]),
-        store,
-    )  # fmt: skip
+
+    def sink(**settings: float) -> UsageSink:
+        return UsageSink(
+            SinkSettings(kafka_bootstrap=sandbox.kafka_bootstrap, events_topic=env["THROTTLEX_EVENTS_TOPIC"],
+                         sink_group=env["THROTTLEX_SINK_GROUP"], clickhouse_dsn=env["THROTTLEX_CLICKHOUSE_DSN"],
+                         **settings),  # type: ignore[arg-type]
+            store,
+        )  # fmt: skip
+
     now_ms = wall_clock_ms()
     now = datetime.fromtimestamp(now_ms / 1000, tz=UTC)
     start_ms, end_ms = (int(t.timestamp() * 1000) for t in month_around(now, UTC_ZONE))
@@ -69,24 +76,43 @@ async def test_plan_usage_counts_each_event_once_wherever_it_is(sandbox: Sandbox
         finally:
             await fresh.stop()
 
+    async def committed_total() -> int:
+        return sum(o for o in (await committed_offsets(sandbox)).values() if o > 0)
+
+    def committed(count: int) -> Callable[[], Awaitable[bool]]:
+        async def check() -> bool:
+            return await committed_total() == count
+
+        return check
+
+    def stored(count: int) -> Callable[[], Awaitable[bool]]:
+        async def check() -> bool:
+            [(rows,)] = await store.query("SELECT count() FROM usage_events")
+            return bool(rows == count)
+
+        return check
+
+    first, second = burst(400), burst(300)
+    running = sink()
     try:
-        first = burst(400)
         await following.plan_usage(store, "key-1", UTC_ZONE, now)  # loads with nothing stored or sent
         await producer.send_all(first)
-        await check(first, "all still on Kafka")
-
-        await sink.start()
-
-        async def all_stored() -> bool:
-            return sum(o for o in (await committed_offsets(sandbox)).values() if o > 0) == len(first)
-
-        await eventually(all_stored, what="the sink to store the first burst")
+        await running.start()
+        await eventually(committed(len(first)), what="the sink to store the first burst")
         await check(first, "all in ClickHouse")
+        await running.stop()
 
-        second = burst(300)
+        # Stored, intents committed, the offsets after them not yet: a ledger loaded now splits at the batches'
+        # first offsets and reads their rollups, published before the intents' ends.
+        running = sink(sink_commit_delay_s=8.0)
+        await running.start()
         await producer.send_all(second)
-        await check(first + second, "some stored, some on Kafka")
+        await eventually(stored(len(first + second)), what="the sink to store the second burst")
+        assert await committed_total() < len(first + second)
+        await check(first + second, "stored, not committed")
+        await running.stop()
+
     finally:
-        await sink.stop()
+        await running.stop()
         await following.stop()
         await store.close()

@@ -13,13 +13,16 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
+from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 from confluent_kafka import Consumer
 from confluent_kafka import TopicPartition as ConfluentPartition
 from confluent_kafka.admin import AdminClient
 
+from throttlex.processors.accounting import rollups
+from throttlex.processors.accounting.rollups import RollupCounter
 from throttlex.processors.accounting.store import UsageStore
-from tests.conftest import EventSender, RoleProcess, Sandbox, eventually
+from tests.conftest import EVENTS_PARTITIONS, EventSender, RoleProcess, Sandbox, eventually
 from tests.factories import make_event
 from tests.integration.test_sink import committed_offsets, end_offsets, wait_until_all_committed
 
@@ -33,6 +36,34 @@ START_MS = int(datetime(2026, 11, 30, 23, 30, tzinfo=UTC).timestamp() * 1000)
 
 def inserted(role: RoleProcess) -> int:
     return role.log().count('"message": "batch inserted"')
+
+
+async def rollup_units(sandbox: Sandbox) -> Counter[str]:
+    """Units per key in every rollup the sinks published, each chunk of each batch counted once, as a plan
+    ledger reads them (`RollupCounter`)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=sandbox.kafka_bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        topic = sandbox.env["THROTTLEX_EVENTS_TOPIC"] + ".rollups"
+        partitions = [TopicPartition(topic, p) for p in range(EVENTS_PARTITIONS)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends, units = await consumer.end_offsets(partitions), Counter[str]()
+        counters = {tp: RollupCounter(split=0) for tp in partitions}
+        async def behind() -> bool:
+            return any([await consumer.position(tp) < end for tp, end in ends.items()])
+
+        while await behind():
+            for tp, records in (await consumer.getmany(timeout_ms=500)).items():
+                for record in records:
+                    rollup = rollups.decode(record.value)
+                    if counters[tp].counts(rollup):
+                        counters[tp].counted(rollup)
+                        for key, count in zip(rollup.keys, rollup.units, strict=True):
+                            units[key] += count
+        return units
+    finally:
+        await consumer.stop()
 
 
 async def test_sigkill_at_any_point_neither_loses_nor_duplicates(
@@ -81,6 +112,10 @@ async def test_sigkill_at_any_point_neither_loses_nor_duplicates(
         assert (rows, ids, cost) == (N, N, sum(e.cost for e in events))
         per_key = dict(await store.query("SELECT api_key_id, count() FROM usage_events GROUP BY api_key_id"))
         assert per_key == Counter(e.api_key_id for e in events)
+        cost_per_key: Counter[str] = Counter()
+        for e in events:
+            cost_per_key[e.api_key_id] += e.cost
+        assert await rollup_units(sandbox) == cost_per_key, "the rollups the plan ledgers read"
 
         for table, bucket_s in (("usage_per_minute", 60), ("usage_per_hour", 3600), ("usage_per_day", 86400)):
             expected_requests: Counter[tuple[int, str]] = Counter()

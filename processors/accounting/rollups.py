@@ -1,0 +1,115 @@
+"""Each sink batch's billable units per key and minute, published for the plan ledgers of the API replicas.
+
+Every API replica keeps a plan ledger (`ledger`): each key's units per month, live. Fed by the raw events,
+every replica would read and decode every event the gateways send, as much work as the sink's own reading.
+Instead the sink, which reads each event once anyway, sums each batch it cuts per key and minute and
+publishes the sums to the rollups topic (``<events topic>.rollups``, events partition N to rollups partition
+N) before it inserts the batch. A replica reads a few sums per key and batch instead of a record per event.
+
+Each rollup names its batch (``first..last`` offset of its events partition). A batch with many keys is
+published in several chunks (``chunk`` of ``chunks``), cut the same way every time. A replay after a
+crash publishes the same batch again with the same chunks, and a reader counts each chunk of a batch once
+(`RollupCounter`).
+
+The sink's committed metadata says where its partition's rollups stood: ``rollups:<offset>``, the rollups
+offset after the last batch committed; an intent carries the value of the commit before it. A ledger
+loaded from ClickHouse below the sink's committed offset reads rollups from that offset on. Every batch at
+or past the committed offset (the intent's batch too) was published there or later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import msgspec
+import pyarrow as pa
+import pyarrow.compute as pc
+
+MAX_ENTRIES = 10_000
+"""Sums in one rollup record: about 500 kB with 36-character key ids, within Kafka's 1 MB record limit."""
+RETENTION = {"retention.ms": str(24 * 3_600_000)}
+"""The rollups topic's setting: a day. A ledger reads only what was published since the sink's last commit."""
+
+_INFLIGHT, _ROLLUPS = "inflight", "rollups"
+
+
+class Rollup(msgspec.Struct, array_like=True, frozen=True):
+    """One chunk of one batch's sums: ``units[i]`` billable units of key ``keys[i]`` in the minute starting at
+    ``minutes[i]`` (UTC ms)."""
+
+    first: int
+    last: int
+    chunk: int
+    chunks: int
+    keys: list[str]
+    minutes: list[int]
+    units: list[int]
+
+
+_encode = msgspec.msgpack.Encoder().encode
+decode = msgspec.msgpack.Decoder(Rollup).decode
+
+
+def rollup_records(rows: pa.Table, first: int, last: int) -> Iterator[tuple[bytes, bytes]]:
+    """The rollup records (key, value) of the batch of offsets ``first..last`` holding ``rows`` (the sink's
+    Arrow rows): the billable units (edge-blocked requests are not billable) per key and minute, sorted, in
+    chunks of `MAX_ENTRIES`. A batch with no billable row still has one (empty) record: readers learn the batch
+    is done."""
+    billable = rows.filter(pc.invert(rows.column("edge_blocked")))
+    minutes = pc.cast(pc.floor_temporal(billable.column("event_time"), 1, "minute"), pa.int64())
+    summed = (
+        pa.table({"key": billable.column("api_key_id"), "minute": minutes, "units": pc.cast(billable.column("cost"), pa.int64())})
+        .group_by(["key", "minute"])
+        .aggregate([("units", "sum")])
+        .sort_by([("key", "ascending"), ("minute", "ascending")])
+    )
+    keys, at, units = (summed.column(name).to_pylist() for name in ("key", "minute", "units_sum"))
+    chunks = max(1, -(-len(keys) // MAX_ENTRIES))
+    for chunk in range(chunks):
+        part = slice(chunk * MAX_ENTRIES, (chunk + 1) * MAX_ENTRIES)
+        value = _encode(Rollup(first, last, chunk, chunks, keys[part], at[part], units[part]))
+        yield f"{first}-{last}/{chunk}".encode(), value
+
+
+class RollupCounter:
+    """Which rollups of one events partition a ledger counts: those of batches at or past ``split`` (the
+    ledger loaded the events below it from ClickHouse), each chunk once."""
+
+    __slots__ = ("_batch", "_chunks", "position")
+
+    def __init__(self, split: int) -> None:
+        self._batch = (-1, split - 1)
+        self._chunks: set[int] = set()
+        self.position = split
+        """The events offset up to which every batch is counted."""
+
+    def counts(self, rollup: Rollup) -> bool:
+        """True if ``rollup`` is to be counted (and remember it is)."""
+        batch = (rollup.first, rollup.last)
+        if batch == self._batch:
+            if rollup.chunk in self._chunks:
+                return False  # published again by a replay
+        elif rollup.first <= self._batch[1]:
+            return False  # a batch counted already, or one below the split
+        else:
+            self._batch, self._chunks = batch, set()
+        self._chunks.add(rollup.chunk)
+        return True
+
+    def counted(self, rollup: Rollup) -> None:
+        """``rollup`` is in the ledger now: once every chunk of its batch is, the position moves past it."""
+        if (rollup.first, rollup.last) == self._batch and len(self._chunks) == rollup.chunks:
+            self.position = rollup.last + 1
+
+
+def commit_metadata(*, inflight: int | None = None, rollups: int | None = None) -> str:
+    """The sink's commit metadata: the intent's last offset, where the partition's rollups stand."""
+    return " ".join(f"{name}:{value}" for name, value in ((_INFLIGHT, inflight), (_ROLLUPS, rollups)) if value is not None)
+
+
+def read_metadata(metadata: str | None) -> tuple[int | None, int | None]:
+    """(intent's last offset, rollups offset) from the sink's commit metadata, each None if absent (an older
+    sink wrote ``inflight:<last>`` alone, or nothing)."""
+    fields = dict(part.split(":", 1) for part in (metadata or "").rstrip("\0").split() if ":" in part)
+    inflight, rollups = fields.get(_INFLIGHT), fields.get(_ROLLUPS)
+    return (int(inflight) if inflight else None), (int(rollups) if rollups else None)
