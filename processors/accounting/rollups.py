@@ -25,12 +25,19 @@ import msgspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from throttlex.ingest.kafka_access import KafkaAccess
+
 MAX_ENTRIES = 10_000
 """Sums in one rollup record: about 500 kB with 36-character key ids, within Kafka's 1 MB record limit."""
 RETENTION = {"retention.ms": str(24 * 3_600_000)}
 """The rollups topic's setting: a day. A ledger reads only what was published since the sink's last commit."""
 
 _INFLIGHT, _ROLLUPS = "inflight", "rollups"
+
+
+def producer_config(kafka: KafkaAccess) -> dict[str, object]:
+    """librdkafka settings of the sink's rollups producer: every replica has a record before it counts as published."""
+    return {**kafka.librdkafka_config(), "acks": "all", "enable.idempotence": True, "compression.type": "lz4", "linger.ms": 5}
 
 
 class Rollup(msgspec.Struct, array_like=True, frozen=True):

@@ -169,10 +169,7 @@ class UsageSink:
             "error_cb": _kafka_error, "logger": log,
         })  # fmt: skip
         self._rollups_topic = settings.rollups_topic
-        self._producer = Producer({
-            **settings.kafka.librdkafka_config(), "acks": "all", "enable.idempotence": True,
-            "compression.type": "lz4", "linger.ms": 5, "error_cb": _kafka_error, "logger": log,
-        })  # fmt: skip
+        self._producer = Producer({**rollups.producer_config(settings.kafka), "error_cb": _kafka_error, "logger": log})
         self._rollup_ends: dict[int, int] = {}
         """Partition -> the rollups offset after the last batch committed, where this sink knows it."""
         self._assigned: set[int] = set()

@@ -15,7 +15,9 @@ Debian). Scenarios, each with medians over ``--runs`` runs, alternatives measure
    (`bench_pipeline`, `bench_sink`);
 5. detection latency and overshoot at 1,000, 10,000 and 20,000 events/s (`bench_detection`);
 6. CPU per request for the whole system beside `limits`' moving window (`bench_system`);
-7. 100 edges resynchronising at once over 100,000 keys, this release beside the previous one (`bench_resync`).
+7. 100 edges resynchronising at once over 100,000 keys, this release beside the previous one (`bench_resync`);
+8. the plan ledger's CPU with N API replicas: the sink's rollups beside every replica reading every raw
+   event, the previous release's way (`bench_ledger`).
 
 Prints a table per scenario, writes tests/perf/results.json and BENCHMARKS.md.
 """
@@ -36,12 +38,14 @@ from pathlib import Path
 from typing import Any
 
 from throttlex.processors.topics import ensure_topics
-from tests.previous_release import PREVIOUS_RELEASE, previous_release
-from tests.perf import (bench_detection, bench_edge, bench_engine, bench_floor, bench_gateway, bench_pipeline, bench_quota,
-                        bench_resync, bench_sink, bench_system)
+from tests.previous_release import LEDGER_BEFORE_ROLLUPS, PREVIOUS_RELEASE, previous_release
+from tests.perf import (bench_detection, bench_edge, bench_engine, bench_floor, bench_gateway, bench_ledger, bench_pipeline,
+                        bench_quota, bench_resync, bench_sink, bench_system)
 
 ROOT = Path(__file__).parents[2]
 RESULTS = Path(__file__).with_name("results.json")
+LEDGER_REPLICAS = 4
+"""API replicas the plan ledger's goal is checked for (the ledger table gives 1 to 8)."""
 REPORT = ROOT / "BENCHMARKS.md"
 
 
@@ -214,6 +218,23 @@ def remeasure_resync(runs: int) -> None:
     print(f"wrote {RESULTS} and {REPORT}")
 
 
+def measure_ledger(bootstrap: str, runs: int, quick: bool) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        previous = previous_release(Path(tmp), LEDGER_BEFORE_ROLLUPS)
+        return bench_ledger.run(bootstrap, runs, 50_000 if quick else 200_000, previous)
+
+
+def remeasure_ledger(bootstrap: str, runs: int, quick: bool) -> None:
+    """The plan ledger with N replicas alone (scenario 8), added to or replaced in results.json."""
+    results = json.loads(RESULTS.read_text())
+    results["ledger"] = measure_ledger(bootstrap, runs, quick)
+    results["ledger_measured_apart"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    REPORT.write_text(report(results))
+    print(REPORT.read_text())
+    print(f"wrote {RESULTS} and {REPORT}")
+
+
 def detection_results(detection: dict[str, dict[str, float]]) -> dict[str, Any]:
     return {
         "p99_ms_at_10k_eps": round(detection["10000"]["p99_ms"], 1),
@@ -239,6 +260,9 @@ def main() -> None:
     parser.add_argument("--only-resync", action="store_true",
                         help="measure the edges' resync (7.), this release's and the previous one's, alone and put it "
                              "in results.json; the report says when it was measured apart")  # fmt: skip
+    parser.add_argument("--only-ledger", action="store_true",
+                        help="measure the plan ledger with N API replicas (8.), this release's and the previous one's, "
+                             "alone and put it in results.json; the report says when it was measured apart")  # fmt: skip
     args = parser.parse_args()
     if args.report_only:
         REPORT.write_text(report(json.loads(RESULTS.read_text())))
@@ -257,30 +281,35 @@ def main() -> None:
     if args.only_accounting:
         remeasure_accounting(bootstrap, runs, args.quick)
         return
+    if args.only_ledger:
+        remeasure_ledger(bootstrap, runs, args.quick)
+        return
     if args.only_worker:
         remeasure_worker(bootstrap, redis_url, runs, args.quick)
         return
 
-    print("1/7 edge check", flush=True)
+    print("1/8 edge check", flush=True)
     edge = asyncio.run(bench_edge.run(redis_url, runs, 5_000 if args.quick else 20_000))
-    print("2/7 gateway", flush=True)
+    print("2/8 gateway", flush=True)
     gateway = measure_gateway(gateway_runs, 5 if args.quick else GATEWAY_RUN_S)
     gateway_wsgi = measure_gateway(gateway_runs, 5 if args.quick else GATEWAY_RUN_S, wsgi=True)
-    print("3/7 policy engine", flush=True)
+    print("3/8 policy engine", flush=True)
     engine = bench_engine.measure_all(keys=5_000 if args.quick else 20_000, events=20_000 if args.quick else 100_000, runs=runs)
-    print("4/7 pipeline", flush=True)
+    print("4/8 pipeline", flush=True)
     floors = bench_floor.run(bootstrap, runs, 100_000 if args.quick else 300_000)
     with tempfile.TemporaryDirectory() as tmp:
         worker = asyncio.run(bench_pipeline.run(bootstrap, redis_url, runs, 150_000 if args.quick else 400_000,
                                                 previous=previous_release(Path(tmp))))  # fmt: skip
     sink_by_batch, sink_formats, quota = accounting(bootstrap, runs, args.quick)
     sink_rows = sink_by_batch[SINK_BATCHES]
-    print("5/7 detection", flush=True)
+    print("5/8 detection", flush=True)
     detection = asyncio.run(bench_detection.run(bootstrap, redis_url, [1_000, 10_000, 20_000]))
-    print("6/7 whole system", flush=True)
+    print("6/8 whole system", flush=True)
     system = asyncio.run(bench_system.run(bootstrap, redis_url, runs, 20_000 if args.quick else 100_000))
-    print("7/7 edge resync", flush=True)
+    print("7/8 edge resync", flush=True)
     resync = measure_resync(runs)
+    print("8/8 plan ledger with N API replicas", flush=True)
+    ledger = measure_ledger(bootstrap, runs, args.quick)
 
     limits_moving = edge["limits_moving_window"]["checks_per_s"]
     throttlex_cpu = {"gateway": system["throttlex_gateway"]["cpu_us"],
@@ -303,6 +332,7 @@ def main() -> None:
         "quota": quota,
         "detection": detection_results(detection),
         "resync": resync,
+        "ledger": ledger,
         "system_cpu_us_per_request": {
             "throttlex": {**{k: round(v, 1) for k, v in throttlex_cpu.items()}, "total": round(sum(throttlex_cpu.values()), 1)},
             "limits_moving_window": {k: round(v, 1) for k, v in system["limits_moving_window"].items()},
@@ -455,6 +485,24 @@ def report(r: dict[str, Any]) -> str:
                            [[names[name], f"{v[name]['resync_all_edges_ms']:,.0f} ms", f"{v[name]['redis_cpu_ms']:,.0f} ms",
                              f"{v[name]['redis_cpu_us_per_edge']:,.0f}", f"{v[name]['redis_commands_per_edge']:,.1f}"]
                             for name in ("previous_release", "this_release")]))  # fmt: skip
+    if "ledger" in r:
+        v = r["ledger"]
+        apart = r.get("ledger_measured_apart")
+        when = f"; measured apart from the rest, {apart}" if apart else ""
+        spreads = {"zipf_10k_keys": "Zipf over 10,000 keys", "uniform_1m_keys": "1,000,000 keys, uniform"}
+        rows = []
+        for name, label in spreads.items():
+            c = v[name]["cpu_us_per_event"]
+            rows.append([label, "sink: sum and publish the rollups (this release)", f"{c['sink_share']:.2f}", ""])
+            rows.append([label, "one replica: read the rollups (this release)", f"{c['replica']:.2f}", ""])
+            rows.append([label, "one replica: read every event (previous release)", f"{c['previous_replica']:.2f}", ""])
+            for n, x in v[name]["replicas"].items():
+                rows.append([label, f"**{n} replica(s)**: this release / previous release", f"{x['this_release_cpu_us']:.2f} / "
+                             f"{x['previous_release_cpu_us']:.2f}", f"{x['this_release_vs_one_previous']:.2f}×"])  # fmt: skip
+        parts.append(table(f"8. Plan ledger with N API replicas: CPU-µs per event sent ({v['events']:,} events at 20,000/s of "
+                           f"event time, sink batches of {v['batch_events']:,}; previous release {v['previous_release']}: "
+                           f"every replica reads every event; medians of {v['runs']} rounds{when})",
+                           ["keys", "part", "CPU-µs per event", "vs one replica of the previous release"], rows))  # fmt: skip
     parts.append(table("Goals", ["goal", "measured", "met"], goals(r)))
     parts.append(PROFILE)
     return "\n".join(parts)
@@ -531,6 +579,10 @@ def goals(r: dict[str, Any]) -> list[list[str]]:
             f"{r['quota']['current']['p99_ms']:.1f} ms", r["quota"]["current"]["p99_ms"] < 20)] if "quota" in r else []),
         ("detection: p99 < 100 ms at 10,000 events/s", _ms(by_rate["10000"]["p99_ms"]), by_rate["10000"]["p99_ms"] < 100),
         ("whole system: ThrottleX ≤ 1/5 of limits' CPU per request", f"{share:.2f} of it", share <= 0.2),
+        *[(f"plan ledger, {label}: {LEDGER_REPLICAS} API replicas ≤ 1.2× one replica's cost (previous release)",
+           f"{r['ledger'][name]['replicas'][str(LEDGER_REPLICAS)]['this_release_vs_one_previous']:.2f}×",
+           r["ledger"][name]["replicas"][str(LEDGER_REPLICAS)]["this_release_vs_one_previous"] <= 1.2)
+          for name, label in (("zipf_10k_keys", "Zipf keys"), ("uniform_1m_keys", "uniform keys")) if "ledger" in r],
     ]  # fmt: skip
     return [[goal, measured, "yes" if met else "no"] for goal, measured, met in rows]
 

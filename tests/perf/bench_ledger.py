@@ -1,0 +1,196 @@
+"""The plan ledger's cost with N API replicas: this release (the sink publishes each batch's sums, every
+replica reads the sums) beside the previous one (every replica reads every raw event).
+
+    python -m tests.perf.bench_ledger        # or: make bench BENCH_ARGS=--only-ledger
+
+``--events`` events (20,000 a second of event time) go to a fresh events topic of 4 partitions, for two key
+spreads: Zipf over 10,000 keys, and 1,000,000 keys drawn uniformly (nearly every event of a batch a key of
+its own: the sums save nothing). The sink's share is measured in this process on the sink's own code: the
+events become the sink's Arrow rows, cut as the sink cuts them at that rate (a batch a partition a second,
+5,000 events), and each batch's rollups are summed and published (`rollup_records` and the sink's producer
+settings); the CPU counted is the summing and publishing only, librdkafka's threads included. Each replica's
+share is a process of its own reading from the start until its ledger has every batch: this release's
+`RollupFollower` on the rollups topic, the previous release's follower (from the repository's history) on
+the events topic; its CPU (user + system, from the follower's creation) over the events read.
+
+Reported per spread, medians of ``--runs`` rounds (releases interleaved): CPU-µs per event of each part, and
+the whole ledger's cost for N replicas, beside one replica of the previous release. Needs the local Kafka
+(deploy/local/services.sh up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
+
+from throttlex.ingest.clock import wall_clock_ms
+from throttlex.ingest.events import encode
+from throttlex.ingest.kafka_access import KafkaAccess
+from throttlex.processors.accounting import rollups
+from throttlex.processors.accounting.rows import event_rows
+from tests.factories import make_event
+from tests.previous_release import LEDGER_BEFORE_ROLLUPS, previous_release
+
+PARTITIONS = 4
+RATE = 20_000
+BATCH = RATE // PARTITIONS  # the sink's batch at this rate: a partition's second (sink_flush_interval_s)
+REPLICAS = (1, 2, 4, 8)
+GOAL = 1.2
+
+FOLLOWER_SCRIPT = """
+import json, resource, sys, time
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
+from throttlex.processors.accounting.ledger import PlanLedger
+
+def cpu():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+bootstrap, topic, ends = sys.argv[1], sys.argv[2], {int(p): e for p, e in json.loads(sys.argv[3]).items()}
+ledger = PlanLedger(ZoneInfo("UTC"), datetime.now(UTC))
+started, wall = cpu(), time.perf_counter()
+try:
+    from throttlex.processors.accounting.tail import RollupFollower
+    follower = RollupFollower(bootstrap, topic + ".rollups", {p: None for p in ends}, {p: 0 for p in ends}, ledger)
+    read = lambda p: follower._counters[p].position
+except ImportError:  # the previous release: every raw event
+    from throttlex.processors.accounting.tail import TailFollower
+    follower = TailFollower(bootstrap, topic, {p: 0 for p in ends}, ledger)
+    read = lambda p: follower._positions[p]
+while any(read(p) < end for p, end in ends.items()):
+    if not follower.alive:
+        raise SystemExit(f"the follower stopped: {follower.failure!r}")
+    time.sleep(0.01)
+cpu_s, wall_s = cpu() - started, time.perf_counter() - wall
+month = ledger._months[max(ledger._months)]
+print(json.dumps({"cpu_s": cpu_s, "wall_s": wall_s, "keys": len(month), "units": sum(month.values())}))
+"""
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def spreads(events: int, seed: int) -> dict[str, list[str]]:
+    rng = random.Random(seed)
+    zipf = rng.choices([f"key-{k:05d}" for k in range(10_000)], weights=[1 / (k + 1) for k in range(10_000)], k=events)
+    return {"zipf_10k_keys": zipf, "uniform_1m_keys": [f"key-{rng.randrange(1_000_000):07d}" for _ in range(events)]}
+
+
+def publish_events(bootstrap: str, topic: str, keys: list[str]) -> dict[int, list[tuple[int, bytes]]]:
+    """Send one event per key (20,000 a second of event time, ending now); each partition's (offset, value)."""
+    start_ms = wall_clock_ms() - len(keys) * 1000 // RATE
+    producer = Producer({"bootstrap.servers": bootstrap, "partitioner": "murmur2_random", "linger.ms": 20,
+                         "compression.type": "lz4"})  # fmt: skip
+    written: dict[int, list[tuple[int, bytes]]] = {p: [] for p in range(PARTITIONS)}
+
+    def delivered(error: object, message: Any) -> None:
+        assert error is None, error
+        written[message.partition()].append((message.offset(), message.value()))
+
+    for n, key in enumerate(keys):
+        value = encode(make_event(event_id=uuid.uuid4(), api_key_id=key, event_time_ms=start_ms + n * 1000 // RATE, cost=1 + n % 3))
+        producer.produce(topic, value, key.encode(), on_delivery=delivered)
+        if n % 10_000 == 0:
+            producer.poll(0)
+    producer.flush()
+    return {p: sorted(records) for p, records in written.items()}
+
+
+def sink_share(bootstrap: str, topic: str, written: dict[int, list[tuple[int, bytes]]]) -> float:
+    """CPU seconds the sink spends summing and publishing the rollups of these records' batches."""
+    batches = []
+    for partition, records in written.items():
+        for at in range(0, len(records), BATCH):
+            part = records[at : at + BATCH]
+            offsets = [offset for offset, _ in part]
+            rows, _ = event_rows([value for _, value in part], offsets, partition, [wall_clock_ms()] * len(part))
+            batches.append((partition, offsets[0], offsets[-1], pa.Table.from_batches([rows])))
+    producer = Producer(rollups.producer_config(KafkaAccess.of(bootstrap)))
+    started = _cpu_s()
+    for partition, first, last, rows in batches:
+        for key, value in rollups.rollup_records(rows, first, last):
+            producer.produce(f"{topic}.rollups", value, key, partition=partition)
+        producer.poll(0)
+    assert producer.flush(30) == 0
+    return _cpu_s() - started
+
+
+def replica(bootstrap: str, topic: str, ends: dict[int, int], pythonpath: str | None) -> dict[str, float]:
+    env = {**os.environ, **({"PYTHONPATH": pythonpath} if pythonpath else {})}
+    done = subprocess.run([sys.executable, "-c", FOLLOWER_SCRIPT, bootstrap, topic, json.dumps(ends)], env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"the follower failed: {done.stderr.strip()[-2000:]}")
+    result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def run(bootstrap: str, runs: int, events: int, previous: Path) -> dict[str, Any]:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    results: dict[str, Any] = {"events": events, "runs": runs, "batch_events": BATCH, "previous_release": LEDGER_BEFORE_ROLLUPS}
+    for spread, keys in spreads(events, seed=5).items():
+        rounds: dict[str, list[float]] = {"sink_share": [], "replica": [], "previous_replica": []}
+        for _ in range(runs):
+            topic = f"bench-ledger-{uuid.uuid4().hex[:8]}"
+            for created in admin.create_topics([NewTopic(name, PARTITIONS, 1) for name in (topic, f"{topic}.rollups")]).values():
+                created.result()
+            try:
+                written = publish_events(bootstrap, topic, keys)
+                ends = {p: records[-1][0] + 1 for p, records in written.items() if records}
+                rounds["sink_share"].append(sink_share(bootstrap, topic, written))
+                previous_round = replica(bootstrap, topic, ends, str(previous))
+                this_round = replica(bootstrap, topic, ends, None)
+                counted = [(r["keys"], r["units"]) for r in (this_round, previous_round)]
+                assert counted == [(len(set(keys)), sum(1 + n % 3 for n in range(len(keys))))] * 2, counted
+                rounds["previous_replica"].append(previous_round["cpu_s"])
+                rounds["replica"].append(this_round["cpu_s"])
+            finally:
+                for deleted in admin.delete_topics([topic, f"{topic}.rollups"]).values():
+                    deleted.result()
+        per_event = {name: statistics.median(values) * 1e6 / events for name, values in rounds.items()}
+        previous_one = per_event["previous_replica"]
+        results[spread] = {
+            "cpu_us_per_event": {name: round(value, 3) for name, value in per_event.items()},
+            "replicas": {
+                str(n): {
+                    "this_release_cpu_us": round(per_event["sink_share"] + n * per_event["replica"], 3),
+                    "previous_release_cpu_us": round(n * previous_one, 3),
+                    "this_release_vs_one_previous": round((per_event["sink_share"] + n * per_event["replica"]) / previous_one, 3),
+                }
+                for n in REPLICAS
+            },
+            "most_replicas_within_goal": int((GOAL * previous_one - per_event["sink_share"]) // per_event["replica"]),
+        }
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3, help="rounds per spread; medians are reported")
+    parser.add_argument("--events", type=int, default=200_000, help="events per round")
+    args = parser.parse_args()
+    bootstrap = os.environ.get("THROTTLEX_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+    with tempfile.TemporaryDirectory() as tmp:
+        print(json.dumps(run(bootstrap, args.runs, args.events, previous_release(Path(tmp), LEDGER_BEFORE_ROLLUPS)), indent=2))
+
+
+if __name__ == "__main__":
+    main()
