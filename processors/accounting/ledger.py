@@ -64,6 +64,12 @@ def month_around(moment: datetime, zone: ZoneInfo) -> tuple[datetime, datetime]:
     return start.astimezone(UTC), end.astimezone(UTC)
 
 
+def _add(counts: dict[str, int], keys: Sequence[str], units: Sequence[int]) -> None:
+    get = counts.get
+    for key_id, cost in zip(keys, units, strict=True):
+        counts[key_id] = get(key_id, 0) + cost
+
+
 def _ms(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
 
@@ -107,22 +113,26 @@ class PlanLedger:
         counts = self._minutes.setdefault(minute_ms, {})
         counts[key_id] = counts.get(key_id, 0) + units
 
-    def add_units(self, keys: Sequence[str], minutes: Sequence[int], units: Sequence[int], now_ms: int) -> None:
-        """Count ``units[i]`` for key ``keys[i]`` in the minute starting at ``minutes[i]`` (UTC ms): a batch's sums
-        past the split, as the sink publishes them (`rollups`)."""
-        months, bounds = self._months, self._bounds
-        recent = now_ms - _RECENT_MS
-        for key_id, at, cost in zip(keys, minutes, units, strict=True):
+    def add_units(
+        self, minutes: Sequence[int], sizes: Sequence[int], keys: Sequence[str], units: Sequence[int], now_ms: int
+    ) -> None:
+        """Count a batch's sums past the split, as the sink publishes them (`rollups.Rollup`): the first
+        ``sizes[0]`` of ``keys`` and ``units`` in the minute starting at ``minutes[0]`` (UTC ms), and so on."""
+        bounds, recent, start = self._bounds, now_ms - _RECENT_MS, 0
+        for at, size in zip(minutes, sizes, strict=True):
+            these_keys, these_units, start = keys[start : start + size], units[start : start + size], start + size
             if at >= bounds[-1]:
                 if at > now_ms + _FUTURE_MS:
                     continue  # a clock years ahead: no plan month counts it yet
                 self._extend_to(at)
             index = bisect_right(bounds, at) - 1
             if index >= 0:  # not older than the months kept
-                month = months[bounds[index]]
-                month[key_id] = month.get(key_id, 0) + cost
+                _add(self._months[bounds[index]], these_keys, these_units)
             if recent <= at < now_ms + HOUR_MS:
-                self._count_minute(key_id, at, cost)
+                if (minute := self._minutes.get(at)) is None:
+                    self._minutes[at] = dict(zip(these_keys, these_units, strict=True))  # a minute's keys are distinct
+                else:
+                    _add(minute, these_keys, these_units)
         for old in [minute for minute in self._minutes if minute < recent]:
             del self._minutes[old]
 

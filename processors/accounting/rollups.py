@@ -41,15 +41,17 @@ def producer_config(kafka: KafkaAccess) -> dict[str, object]:
 
 
 class Rollup(msgspec.Struct, array_like=True, frozen=True):
-    """One chunk of one batch's sums: ``units[i]`` billable units of key ``keys[i]`` in the minute starting at
-    ``minutes[i]`` (UTC ms)."""
+    """One chunk of one batch's sums, minute by minute: the first ``sizes[0]`` of ``keys`` and ``units`` are the
+    billable units of each key in the minute starting at ``minutes[0]`` (UTC ms), the next ``sizes[1]`` those of
+    ``minutes[1]``, and so on. Grouped by minute so that a reader finds each minute's month once, not per key."""
 
     first: int
     last: int
     chunk: int
     chunks: int
-    keys: list[str]
     minutes: list[int]
+    sizes: list[int]
+    keys: list[str]
     units: list[int]
 
 
@@ -59,23 +61,25 @@ decode = msgspec.msgpack.Decoder(Rollup).decode
 
 def rollup_records(rows: pa.Table, first: int, last: int) -> Iterator[tuple[bytes, bytes]]:
     """The rollup records (key, value) of the batch of offsets ``first..last`` holding ``rows`` (the sink's
-    Arrow rows): the billable units (edge-blocked requests are not billable) per key and minute, sorted, in
+    Arrow rows): the billable units (edge-blocked requests are not billable) per minute and key, sorted, in
     chunks of `MAX_ENTRIES`. A batch with no billable row still has one (empty) record: readers learn the batch
     is done."""
     billable = rows.filter(pc.invert(rows.column("edge_blocked")))
     minutes = pc.cast(pc.floor_temporal(billable.column("event_time"), 1, "minute"), pa.int64())
     summed = (
-        pa.table({"key": billable.column("api_key_id"), "minute": minutes, "units": pc.cast(billable.column("cost"), pa.int64())})
-        .group_by(["key", "minute"])
+        pa.table({"minute": minutes, "key": billable.column("api_key_id"), "units": pc.cast(billable.column("cost"), pa.int64())})
+        .group_by(["minute", "key"])
         .aggregate([("units", "sum")])
-        .sort_by([("key", "ascending"), ("minute", "ascending")])
+        .sort_by([("minute", "ascending"), ("key", "ascending")])
     )
-    keys, at, units = (summed.column(name).to_pylist() for name in ("key", "minute", "units_sum"))
-    chunks = max(1, -(-len(keys) // MAX_ENTRIES))
+    chunks = max(1, -(-summed.num_rows // MAX_ENTRIES))
     for chunk in range(chunks):
-        part = slice(chunk * MAX_ENTRIES, (chunk + 1) * MAX_ENTRIES)
-        value = _encode(Rollup(first, last, chunk, chunks, keys[part], at[part], units[part]))
-        yield f"{first}-{last}/{chunk}".encode(), value
+        part = summed.slice(chunk * MAX_ENTRIES, MAX_ENTRIES)
+        runs = pc.run_end_encode(part.column("minute").combine_chunks()) if part.num_rows else None
+        at, ends = (runs.values.to_pylist(), runs.run_ends.to_pylist()) if runs is not None else ([], [])
+        sizes = [end - start for start, end in zip([0, *ends], ends, strict=False)]
+        keys, units = part.column("key").to_pylist(), part.column("units_sum").to_pylist()
+        yield f"{first}-{last}/{chunk}".encode(), _encode(Rollup(first, last, chunk, chunks, at, sizes, keys, units))
 
 
 class RollupCounter:

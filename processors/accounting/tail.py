@@ -92,7 +92,7 @@ class RollupFollower:
                     rollup = decode(message.value())  # type: ignore[arg-type]
                     counter = self._counters[message.partition()]  # type: ignore[index]
                     if counter.counts(rollup):
-                        self.ledger.add_units(rollup.keys, rollup.minutes, rollup.units, wall_clock_ms())
+                        self.ledger.add_units(rollup.minutes, rollup.sizes, rollup.keys, rollup.units, wall_clock_ms())
                         counter.counted(rollup)  # after the ledger has them: a settled read sees them
         except BaseException as exc:  # a defect: reads notice (`alive`) and start a new follower
             self.failure = exc

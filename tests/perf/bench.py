@@ -499,6 +499,8 @@ def report(r: dict[str, Any]) -> str:
             for n, x in v[name]["replicas"].items():
                 rows.append([label, f"**{n} replica(s)**: this release / previous release", f"{x['this_release_cpu_us']:.2f} / "
                              f"{x['previous_release_cpu_us']:.2f}", f"{x['this_release_vs_one_previous']:.2f}×"])  # fmt: skip
+            rows.append([label, "most replicas within 1.2× one replica of the previous release", "",
+                         f"{v[name]['most_replicas_within_goal']}"])  # fmt: skip
         parts.append(table(f"8. Plan ledger with N API replicas: CPU-µs per event sent ({v['events']:,} events at 20,000/s of "
                            f"event time, sink batches of {v['batch_events']:,}; previous release {v['previous_release']}: "
                            f"every replica reads every event; medians of {v['runs']} rounds{when})",

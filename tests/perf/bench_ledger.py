@@ -9,9 +9,11 @@ its own: the sums save nothing). The sink's share is measured in this process on
 events become the sink's Arrow rows, cut as the sink cuts them at that rate (a batch a partition a second,
 5,000 events), and each batch's rollups are summed and published (`rollup_records` and the sink's producer
 settings); the CPU counted is the summing and publishing only, librdkafka's threads included. Each replica's
-share is a process of its own reading from the start until its ledger has every batch: this release's
-`RollupFollower` on the rollups topic, the previous release's follower (from the repository's history) on
-the events topic; its CPU (user + system, from the follower's creation) over the events read.
+share is a process of its own, started (and idle a second) before anything is sent, so that what is
+measured is following rather than starting: this release's `RollupFollower` on the rollups topic and the
+previous release's follower (from the repository's history) on the events topic, both following while
+the events and rollups are published; its CPU (user + system) from then until its ledger has every batch,
+over the events sent.
 
 Reported per spread, medians of ``--runs`` rounds (releases interleaved): CPU-µs per event of each part, and
 the whole ledger's cost for N replicas, beside one replica of the previous release. Needs the local Kafka
@@ -62,17 +64,20 @@ def cpu():
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
-bootstrap, topic, ends = sys.argv[1], sys.argv[2], {int(p): e for p, e in json.loads(sys.argv[3]).items()}
+bootstrap, topic, partitions = sys.argv[1], sys.argv[2], range(int(sys.argv[3]))
 ledger = PlanLedger(ZoneInfo("UTC"), datetime.now(UTC))
-started, wall = cpu(), time.perf_counter()
 try:
     from throttlex.processors.accounting.tail import RollupFollower
-    follower = RollupFollower(bootstrap, topic + ".rollups", {p: None for p in ends}, {p: 0 for p in ends}, ledger)
+    follower = RollupFollower(bootstrap, topic + ".rollups", {p: None for p in partitions}, {p: 0 for p in partitions}, ledger)
     read = lambda p: follower._counters[p].position
 except ImportError:  # the previous release: every raw event
     from throttlex.processors.accounting.tail import TailFollower
-    follower = TailFollower(bootstrap, topic, {p: 0 for p in ends}, ledger)
+    follower = TailFollower(bootstrap, topic, {p: 0 for p in partitions}, ledger)
     read = lambda p: follower._positions[p]
+time.sleep(1.0)  # connected and fetching: what is measured from here on is following, not starting
+print("ready", flush=True)
+started, wall = cpu(), time.perf_counter()
+ends = {int(p): end for p, end in json.loads(sys.stdin.readline()).items()}
 while any(read(p) < end for p, end in ends.items()):
     if not follower.alive:
         raise SystemExit(f"the follower stopped: {follower.failure!r}")
@@ -133,13 +138,21 @@ def sink_share(bootstrap: str, topic: str, written: dict[int, list[tuple[int, by
     return _cpu_s() - started
 
 
-def replica(bootstrap: str, topic: str, ends: dict[int, int], pythonpath: str | None) -> dict[str, float]:
+def start_replica(bootstrap: str, topic: str, pythonpath: str | None) -> subprocess.Popen[str]:
+    """A replica's follower in a process of its own, following the (still empty) topics once it says ``ready``."""
     env = {**os.environ, **({"PYTHONPATH": pythonpath} if pythonpath else {})}
-    done = subprocess.run([sys.executable, "-c", FOLLOWER_SCRIPT, bootstrap, topic, json.dumps(ends)], env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
-    if done.returncode != 0:
-        raise RuntimeError(f"the follower failed: {done.stderr.strip()[-2000:]}")
-    result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    process = subprocess.Popen([sys.executable, "-c", FOLLOWER_SCRIPT, bootstrap, topic, str(PARTITIONS)], env=env,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert process.stdout is not None and process.stdout.readline().strip() == "ready", "the follower did not start"
+    return process
+
+
+def replica_result(process: subprocess.Popen[str], ends: dict[int, int]) -> dict[str, float]:
+    """Tell the replica where the topics end; its CPU from ``ready`` until its ledger has everything."""
+    output, _ = process.communicate(json.dumps(ends) + "\n", timeout=600)
+    if process.returncode != 0:
+        raise RuntimeError(f"the follower failed (exit {process.returncode})")
+    result: dict[str, float] = json.loads(output.strip().splitlines()[-1])
     return result
 
 
@@ -152,17 +165,22 @@ def run(bootstrap: str, runs: int, events: int, previous: Path) -> dict[str, Any
             topic = f"bench-ledger-{uuid.uuid4().hex[:8]}"
             for created in admin.create_topics([NewTopic(name, PARTITIONS, 1) for name in (topic, f"{topic}.rollups")]).values():
                 created.result()
+            replicas: dict[str, subprocess.Popen[str]] = {}
             try:
+                replicas["previous"] = start_replica(bootstrap, topic, str(previous))
+                replicas["this"] = start_replica(bootstrap, topic, None)
                 written = publish_events(bootstrap, topic, keys)
                 ends = {p: records[-1][0] + 1 for p, records in written.items() if records}
                 rounds["sink_share"].append(sink_share(bootstrap, topic, written))
-                previous_round = replica(bootstrap, topic, ends, str(previous))
-                this_round = replica(bootstrap, topic, ends, None)
+                previous_round, this_round = (replica_result(replicas[name], ends) for name in ("previous", "this"))
                 counted = [(r["keys"], r["units"]) for r in (this_round, previous_round)]
                 assert counted == [(len(set(keys)), sum(1 + n % 3 for n in range(len(keys))))] * 2, counted
                 rounds["previous_replica"].append(previous_round["cpu_s"])
                 rounds["replica"].append(this_round["cpu_s"])
             finally:
+                for process in replicas.values():
+                    process.kill()  # a follower that failed or hung: nothing is left running (a no-op once done)
+                    process.wait()
                 for deleted in admin.delete_topics([topic, f"{topic}.rollups"]).values():
                     deleted.result()
         per_event = {name: statistics.median(values) * 1e6 / events for name, values in rounds.items()}

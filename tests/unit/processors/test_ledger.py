@@ -35,9 +35,16 @@ def batch_rollups(values: list[bytes | None], first: int = 0) -> list[Rollup]:
     return [rollups.decode(value) for _, value in rollup_records(pa.Table.from_batches([rows]), offsets[0], offsets[-1])]
 
 
+def entries(rollup: Rollup) -> list[tuple[str, int, int]]:
+    """(key, minute, units) of each sum in ``rollup``."""
+    starts = [sum(rollup.sizes[:n]) for n in range(len(rollup.sizes))]
+    return [(key, minute, units) for minute, start, size in zip(rollup.minutes, starts, rollup.sizes, strict=True)
+            for key, units in zip(rollup.keys[start : start + size], rollup.units[start : start + size], strict=True)]  # fmt: skip
+
+
 def feed(ledger: PlanLedger, values: list[bytes | None], now_ms: int = NOW_MS) -> None:
     for rollup in batch_rollups(values):
-        ledger.add_units(rollup.keys, rollup.minutes, rollup.units, now_ms)
+        ledger.add_units(rollup.minutes, rollup.sizes, rollup.keys, rollup.units, now_ms)
 
 
 def test_month_around_is_the_zones_calendar_month() -> None:
@@ -84,7 +91,7 @@ def test_the_last_hour_is_kept_per_minute() -> None:
     hour_ago = NOW_MS - 3_600_000
     assert ledger.units_between("k", hour_ago, NOW_MS) == 2 + 4  # whole minutes from an hour ago to before now
     assert ledger.units_between("k", hour_ago, NOW_MS + 60_000) == 2 + 4 + 8
-    ledger.add_units([], [], [], NOW_MS + 2 * 3_600_000)  # two hours later: all of them too old to keep
+    ledger.add_units([], [], [], [], NOW_MS + 2 * 3_600_000)  # two hours later: all of them too old to keep
     assert ledger.units_between("k", hour_ago, NOW_MS + 2 * 3_600_000) == 0
 
 
@@ -94,17 +101,18 @@ def test_a_batch_is_summed_per_key_and_minute_in_chunks_cut_the_same_way_every_t
     first, again = batch_rollups(values, first=100), batch_rollups(values, first=100)
     assert first == again
     assert [(r.first, r.last, r.chunk, r.chunks) for r in first] == [(100, 123, c, 3) for c in range(3)]
-    sums = {(k, m): u for r in first for k, m, u in zip(r.keys, r.minutes, r.units, strict=True)}
+    assert all(sum(r.sizes) == len(r.keys) == len(r.units) for r in first)
+    sums = {(k, m): u for r in first for k, m, u in entries(r)}
     assert len(sums) == 8  # 4 keys x 2 minutes
     assert sum(sums.values()) == sum(1 + s % 2 for s in range(0, 120, 5))
-    assert batch_rollups([event(NOW, 3, blocked=True)]) == [Rollup(0, 0, 0, 1, [], [], [])]  # done, nothing billable
+    assert batch_rollups([event(NOW, 3, blocked=True)]) == [Rollup(0, 0, 0, 1, [], [], [], [])]  # done, nothing billable
 
 
 def test_a_counter_counts_each_chunk_of_each_batch_past_the_split_once() -> None:
     counter = RollupCounter(split=100)
 
     def chunk(first: int, last: int, index: int, chunks: int) -> Rollup:
-        return Rollup(first, last, index, chunks, [], [], [])
+        return Rollup(first, last, index, chunks, [], [], [], [])
 
     def read(rollup: Rollup) -> bool:
         counted = counter.counts(rollup)
