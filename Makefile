@@ -10,11 +10,13 @@ export THROTTLEX_REDIS_URL       ?= redis://127.0.0.1:$(or $(THROTTLEX_REDIS_POR
 # Local trials and tests may start with the development salt; a deployment must set its own secrets.
 export THROTTLEX_ALLOW_DEV_SECRETS ?= 1
 
-.PHONY: help install services cluster tools demo test typecheck bench bench-sink down clean
+.PHONY: help install services cluster tools demo test test-image image typecheck bench bench-sink down clean
 
 help:
 	@echo "make demo      run the whole pipeline locally with traffic; shows blocked keys and a quota report"
 	@echo "make test      type-check and run the whole test suite against local Kafka, Redis and chDB"
+	@echo "make image     build the container image throttlex:local (deploy/Dockerfile; docs/deploying.md)"
+	@echo "make test-image  build the image and run each role from it, and the compose file of local images"
 	@echo "make bench     every benchmark beside the alternatives (writes BENCHMARKS.md, tests/perf/results.json)"
 	@echo "make bench-sink  measure the sink's rows per second into chDB (writes tests/perf/results.json)"
 	@echo "make services  start local Kafka and Redis (deploy/local/services.sh up)"
@@ -48,8 +50,15 @@ tools:
 	deploy/local/tools.sh
 
 test: install services tools typecheck
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not image"
 	@echo "Kafka and Redis are still running for the next run; 'make down' stops them."
+
+image:
+	deploy/local/image.sh build
+
+test-image: install services image
+	deploy/local/image.sh services
+	$(BIN)/pytest -m image
 
 bench: install services
 	command -v wrk >/dev/null || (apt-get install -y -q wrk || (apt-get update -q && apt-get install -y -q wrk))
