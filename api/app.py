@@ -49,7 +49,9 @@ def create_app(
         app.state.redis = redis_client(settings.redis_url, settings.redis_timeout_s)
         app.state.kafka = AIOKafkaAdminClient(**settings.kafka.aiokafka_options())
         app.state.producer = EventProducer(settings.kafka, settings.events_topic)
-        app.state.exact_usage = ExactUsage(settings.kafka, settings.events_topic, settings.sink_group)
+        app.state.exact_usage = ExactUsage(
+            settings.kafka, settings.events_topic, settings.sink_group, replication_factor=settings.topic_replication_factor
+        )
         app.state.audit = AuditTrail(settings.kafka, settings.audit_topic,
                                      replication_factor=settings.topic_replication_factor)  # fmt: skip
         try:  # without it, admin changes are still logged, at ERROR with the whole record

@@ -25,8 +25,10 @@ from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.structs import TopicPartition
 
 from throttlex.ingest.kafka_access import KafkaAccess
+from throttlex.processors.topics import ensure_topics
 
 from throttlex.processors.accounting.ledger import HOUR_MS, MINUTE_MS, PlanLedger, month_around
+from throttlex.processors.accounting import rollups
 from throttlex.processors.accounting.rollups import read_metadata
 from throttlex.processors.accounting.store import UsageStore
 from throttlex.processors.accounting.tail import RollupFollower
@@ -48,11 +50,12 @@ class ExactUsage:
     """Answers any number of reads at once, from one ledger and one follower (started by the first read,
     or by `prepare`)."""
 
-    def __init__(self, kafka: KafkaAccess | str, topic: str, sink_group: str) -> None:
+    def __init__(self, kafka: KafkaAccess | str, topic: str, sink_group: str, *, replication_factor: int = 1) -> None:
         self._kafka = KafkaAccess.of(kafka)
         self._topic = topic
         self._sink_group = sink_group
         self._rollups_topic = f"{topic}.rollups"
+        self._replication_factor = replication_factor
         self._admin = AIOKafkaAdminClient(**self._kafka.aiokafka_options())
         self._offsets = AIOKafkaConsumer(**self._kafka.aiokafka_options(), enable_auto_commit=False)  # end offsets only
         self._follower: RollupFollower | None = None
@@ -83,9 +86,11 @@ class ExactUsage:
                     log.error("the usage follower stopped; loading the plan ledger again", extra={"error": repr(self._follower.failure)})
                 old, self._follower = self._follower, None
                 await old.stop()
-            # No partitions if a topic is not made yet: no sink has started, so nothing is on its way.
-            events, published = await self._admin.describe_topics([self._topic, self._rollups_topic])
+            [events] = await self._admin.describe_topics([self._topic])  # no partitions if not made yet
             tps = [TopicPartition(self._topic, p["partition"]) for p in events["partitions"]]
+            if tps:  # made here if no sink of this release has made it yet, so the ledger follows it from the start
+                await ensure_topics(self._kafka, {self._rollups_topic: len(tps)}, replication_factor=self._replication_factor,
+                                    exact=[self._rollups_topic], configs={self._rollups_topic: rollups.RETENTION})  # fmt: skip
             committed = await self._admin.list_consumer_group_offsets(self._sink_group, partitions=tps) if tps else {}
             committed = {tp: meta for tp, meta in committed.items() if meta.offset >= 0}
             stored = await store.stored_ends() if len(committed) < len(tps) else {}
@@ -94,7 +99,7 @@ class ExactUsage:
             starts = {tp.partition: read_metadata(committed[tp].metadata)[1] if tp in committed else None for tp in tps}
             ledger = PlanLedger(zone, now or datetime.now(UTC))
             await ledger.load(store, splits)
-            if not splits or len(published["partitions"]) != len(splits):  # a ledger for this read only
+            if not splits:  # no events topic yet, so nothing stored or on its way: a ledger for this read only
                 return ledger
             self._follower = RollupFollower(self._kafka, self._rollups_topic, starts, splits, ledger)
             return ledger
@@ -108,10 +113,10 @@ class ExactUsage:
         self, store: UsageStore, api_key_id: str, zone: ZoneInfo, now: datetime, *, settle_s: float = 0.0
     ) -> PlanUsage:
         """``api_key_id``'s billable units in the month of ``zone`` holding ``now``, and in the hour before
-        ``now`` (whole minutes): every event the follower has read counted once, whether stored yet or
-        not. The follower reads events within milliseconds of their arrival while it keeps up;
-        ``settle_s`` first waits (at most that long) for it to reach the key's partition's end offset,
-        so that everything sent before the call is counted, at the cost of a round trip to the broker."""
+        ``now`` (whole minutes): every event of the batches the follower has read counted once, whether
+        stored yet or not. The sink cuts a batch within ``sink_flush_interval_s`` while it keeps up;
+        ``settle_s`` first waits (at most that long) until the batches up to the key's partition's end
+        offset are read, so that everything sent before the call is counted."""
         month_start, month_end = month_around(now, zone)
         ledger = await self.prepare(store, zone, now)
         follower = self._follower

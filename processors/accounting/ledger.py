@@ -1,8 +1,9 @@
-"""Every key's billable units per plan month, kept in memory as the events arrive.
+"""Every key's billable units per plan month, kept in memory as the sink's batches arrive.
 
 A plan-quota read (`GET /v1/quota`) asked ClickHouse for the key's month on every call: a few
 milliseconds on an idle machine, tens while the sink inserts. The ledger asks once, for every key, and
-then follows the events topic, so a read is a dictionary lookup however long the history.
+then follows the sums the sink publishes per batch, so a read is a dictionary lookup however long the
+history.
 
 How it stays exact: the ledger is split at the sink group's committed offsets, below which every table
 holds every event. The units stored below them, per key and month, come from ClickHouse (`load`, two
@@ -76,7 +77,7 @@ def _ms(moment: datetime) -> int:
 
 class PlanLedger:
     """Billable units per key: per month of ``zone`` from the month before ``now``'s, and per minute of
-    the last hour. Loaded once (`load`), then fed every event read from the split on (`add`)."""
+    the last hour. Loaded once (`load`), then fed every batch's sums from the split on (`add_units`)."""
 
     def __init__(self, zone: ZoneInfo, now: datetime) -> None:
         self.zone = zone

@@ -22,13 +22,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import msgspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from throttlex.ingest.kafka_access import KafkaAccess
 
-MAX_ENTRIES = 10_000
-"""Sums in one rollup record: about 500 kB with 36-character key ids, within Kafka's 1 MB record limit."""
+MAX_BYTES = 500_000
+"""Most bytes of sums in one rollup record (each key id's bytes and 16 for its minute and units), half of
+Kafka's default 1 MB record limit: a batch is cut into as many records as it takes."""
 RETENTION = {"retention.ms": str(24 * 3_600_000)}
 """The rollups topic's setting: a day. A ledger reads only what was published since the sink's last commit."""
 
@@ -62,7 +64,7 @@ decode = msgspec.msgpack.Decoder(Rollup).decode
 def rollup_records(rows: pa.Table, first: int, last: int) -> Iterator[tuple[bytes, bytes]]:
     """The rollup records (key, value) of the batch of offsets ``first..last`` holding ``rows`` (the sink's
     Arrow rows): the billable units (edge-blocked requests are not billable) per minute and key, sorted, in
-    chunks of `MAX_ENTRIES`. A batch with no billable row still has one (empty) record: readers learn the batch
+    records of at most about `MAX_BYTES`. A batch with no billable row still has one (empty) record: readers learn the batch
     is done."""
     billable = rows.filter(pc.invert(rows.column("edge_blocked")))
     minutes = pc.cast(pc.floor_temporal(billable.column("event_time"), 1, "minute"), pa.int64())
@@ -72,14 +74,20 @@ def rollup_records(rows: pa.Table, first: int, last: int) -> Iterator[tuple[byte
         .aggregate([("units", "sum")])
         .sort_by([("minute", "ascending"), ("key", "ascending")])
     )
-    chunks = max(1, -(-summed.num_rows // MAX_ENTRIES))
-    for chunk in range(chunks):
-        part = summed.slice(chunk * MAX_ENTRIES, MAX_ENTRIES)
+    sizes = np.cumsum(pc.add(pc.binary_length(summed.column("key")), 16).to_numpy(zero_copy_only=False))
+    cuts = [0, *np.searchsorted(sizes, np.arange(MAX_BYTES, int(sizes[-1]) if len(sizes) else 0, MAX_BYTES), side="right"), summed.num_rows]
+    bounds = [(start, end) for start, end in zip(cuts, cuts[1:], strict=False) if end > start] or [(0, 0)]
+    for chunk, (start, end) in enumerate(bounds):
+        part = summed.slice(start, end - start)
         runs = pc.run_end_encode(part.column("minute").combine_chunks()) if part.num_rows else None
         at, ends = (runs.values.to_pylist(), runs.run_ends.to_pylist()) if runs is not None else ([], [])
-        sizes = [end - start for start, end in zip([0, *ends], ends, strict=False)]
+        counts = [end - start for start, end in zip([0, *ends], ends, strict=False)]
         keys, units = part.column("key").to_pylist(), part.column("units_sum").to_pylist()
-        yield f"{first}-{last}/{chunk}".encode(), _encode(Rollup(first, last, chunk, chunks, at, sizes, keys, units))
+        yield f"{first}-{last}/{chunk}".encode(), _encode(Rollup(first, last, chunk, len(bounds), at, counts, keys, units))
+
+
+class RollupGap(RuntimeError):
+    """A batch's rollups are missing before those read (see `RollupCounter.counts`)."""
 
 
 class RollupCounter:
@@ -95,13 +103,17 @@ class RollupCounter:
         """The events offset up to which every batch is counted."""
 
     def counts(self, rollup: Rollup) -> bool:
-        """True if ``rollup`` is to be counted (and remember it is)."""
+        """True if ``rollup`` is to be counted (and remember it is). `RollupGap` if batches before it are
+        missing: a ledger that goes on would undercount (a sink of an older release publishing nothing, a
+        batch whose records retention deleted); loading it again from ClickHouse is exact."""
         batch = (rollup.first, rollup.last)
         if batch == self._batch:
             if rollup.chunk in self._chunks:
                 return False  # published again by a replay
         elif rollup.first <= self._batch[1]:
             return False  # a batch counted already, or one below the split
+        elif rollup.first > self.position:
+            raise RollupGap(f"rollups of offsets {self.position}..{rollup.first - 1} are missing")
         else:
             self._batch, self._chunks = batch, set()
         self._chunks.add(rollup.chunk)

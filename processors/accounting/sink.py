@@ -54,6 +54,7 @@ import logging
 import threading
 import time
 from bisect import bisect_right
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for_futures
 from dataclasses import dataclass, field
@@ -394,10 +395,11 @@ class UsageSink:
             return True
         if not self._insert_rows(batch.rows, batch.token, write):
             return False
-        if batch.replayed and (missing := self._missing_rows(batch)).num_rows:
+        if batch.replayed and not self._store.clustered and (missing := self._missing_rows(batch)).num_rows:
             # ClickHouse dropped the replay as a duplicate although some of its rows are not stored: a kill between
             # recording an insert's token and keeping its part (seen with embedded chDB, for one of two
-            # month partitions of a batch). Those rows go in again under a token of their own.
+            # month partitions of a batch). Those rows go in again under a token of their own. Not on a cluster:
+            # there a replica may not have fetched a part yet, and its tokens are kept with the parts (Keeper).
             first = missing.column("kafka_offset")[0].as_py()
             log.error("a replayed batch was dropped as a duplicate but rows of it are missing; inserting them",
                       extra={"batch": batch.token, "missing": missing.num_rows})  # fmt: skip
@@ -406,28 +408,37 @@ class UsageSink:
         return True
 
     def _publish_rollups(self, batch: Batch, write: _Write) -> bool:
-        """Publish the batch's rollup records (`rollups`), before its rows are stored, retrying with backoff;
-        False if a stop or a revocation came first. A retry may publish some twice: readers count them once."""
+        """Publish the batch's rollup records (`rollups`), before its rows are stored, retrying what was not
+        delivered with backoff; False if a stop or a revocation came first. A record sent twice (a delivery that
+        timed out, then landed) is counted once by readers."""
         records, backoff_s = list(rollups.rollup_records(batch.rows, batch.first, batch.last)), 0.2
-        while True:
-            offsets: list[int] = []
-            errors: list[str] = []
+        delivered: dict[int, int] = {}  # record -> its offset, whichever attempt delivered it
+        errors: list[str] = []
 
-            def delivered(error: KafkaError | None, message: Message) -> None:
+        def report(index: int) -> Callable[[KafkaError | None, Message], None]:
+            def delivery(error: KafkaError | None, message: Message) -> None:
                 if error is None:
-                    offsets.append(message.offset())  # type: ignore[arg-type]
+                    delivered[index] = message.offset()  # type: ignore[assignment]
                 else:
                     errors.append(str(error))
 
-            for key, value in records:
-                self._producer.produce(self._rollups_topic, value, key, partition=batch.partition, on_delivery=delivered)
+            return delivery
+
+        while True:
+            try:
+                for index, (key, value) in enumerate(records):
+                    if index not in delivered:
+                        self._producer.produce(self._rollups_topic, value, key, partition=batch.partition, on_delivery=report(index))
+            except (BufferError, KafkaException) as exc:  # the queue full, or the record refused as such
+                errors.append(repr(exc))
             self._producer.flush(_KAFKA_TIMEOUT_S)
-            if len(offsets) == len(records):
-                write.rollup_ends[batch.partition] = max(offsets) + 1
+            if len(delivered) == len(records):
+                write.rollup_ends[batch.partition] = max(delivered.values()) + 1
                 return True
             metrics.SINK_ERRORS.labels(kind="rollup").inc()
             log.warning("publishing a batch's rollups failed; retrying",
-                        extra={"batch": batch.token, "error": "; ".join(errors) or "timed out", "retry_in_s": backoff_s})  # fmt: skip
+                        extra={"batch": batch.token, "error": "; ".join(errors[-3:]) or "timed out", "retry_in_s": backoff_s})  # fmt: skip
+            errors.clear()
             if self._stopping.wait(backoff_s) or write.abandoned.is_set():
                 return False
             backoff_s = min(backoff_s * 2, _MAX_BACKOFF_S)

@@ -172,6 +172,11 @@ class UsageStore:
         for statement in self.ddl(f"ALTER TABLE usage_events {change}"):
             await self.command(statement)
 
+    @property
+    def clustered(self) -> bool:
+        """Whether the schema is on a ClickHouse cluster (`THROTTLEX_CLICKHOUSE_CLUSTER`)."""
+        return bool(self._cluster)
+
     async def command(self, sql: str) -> None:
         await self._call(self._writer, functools.partial(self._writer.client.command, sql))
 

@@ -24,7 +24,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 from throttlex.ingest.clock import wall_clock_ms
 from throttlex.ingest.kafka_access import KafkaAccess
 from throttlex.processors.accounting.ledger import PlanLedger
-from throttlex.processors.accounting.rollups import RollupCounter, decode
+from throttlex.processors.accounting.rollups import RollupCounter, RollupGap, decode
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,9 @@ class RollupFollower:
                     if counter.counts(rollup):
                         self.ledger.add_units(rollup.minutes, rollup.sizes, rollup.keys, rollup.units, wall_clock_ms())
                         counter.counted(rollup)  # after the ledger has them: a settled read sees them
+        except RollupGap as exc:  # reads notice (`alive`) and load the ledger again
+            self.failure = exc
+            log.error("the sink's rollups have a gap; the plan ledger will be loaded again", extra={"error": str(exc)})
         except BaseException as exc:  # a defect: reads notice (`alive`) and start a new follower
             self.failure = exc
             log.exception("the rollups follower stopped")

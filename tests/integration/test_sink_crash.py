@@ -11,6 +11,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
 
 import pytest
 from aiokafka import AIOKafkaConsumer
@@ -20,6 +21,7 @@ from confluent_kafka import TopicPartition as ConfluentPartition
 from confluent_kafka.admin import AdminClient
 
 from throttlex.processors.accounting import rollups
+from throttlex.processors.accounting.exact_usage import ExactUsage
 from throttlex.processors.accounting.rollups import RollupCounter
 from throttlex.processors.accounting.store import UsageStore
 from tests.conftest import EVENTS_PARTITIONS, EventSender, RoleProcess, Sandbox, eventually
@@ -36,6 +38,29 @@ START_MS = int(datetime(2026, 11, 30, 23, 30, tzinfo=UTC).timestamp() * 1000)
 
 def inserted(role: RoleProcess) -> int:
     return role.log().count('"message": "batch inserted"')
+
+
+async def ledger_matches_store(sandbox: Sandbox) -> None:
+    """A plan ledger loaded now (as an API replica starting would) counts, per key, the units ClickHouse holds."""
+    env = sandbox.env
+    store = UsageStore(env["THROTTLEX_CLICKHOUSE_DSN"])
+    await store.open()
+    exact = ExactUsage(sandbox.kafka_bootstrap, env["THROTTLEX_EVENTS_TOPIC"], env["THROTTLEX_SINK_GROUP"])
+    await exact.start()
+    try:
+        stored = dict(await store.query("SELECT api_key_id, sum(cost) FROM usage_events GROUP BY api_key_id"))
+        assert stored, "the first sink stored a batch"
+        ledger = await exact.prepare(store, ZoneInfo("UTC"))
+        months = [datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)]
+
+        def ledger_units() -> dict[str, int]:
+            units = {f"key-{k}": sum(ledger.month_units(f"key-{k}", month) for month in months) for k in range(KEYS)}
+            return {key: count for key, count in units.items() if count}
+
+        await eventually(lambda: ledger_units() == stored, timeout_s=20, what="the ledger to hold what ClickHouse holds")
+    finally:
+        await exact.stop()
+        await store.close()
 
 
 async def rollup_units(sandbox: Sandbox) -> Counter[str]:
@@ -87,6 +112,10 @@ async def test_sigkill_at_any_point_neither_loses_nor_duplicates(
     sink = spawn("sink", extra_env={**debug, "THROTTLEX_SINK_COMMIT_DELAY_S": "30", "THROTTLEX_SINK_BATCH_MAX_ROWS": "4000"})
     await eventually(lambda: inserted(sink) >= 1, timeout_s=60, what="a first insert")
     sink.stop(signal.SIGKILL)
+
+    # A ledger loaded now, with the killed sink's intent outstanding (its batch stored, its rollups published),
+    # holds what ClickHouse holds, key by key.
+    await ledger_matches_store(sandbox)
 
     # 2. Anywhere in a stream of small batches: collecting, inserting or committing.
     sink = spawn("sink", extra_env={**debug, "THROTTLEX_SINK_BATCH_MAX_ROWS": "1000", "THROTTLEX_SINK_FLUSH_INTERVAL_S": "0.2"})

@@ -13,7 +13,7 @@ import pytest
 from throttlex.ingest.events import encode
 from throttlex.processors.accounting import rollups
 from throttlex.processors.accounting.ledger import PlanLedger, month_around
-from throttlex.processors.accounting.rollups import Rollup, RollupCounter, rollup_records
+from throttlex.processors.accounting.rollups import Rollup, RollupCounter, RollupGap, rollup_records
 from throttlex.processors.accounting.rows import event_rows
 from tests.factories import make_event
 
@@ -96,7 +96,7 @@ def test_the_last_hour_is_kept_per_minute() -> None:
 
 
 def test_a_batch_is_summed_per_key_and_minute_in_chunks_cut_the_same_way_every_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(rollups, "MAX_ENTRIES", 3)
+    monkeypatch.setattr(rollups, "MAX_BYTES", 3 * (len("k0") + 16))  # three sums a record
     values: list[bytes | None] = [event(NOW + timedelta(seconds=s), 1 + s % 2, key=f"k{s % 4}") for s in range(0, 120, 5)]
     first, again = batch_rollups(values, first=100), batch_rollups(values, first=100)
     assert first == again
@@ -108,7 +108,7 @@ def test_a_batch_is_summed_per_key_and_minute_in_chunks_cut_the_same_way_every_t
     assert batch_rollups([event(NOW, 3, blocked=True)]) == [Rollup(0, 0, 0, 1, [], [], [], [])]  # done, nothing billable
 
 
-def test_a_counter_counts_each_chunk_of_each_batch_past_the_split_once() -> None:
+def test_a_counter_counts_each_chunk_of_each_batch_past_the_split_once_and_notices_a_gap() -> None:
     counter = RollupCounter(split=100)
 
     def chunk(first: int, last: int, index: int, chunks: int) -> Rollup:
@@ -129,6 +129,11 @@ def test_a_counter_counts_each_chunk_of_each_batch_past_the_split_once() -> None
     assert not read(chunk(100, 149, 1, 2))
     assert read(chunk(150, 160, 0, 1)) and counter.position == 161
     assert not read(chunk(100, 149, 0, 2))  # an older batch replayed late
+    assert read(chunk(161, 170, 0, 2))
+    with pytest.raises(RollupGap, match="offsets 161..170 are missing"):  # the batch's second chunk never came
+        read(chunk(171, 180, 0, 1))
+    with pytest.raises(RollupGap, match="offsets 100..149 are missing"):  # a sink that published nothing for them
+        RollupCounter(split=100).counts(chunk(150, 160, 0, 1))
 
 
 def test_the_sinks_commit_metadata_reads_back_and_reads_an_older_sinks() -> None:
@@ -136,3 +141,11 @@ def test_the_sinks_commit_metadata_reads_back_and_reads_an_older_sinks() -> None
     assert rollups.read_metadata(rollups.commit_metadata(rollups=7) + "\0") == (None, 7)  # librdkafka's trailing NUL
     assert rollups.read_metadata("inflight:41") == (41, None)
     assert rollups.read_metadata("") == rollups.read_metadata(None) == (None, None)
+
+
+def test_a_batch_of_long_key_ids_is_cut_into_records_of_bounded_size() -> None:
+    values: list[bytes | None] = [event(NOW, 1, key=f"{n:0256d}") for n in range(5_000)]  # the longest key ids allowed
+    records = [value for _, value in rollup_records(pa.Table.from_batches([event_rows(values, list(range(5_000)), 0,
+                                                                                      [NOW_MS] * 5_000)[0]]), 0, 4_999)]  # fmt: skip
+    assert len(records) > 1 and max(map(len, records)) <= rollups.MAX_BYTES + 1_000
+    assert sum(len(rollups.decode(value).keys) for value in records) == 5_000
