@@ -56,7 +56,7 @@ test: install services tools typecheck
 image:
 	deploy/local/image.sh build
 
-test-image: install services image
+test-image: install services tools image
 	deploy/local/image.sh services
 	$(BIN)/pytest -m image
 

@@ -31,3 +31,17 @@ def test_the_stack_has_every_part_and_prometheus_scrapes_every_role() -> None:
     metrics_port = "9101"  # THROTTLEX_METRICS_PORT's default, for roles without the API
     assert targets == {f"worker:{metrics_port}", f"sink:{metrics_port}", "api:8080", "gateway:8090"}
     assert services["gateway"]["command"][-1] == "8090"
+
+
+def test_each_role_gets_the_grace_period_of_its_kubernetes_manifest_and_an_init() -> None:
+    rendered = subprocess.run(
+        ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config"], capture_output=True, text=True, check=True
+    ).stdout
+    services = yaml.safe_load(rendered)["services"]
+    manifests = {doc["metadata"]["name"]: doc for path in (ROOT / "deploy/k8s/base").glob("*.yaml")
+                 for doc in yaml.safe_load_all(path.read_text()) if doc and doc.get("kind") == "Deployment"}  # fmt: skip
+    for role in ("worker", "sink", "api"):
+        pod = manifests[f"throttlex-{role}"]["spec"]["template"]["spec"]
+        grace_s = pod.get("terminationGracePeriodSeconds", 30)  # Kubernetes' default
+        assert (role, services[role]["stop_grace_period"]) == (role, f"{grace_s}s")
+        assert services[role]["init"] is True

@@ -74,7 +74,7 @@ class Container:
         return int(docker("inspect", "-f", "{{.State.ExitCode}}", self.name).stdout.strip()), took
 
     def remove(self) -> None:
-        docker("rm", "--force", self.name)
+        docker("rm", "--force", "--volumes", self.name)  # with its anonymous /data volume, if it had no other
 
 
 @pytest.fixture
@@ -92,4 +92,6 @@ def volume(sandbox: Sandbox) -> Iterator[str]:
     name = f"throttlex-test-{sandbox.tag}"
     assert docker("volume", "create", name).returncode == 0
     yield name
-    docker("volume", "rm", "--force", name)
+    for container in docker("ps", "--all", "--quiet", "--filter", f"volume={name}").stdout.split():
+        docker("rm", "--force", container)  # the test's containers, before `containers` removes them
+    assert docker("volume", "rm", name).returncode == 0
