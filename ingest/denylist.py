@@ -88,6 +88,10 @@ async def first_failure(*jobs: Coroutine[Any, Any, NoReturn]) -> NoReturn:
             await cancel_and_wait(task)
 
 
+_CALL_TIMEOUT_S = 2.0
+"""Longest wait for one Redis call of the edge (a snapshot reads a few thousand blocks in milliseconds)."""
+
+
 class EdgeDenylist:
     def __init__(
         self,
@@ -101,7 +105,9 @@ class EdgeDenylist:
         silence_s: float = 1.0,
         resync_interval_s: float = 5.0,
     ) -> None:
-        self._redis = edge_redis(redis_url, connect_timeout_s=2.0)
+        # Every call bounded: a read on a connection whose peer vanished (a dropped NAT entry) would otherwise
+        # wait for TCP's own timeout, about 15 minutes. The pub/sub reads pass their own timeouts.
+        self._redis = edge_redis(redis_url, connect_timeout_s=2.0, timeout_s=_CALL_TIMEOUT_S)
         self._resync_interval_s = resync_interval_s
         self._silence_s = silence_s
         """After this long without a message the channel is pinged; without an answer as long again, the
