@@ -10,12 +10,17 @@ authenticator) every key passes, requests without a key are passed through untou
 ``unauthenticated``, and events carry the gateway's configured tenant. Paths in ``public_paths``
 (health checks, ``/metrics``) are neither checked nor accounted. A request's route, at the check and on its
 event, is its route template (`ingest.routes`).
+
+A WebSocket's handshake is checked and accounted as a request with the method ``WEBSOCKET``: refused with an
+HTTP answer where the server offers the denial response extension, else closed before accepting; its event
+is emitted when the handshake is answered (status 101 when accepted), not when the connection closes.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from functools import lru_cache, partial
 from typing import NamedTuple
 
@@ -29,7 +34,7 @@ from throttlex.ingest.denylist import EdgeDenylist
 from throttlex.ingest.events import UsageEvent, key_id_for, new_event_id
 from throttlex.ingest.keys import EdgeKeys, KeyLookupUnavailable
 from throttlex.ingest.producer import EventProducer
-from throttlex.ingest.routes import RouteTemplates
+from throttlex.ingest.routes import WEBSOCKET, RouteTemplates
 
 
 _OUTCOMES = metrics.REQUESTS.counts
@@ -70,16 +75,17 @@ class ThrottleXMiddleware:
         self._routes = RouteTemplates(app)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self._public:
+        if scope["type"] not in ("http", "websocket") or scope["path"] in self._public:
             await self.app(scope, receive, send)
             return
+        refuse = _refuse if scope["type"] == "http" else partial(_refuse_websocket, scope)
         api_key = _header(scope, self._header)
         if api_key is None and self._keys is None:
             _OUTCOMES["unauthenticated"] += 1
             await self.app(scope, receive, send)
             return
         if api_key is None:
-            await _refuse(send, 401, f"missing API key: send it in the {self._header.decode()} header")
+            await refuse(send, 401, f"missing API key: send it in the {self._header.decode()} header")
             return
 
         key_id = self._remembered_key_id(api_key) if len(api_key) <= KEY_CACHED_MAX_CHARS else self._key_id_for(api_key)
@@ -90,35 +96,45 @@ class ThrottleXMiddleware:
                 try:
                     record = await self._keys.usable(key_id)
                 except KeyLookupUnavailable:
-                    await _refuse(send, 503, "cannot check the API key now; try again")
+                    await refuse(send, 503, "cannot check the API key now; try again")
                     return
             if record is None:
-                await _refuse(send, 401, "unknown, suspended, revoked or expired API key")
+                await refuse(send, 401, "unknown, suspended, revoked or expired API key")
                 return
             tenant, plan = record.tenant, record.plan
         received_ms = self._clock()
         started = time.perf_counter()
         request = _Request(key_id, tenant, plan, (scope.get("client") or ("", 0))[0], self._routes.of(scope),
-                           scope["method"], received_ms, started)  # fmt: skip
+                           scope.get("method", WEBSOCKET), received_ms, started)  # fmt: skip
         block = self._denylist.check({"api_key": key_id, "tenant": tenant, "ip": request.client_ip,
                                       "route": request.route, "method": request.method})  # fmt: skip
         if self._denylist.refusing:  # fail-closed and Redis out of reach for too long
             _OUTCOMES["refused_unavailable"] += 1
             block = Block(limit_key="", until_ms=received_ms + 1_000, policy="")
-            sent_bytes = await _send_error(send, 503, block, received_ms, "rate limiter unavailable; try again")
-            status = 503
+            status, message = 503, "rate limiter unavailable; try again"
         elif block is not None:
             _OUTCOMES["blocked"] += 1
-            sent_bytes = await _send_error(send, 429, block, received_ms, "rate limit exceeded")
-            status = 429
+            status, message = 429, "rate limit exceeded"
         else:
             _OUTCOMES["admitted"] += 1
+            if scope["type"] == "websocket":  # accounted when the handshake is answered, however long it stays open
+                handshake = _HandshakeMeter(send, lambda answered: self._emit(request, answered, 0))
+                try:
+                    await self.app(scope, receive, handshake)
+                finally:
+                    if not handshake.answered:  # ended or raised before answering: the server refuses it
+                        self._emit(request, 500, 0)
+                return
             response = _ResponseMeter(send)
             try:
                 await self.app(scope, receive, response)
             finally:  # a handler that raised was still served (the server answers 500): counted and billed
                 self._emit(request, response.status, response.body_bytes)
             return
+        if scope["type"] == "http":
+            sent_bytes = await _send_error(send, status, block, received_ms, message)
+        else:
+            sent_bytes = await _refuse_websocket(scope, send, status, message, _retry_after_s(block, received_ms))
         self._emit(request, status, sent_bytes, edge_blocked=True)
 
     def _emit(self, request: _Request, status: int, sent_bytes: int, *, edge_blocked: bool = False) -> None:
@@ -170,6 +186,51 @@ class _ResponseMeter:
         await self._send(message)
 
 
+class _HandshakeMeter:
+    """Wraps a WebSocket's ``send`` to learn how its handshake was answered: accepted (101), closed before
+    accepting (403, as servers answer it) or denied with an HTTP response (its status)."""
+
+    def __init__(self, send: Send, on_answer: Callable[[int], None]) -> None:
+        self._send = send
+        self._on_answer = on_answer
+        self.answered = False
+
+    async def __call__(self, message: Message) -> None:
+        if not self.answered and message["type"] in _HANDSHAKE_ANSWERS:
+            self.answered = True
+            self._on_answer(_HANDSHAKE_ANSWERS[message["type"]] or int(message.get("status", 500)))
+        await self._send(message)
+
+
+_HANDSHAKE_ANSWERS = {"websocket.accept": 101, "websocket.close": 403, "websocket.http.response.start": 0}
+"""The status each way of answering a handshake gives (0: the one it names)."""
+
+
+async def _refuse_websocket(scope: Scope, send: Send, status: int, message: str, retry_after_s: int | None = None) -> int:
+    """Refuse a WebSocket handshake: with an HTTP response where the server offers the denial response extension
+    (the client sees ``status``), else by closing before accepting (the server answers 403) with a close code
+    that says why. Returns the bytes of the body sent."""
+    if status == 401:
+        _OUTCOMES["unauthorized"] += 1
+    elif status == 503 and retry_after_s is None:
+        _OUTCOMES["key_check_unavailable"] += 1
+    if "websocket.http.response" in scope.get("extensions", {}):
+        body = msgspec.json.encode({"error": message, **({"retry_after_s": retry_after_s} if retry_after_s else {})})
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        if retry_after_s is not None or status == 503:
+            headers.append((b"retry-after", str(retry_after_s or 1).encode()))
+        await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": body})
+        return len(body)
+    code = {401: 1008, 429: 1013, 503: 1013}[status]  # policy violation; try again later
+    await send({"type": "websocket.close", "code": code, "reason": message[:120]})
+    return 0
+
+
+def _retry_after_s(block: Block, now_ms: int) -> int:
+    return max(1, math.ceil((block.until_ms - now_ms) / 1000))
+
+
 async def _refuse(send: Send, status: int, message: str) -> None:
     """Answer a request that is not let through and not accounted (no usable key)."""
     _OUTCOMES["unauthorized" if status == 401 else "key_check_unavailable"] += 1
@@ -181,7 +242,7 @@ async def _refuse(send: Send, status: int, message: str) -> None:
 
 
 async def _send_error(send: Send, status: int, block: Block, now_ms: int, message: str) -> int:
-    retry_after_s = max(1, math.ceil((block.until_ms - now_ms) / 1000))
+    retry_after_s = _retry_after_s(block, now_ms)
     body = msgspec.json.encode(
         {
             "error": message,

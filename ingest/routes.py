@@ -20,6 +20,8 @@ from starlette.types import ASGIApp, Scope
 
 UNMATCHED = "unmatched"
 """The route of a request no route of the app takes."""
+WEBSOCKET = "WEBSOCKET"
+"""The method a WebSocket handshake is counted, limited and stored under (a handshake is an HTTP GET)."""
 
 _CACHE_SIZE = 4096
 """Templates remembered per (method, path): the paths a scanner tries only push older ones out."""
@@ -33,17 +35,18 @@ class RouteTemplates:
         self._resolve = lru_cache(maxsize=_CACHE_SIZE)(self._template)
 
     def of(self, scope: Scope) -> str:
-        """The template of the route that will take this HTTP request, or `UNMATCHED`."""
+        """The template of the route that will take this HTTP request or WebSocket, or `UNMATCHED`."""
         if self._routes is None:
             routes = _routes_of(scope.get("app"))  # a middleware added inside a Starlette app: the app set it
             if routes is None:
                 return UNMATCHED
             self._routes = routes
-        return self._resolve(scope["method"], scope.get("root_path", ""), scope["path"])
+        return self._resolve(scope.get("method", WEBSOCKET), scope.get("root_path", ""), scope["path"])
 
     def _template(self, method: str, root_path: str, path: str) -> str:
         assert self._routes is not None
-        scope = {"type": "http", "method": method, "root_path": root_path, "path": path, "headers": []}
+        kind = {"type": "websocket"} if method == WEBSOCKET else {"type": "http", "method": method}
+        scope = {**kind, "root_path": root_path, "path": path, "headers": []}
         return _match(self._routes, scope) or UNMATCHED
 
 

@@ -7,23 +7,31 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import httpx
+import pytest
 from aiokafka import AIOKafkaConsumer
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from redis.asyncio import Redis
-from starlette.routing import Mount, Route
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.websockets import WebSocket
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from throttlex.ingest.clock import wall_clock_ms
 from throttlex.ingest.denylist import EdgeDenylist
 from throttlex.ingest.denylist_entries import Block, event_limit_key
 from throttlex.ingest.events import UsageEvent, decode, key_id_for
+from throttlex.ingest.keys import EdgeKeys
 from throttlex.ingest.middleware import ThrottleXMiddleware
+from throttlex.ingest.settings import ConnectionSettings
+from throttlex.api.server import HttpServer
+from throttlex.processors.registry import issue_key, open_registry
 from throttlex.ingest.producer import EventProducer
 from throttlex.ingest.routes import UNMATCHED
 from throttlex.processors.worker.denylist_writer import DenylistWriter
 from throttlex.processors.topics import ensure_topics
-from tests.conftest import EVENTS_PARTITIONS, Sandbox, eventually
+from tests.conftest import EVENTS_PARTITIONS, Sandbox, eventually, free_port
 
 SALT = b"middleware-test-salt"
 
@@ -114,3 +122,60 @@ async def _events(sandbox: Sandbox, topic: str, count: int) -> list[UsageEvent]:
         await consumer.stop()
     assert len(events) == count
     return events
+
+
+async def test_a_websocket_handshake_is_checked_limited_and_accounted_like_a_request(sandbox: Sandbox) -> None:
+    """Through uvicorn, with registered keys only: a handshake without a key, or with a blocked one, is refused
+    (an HTTP answer through the server's denial response extension) and only the blocked one is accounted; an
+    accepted one carries its route template and the method WEBSOCKET on its event, with status 101."""
+    settings = sandbox.settings(ConnectionSettings)
+    topic, prefix = sandbox.env["THROTTLEX_EVENTS_TOPIC"], sandbox.env["THROTTLEX_REDIS_PREFIX"]
+
+    async def echo(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text(await websocket.receive_text())
+        await websocket.close()
+
+    await ensure_topics(sandbox.kafka_bootstrap, {topic: EVENTS_PARTITIONS})
+    producer = EventProducer(sandbox.kafka_bootstrap, topic)
+    denylist = EdgeDenylist(sandbox.redis_url, prefix)
+    keys = EdgeKeys(sandbox.redis_url, prefix)
+    for part in (producer, denylist, keys):
+        await part.start()
+    app = ThrottleXMiddleware(Starlette(routes=[WebSocketRoute("/ws/{room}", echo)]), denylist=denylist, producer=producer,
+                              key_salt=settings.key_salt_bytes, keys=keys)  # fmt: skip
+    server = HttpServer(app, "127.0.0.1", free_port())
+    await server.start()
+    url = server.url.replace("http://", "ws://") + "/ws/lobby"
+    redis = Redis.from_url(sandbox.redis_url)
+    try:
+        async with open_registry(settings) as registry:
+            plain, record = await issue_key(registry, settings.key_salt_bytes, tenant="acme")
+        with pytest.raises(InvalidStatus) as missing:
+            async with connect(url):
+                pass
+        assert missing.value.response.status_code == 401
+
+        async with connect(url, additional_headers={"x-api-key": plain}) as websocket:
+            await websocket.send("hello")
+            assert await websocket.recv() == "hello"
+
+        block = Block(f"api_key={record.key_id}", wall_clock_ms() + 60_000, "per-key", dims=("api_key",))
+        assert await DenylistWriter(redis, prefix).publish([block]) == 1
+        await eventually(lambda: denylist.check({"api_key": record.key_id}) is not None, timeout_s=10, what="the block")
+        with pytest.raises(InvalidStatus) as blocked:
+            async with connect(url, additional_headers={"x-api-key": plain}):
+                pass
+        assert blocked.value.response.status_code == 429
+        assert int(blocked.value.response.headers["retry-after"]) >= 1
+        await eventually(lambda: producer.undelivered == 0, timeout_s=30, what="every event to be delivered")
+    finally:
+        await server.stop()
+        for part in (keys, denylist, producer):
+            await part.stop()
+        await redis.aclose()
+    events = await _events(sandbox, topic, 2)
+    assert sorted((e.method, e.route, e.status, e.edge_blocked, e.api_key_id, e.tenant) for e in events) == [
+        ("WEBSOCKET", "/ws/{room}", 101, False, record.key_id, "acme"),
+        ("WEBSOCKET", "/ws/{room}", 429, True, record.key_id, "acme"),
+    ]
