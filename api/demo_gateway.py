@@ -63,6 +63,7 @@ def create_gateway_app(settings: GatewaySettings) -> FastAPI:
         tenant=settings.tenant,
         gateway_name=settings.gateway_name,
         api_key_header=settings.api_key_header,
+        trusted_proxies=settings.trusted_proxy_list,
     )
 
     @app.get("/metrics", include_in_schema=False)

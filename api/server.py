@@ -8,6 +8,7 @@ import signal
 from collections.abc import Iterator
 
 import uvicorn
+from typing import Any
 from starlette.types import ASGIApp
 
 
@@ -20,10 +21,11 @@ class _EmbeddedServer(uvicorn.Server):
 
 
 class HttpServer:
-    def __init__(self, app: ASGIApp, host: str, port: int) -> None:
+    def __init__(self, app: ASGIApp, host: str, port: int, **options: Any) -> None:
+        """``options``: more of uvicorn's settings (``proxy_headers``, ``forwarded_allow_ips``...)."""
         self.url = f"http://{host}:{port}"
         self._server = _EmbeddedServer(
-            uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False)
+            uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, **options)
         )
         self._task: asyncio.Task[None] | None = None
 

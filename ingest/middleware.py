@@ -8,7 +8,8 @@ suspended, revoked or expired one, gets 401 (and no event), and the event of an 
 carries the key's tenant and plan. Without one (``keys=None``, for a gateway behind another
 authenticator) every key passes, requests without a key are passed through untouched and counted as
 ``unauthenticated``, and events carry the gateway's configured tenant. Paths in ``public_paths``
-(health checks, ``/metrics``) are neither checked nor accounted. A request's route, at the check and on its
+(health checks, ``/metrics``) are neither checked nor accounted. Behind proxies listed in ``trusted_proxies``
+the client's address is read from the forwarding headers (`ingest.client_address`). A request's route, at the check and on its
 event, is its route template (`ingest.routes`).
 
 A WebSocket's handshake is checked and accounted as a request with the method ``WEBSOCKET``: refused with an
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache, partial
 from typing import NamedTuple
 
@@ -28,6 +29,7 @@ import msgspec
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from throttlex.ingest import metrics
+from throttlex.ingest.client_address import ClientAddress
 from throttlex.ingest.denylist_entries import Block
 from throttlex.ingest.clock import Clock, wall_clock_ms
 from throttlex.ingest.denylist import EdgeDenylist
@@ -59,6 +61,7 @@ class ThrottleXMiddleware:
         tenant: str = "default",
         gateway_name: str = "",
         api_key_header: str = "x-api-key",
+        trusted_proxies: Sequence[str] = (),
         clock: Clock = wall_clock_ms,
     ) -> None:
         self.app = app
@@ -73,6 +76,7 @@ class ThrottleXMiddleware:
         self._header = api_key_header.lower().encode()
         self._clock = clock
         self._routes = RouteTemplates(app)
+        self._client = ClientAddress(list(trusted_proxies))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket") or scope["path"] in self._public:
@@ -104,8 +108,11 @@ class ThrottleXMiddleware:
             tenant, plan = record.tenant, record.plan
         received_ms = self._clock()
         started = time.perf_counter()
-        request = _Request(key_id, tenant, plan, (scope.get("client") or ("", 0))[0], self._routes.of(scope),
-                           scope.get("method", WEBSOCKET), received_ms, started)  # fmt: skip
+        client_ip = (scope.get("client") or ("", 0))[0]
+        if self._client.enabled:
+            client_ip = self._client.of(client_ip, _header(scope, b"x-forwarded-for"), _header(scope, b"forwarded"))
+        request = _Request(key_id, tenant, plan, client_ip, self._routes.of(scope), scope.get("method", WEBSOCKET),
+                           received_ms, started)  # fmt: skip
         block = self._denylist.check({"api_key": key_id, "tenant": tenant, "ip": request.client_ip,
                                       "route": request.route, "method": request.method})  # fmt: skip
         if self._denylist.refusing:  # fail-closed and Redis out of reach for too long
@@ -267,7 +274,6 @@ async def _send_error(send: Send, status: int, block: Block, now_ms: int, messag
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return str(value.decode("latin-1"))
-    return None
+    """The header's value; a header sent several times, its values joined with commas (as HTTP reads them)."""
+    values = [value.decode("latin-1") for key, value in scope["headers"] if key == name]
+    return ",".join(values) if values else None

@@ -7,6 +7,7 @@ patching the environment.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 
 from collections.abc import Iterable
@@ -114,6 +115,16 @@ class ConnectionSettings(BaseSettings):
                 )
 
 
+def _check_networks(value: str) -> str:
+    for proxy in (part.strip() for part in value.split(",")):
+        if proxy:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(f"{proxy!r} is not an address or a network (10.0.0.0/8, 2001:db8::/32)") from None
+    return value
+
+
 class GatewaySettings(ConnectionSettings):
     tenant: str = Field("default", description="tenant recorded on events from this gateway")
     gateway_name: str = Field(
@@ -127,6 +138,15 @@ class GatewaySettings(ConnectionSettings):
     edge_fail_mode: FailMode = Field(
         "open", description="when Redis is out of reach: open admits (cached blocks still hold), closed answers 503"
     )
+    trusted_proxies: Annotated[str, AfterValidator(_check_networks)] = Field(
+        "",
+        description="comma-separated addresses or networks (10.0.0.0/8) of the proxies in front of this gateway: a "
+        "request from one of them counts under the client X-Forwarded-For (or Forwarded) names; empty: the socket's peer",
+    )
+
+    @property
+    def trusted_proxy_list(self) -> list[str]:
+        return [proxy.strip() for proxy in self.trusted_proxies.split(",") if proxy.strip()]
     edge_keys: Literal["registry", "any"] = Field(
         "registry",
         description="registry: only registered, active, unexpired keys pass (401 otherwise); "

@@ -33,6 +33,7 @@ from typing import Any
 import msgspec
 
 from throttlex.ingest import metrics
+from throttlex.ingest.client_address import ClientAddress
 from throttlex.ingest.denylist import EdgeDenylist
 from throttlex.ingest.denylist_entries import Block
 from throttlex.ingest.clock import wall_clock_ms
@@ -153,6 +154,7 @@ class ThrottleXWSGIMiddleware:
         self._source = f"gateway:{settings.gateway_name}"
         self._route_of = route_of or _flask_routes(app) or (lambda environ: UNMATCHED)
         self._public = public_paths
+        self._client = ClientAddress(settings.trusted_proxy_list)
         self._header = "HTTP_" + settings.api_key_header.upper().replace("-", "_")
         self._key_id = lru_cache(maxsize=KEY_IDS_CACHED)(partial(key_id_for, salt=settings.key_salt_bytes))
         self._edge: _Edge | None = None
@@ -186,6 +188,8 @@ class ThrottleXWSGIMiddleware:
             tenant, plan = record.tenant, record.plan
         received_ms, started = wall_clock_ms(), time.perf_counter()
         client_ip, route, method = environ.get("REMOTE_ADDR", ""), self._route(environ), environ.get("REQUEST_METHOD", "GET")
+        if self._client.enabled:
+            client_ip = self._client.of(client_ip, environ.get("HTTP_X_FORWARDED_FOR"), environ.get("HTTP_FORWARDED"))
         event = partial(UsageEvent, api_key_id=key_id, tenant=tenant, plan=plan, route=route, method=method,
                         client_ip=client_ip, event_time_ms=received_ms, source=self._source)  # fmt: skip
         block = edge.denylist.check({"api_key": key_id, "tenant": tenant, "ip": client_ip, "route": route, "method": method},

@@ -179,3 +179,35 @@ async def test_a_websocket_handshake_is_checked_limited_and_accounted_like_a_req
         ("WEBSOCKET", "/ws/{room}", 101, False, record.key_id, "acme"),
         ("WEBSOCKET", "/ws/{room}", 429, True, record.key_id, "acme"),
     ]
+
+
+@pytest.mark.parametrize("server_rewrites", [False, True], ids=["server-leaves-peer", "uvicorn-forwarded-allow-ips"])
+async def test_behind_a_trusted_proxy_the_client_is_read_from_x_forwarded_for_once(sandbox: Sandbox, server_rewrites: bool) -> None:
+    """A request through one proxy (127.0.0.1, trusted) whose caller wrote an address of its own into
+    X-Forwarded-For: the event carries the caller the proxy saw, whether uvicorn already took it from the
+    header (its proxy headers on, trusting 127.0.0.1) or not; without trusted proxies, the peer."""
+    topic = sandbox.env["THROTTLEX_EVENTS_TOPIC"]
+    await ensure_topics(sandbox.kafka_bootstrap, {topic: EVENTS_PARTITIONS})
+    producer = EventProducer(sandbox.kafka_bootstrap, topic)
+    denylist = EdgeDenylist(sandbox.redis_url, sandbox.env["THROTTLEX_REDIS_PREFIX"])
+    await producer.start()
+    await denylist.start()
+    servers = []
+    for trusted in (["127.0.0.1"], []):
+        app = ThrottleXMiddleware(Starlette(routes=[Route("/fine", fine)]), denylist=denylist, producer=producer,
+                                  key_salt=SALT, trusted_proxies=trusted)  # fmt: skip
+        servers.append(HttpServer(app, "127.0.0.1", free_port(), proxy_headers=server_rewrites, forwarded_allow_ips="127.0.0.1"))
+    try:
+        for server in servers:
+            await server.start()
+            async with httpx.AsyncClient(base_url=server.url) as client:
+                headers = {"x-api-key": "caller", "x-forwarded-for": "198.51.100.9, 203.0.113.7"}
+                assert (await client.get("/fine", headers=headers)).status_code == 200
+        await eventually(lambda: producer.undelivered == 0, timeout_s=30, what="every event to be delivered")
+    finally:
+        for server in servers:
+            await server.stop()
+        await denylist.stop()
+        await producer.stop()
+    without_trust = "203.0.113.7" if server_rewrites else "127.0.0.1"  # what the server hands over, taken as it is
+    assert sorted(event.client_ip for event in await _events(sandbox, topic, 2)) == sorted(["203.0.113.7", without_trust])

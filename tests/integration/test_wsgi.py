@@ -98,3 +98,36 @@ async def test_a_flask_app_under_waitress_blocks_refuses_and_accounts_every_requ
         ("/items/<int:item_id>", "acme", 200, False)}  # fmt: skip
     assert sum(e.edge_blocked for e in hot) == expected["hot_refused"] and {e.status for e in hot if e.edge_blocked} == {429}
     assert len(hot) == expected["hot_refused"] + expected["hot_admitted"]
+
+
+@pytest.mark.parametrize("app", ["app", "proxied"], ids=["remote-addr-as-served", "werkzeug-proxyfix"])
+async def test_behind_a_trusted_proxy_the_client_is_read_from_x_forwarded_for_once(sandbox: Sandbox, tmp_path: Path, app: str) -> None:
+    """A request through one proxy (127.0.0.1, in THROTTLEX_TRUSTED_PROXIES) whose caller wrote an address of
+    its own into X-Forwarded-For: its event carries the caller the proxy saw, whether ProxyFix already took it
+    from the header or not."""
+    topic = sandbox.env["THROTTLEX_EVENTS_TOPIC"]
+    await ensure_topics(sandbox.kafka_bootstrap, {topic: EVENTS_PARTITIONS})
+    await register_keys(sandbox, {"wsgi-proxied-key": "acme"})
+    port, log = free_port(), tmp_path / "waitress.log"
+    env = {**os.environ, **sandbox.env, "THROTTLEX_TRUSTED_PROXIES": "127.0.0.1"}
+    with log.open("wb") as output:
+        # waitress drops forwarding headers from peers it does not trust itself; here the app handles them
+        server = subprocess.Popen([sys.executable, "-c", SERVE, f"--port={port}", "--no-clear-untrusted-proxy-headers",
+                                   f"tests.integration.wsgi_app:{app}"], cwd=ROOT, env=env, stdout=output, stderr=output)  # fmt: skip
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+
+            async def serving() -> bool:
+                assert server.poll() is None, log.read_text()
+                try:
+                    return (await http.get("/healthz")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            await eventually(serving, timeout_s=60, what="waitress to serve the Flask app")
+            headers = {"x-api-key": "wsgi-proxied-key", "x-forwarded-for": "198.51.100.9, 203.0.113.7"}
+            assert (await http.get("/items/1", headers=headers)).status_code == 200
+    finally:
+        server.send_signal(signal.SIGINT)  # a normal exit: the events still held are delivered first
+        server.wait(30)
+    assert [event.client_ip for event in await events_on_topic(sandbox, topic)] == ["203.0.113.7"]

@@ -2,6 +2,7 @@
 waitress in `test_wsgi.py`, its settings from the ``THROTTLEX_*`` variables."""
 
 from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from throttlex.ingest.settings import GatewaySettings
 from throttlex.ingest.wsgi import ThrottleXWSGIMiddleware
@@ -20,3 +21,12 @@ def item(item_id: int) -> dict[str, int]:
 
 
 app.wsgi_app = ThrottleXWSGIMiddleware(app.wsgi_app, GatewaySettings(), public_paths=frozenset({"/healthz"}))  # type: ignore[method-assign]
+
+# The same app behind werkzeug's ProxyFix (one proxy in front: REMOTE_ADDR becomes the last X-Forwarded-For hop),
+# outside the ThrottleX middleware as a Flask team would add it: for the trusted-proxies test.
+proxied = Flask(__name__)
+proxied.add_url_rule("/healthz", view_func=healthz)
+proxied.add_url_rule("/items/<int:item_id>", view_func=item)
+proxied.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+    ThrottleXWSGIMiddleware(proxied.wsgi_app, GatewaySettings(), public_paths=frozenset({"/healthz"})), x_for=1
+)
