@@ -163,12 +163,13 @@ class UsageStore:
         [(create,)] = await self.query(
             f"SELECT create_table_query FROM system.tables WHERE database = currentDatabase() AND name = '{table}'"
         )
-        if days > 0:
-            change = f"MODIFY TTL toDateTime(event_time) + toIntervalDay({int(days)})"
-        elif " TTL " in create:
+        ttl = f"TTL toDateTime(event_time) + toIntervalDay({int(days)})"
+        if days > 0 and ttl not in create:
+            change = f"MODIFY {ttl}"
+        elif days <= 0 and " TTL " in create:
             change = "REMOVE TTL"
         else:
-            return
+            return  # as set already: an ALTER at every start could rewrite every raw part (or queue DDL on every node)
         for statement in self.ddl(f"ALTER TABLE usage_events {change}"):
             await self.command(statement)
 

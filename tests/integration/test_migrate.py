@@ -163,3 +163,27 @@ async def test_a_migration_waits_while_another_process_holds_the_lock(tmp_path: 
     finally:
         await waiter.close()
         await holder.close()
+
+
+async def test_retention_is_altered_only_when_it_changes(tmp_path: Path) -> None:
+    """Each start applies the raw retention setting: the same value as before issues no ALTER (counted by the
+    engine's own `Query` event: a start that alters runs one statement more than one that does not)."""
+    store = UsageStore(f"chdb://{tmp_path / 'chdb'}")
+    await store.open()
+    try:
+        await store.migrate()
+
+        async def statements_of(days: int) -> int:
+            query = "SELECT value FROM system.events WHERE event = 'Query'"
+            [(before,)] = await store.query(query)
+            await store.apply_retention(days)
+            [(after,)] = await store.query(query)
+            return int(after - before)
+
+        changed = await statements_of(400)
+        assert await statements_of(400) == changed - 1
+        assert await statements_of(300) == changed
+        assert await statements_of(0) == changed
+        assert await statements_of(0) == changed - 1
+    finally:
+        await store.close()
