@@ -90,23 +90,30 @@ async def test_requests_are_counted_under_their_route_template_and_blocked_on_it
 
 
 @asynccontextmanager
-async def _gateway(sandbox: Sandbox, app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
-    """``app`` behind the middleware, with a real producer and edge denylist; every event delivered on exit."""
+async def _edge(sandbox: Sandbox) -> AsyncIterator[tuple[EventProducer, EdgeDenylist]]:
+    """A real producer to the sandbox's events topic and a real edge denylist; every event delivered on exit."""
     topic = sandbox.env["THROTTLEX_EVENTS_TOPIC"]
     await ensure_topics(sandbox.kafka_bootstrap, {topic: EVENTS_PARTITIONS})
     producer = EventProducer(sandbox.kafka_bootstrap, topic)
     denylist = EdgeDenylist(sandbox.redis_url, sandbox.env["THROTTLEX_REDIS_PREFIX"])
     await producer.start()
     await denylist.start()
-    gateway = ThrottleXMiddleware(app, denylist=denylist, producer=producer, key_salt=SALT)
     try:
-        transport = httpx.ASGITransport(gateway, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
-            yield client
+        yield producer, denylist
         await eventually(lambda: producer.undelivered == 0, timeout_s=30, what="every event to be delivered")
     finally:
         await denylist.stop()
         await producer.stop()
+
+
+@asynccontextmanager
+async def _gateway(sandbox: Sandbox, app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    """``app`` behind the middleware (`_edge`), called in-process."""
+    async with _edge(sandbox) as (producer, denylist):
+        gateway = ThrottleXMiddleware(app, denylist=denylist, producer=producer, key_salt=SALT)
+        transport = httpx.ASGITransport(gateway, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            yield client
 
 
 async def _events(sandbox: Sandbox, topic: str, count: int) -> list[UsageEvent]:
@@ -136,43 +143,40 @@ async def test_a_websocket_handshake_is_checked_limited_and_accounted_like_a_req
         await websocket.send_text(await websocket.receive_text())
         await websocket.close()
 
-    await ensure_topics(sandbox.kafka_bootstrap, {topic: EVENTS_PARTITIONS})
-    producer = EventProducer(sandbox.kafka_bootstrap, topic)
-    denylist = EdgeDenylist(sandbox.redis_url, prefix)
-    keys = EdgeKeys(sandbox.redis_url, prefix)
-    for part in (producer, denylist, keys):
-        await part.start()
-    app = ThrottleXMiddleware(Starlette(routes=[WebSocketRoute("/ws/{room}", echo)]), denylist=denylist, producer=producer,
-                              key_salt=settings.key_salt_bytes, keys=keys)  # fmt: skip
-    server = HttpServer(app, "127.0.0.1", free_port())
-    await server.start()
-    url = server.url.replace("http://", "ws://") + "/ws/lobby"
     redis = Redis.from_url(sandbox.redis_url)
+    keys = EdgeKeys(sandbox.redis_url, prefix)
+    await keys.start()
     try:
-        async with open_registry(settings) as registry:
-            plain, record = await issue_key(registry, settings.key_salt_bytes, tenant="acme")
-        with pytest.raises(InvalidStatus) as missing:
-            async with connect(url):
-                pass
-        assert missing.value.response.status_code == 401
+        async with _edge(sandbox) as (producer, denylist):
+            app = ThrottleXMiddleware(Starlette(routes=[WebSocketRoute("/ws/{room}", echo)]), denylist=denylist,
+                                      producer=producer, key_salt=settings.key_salt_bytes, keys=keys)  # fmt: skip
+            server = HttpServer(app, "127.0.0.1", free_port())
+            await server.start()
+            url = server.url.replace("http://", "ws://") + "/ws/lobby"
+            try:
+                async with open_registry(settings) as registry:
+                    plain, record = await issue_key(registry, settings.key_salt_bytes, tenant="acme")
+                with pytest.raises(InvalidStatus) as missing:
+                    async with connect(url):
+                        pass
+                assert missing.value.response.status_code == 401
 
-        async with connect(url, additional_headers={"x-api-key": plain}) as websocket:
-            await websocket.send("hello")
-            assert await websocket.recv() == "hello"
+                async with connect(url, additional_headers={"x-api-key": plain}) as websocket:
+                    await websocket.send("hello")
+                    assert await websocket.recv() == "hello"
 
-        block = Block(f"api_key={record.key_id}", wall_clock_ms() + 60_000, "per-key", dims=("api_key",))
-        assert await DenylistWriter(redis, prefix).publish([block]) == 1
-        await eventually(lambda: denylist.check({"api_key": record.key_id}) is not None, timeout_s=10, what="the block")
-        with pytest.raises(InvalidStatus) as blocked:
-            async with connect(url, additional_headers={"x-api-key": plain}):
-                pass
-        assert blocked.value.response.status_code == 429
-        assert int(blocked.value.response.headers["retry-after"]) >= 1
-        await eventually(lambda: producer.undelivered == 0, timeout_s=30, what="every event to be delivered")
+                block = Block(f"api_key={record.key_id}", wall_clock_ms() + 60_000, "per-key", dims=("api_key",))
+                assert await DenylistWriter(redis, prefix).publish([block]) == 1
+                await eventually(lambda: denylist.check({"api_key": record.key_id}) is not None, timeout_s=10, what="the block")
+                with pytest.raises(InvalidStatus) as blocked:
+                    async with connect(url, additional_headers={"x-api-key": plain}):
+                        pass
+                assert blocked.value.response.status_code == 429
+                assert int(blocked.value.response.headers["retry-after"]) >= 1
+            finally:
+                await server.stop()
     finally:
-        await server.stop()
-        for part in (keys, denylist, producer):
-            await part.stop()
+        await keys.stop()
         await redis.aclose()
     events = await _events(sandbox, topic, 2)
     assert sorted((e.method, e.route, e.status, e.edge_blocked, e.api_key_id, e.tenant) for e in events) == [
@@ -187,27 +191,17 @@ async def test_behind_a_trusted_proxy_the_client_is_read_from_x_forwarded_for_on
     X-Forwarded-For: the event carries the caller the proxy saw, whether uvicorn already took it from the
     header (its proxy headers on, trusting 127.0.0.1) or not; without trusted proxies, the peer."""
     topic = sandbox.env["THROTTLEX_EVENTS_TOPIC"]
-    await ensure_topics(sandbox.kafka_bootstrap, {topic: EVENTS_PARTITIONS})
-    producer = EventProducer(sandbox.kafka_bootstrap, topic)
-    denylist = EdgeDenylist(sandbox.redis_url, sandbox.env["THROTTLEX_REDIS_PREFIX"])
-    await producer.start()
-    await denylist.start()
-    servers = []
-    for trusted in (["127.0.0.1"], []):
-        app = ThrottleXMiddleware(Starlette(routes=[Route("/fine", fine)]), denylist=denylist, producer=producer,
-                                  key_salt=SALT, trusted_proxies=trusted)  # fmt: skip
-        servers.append(HttpServer(app, "127.0.0.1", free_port(), proxy_headers=server_rewrites, forwarded_allow_ips="127.0.0.1"))
-    try:
-        for server in servers:
+    async with _edge(sandbox) as (producer, denylist):
+        for trusted in (["127.0.0.1"], []):
+            app = ThrottleXMiddleware(Starlette(routes=[Route("/fine", fine)]), denylist=denylist, producer=producer,
+                                      key_salt=SALT, trusted_proxies=trusted)  # fmt: skip
+            server = HttpServer(app, "127.0.0.1", free_port(), proxy_headers=server_rewrites, forwarded_allow_ips="127.0.0.1")
             await server.start()
-            async with httpx.AsyncClient(base_url=server.url) as client:
-                headers = {"x-api-key": "caller", "x-forwarded-for": "198.51.100.9, 203.0.113.7"}
-                assert (await client.get("/fine", headers=headers)).status_code == 200
-        await eventually(lambda: producer.undelivered == 0, timeout_s=30, what="every event to be delivered")
-    finally:
-        for server in servers:
-            await server.stop()
-        await denylist.stop()
-        await producer.stop()
+            try:
+                async with httpx.AsyncClient(base_url=server.url) as client:
+                    headers = {"x-api-key": "caller", "x-forwarded-for": "198.51.100.9, 203.0.113.7"}
+                    assert (await client.get("/fine", headers=headers)).status_code == 200
+            finally:
+                await server.stop()
     without_trust = "203.0.113.7" if server_rewrites else "127.0.0.1"  # what the server hands over, taken as it is
     assert sorted(event.client_ip for event in await _events(sandbox, topic, 2)) == sorted(["203.0.113.7", without_trust])

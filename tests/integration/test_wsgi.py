@@ -11,6 +11,8 @@ import subprocess
 import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -32,24 +34,16 @@ starts in the background (a CI runner's, say) inherits SIGINT ignored, and Pytho
 its own: waitress would never stop."""
 
 
-async def test_a_flask_app_under_waitress_blocks_refuses_and_accounts_every_request(sandbox: Sandbox, tmp_path: Path) -> None:
-    topic = sandbox.env["THROTTLEX_EVENTS_TOPIC"]
-    await ensure_topics(sandbox.kafka_bootstrap, {topic: EVENTS_PARTITIONS})
-    ids = await register_keys(sandbox, {"wsgi-calm-key": "acme", "wsgi-hot-key": "acme"})
+@asynccontextmanager
+async def _waitress(sandbox: Sandbox, log: Path, app: str, *options: str, env: dict[str, str] | None = None) -> AsyncIterator[int]:
+    """waitress serving ``app`` (``module:attribute``) with the sandbox's settings, once it answers: its port.
+    Stopped with SIGINT, so the events still held are delivered first."""
     port = free_port()
-    log = tmp_path / "waitress.log"
     with log.open("wb") as output:
-        server = subprocess.Popen([sys.executable, "-c", SERVE, f"--port={port}", "--threads=8", "tests.integration.wsgi_app:app"],
-                                  cwd=ROOT, env={**os.environ, **sandbox.env}, stdout=output, stderr=output)  # fmt: skip
-    statuses: Counter[tuple[str, int]] = Counter()
-    redis = Redis.from_url(sandbox.redis_url)
+        server = subprocess.Popen([sys.executable, "-c", SERVE, f"--port={port}", *options, app], cwd=ROOT,
+                                  env={**os.environ, **sandbox.env, **(env or {})}, stdout=output, stderr=output)  # fmt: skip
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
-
-            async def get(key: str, item: int = 1) -> httpx.Response:
-                response = await http.get(f"/items/{item}", headers={"x-api-key": key})
-                statuses[key, response.status_code] += 1
-                return response
 
             async def serving() -> bool:  # a public path: the middleware's edge is not started by it
                 assert server.poll() is None, log.read_text()
@@ -59,6 +53,32 @@ async def test_a_flask_app_under_waitress_blocks_refuses_and_accounts_every_requ
                     return False
 
             await eventually(serving, timeout_s=60, what="waitress to serve the Flask app")
+        yield port
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+            pytest.fail(f"waitress did not exit within 30 s of SIGINT:\n{log.read_text()[-3000:]}")
+
+
+async def test_a_flask_app_under_waitress_blocks_refuses_and_accounts_every_request(sandbox: Sandbox, tmp_path: Path) -> None:
+    topic = sandbox.env["THROTTLEX_EVENTS_TOPIC"]
+    await ensure_topics(sandbox.kafka_bootstrap, {topic: EVENTS_PARTITIONS})
+    ids = await register_keys(sandbox, {"wsgi-calm-key": "acme", "wsgi-hot-key": "acme"})
+    statuses: Counter[tuple[str, int]] = Counter()
+    redis = Redis.from_url(sandbox.redis_url)
+    try:
+        async with (_waitress(sandbox, tmp_path / "waitress.log", "tests.integration.wsgi_app:app", "--threads=8") as port,
+                    httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http):  # fmt: skip
+
+            async def get(key: str, item: int = 1) -> httpx.Response:
+                response = await http.get(f"/items/{item}", headers={"x-api-key": key})
+                statuses[key, response.status_code] += 1
+                return response
+
             with ThreadPoolExecutor(8) as pool:  # the first requests, on the server's threads at once: the edge starts
                 concurrent = list(pool.map(lambda n: httpx.get(f"http://127.0.0.1:{port}/items/{n}", timeout=30,
                                                                headers={"x-api-key": "wsgi-calm-key"}).status_code, range(40)))  # fmt: skip
@@ -81,13 +101,6 @@ async def test_a_flask_app_under_waitress_blocks_refuses_and_accounts_every_requ
 
     finally:
         await redis.aclose()
-        server.send_signal(signal.SIGINT)  # a normal exit: the events still held are delivered first
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-            pytest.fail(f"waitress did not exit within 30 s of SIGINT:\n{log.read_text()[-3000:]}")
     expected = {"calm": statuses["wsgi-calm-key", 200], "hot_admitted": statuses["wsgi-hot-key", 200],
                 "hot_refused": statuses["wsgi-hot-key", 429]}  # fmt: skip
     events = await events_on_topic(sandbox, topic)
@@ -108,26 +121,10 @@ async def test_behind_a_trusted_proxy_the_client_is_read_from_x_forwarded_for_on
     topic = sandbox.env["THROTTLEX_EVENTS_TOPIC"]
     await ensure_topics(sandbox.kafka_bootstrap, {topic: EVENTS_PARTITIONS})
     await register_keys(sandbox, {"wsgi-proxied-key": "acme"})
-    port, log = free_port(), tmp_path / "waitress.log"
-    env = {**os.environ, **sandbox.env, "THROTTLEX_TRUSTED_PROXIES": "127.0.0.1"}
-    with log.open("wb") as output:
-        # waitress drops forwarding headers from peers it does not trust itself; here the app handles them
-        server = subprocess.Popen([sys.executable, "-c", SERVE, f"--port={port}", "--no-clear-untrusted-proxy-headers",
-                                   f"tests.integration.wsgi_app:{app}"], cwd=ROOT, env=env, stdout=output, stderr=output)  # fmt: skip
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-
-            async def serving() -> bool:
-                assert server.poll() is None, log.read_text()
-                try:
-                    return (await http.get("/healthz")).status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            await eventually(serving, timeout_s=60, what="waitress to serve the Flask app")
-            headers = {"x-api-key": "wsgi-proxied-key", "x-forwarded-for": "198.51.100.9, 203.0.113.7"}
-            assert (await http.get("/items/1", headers=headers)).status_code == 200
-    finally:
-        server.send_signal(signal.SIGINT)  # a normal exit: the events still held are delivered first
-        server.wait(30)
+    # waitress drops forwarding headers from peers it does not trust itself; here the app handles them
+    options = ("--no-clear-untrusted-proxy-headers",)
+    trusted = {"THROTTLEX_TRUSTED_PROXIES": "127.0.0.1"}
+    async with _waitress(sandbox, tmp_path / "waitress.log", f"tests.integration.wsgi_app:{app}", *options, env=trusted) as port:
+        headers = {"x-api-key": "wsgi-proxied-key", "x-forwarded-for": "198.51.100.9, 203.0.113.7"}
+        assert httpx.get(f"http://127.0.0.1:{port}/items/1", headers=headers, timeout=30).status_code == 200
     assert [event.client_ip for event in await events_on_topic(sandbox, topic)] == ["203.0.113.7"]
