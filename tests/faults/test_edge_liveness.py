@@ -147,7 +147,7 @@ async def test_an_edge_whose_redis_flows_vanish_gets_new_ones_and_catches_up(
     try:
         assert edge.synced
         relay.lose_every_flow()
-        await eventually(lambda: not edge.synced, timeout_s=NOTICE_BOUND_S, what="the edge to notice the lost flows")
+        await eventually(lambda: not edge.synced, timeout_s=10, what="the edge to notice the lost flows")  # timed above
         # Reconnecting into the void for a while: each attempt's calls must give up rather than wait forever.
         await eventually(lambda: edge_redis_errors() >= errors_before + 2, timeout_s=15,
                          what="the edge to give up a second connection")  # fmt: skip
