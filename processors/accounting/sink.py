@@ -169,7 +169,7 @@ class UsageSink:
             "queued.min.messages": 500_000, "max.partition.fetch.bytes": 8 * 1024 * 1024, "fetch.wait.max.ms": 100,
             "error_cb": _kafka_error, "logger": log,
         })  # fmt: skip
-        self._rollups_topic = settings.rollups_topic
+        self._rollups_topic = rollups.topic_of(settings.events_topic)
         self._producer = Producer({**rollups.producer_config(settings.kafka), "error_cb": _kafka_error, "logger": log})
         self._rollup_ends: dict[int, int] = {}
         """Partition -> the rollups offset after the last batch committed, where this sink knows it."""
@@ -411,7 +411,7 @@ class UsageSink:
         """Publish the batch's rollup records (`rollups`), before its rows are stored, retrying what was not
         delivered with backoff; False if a stop or a revocation came first. A record sent twice (a delivery that
         timed out, then landed) is counted once by readers."""
-        records, backoff_s = list(rollups.rollup_records(batch.rows, batch.first, batch.last)), 0.2
+        records = list(rollups.rollup_records(batch.rows, batch.first, batch.last))
         delivered: dict[int, int] = {}  # record -> its offset, whichever attempt delivered it
         errors: list[str] = []
 
@@ -424,7 +424,7 @@ class UsageSink:
 
             return delivery
 
-        while True:
+        def attempt() -> str | None:
             try:
                 for index, (key, value) in enumerate(records):
                     if index not in delivered:
@@ -433,15 +433,15 @@ class UsageSink:
                 errors.append(repr(exc))
             self._producer.flush(_KAFKA_TIMEOUT_S)
             if len(delivered) == len(records):
-                write.rollup_ends[batch.partition] = max(delivered.values()) + 1
-                return True
-            metrics.SINK_ERRORS.labels(kind="rollup").inc()
-            log.warning("publishing a batch's rollups failed; retrying",
-                        extra={"batch": batch.token, "error": "; ".join(errors[-3:]) or "timed out", "retry_in_s": backoff_s})  # fmt: skip
+                return None
+            failure = "; ".join(errors[-3:]) or "timed out"
             errors.clear()
-            if self._stopping.wait(backoff_s) or write.abandoned.is_set():
-                return False
-            backoff_s = min(backoff_s * 2, _MAX_BACKOFF_S)
+            return failure
+
+        if not self._with_backoff(attempt, write, "publishing a batch's rollups", batch.token, "rollup"):
+            return False
+        write.rollup_ends[batch.partition] = max(delivered.values()) + 1
+        return True
 
     def _missing_rows(self, batch: Batch) -> pa.Table:
         """The rows of ``batch`` whose offsets ClickHouse does not hold."""
@@ -452,26 +452,39 @@ class UsageSink:
     def _insert_rows(self, rows: pa.Table, token: str, write: _Write) -> bool:
         """Insert ``rows`` as one block under ``token``, retrying with backoff; False if a stop or a revocation
         came before it succeeded."""
-        data, backoff_s = arrow_stream(rows), 0.2
-        while True:
+        data = arrow_stream(rows)
+
+        def attempt() -> str | None:
             started = time.perf_counter()
             try:
                 self._store.insert_formatted_blocking(
                     "usage_events", data, EVENT_SCHEMA.names, "ArrowStream", dedup_token=token
                 )
             except StoreError as exc:
-                metrics.SINK_ERRORS.labels(kind="insert").inc()
                 if not exc.retriable:
+                    metrics.SINK_ERRORS.labels(kind="insert").inc()
                     raise  # e.g. a schema that does not match: stop the sink and say why
-                log.warning("insert failed; retrying", extra={"batch": token, "error": str(exc), "retry_in_s": backoff_s})
-                if self._stopping.wait(backoff_s) or write.abandoned.is_set():
-                    return False
-                backoff_s = min(backoff_s * 2, _MAX_BACKOFF_S)
-                continue
+                return str(exc)
             metrics.SINK_INSERT_SECONDS.observe(time.perf_counter() - started)
-            metrics.SINK_ROWS.inc(rows.num_rows)
-            log.debug("batch inserted", extra={"batch": token, "rows": rows.num_rows})
-            return True
+            return None
+
+        if not self._with_backoff(attempt, write, "insert", token, "insert"):
+            return False
+        metrics.SINK_ROWS.inc(rows.num_rows)
+        log.debug("batch inserted", extra={"batch": token, "rows": rows.num_rows})
+        return True
+
+    def _with_backoff(self, attempt: Callable[[], str | None], write: _Write, what: str, batch: str, kind: str) -> bool:
+        """Call ``attempt`` (None: done, else why it failed) until it succeeds, waiting longer each time (up to
+        `_MAX_BACKOFF_S`); False if a stop or a revocation comes first. Each failure is counted as ``kind``."""
+        backoff_s = 0.2
+        while (error := attempt()) is not None:
+            metrics.SINK_ERRORS.labels(kind=kind).inc()
+            log.warning(f"{what} failed; retrying", extra={"batch": batch, "error": error, "retry_in_s": backoff_s})
+            if self._stopping.wait(backoff_s) or write.abandoned.is_set():
+                return False
+            backoff_s = min(backoff_s * 2, _MAX_BACKOFF_S)
+        return True
 
     def _forget(self, batches: list[Batch], failed: dict[int, str]) -> None:
         """Give up batches whose offsets could not be committed.
