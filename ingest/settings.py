@@ -67,11 +67,6 @@ class ConnectionSettings(BaseSettings):
     log_level: LogLevel = "INFO"
 
     @property
-    def rollups_topic(self) -> str:
-        """The sink's per-batch sums of billable units, read by the API's plan ledgers (`processors.accounting.rollups`)."""
-        return f"{self.events_topic}.rollups"
-
-    @property
     def kafka(self) -> KafkaAccess:
         """How this role's Kafka clients reach the brokers."""
         return KafkaAccess(

@@ -54,7 +54,7 @@ class ExactUsage:
         self._kafka = KafkaAccess.of(kafka)
         self._topic = topic
         self._sink_group = sink_group
-        self._rollups_topic = f"{topic}.rollups"
+        self._rollups_topic = rollups.topic_of(topic)
         self._replication_factor = replication_factor
         self._admin = AIOKafkaAdminClient(**self._kafka.aiokafka_options())
         self._offsets = AIOKafkaConsumer(**self._kafka.aiokafka_options(), enable_auto_commit=False)  # end offsets only

@@ -37,6 +37,11 @@ RETENTION = {"retention.ms": str(24 * 3_600_000)}
 _INFLIGHT, _ROLLUPS = "inflight", "rollups"
 
 
+def topic_of(events_topic: str) -> str:
+    """The rollups topic of an events topic."""
+    return f"{events_topic}.rollups"
+
+
 def producer_config(kafka: KafkaAccess) -> dict[str, object]:
     """librdkafka settings of the sink's rollups producer: every replica has a record before it counts as published."""
     return {**kafka.librdkafka_config(), "acks": "all", "enable.idempotence": True, "compression.type": "lz4", "linger.ms": 5}
@@ -79,11 +84,11 @@ def rollup_records(rows: pa.Table, first: int, last: int) -> Iterator[tuple[byte
     bounds = [(start, end) for start, end in zip(cuts, cuts[1:], strict=False) if end > start] or [(0, 0)]
     for chunk, (start, end) in enumerate(bounds):
         part = summed.slice(start, end - start)
-        runs = pc.run_end_encode(part.column("minute").combine_chunks()) if part.num_rows else None
-        at, ends = (runs.values.to_pylist(), runs.run_ends.to_pylist()) if runs is not None else ([], [])
-        counts = [end - start for start, end in zip([0, *ends], ends, strict=False)]
+        runs = pc.run_end_encode(part.column("minute").combine_chunks())  # each minute once, with its run's end
+        sizes_of_minutes = np.diff(runs.run_ends.to_numpy(), prepend=0).tolist()
         keys, units = part.column("key").to_pylist(), part.column("units_sum").to_pylist()
-        yield f"{first}-{last}/{chunk}".encode(), _encode(Rollup(first, last, chunk, len(bounds), at, counts, keys, units))
+        rollup = Rollup(first, last, chunk, len(bounds), runs.values.to_pylist(), sizes_of_minutes, keys, units)
+        yield f"{first}-{last}/{chunk}".encode(), _encode(rollup)
 
 
 class RollupGap(RuntimeError):

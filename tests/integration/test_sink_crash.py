@@ -69,7 +69,7 @@ async def rollup_units(sandbox: Sandbox) -> Counter[str]:
     consumer = AIOKafkaConsumer(bootstrap_servers=sandbox.kafka_bootstrap, enable_auto_commit=False)
     await consumer.start()
     try:
-        topic = sandbox.env["THROTTLEX_EVENTS_TOPIC"] + ".rollups"
+        topic = rollups.topic_of(sandbox.env["THROTTLEX_EVENTS_TOPIC"])
         partitions = [TopicPartition(topic, p) for p in range(EVENTS_PARTITIONS)]
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)

@@ -67,8 +67,9 @@ def cpu():
 bootstrap, topic, partitions = sys.argv[1], sys.argv[2], range(int(sys.argv[3]))
 ledger = PlanLedger(ZoneInfo("UTC"), datetime.now(UTC))
 try:
+    from throttlex.processors.accounting.rollups import topic_of
     from throttlex.processors.accounting.tail import RollupFollower
-    follower = RollupFollower(bootstrap, topic + ".rollups", {p: None for p in partitions}, {p: 0 for p in partitions}, ledger)
+    follower = RollupFollower(bootstrap, topic_of(topic), {p: None for p in partitions}, {p: 0 for p in partitions}, ledger)
     read = lambda p: follower._counters[p].position
 except ImportError:  # the previous release: every raw event
     from throttlex.processors.accounting.tail import TailFollower
@@ -132,7 +133,7 @@ def sink_share(bootstrap: str, topic: str, written: dict[int, list[tuple[int, by
     started = _cpu_s()
     for partition, first, last, rows in batches:
         for key, value in rollups.rollup_records(rows, first, last):
-            producer.produce(f"{topic}.rollups", value, key, partition=partition)
+            producer.produce(rollups.topic_of(topic), value, key, partition=partition)
         producer.poll(0)
     assert producer.flush(30) == 0
     return _cpu_s() - started
@@ -163,7 +164,7 @@ def run(bootstrap: str, runs: int, events: int, previous: Path) -> dict[str, Any
         rounds: dict[str, list[float]] = {"sink_share": [], "replica": [], "previous_replica": []}
         for _ in range(runs):
             topic = f"bench-ledger-{uuid.uuid4().hex[:8]}"
-            for created in admin.create_topics([NewTopic(name, PARTITIONS, 1) for name in (topic, f"{topic}.rollups")]).values():
+            for created in admin.create_topics([NewTopic(name, PARTITIONS, 1) for name in (topic, rollups.topic_of(topic))]).values():
                 created.result()
             replicas: dict[str, subprocess.Popen[str]] = {}
             try:
@@ -181,7 +182,7 @@ def run(bootstrap: str, runs: int, events: int, previous: Path) -> dict[str, Any
                 for process in replicas.values():
                     process.kill()  # a follower that failed or hung: nothing is left running (a no-op once done)
                     process.wait()
-                for deleted in admin.delete_topics([topic, f"{topic}.rollups"]).values():
+                for deleted in admin.delete_topics([topic, rollups.topic_of(topic)]).values():
                     deleted.result()
         per_event = {name: statistics.median(values) * 1e6 / events for name, values in rounds.items()}
         previous_one = per_event["previous_replica"]
