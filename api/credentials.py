@@ -3,9 +3,12 @@
 Both lists are comma-separated (or one entry per line, in a tokens file):
 
 - an admin token is ``<name>:<token>``; the name is what the audit trail records as the actor;
-- an ingest token is ``<name>:<tenants>:<token>``, ``<tenants>`` being tenant names joined with ``+``
-  (``eu-gateways:acme+globex:…``) or ``*`` for every tenant. An event for another tenant is refused, and
-  the events a token sends are stored with ``source = ingest:<name>``.
+- an ingest token is ``<name>[;<option>...]:<tenants>:<token>``, ``<tenants>`` being tenant names joined
+  with ``+`` (``eu-gateways:acme+globex:…``) or ``*`` for every tenant. An event for another tenant is
+  refused, and the events a token sends are stored with ``source = ingest:<name>``. The options say what
+  else the token may put in an event (`api.ingest_scope`): ``gateway`` (client addresses, edge refusals,
+  plans of unknown keys), ``max_cost=<n>``, ``past=<duration>``, ``future=<duration>``, as in
+  ``edge-eu;gateway;past=6h:*:…``. A token without options is an upload token with the deployment's bounds.
 
 Names are letters, digits, ``.``, ``_`` and ``-``; a token is everything after the last separator it needs,
 so it may itself hold ``:``. A malformed entry stops the API at start-up with the entry's position and the
@@ -18,6 +21,8 @@ import hmac
 import re
 from dataclasses import dataclass, field
 
+from throttlex.api.ingest_scope import GATEWAY, TokenScope, parse_options
+
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 ANY_TENANT = "*"
 
@@ -28,6 +33,8 @@ class Credential:
     token: str = field(repr=False)
     tenants: frozenset[str] | None = None
     """The tenants an ingest token may send events for; None: every tenant (and every admin token)."""
+    scope: TokenScope = GATEWAY
+    """What the token may say in an event (an admin token: as a gateway)."""
 
     def allows(self, tenant: str) -> bool:
         return self.tenants is None or tenant in self.tenants
@@ -52,19 +59,21 @@ def parse_admin(text: str, variable: str) -> list[Credential]:
 
 
 def parse_ingest(text: str, variable: str) -> list[Credential]:
-    """``name:tenant+tenant:token`` entries (``*`` for every tenant)."""
+    """``name[;option...]:tenant+tenant:token`` entries (``*`` for every tenant)."""
     credentials = []
     for position, entry in enumerate(entries(text), 1):
         parts = entry.split(":", 2)
+        name, *options = parts[0].split(";")
         tenants = parts[1].split("+") if len(parts) == 3 else []
-        if len(parts) != 3 or not _NAME.fullmatch(parts[0]) or not parts[2] or not tenants or not all(
+        if len(parts) != 3 or not _NAME.fullmatch(name) or not parts[2] or not tenants or not all(
             tenant == ANY_TENANT or _NAME.fullmatch(tenant) for tenant in tenants
         ):  # fmt: skip
             raise ValueError(
-                f"{variable} entry {position} is not <name>:<tenant>[+<tenant>...]:<token> (tenant * for every tenant)"
+                f"{variable} entry {position} is not <name>[;<option>...]:<tenant>[+<tenant>...]:<token> "
+                "(tenant * for every tenant)"
             )
-        scope = None if ANY_TENANT in tenants else frozenset(tenants)
-        credentials.append(Credential(parts[0], parts[2], scope))
+        scope = parse_options(options, f"{variable} entry {position}")
+        credentials.append(Credential(name, parts[2], None if ANY_TENANT in tenants else frozenset(tenants), scope))
     return _distinct(credentials, variable)
 
 

@@ -3,7 +3,8 @@
 Each event is validated by the same contract as on the stream (`ingest.events.decode`) and must be for
 one of the tenants the ingest token may send for (`api.credentials`); an event of a registered API key must
 carry that key's tenant, and takes that key's plan (so no token acts on another tenant's key, or picks a
-plan); valid events are written to Kafka,
+plan); and it may say only what the token's scope allows (`api.ingest_scope`: cost, time, route, and the
+fields only a gateway sets). Valid events are written to Kafka,
 marked with the token's name (``source = ingest:<name>``), and acknowledged by Kafka before the answer, so
 "accepted" means stored. The answer lists every rejected event with its index and reason: nothing is
 half-accepted silently.
@@ -20,6 +21,8 @@ from pydantic import BaseModel
 from throttlex.api import metrics
 from throttlex.api.auth import gateway
 from throttlex.api.credentials import Credential
+from throttlex.api.ingest_scope import Refused, admit
+from throttlex.ingest.clock import wall_clock_ms
 from throttlex.ingest.events import EventError, UsageEvent, decode
 from throttlex.ingest.producer import EventProducer
 
@@ -69,6 +72,7 @@ async def ingest_events(request: Request, sender: Annotated[Credential, Depends(
     errors: list[Rejection] = []
     source = sender.name if sender.name.startswith("admin:") else f"ingest:{sender.name}"
     registry = request.app.state.registry
+    bounds, now_ms = settings.ingest_bounds(), wall_clock_ms()
     for index, raw in enumerate(items):
         try:
             event = decode(bytes(raw))
@@ -83,8 +87,12 @@ async def ingest_events(request: Request, sender: Annotated[Credential, Depends(
         if key is not None and key.tenant != event.tenant:
             errors.append(Rejection(index=index, reason=f"key {event.api_key_id} is not a key of tenant {event.tenant!r}"))
             continue
-        plan = key.plan if key is not None else event.plan
-        valid.append((index, msgspec.structs.replace(event, source=source, plan=plan)))
+        try:
+            event = admit(event, sender.scope, bounds, now_ms, key.plan if key is not None else None)
+        except Refused as exc:
+            errors.append(Rejection(index=index, reason=str(exc)))
+            continue
+        valid.append((index, msgspec.structs.replace(event, source=source)))
     outcomes = await producer.send_confirmed([event for _, event in valid])
     for (index, _), outcome in zip(valid, outcomes, strict=True):
         if outcome is not None:

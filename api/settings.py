@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr, model_validator
 
 from throttlex.api.credentials import Credential, parse_admin, parse_ingest
+from throttlex.api.ingest_scope import Bounds
 from throttlex.ingest.settings import GatewaySettings
 from throttlex.processors.accounting.readonly_sql import SqlLimits
 from throttlex.processors.settings import SinkSettings, WorkerSettings
@@ -26,13 +27,24 @@ class ApiSettings(WorkerSettings, SinkSettings):
     )
     ingest_tokens: SecretStr = Field(
         SecretStr(""),
-        description="comma-separated credentials for POST /v1/events, each <name>:<tenant>[+<tenant>...]:<token> "
-        "(tenant * for every tenant)",
+        description="comma-separated credentials for POST /v1/events, each <name>[;<option>...]:<tenant>[+<tenant>...]:<token> "
+        "(tenant * for every tenant; options: gateway, max_cost=<n>, past=<duration>, future=<duration>; docs: security)",
     )
     ingest_tokens_file: Path | None = Field(None, description="a file with more ingest credentials, like admin_tokens_file")
     audit_topic: str = Field("throttlex.audit", description="topic keeping the audit trail of admin changes (kept for ever)")
     ingest_max_events: int = Field(1000, ge=1, description="most events in one POST /v1/events")
     ingest_max_bytes: int = Field(1024 * 1024, ge=1024, description="largest POST /v1/events body")
+    ingest_max_cost: int = Field(1000, ge=0, le=1_000_000, description="highest cost of one posted event, unless its token says")
+    ingest_max_past_s: float = Field(
+        3600.0, ge=0, description="how far before now a posted event may be dated, unless its token says (past=<duration>)"
+    )
+    ingest_max_future_s: float = Field(
+        60.0, ge=0, description="how far after now a posted event may be dated, unless its token says (future=<duration>)"
+    )
+    ingest_routes: str = Field(
+        "", description="comma-separated route templates or shell globs of the deployment: a posted event of an upload "
+        "token (or of any token, once set) whose route matches none is counted under the route 'other'",
+    )  # fmt: skip
     dry_run_max_events: int = Field(2_000_000, ge=1, description="most stored events one policy dry-run replays")
     usage_max_buckets: int = Field(10_000, ge=1, description="most time buckets one usage query may span")
     analyst_max_execution_time_s: float = Field(30.0, gt=0, description="longest an analyst SQL query may run")
@@ -40,6 +52,10 @@ class ApiSettings(WorkerSettings, SinkSettings):
     analyst_max_result_bytes: int = Field(256 * 1024 * 1024, ge=1, description="largest result of an analyst SQL query")
     analyst_max_memory_bytes: int = Field(1024**3, ge=1, description="most memory an analyst SQL query may use")
     analyst_max_threads: int = Field(2, ge=1, description="most threads an analyst SQL query may use (the sink needs some)")
+
+    def ingest_bounds(self) -> Bounds:
+        routes = tuple(route.strip() for route in self.ingest_routes.split(",") if route.strip())
+        return Bounds(self.ingest_max_cost, self.ingest_max_past_s, self.ingest_max_future_s, routes)
 
     def analyst_limits(self) -> SqlLimits:
         return SqlLimits(self.analyst_max_execution_time_s, self.analyst_max_result_rows, self.analyst_max_result_bytes,

@@ -70,7 +70,7 @@ def analysts(service_addresses: tuple[str, str], tmp_path_factory: pytest.TempPa
     role = start_role(
         sandbox,
         ["run", "--policy-file", str(sandbox.write_policy(1_000_000, 60)), "--api-port", str(port)],
-        {"THROTTLEX_ADMIN_TOKENS": f"root:{ADMIN_TOKEN}", "THROTTLEX_INGEST_TOKENS": f"importer:*:{INGEST_TOKEN}",
+        {"THROTTLEX_ADMIN_TOKENS": f"root:{ADMIN_TOKEN}", "THROTTLEX_INGEST_TOKENS": f"importer;gateway:*:{INGEST_TOKEN}",
          "THROTTLEX_ANALYST_MAX_EXECUTION_TIME_S": str(TIME_LIMIT_S), "THROTTLEX_ANALYST_MAX_THREADS": "1",
          "THROTTLEX_ANALYST_MAX_RESULT_ROWS": str(ROW_LIMIT)},
     )  # fmt: skip

@@ -30,6 +30,7 @@ from tests.factories import make_event
 pytestmark = pytest.mark.e2e
 
 ADMIN, INGEST, EU_INGEST = "admin-secret-token", "gateway-ingest-token", "eu-gateways-ingest-token"
+UPLOAD = "acme-upload-token"
 # Three hours across a month boundary: 2026-10-31 22:00 to 2026-11-01 01:00 UTC.
 START = datetime(2026, 10, 31, 22, 0, tzinfo=UTC)
 START_MS = int(START.timestamp() * 1000)
@@ -59,7 +60,7 @@ def api(service_addresses: tuple[str, str], tmp_path_factory: pytest.TempPathFac
         sandbox,
         ["run", "--policy-file", str(sandbox.write_policy(1_000_000, 60, monthly_units=PLAN_UNITS)), "--api-port", str(port)],
         {"THROTTLEX_ADMIN_TOKENS": f"root:{ADMIN},second:another-admin",
-         "THROTTLEX_INGEST_TOKENS": f"billing-import:*:{INGEST},eu-gateways:acme:{EU_INGEST}"},
+         "THROTTLEX_INGEST_TOKENS": f"billing-import;gateway;past=400d:*:{INGEST},eu-gateways;gateway;past=120d:acme:{EU_INGEST},acme-upload:acme:{UPLOAD}"},
     )
     salt = sandbox.env["THROTTLEX_KEY_SALT"].encode()
     key_ids = {key: key_id_for(key, salt) for key in API_KEYS}
@@ -339,3 +340,42 @@ async def test_an_ingest_token_sends_for_its_tenants_only_and_is_named_on_what_i
     assert sources == {ours.event_id: ["ingest:eu-gateways"], claimed.event_id: ["ingest:eu-gateways"],
                        theirs.event_id: ["ingest:billing-import"]}  # fmt: skip
     assert plans == [""]  # alice's own plan: the default
+
+
+async def test_a_tenants_upload_token_cannot_block_others_bill_nothing_or_rewrite_the_past(
+    api: UsageApi, client: httpx.AsyncClient
+) -> None:
+    """The review's reproduction: a token scoped to ``acme`` (written as before, ``name:tenant:token``) sent one
+    event of cost 1,000,000 from a chosen client address (blocking that address for every tenant under an
+    ``[ip]`` policy) and one dated two years back, and both were accepted. Each is now refused with the field
+    named; the one honest event is stored, its unknown route counted under ``other``."""
+    now_ms = int(time.time() * 1000)
+    fields: dict[str, object] = {"api_key_id": "upload-scoped", "tenant": "acme", "client_ip": "", "event_time_ms": now_ms}
+    sent = [
+        make_event(event_id=uuid.uuid4(), **{**fields, "cost": 1_000_000, "client_ip": "203.0.113.7"}),
+        make_event(event_id=uuid.uuid4(), **{**fields, "event_time_ms": now_ms - 2 * 365 * 86_400_000}),
+        make_event(event_id=uuid.uuid4(), **{**fields, "edge_blocked": True}),  # unbilled usage, without end
+        make_event(event_id=uuid.uuid4(), **{**fields, "plan": "enterprise"}),  # an unregistered key picking a plan
+        make_event(event_id=uuid.uuid4(), **{**fields, "route": "/wp-admin/setup-8841.php"}),
+    ]
+    response = await client.post("/v1/events", content=as_array(sent), headers={"authorization": f"Bearer {UPLOAD}"})
+    assert response.status_code == 202, response.text
+    assert [(error["index"], error["reason"].split(":")[0]) for error in response.json()["errors"]] == [
+        (0, "cost"), (1, "event_time_ms"), (2, "edge_blocked"), (3, "plan")]  # fmt: skip
+    assert response.json()["accepted"] == 1
+
+    landed: dict[uuid.UUID, str] = {}
+    consumer = AIOKafkaConsumer(api.sandbox.env["THROTTLEX_EVENTS_TOPIC"], bootstrap_servers=api.sandbox.kafka_bootstrap,
+                                auto_offset_reset="earliest")  # fmt: skip
+    await consumer.start()
+    try:
+        async with asyncio.timeout(30):
+            while sent[4].event_id not in landed:
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    for record in records:
+                        event = decode(record.value or b"")
+                        if event.api_key_id == "upload-scoped":
+                            landed[event.event_id] = event.route
+    finally:
+        await consumer.stop()
+    assert landed == {sent[4].event_id: "other"}
