@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from aiokafka.errors import KafkaError
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from throttlex.api.audit import AuditRecord, AuditTrail
@@ -25,7 +25,7 @@ from throttlex.ingest.keys import NAME_PATTERN, KeyRecord
 from throttlex.processors.core.dry_run import TooManyEvents, replay_stored
 from throttlex.processors.core.policy import Plan, Policy, PolicySet, parse_policies
 from throttlex.processors.policy_watch import PolicySource
-from throttlex.processors.registry import KeyConflict, KeyRevoked, Registry, RegistryLag, issue_key
+from throttlex.processors.registry import KeyConflict, KeyRevoked, PoliciesConflict, Registry, RegistryLag, issue_key
 from throttlex.processors.accounting.store import UsageStore
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(admin)])
@@ -83,17 +83,33 @@ class KeyPage(BaseModel):
     next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last")
 
 
+_READ_VERSION = Field(None, description="the version read, as If-Match gives it (If-Match wins when both are sent)")
+
+
 class Plans(_Body):
     plans: dict[_Name, Plan]
     default_plan: str | None = None
+    version: int | None = _READ_VERSION
 
 
 class Policies(_Body):
     policies: list[Policy]
+    version: int | None = _READ_VERSION
+
+
+_VERSION = Field(
+    description="the version of the document holding plans and policies (0: none put yet); one more with each change "
+    "of either; send it as If-Match to change them only if unchanged"
+)
+
+
+class PlansInForce(Plans):
+    version: int = _VERSION  # type: ignore[assignment]
 
 
 class PoliciesInForce(Policies):
     origin: Literal["file", "registry"] = Field(description="where they come from: the policy file until one is put here")
+    version: int = _VERSION  # type: ignore[assignment]
 
 
 class BlockInterval(BaseModel):
@@ -198,14 +214,14 @@ def _revoked() -> HTTPException:
     return HTTPException(status_code=409, detail="a revoked key cannot be changed; create a new key")
 
 
-def _if_match(header: str | None, record: KeyRecord) -> int:
-    """The version a change is made on top of: the If-Match header's, else the one read here."""
+def _if_match(header: str | None, held: int, what: str = "key") -> int:
+    """The version a change is made on top of: the If-Match header's, else the one held here."""
     if header is None:
-        return record.version
+        return held
     try:
         return int(header.strip().removeprefix("W/").strip('"'))
     except ValueError:
-        raise HTTPException(status_code=400, detail="If-Match must be a key version, as in the key's `version`") from None
+        raise HTTPException(status_code=400, detail=f"If-Match must be a {what} version, as in the `version` read") from None
 
 
 def _registry_unavailable(exc: KafkaError) -> HTTPException:
@@ -270,7 +286,7 @@ async def change_key(
     record = before = _existing(request, key_id)
     if record.status == "revoked":
         raise _revoked()
-    expected = _if_match(if_match, record)
+    expected = _if_match(if_match, record.version)
     changes = body.model_dump(exclude_unset=True)
     if "plan" in changes:
         record = msgspec.structs.replace(record, plan=_known_plan(request, body.plan))
@@ -299,50 +315,102 @@ async def revoke_key(request: Request, key_id: _KeyId, actor: Admin) -> KeyInfo:
     return key_info(after)
 
 
-async def _put_document(request: Request, document: dict[str, object]) -> PolicySet:
-    """Validate a whole policy document as the policy file is validated, store it, apply it here."""
+def _validated(document: dict[str, object]) -> PolicySet:
+    """A whole policy document, validated as the policy file is."""
     try:
-        policies = parse_policies(_encodable(json.dumps(document, ensure_ascii=False)), "request body")
+        return parse_policies(_encodable(json.dumps(document, ensure_ascii=False)), "request body")
     except ValueError as exc:  # PolicyFileError included
         raise HTTPException(status_code=422, detail=str(exc)) from None
+
+
+async def _put_document(request: Request, policies: PolicySet, expected_version: int) -> int:
+    """Store a validated policy document on top of ``expected_version`` and apply it here; its version."""
     try:
-        await _registry(request).put_policies(policies)
+        version = await _registry(request).put_policies(policies, expected_version=expected_version)
     except KafkaError as exc:
         raise _registry_unavailable(exc) from None
+    except PoliciesConflict as exc:
+        raise HTTPException(status_code=409, detail=str(exc)) from None
+    except RegistryLag as exc:
+        raise HTTPException(status_code=503, detail=f"{exc}: read the plans and policies again before retrying") from None
     source: PolicySource = request.app.state.policy_source
     await source.registry_changed(policies)
-    return policies
+    return version
 
 
-@router.get("/plans", response_model=Plans, summary="The plans in force")
-async def get_plans(request: Request) -> Plans:
+def _tagged(response: Response, version: int) -> int:
+    response.headers["ETag"] = f'"{version}"'
+    return version
+
+
+@router.get("/plans", response_model=PlansInForce, summary="The plans in force (ETag: their version)")
+async def get_plans(request: Request, response: Response) -> PlansInForce:
     policies = _policies(request)
-    return Plans(plans=policies.plans, default_plan=policies.default_plan)
+    version = _tagged(response, _registry(request).policies_version)
+    return PlansInForce(plans=policies.plans, default_plan=policies.default_plan, version=version)
 
 
-@router.put("/plans", response_model=Plans, summary="Replace the plans (validated with the policies in force)")
-async def put_plans(request: Request, body: Plans, actor: Admin) -> Plans:
+@router.put(
+    "/plans", response_model=PlansInForce, summary="Replace the plans (validated with the policies in force)",
+    description="Made only on top of the version read (If-Match: the `version` of GET /plans or /policies, else the one "
+    "this process holds): 409 if another change landed first. A plan that keys still use is removed only with "
+    "`move_keys_to`, a plan of the new document that those keys then move to; without it, 409 names the plan.",
+)  # fmt: skip
+async def put_plans(
+    request: Request, response: Response, body: Plans, actor: Admin, if_match: Annotated[str | None, Header()] = None,
+    move_keys_to: Annotated[str | None, Query(description="the plan the keys of removed plans move to")] = None,
+) -> PlansInForce:  # fmt: skip
     current = _policies(request)
-    document = {**current.model_dump(mode="json"), **body.model_dump(mode="json")}
-    policies = await _put_document(request, document)
-    after = Plans(plans=policies.plans, default_plan=policies.default_plan)
+    expected = _if_match(if_match, _document_version(request, body.version), "plans and policies")
+    policies = _validated({**current.model_dump(mode="json"), **body.model_dump(mode="json", exclude={"version"})})
+    stranded = _keys_of_removed_plans(request, set(current.plans) - set(policies.plans))
+    if stranded and move_keys_to is None:
+        plans = ", ".join(sorted({record.plan for record in stranded}))
+        raise HTTPException(status_code=409, detail=f"{len(stranded)} keys still use plan(s) {plans}: pass "
+                            "move_keys_to=<plan> to move them to a plan of the new document, or move them first")  # fmt: skip
+    if stranded and move_keys_to not in policies.plans:
+        raise HTTPException(status_code=422, detail=f"move_keys_to: {move_keys_to!r} is not a plan of the new document")
+    version = _tagged(response, await _put_document(request, policies, expected))
+    after = PlansInForce(plans=policies.plans, default_plan=policies.default_plan, version=version)
     await _audit(request, actor, "plans.replace", "plans", Plans(plans=current.plans, default_plan=current.default_plan), after)
+    for record in stranded:  # each key moves on top of the version read, like PATCH /keys/{key_id}
+        moved = await _store_key(request, msgspec.structs.replace(record, plan=move_keys_to or ""), record.version)
+        await _audit(request, actor, "key.change", record.key_id, key_info(record), key_info(moved))
     return after
 
 
-@router.get("/policies", response_model=PoliciesInForce, summary="The policies in force")
-async def get_policies(request: Request) -> PoliciesInForce:
+def _document_version(request: Request, read: int | None) -> int:
+    """The version a change of plans or policies is made on top of, when no If-Match says: the body's, else the
+    one held here."""
+    return _registry(request).policies_version if read is None else read
+
+
+def _keys_of_removed_plans(request: Request, removed: set[str]) -> list[KeyRecord]:
+    if not removed:
+        return []
+    return [record for record in _registry(request).keys.values() if record.plan in removed and record.status != "revoked"]
+
+
+@router.get("/policies", response_model=PoliciesInForce, summary="The policies in force (ETag: their version)")
+async def get_policies(request: Request, response: Response) -> PoliciesInForce:
     source: PolicySource = request.app.state.policy_source
-    return PoliciesInForce(policies=_policies(request).policies, origin=source.origin)
+    version = _tagged(response, _registry(request).policies_version)
+    return PoliciesInForce(policies=_policies(request).policies, origin=source.origin, version=version)
 
 
-@router.put("/policies", response_model=PoliciesInForce, summary="Replace the policies (applied everywhere within seconds)")
-async def put_policies(request: Request, body: Policies, actor: Admin) -> PoliciesInForce:
+@router.put(
+    "/policies", response_model=PoliciesInForce, summary="Replace the policies (applied everywhere within seconds)",
+    description="Made only on top of the version read (If-Match, as for PUT /plans): 409 if another change landed first.",
+)  # fmt: skip
+async def put_policies(
+    request: Request, response: Response, body: Policies, actor: Admin, if_match: Annotated[str | None, Header()] = None
+) -> PoliciesInForce:
     current = _policies(request)
-    document = {**current.model_dump(mode="json"), "policies": [p.model_dump(mode="json") for p in body.policies]}
-    policies = await _put_document(request, document)
+    expected = _if_match(if_match, _document_version(request, body.version), "plans and policies")
+    policies = _validated({**current.model_dump(mode="json"), "policies": [p.model_dump(mode="json") for p in body.policies]})
+    version = _tagged(response, await _put_document(request, policies, expected))
     await _audit(request, actor, "policies.replace", "policies", Policies(policies=current.policies), Policies(policies=policies.policies))
-    return PoliciesInForce(policies=policies.policies, origin="registry")
+    return PoliciesInForce(policies=policies.policies, origin="registry", version=version)
 
 
 class AuditEntry(BaseModel):

@@ -13,8 +13,12 @@ the beginning at start-up and then follows it. Records (key → JSON value):
 - ``revoked/{key_id}`` → the key's revocation. Final: once read, no later record changes the key, and
   no later write under another Kafka key can ever replace it.
 - ``key/{key_id}`` → a `KeyRecord` written before records were versioned (read as version 0).
-- ``policies`` → the policy document in force, the same shape as the policy file (policies, plans,
-  default plan). Until one is written, the policy file is in force.
+- ``policies/v{version}/{writer}`` → the policy document (policies, plans, default plan: the shape of the
+  policy file), versioned like a key: of the changes made on top of one version, the first in the log wins,
+  and the others' writers answer 409. Until one is written, the policy file is in force.
+- ``policies`` → the same document without a version: what releases before versioning wrote and read. The
+  writer of a winning version writes it here too, so processes of the release before keep following the
+  document during a rolling upgrade; this release reads it only while no versioned document is in force.
 
 The topic stays as small as the live entries. A record no longer in force (a version its successor
 replaced, a change that lost, a second revocation) is *stale*: the writer whose change made it stale
@@ -61,6 +65,7 @@ from throttlex.processors.topics import ensure_topics
 log = logging.getLogger(__name__)
 
 POLICIES = "policies"
+_POLICIES_VERSION = "policies/v"
 _KEY = "key/"
 _REVOKED = "revoked/"
 _SOURCE = "the registry's policy document"
@@ -89,6 +94,14 @@ class KeyConflict(Exception):
 
 class KeyRevoked(Exception):
     """The key is revoked: it cannot change any more."""
+
+
+class PoliciesConflict(Exception):
+    """Another change to the policy document landed first: ``version`` is the one in force now."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(f"the plans and policies changed meanwhile: version {version} is in force; read them again")
+        self.version = version
 
 
 class RegistryLag(Exception):
@@ -122,6 +135,9 @@ class Registry:
         self.keys: dict[str, KeyRecord] = {}
         self.policies: PolicySet | None = None
         """The registry's policy document, or None while the policy file is in force."""
+        self.policies_version = 0
+        """The version of the document in force: 0 until a versioned one is written (the policy file, or a document
+        an earlier release wrote)."""
         self._on_policies: Callable[[PolicySet], Awaitable[None]] | None = None
         self._next_offset = 0
         """The offset after the last record applied."""
@@ -191,7 +207,7 @@ class Registry:
             raise KeyConflict(base)
         mine = msgspec.structs.replace(record, version=base + 1, writer=secrets.token_hex(8))
         name = f"{_KEY}{record.key_id}/v{mine.version}/{mine.writer}"
-        await self._write(name, mine)
+        await self._write(name, encode_key(mine))
         now = self.keys.get(record.key_id)  # what the log says right after this record (the tombstones' wait may read on)
         await self._tombstone([stale for stale, key_id in self._stale.items() if key_id == record.key_id])
         if now is not None and now.writer == mine.writer:
@@ -208,7 +224,7 @@ class Registry:
             raise KeyError(key_id)
         if current.status != "revoked" or key_id not in self.keys:
             writer = secrets.token_hex(8)  # a Kafka key per revocation: compaction keeps the first one too
-            await self._write(f"{_REVOKED}{key_id}/{writer}", msgspec.structs.replace(current, status="revoked", writer=writer))
+            await self._write(f"{_REVOKED}{key_id}/{writer}", encode_key(msgspec.structs.replace(current, status="revoked", writer=writer)))
             await self._tombstone([stale for stale, stale_key_id in self._stale.items() if stale_key_id == key_id])
         return self.keys[key_id]
 
@@ -227,10 +243,10 @@ class Registry:
             self._stale.pop(name, None)
         log.info("stale registry records tombstoned", extra={"records": len(names)})
 
-    async def _write(self, name: str, record: KeyRecord) -> None:
-        """Write a key record and read the topic up to it (applied and mirrored here, in log order).
+    async def _write(self, name: str, value: bytes) -> None:
+        """Write a record and read the topic up to it (applied, and a key mirrored, here, in log order).
         `RegistryLag` if it is not read back within `_READ_BACK_S`: written, but not confirmed."""
-        sent = await self._started[0].send_and_wait(self._topic, encode_key(record), key=name.encode())
+        sent = await self._started[0].send_and_wait(self._topic, value, key=name.encode())
         try:
             async with asyncio.timeout(_READ_BACK_S):
                 while self._next_offset <= sent.offset:
@@ -240,11 +256,21 @@ class Registry:
         except TimeoutError:
             raise RegistryLag(f"the change was written but not read back within {_READ_BACK_S:g} s") from None
 
-    async def put_policies(self, policies: PolicySet) -> None:
-        """Store a validated policy document; raises `KafkaError` if Kafka refuses."""
+    async def put_policies(self, policies: PolicySet, *, expected_version: int | None = None) -> int:
+        """Store a validated policy document as the next version, made on top of ``expected_version`` (default:
+        the version this process holds), and return its version once it is in force here. `PoliciesConflict` if
+        that is not the version in force or another change landed first; `KafkaError` if Kafka refuses."""
+        base = self.policies_version
+        if expected_version is not None and expected_version != base:
+            raise PoliciesConflict(base)
         document = policies.model_dump_json(exclude_defaults=True).encode()
-        await self._started[0].send_and_wait(self._topic, document, key=POLICIES.encode())
-        self.policies = policies
+        writer = secrets.token_hex(8)
+        await self._write(f"{_POLICIES_VERSION}{base + 1}/{writer}", document)
+        await self._tombstone([stale for stale, owner in self._stale.items() if owner == POLICIES])
+        if not self._in_force.get(POLICIES, "").endswith(f"/{writer}"):
+            raise PoliciesConflict(self.policies_version)
+        await self._started[0].send_and_wait(self._topic, document, key=POLICIES.encode())  # for the release before
+        return base + 1
 
     async def _read(self, *, timeout_ms: int) -> int:
         """Apply the next records; returns how many were read."""
@@ -264,8 +290,19 @@ class Registry:
                     self._in_force[key.key_id] = name
                     self.keys[key.key_id] = key
                     await self._mirror(key)
-            elif name == POLICIES:
-                await self._apply_policies(record.value.decode())
+            elif name == POLICIES:  # the unversioned copy: in force only until a versioned document is
+                if self.policies_version == 0:
+                    await self._apply_policies(record.value.decode())
+            elif name.startswith(_POLICIES_VERSION):
+                version = int(name.removeprefix(_POLICIES_VERSION).partition("/")[0] or 0)
+                if version > self.policies_version:  # else made on top of a version another change replaced first
+                    if (replaced := self._in_force.get(POLICIES)) is not None:
+                        self._stale[replaced] = POLICIES
+                    self._in_force[POLICIES] = name
+                    self.policies_version = version
+                    await self._apply_policies(record.value.decode())
+                else:
+                    self._stale[name] = POLICIES
             self._next_offset = record.offset + 1
         return len(records)
 

@@ -254,6 +254,47 @@ def test_a_plan_change_shows_in_the_quota_report(deployment: Deployment, api: ht
     assert bad.status_code == 422 and "default_plan 'free'" in bad.json()["detail"]
 
 
+def test_two_admins_changing_plans_and_policies_at_once_do_not_revert_each_other(
+    deployment: Deployment, api: httpx.Client
+) -> None:
+    """Both read the document, both change it on top of what they read: the second gets 409 instead of
+    silently putting back what the first removed. Every read says the version, in the body and the ETag."""
+    plans = api.get("/v1/admin/plans", headers=admin()).json()
+    policies = api.get("/v1/admin/policies", headers=admin())
+    read = policies.json()["version"]
+    assert plans["version"] == read and policies.headers["etag"] == f'"{read}"'
+    first = {"plans": {**plans["plans"], "first-admins": {"monthly_units": 7}}, "default_plan": plans["default_plan"]}
+    second = {"plans": {**plans["plans"], "second-admins": {"monthly_units": 9}}, "default_plan": plans["default_plan"]}
+    made = api.put("/v1/admin/plans", json=first, headers={**admin(), "if-match": f'"{read}"'})
+    assert made.status_code == 200 and made.json()["version"] == read + 1, made.text
+    lost = api.put("/v1/admin/plans", json=second, headers={**admin(OPS), "if-match": f'"{read}"'})
+    assert lost.status_code == 409 and f"version {read + 1} is in force" in lost.json()["detail"]
+    stale_policies = api.put("/v1/admin/policies", json={"policies": policies.json()["policies"]},
+                             headers={**admin(OPS), "if-match": str(read)})  # fmt: skip
+    assert stale_policies.status_code == 409  # one document, one version: plans and policies alike
+    now = api.get("/v1/admin/plans", headers=admin()).json()
+    assert "first-admins" in now["plans"] and "second-admins" not in now["plans"] and now["version"] == read + 1
+
+
+def test_a_plan_that_keys_use_is_removed_only_with_somewhere_for_its_keys_to_go(
+    deployment: Deployment, api: httpx.Client
+) -> None:
+    plans = api.get("/v1/admin/plans", headers=admin()).json()
+    with_trial = {"plans": {**plans["plans"], "trial": {"monthly_units": 50}}, "default_plan": plans["default_plan"]}
+    assert api.put("/v1/admin/plans", json=with_trial, headers=admin()).status_code == 200
+    keys = [create_key(api, tenant="trialists", plan="trial") for _ in range(2)]
+    without_trial = {"plans": plans["plans"], "default_plan": plans["default_plan"]}
+    refused = api.put("/v1/admin/plans", json=without_trial, headers=admin())
+    assert refused.status_code == 409 and "2 keys still use plan(s) trial" in refused.json()["detail"], refused.text
+    assert "trial" in api.get("/v1/admin/plans", headers=admin()).json()["plans"]  # nothing changed
+    nowhere = api.put("/v1/admin/plans", params={"move_keys_to": "trial"}, json=without_trial, headers=admin())
+    assert nowhere.status_code == 422 and nowhere.json()["detail"].startswith("move_keys_to:")
+    moved = api.put("/v1/admin/plans", params={"move_keys_to": "pro"}, json=without_trial, headers=admin())
+    assert moved.status_code == 200, moved.text
+    assert {api.get(f"/v1/admin/keys/{key['key_id']}", headers=admin()).json()["plan"] for key in keys} == {"pro"}
+    assert api.get("/v1/quota", headers={"x-api-key": keys[0]["key"]}).json()["plan"]["plan"] == "pro"
+
+
 def test_a_policy_put_through_the_api_blocks_at_the_gateway_within_5_seconds(
     deployment: Deployment, api: httpx.Client, gateway: httpx.Client
 ) -> None:
@@ -538,3 +579,4 @@ def test_keys_plans_and_policies_survive_a_restart_of_every_process_and_of_redis
     finally:
         stop_role(gateway)
         stop_role(run)
+

@@ -22,7 +22,7 @@ from throttlex.ingest.events import key_id_for
 from throttlex.ingest.keys import EdgeKeys, KeyRecord, key_view
 from throttlex.ingest.settings import ConnectionSettings
 from throttlex.processors.core.policy import parse_policies
-from throttlex.processors.registry import issue_key, open_registry
+from throttlex.processors.registry import PoliciesConflict, issue_key, open_registry
 from tests.conftest import EventSender, RoleProcess, Sandbox, eventually, redis_answers
 from tests.factories import make_event
 from tests.unit.api.test_cli import throttlex
@@ -159,3 +159,23 @@ async def test_a_key_made_on_the_command_line_is_in_the_registry_and_the_audit_t
     [entry] = await trail.recent(10)
     assert (entry.actor, entry.action, entry.target) == (f"cli:{getpass.getuser()}", "key.create", record.key_id)
     assert entry.after["name"] == "cli-made" and plain not in str(entry)
+
+
+async def test_of_two_processes_changing_the_policy_document_at_once_the_first_in_the_log_wins_everywhere(
+    sandbox: Sandbox,
+) -> None:
+    """Two API processes each hold version N and each write N+1: one wins, the other is told (and its record
+    changes nothing anywhere); a process started afterwards holds the winner too."""
+    settings = sandbox.settings(ConnectionSettings)
+    documents = [parse_policies(f"policies: []\nplans: {{{name}: {{monthly_units: 5}}}}\ndefault_plan: {name}", "test")
+                 for name in ("left", "right")]  # fmt: skip
+    async with open_registry(settings) as one, open_registry(settings) as other:
+        base = one.policies_version
+        assert other.policies_version == base
+        outcomes = await asyncio.gather(one.put_policies(documents[0]), other.put_policies(documents[1]), return_exceptions=True)
+        [won] = [n for n, outcome in enumerate(outcomes) if outcome == base + 1]
+        [lost] = [outcome for outcome in outcomes if isinstance(outcome, PoliciesConflict)]
+        assert lost.version == base + 1
+        await eventually(lambda: one.policies == other.policies == documents[won], timeout_s=10, what="both to hold the winner")
+    async with open_registry(settings) as later:
+        assert (later.policies, later.policies_version) == (documents[won], base + 1)
