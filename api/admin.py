@@ -104,12 +104,12 @@ _VERSION = Field(
 
 
 class PlansInForce(Plans):
-    version: int = _VERSION  # type: ignore[assignment]
+    version: int = _VERSION
 
 
 class PoliciesInForce(Policies):
     origin: Literal["file", "registry"] = Field(description="where they come from: the policy file until one is put here")
-    version: int = _VERSION  # type: ignore[assignment]
+    version: int = _VERSION
 
 
 class BlockInterval(BaseModel):

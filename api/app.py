@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 from throttlex.api import admin, analyst, event_ingest, quota, usage
 from throttlex.api.audit import AuditTrail
 from throttlex.api.settings import ApiSettings
+from throttlex.api.seen_events import SeenEvents
 from throttlex.ingest.producer import EventProducer
 from throttlex.ingest.tasks import cancel_and_wait
 from throttlex.processors.accounting.exact_usage import ExactUsage
@@ -48,7 +49,11 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.redis = redis_client(settings.redis_url, settings.redis_timeout_s)
         app.state.kafka = AIOKafkaAdminClient(**settings.kafka.aiokafka_options())
-        app.state.producer = EventProducer(settings.kafka, settings.events_topic)
+        app.state.producer = EventProducer(settings.kafka, settings.events_topic,
+                                           delivery_timeout_s=settings.ingest_delivery_timeout_s)  # fmt: skip
+        app.state.seen_events = SeenEvents(app.state.redis, settings.redis_prefix, window_s=settings.ingest_dedup_window_s,
+                                           pending_s=settings.ingest_delivery_timeout_s + settings.ingest_deadline_s + 15)  # fmt: skip
+        app.state.recording = set()  # tasks recording the fate of events confirmed after their request was answered
         app.state.exact_usage = ExactUsage(
             settings.kafka, settings.events_topic, settings.sink_group, replication_factor=settings.topic_replication_factor
         )

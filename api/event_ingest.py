@@ -12,20 +12,28 @@ half-accepted silently.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import math
+import uuid
 from typing import Annotated
 
 import msgspec
-from fastapi import APIRouter, Depends, HTTPException, Request
-from pydantic import BaseModel
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from pydantic import BaseModel, Field
+from redis.exceptions import RedisError
 
 from throttlex.api import metrics
 from throttlex.api.auth import gateway
 from throttlex.api.credentials import Credential
+from throttlex.api.settings import ApiSettings
 from throttlex.api.ingest_scope import Refused, admit
+from throttlex.api.seen_events import Seen, SeenEvents
 from throttlex.ingest.clock import wall_clock_ms
 from throttlex.ingest.events import EventError, UsageEvent, decode
 from throttlex.ingest.producer import EventProducer
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["ingest"])
 
 class Rejection(BaseModel):
@@ -33,9 +41,10 @@ class Rejection(BaseModel):
     reason: str
 
 class IngestResult(BaseModel):
-    accepted: int
+    accepted: int = Field(description="events stored, by this request or, within the dedup window, an earlier one")
     rejected: int
     errors: list[Rejection]
+    duplicates: int = Field(0, description="of the accepted, those an earlier request (or this one) already carried")
 
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
@@ -56,7 +65,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
     summary="Send a batch of usage events (a JSON array of UsageEvent objects)",
 )
 async def ingest_events(request: Request, sender: Annotated[Credential, Depends(gateway)]) -> IngestResult:
-    settings = request.app.state.settings
+    settings: ApiSettings = request.app.state.settings
     producer: EventProducer | None = request.app.state.producer
     body = await _read_body(request, settings.ingest_max_bytes)
     try:
@@ -93,11 +102,65 @@ async def ingest_events(request: Request, sender: Annotated[Credential, Depends(
             errors.append(Rejection(index=index, reason=str(exc)))
             continue
         valid.append((index, msgspec.structs.replace(event, source=source)))
-    outcomes = await producer.send_confirmed([event for _, event in valid])
-    for (index, _), outcome in zip(valid, outcomes, strict=True):
-        if outcome is not None:
-            errors.append(Rejection(index=index, reason=f"not stored: Kafka error {type(outcome).__name__}"))
+    unique: dict[uuid.UUID, tuple[int, UsageEvent]] = {}
+    for index, event in valid:  # a copy within the batch is a duplicate like one of an earlier batch
+        unique.setdefault(event.event_id, (index, event))
+    seen: SeenEvents = request.app.state.seen_events
+    try:
+        claims = await seen.claim(list(unique))
+    except (RedisError, OSError) as exc:
+        raise _retry_later(settings, f"the store of ingested event ids (Redis) did not answer ({type(exc).__name__})")
+    sending = [entry for entry, claim in zip(unique.values(), claims, strict=True) if claim is Seen.NEW]
+    elsewhere = claims.count(Seen.PENDING)
+    deliveries = producer.send([event for _, event in sending])
+    await producer.settle([d for d in deliveries if isinstance(d, asyncio.Future)], settings.ingest_deadline_s)
+    stored, refused, late = [], [], []
+    for (index, event), delivery in zip(sending, deliveries, strict=True):
+        if isinstance(delivery, asyncio.Future) and not delivery.done():
+            late.append((event.event_id, delivery))
+            continue
+        error = delivery if isinstance(delivery, BaseException) else delivery.exception()
+        if error is None:
+            stored.append(event.event_id)
+        else:
+            refused.append(event.event_id)
+            errors.append(Rejection(index=index, reason=f"not stored: Kafka error {type(error).__name__}"))
+    await _record(seen, stored, refused)
+    if late:
+        _record_when_delivered(request.app, seen, late)
+    if late or elsewhere:
+        metrics.INGESTED_EVENTS.labels(outcome="deferred").inc(len(items))
+        raise _retry_later(settings, f"Kafka has not confirmed {len(late) + elsewhere} of the events yet")
     errors.sort(key=lambda rejection: rejection.index)
-    metrics.INGESTED_EVENTS.labels(outcome="accepted").inc(len(items) - len(errors))
+    duplicates = len(valid) - len(sending)
+    metrics.INGESTED_EVENTS.labels(outcome="accepted").inc(len(items) - len(errors) - duplicates)
+    metrics.INGESTED_EVENTS.labels(outcome="duplicate").inc(duplicates)
     metrics.INGESTED_EVENTS.labels(outcome="rejected").inc(len(errors))
-    return IngestResult(accepted=len(items) - len(errors), rejected=len(errors), errors=errors)
+    return IngestResult(accepted=len(items) - len(errors), rejected=len(errors), errors=errors, duplicates=duplicates)
+
+
+def _retry_later(settings: ApiSettings, why: str) -> HTTPException:
+    """503 for a batch to send again: every event it holds is counted once however often it is sent."""
+    retry_after = math.ceil(settings.ingest_deadline_s)
+    return HTTPException(status_code=503, headers={"Retry-After": str(retry_after)}, detail=f"{why}: send the same batch "
+                         f"again after {retry_after} s (events already stored are not counted twice)")  # fmt: skip
+
+
+async def _record(seen: SeenEvents, stored: list[uuid.UUID], refused: list[uuid.UUID]) -> None:
+    try:
+        await seen.settle(stored, refused)
+    except (RedisError, OSError) as exc:  # the claims expire instead: a retry after that sends the events again
+        log.warning("ingested event ids not recorded", extra={"events": len(stored) + len(refused), "error": str(exc)})
+
+
+def _record_when_delivered(app: FastAPI, seen: SeenEvents, late: list[tuple[uuid.UUID, asyncio.Future[None]]]) -> None:
+    """Record the fate of events Kafka confirms (or refuses) after their request was answered."""
+
+    async def record() -> None:
+        await asyncio.wait([delivery for _, delivery in late])
+        stored = [event_id for event_id, delivery in late if delivery.exception() is None]
+        await _record(seen, stored, [event_id for event_id, delivery in late if delivery.exception() is not None])
+
+    task = asyncio.create_task(record(), name="throttlex-ingest-late-deliveries")
+    app.state.recording.add(task)
+    task.add_done_callback(app.state.recording.discard)

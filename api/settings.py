@@ -41,6 +41,15 @@ class ApiSettings(WorkerSettings, SinkSettings):
     ingest_max_future_s: float = Field(
         60.0, ge=0, description="how far after now a posted event may be dated, unless its token says (future=<duration>)"
     )
+    ingest_deadline_s: float = Field(
+        10.0, gt=0, description="longest POST /v1/events waits for Kafka before it answers 503 with Retry-After"
+    )
+    ingest_delivery_timeout_s: float = Field(
+        120.0, gt=0, description="longest a posted event may wait for Kafka before it fails (after its request was answered)"
+    )
+    ingest_dedup_window_s: float = Field(
+        900.0, gt=0, description="how long the ids of posted events are kept in Redis: a copy sent within it is not counted again"
+    )
     ingest_routes: str = Field(
         "", description="comma-separated route templates or shell globs of the deployment: a posted event of an upload "
         "token (or of any token, once set) whose route matches none is counted under the route 'other'",
@@ -71,6 +80,9 @@ class ApiSettings(WorkerSettings, SinkSettings):
                 except OSError as exc:
                     raise ValueError(f"cannot read {path}: {exc.strerror}") from None
                 object.__setattr__(self, name, SecretStr(f"{getattr(self, name).get_secret_value()},{text}"))
+        if not self.ingest_deadline_s < self.ingest_delivery_timeout_s < self.ingest_dedup_window_s:
+            raise ValueError("THROTTLEX_INGEST_DEADLINE_S < THROTTLEX_INGEST_DELIVERY_TIMEOUT_S < THROTTLEX_INGEST_DEDUP_WINDOW_S "
+                             "must hold: an event's fate is known before its id is forgotten")  # fmt: skip
         if {c.token for c in self.admin_credentials} & {c.token for c in self.ingest_credentials}:
             raise ValueError("THROTTLEX_ADMIN_TOKENS and THROTTLEX_INGEST_TOKENS share a token: each credential needs its own")
         self.refuse_placeholders("admin_tokens", [credential.token for credential in self.admin_credentials])

@@ -44,7 +44,12 @@ class EventProducer:
     ``throttlex_gateway_events_failed_total`` if Kafka refuses it for good.
     """
 
-    def __init__(self, kafka: KafkaAccess | str, topic: str, *, linger_ms: int = 5, buffer_max_events: int = 100_000) -> None:
+    def __init__(
+        self, kafka: KafkaAccess | str, topic: str, *, linger_ms: int = 5, buffer_max_events: int = 100_000,
+        delivery_timeout_s: float = 0,
+    ) -> None:  # fmt: skip
+        """``delivery_timeout_s``: how long an event may wait for Kafka before it fails; 0 (a gateway's): for ever.
+        `POST /v1/events` gives a bound, so the fate of an event its caller gave up on is known in time."""
         self._topic = topic
         self._producer = confluent_kafka.Producer({
             **KafkaAccess.of(kafka).librdkafka_config(),
@@ -53,7 +58,7 @@ class EventProducer:
             "compression.type": "lz4",
             "partitioner": "murmur2_random",  # the Java client's (and aiokafka's) partitioner for keyed records
             "queue.buffering.max.messages": buffer_max_events,
-            "message.timeout.ms": 0,  # never give up on an accepted event: wait for Kafka to come back
+            "message.timeout.ms": int(delivery_timeout_s * 1000),  # 0: never give up on an event, wait for Kafka
             "on_delivery": self._on_delivery,
             "logger": logging.getLogger("throttlex.ingest.librdkafka"),
         })  # fmt: skip
@@ -139,6 +144,21 @@ class EventProducer:
 
     async def send_confirmed(self, events: list[UsageEvent]) -> list[BaseException | None]:
         """Send events and wait until Kafka has each (acks=all); per event, the error or None."""
+        deliveries = self.send(events)
+        await self.settle([d for d in deliveries if isinstance(d, asyncio.Future)])
+        return [d if isinstance(d, BaseException) else d.exception() for d in deliveries]
+
+    async def settle(self, deliveries: list[asyncio.Future[None]], timeout_s: float | None = None) -> None:
+        """Wait until Kafka has answered for every one of ``deliveries`` (of `send`), or ``timeout_s`` has passed:
+        the polling task resolves the rest later. Polls often meanwhile, so a caller waits for Kafka only."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not all(d.done() for d in deliveries) and (deadline is None or time.monotonic() < deadline):
+            self._collect()
+            await asyncio.sleep(0.002)
+
+    def send(self, events: list[UsageEvent]) -> list[asyncio.Future[None] | BaseException]:
+        """Send events; per event, a future that Kafka's acknowledgement (acks=all) resolves, or the error that
+        kept it from being queued. The futures are resolved by this producer's polling task."""
         loop = asyncio.get_running_loop()
         deliveries: list[asyncio.Future[None] | BaseException] = []
         for event in events:
@@ -151,14 +171,10 @@ class EventProducer:
             else:
                 self._undelivered += 1
                 deliveries.append(delivery)
-        pending = [d for d in deliveries if isinstance(d, asyncio.Future)]
-        while not all(d.done() for d in pending):
-            self._collect()
-            await asyncio.sleep(0.002)
-        refused = len(deliveries) - len(pending)  # never queued (a full queue); the rest counted on delivery
+        refused = sum(isinstance(d, BaseException) for d in deliveries)  # never queued (a full queue, say)
         if refused:
             metrics.EVENTS_FAILED.labels(reason="ingest").inc(refused)
-        return [d if isinstance(d, BaseException) else d.exception() for d in deliveries]
+        return deliveries
 
     async def _poll(self) -> None:
         while True:

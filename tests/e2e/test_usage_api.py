@@ -100,7 +100,7 @@ def api(service_addresses: tuple[str, str], tmp_path_factory: pytest.TempPathFac
                     headers={"authorization": f"Bearer {INGEST}"},
                 )
                 assert response.status_code == 202, response.text
-                assert response.json() == {"accepted": 1_000, "rejected": 0, "errors": []}
+                assert response.json() == {"accepted": 1_000, "rejected": 0, "errors": [], "duplicates": 0}
             deadline = time.monotonic() + 60
             while total_requests(client) != len(events):
                 assert time.monotonic() < deadline, "the sink did not store every event"
@@ -316,7 +316,7 @@ async def test_an_ingest_token_sends_for_its_tenants_only_and_is_named_on_what_i
     assert response.status_code == 202, response.text
     assert response.json() == {"accepted": 3, "rejected": 2, "errors": [
         {"index": 1, "reason": "tenant 'globex' is not one ingest token 'eu-gateways' may send for (acme)"},
-        {"index": 3, "reason": f"key {api.key_ids['carol-key']} is not a key of tenant 'acme'"}]}  # fmt: skip
+        {"index": 3, "reason": f"key {api.key_ids['carol-key']} is not a key of tenant 'acme'"}], "duplicates": 0}  # fmt: skip
     wide = await client.post("/v1/events", content=as_array([theirs]), headers={"authorization": f"Bearer {INGEST}"})
     assert wide.json()["accepted"] == 1  # a token for every tenant
 
