@@ -28,7 +28,7 @@ from throttlex.api.auth import gateway
 from throttlex.api.credentials import Credential
 from throttlex.api.settings import ApiSettings
 from throttlex.api.ingest_scope import Refused, admit
-from throttlex.api.seen_events import Seen, SeenEvents
+from throttlex.api.seen_events import EventKey, Seen, SeenEvents
 from throttlex.ingest.clock import wall_clock_ms
 from throttlex.ingest.events import EventError, UsageEvent, decode
 from throttlex.ingest.producer import EventProducer
@@ -102,9 +102,9 @@ async def ingest_events(request: Request, sender: Annotated[Credential, Depends(
             errors.append(Rejection(index=index, reason=str(exc)))
             continue
         valid.append((index, msgspec.structs.replace(event, source=source)))
-    unique: dict[uuid.UUID, tuple[int, UsageEvent]] = {}
+    unique: dict[tuple[str, uuid.UUID], tuple[int, UsageEvent]] = {}
     for index, event in valid:  # a copy within the batch is a duplicate like one of an earlier batch
-        unique.setdefault(event.event_id, (index, event))
+        unique.setdefault((event.tenant, event.event_id), (index, event))
     seen: SeenEvents = request.app.state.seen_events
     try:
         claims = await seen.claim(list(unique))
@@ -114,16 +114,18 @@ async def ingest_events(request: Request, sender: Annotated[Credential, Depends(
     elsewhere = claims.count(Seen.PENDING)
     deliveries = producer.send([event for _, event in sending])
     await producer.settle([d for d in deliveries if isinstance(d, asyncio.Future)], settings.ingest_deadline_s)
-    stored, refused, late = [], [], []
+    stored: list[EventKey] = []
+    refused: list[EventKey] = []
+    late: list[tuple[EventKey, asyncio.Future[None]]] = []
     for (index, event), delivery in zip(sending, deliveries, strict=True):
         if isinstance(delivery, asyncio.Future) and not delivery.done():
-            late.append((event.event_id, delivery))
+            late.append(((event.tenant, event.event_id), delivery))
             continue
         error = delivery if isinstance(delivery, BaseException) else delivery.exception()
         if error is None:
-            stored.append(event.event_id)
+            stored.append((event.tenant, event.event_id))
         else:
-            refused.append(event.event_id)
+            refused.append((event.tenant, event.event_id))
             errors.append(Rejection(index=index, reason=f"not stored: Kafka error {type(error).__name__}"))
     await _record(seen, stored, refused)
     if late:
@@ -146,14 +148,14 @@ def _retry_later(settings: ApiSettings, why: str) -> HTTPException:
                          f"again after {retry_after} s (events already stored are not counted twice)")  # fmt: skip
 
 
-async def _record(seen: SeenEvents, stored: list[uuid.UUID], refused: list[uuid.UUID]) -> None:
+async def _record(seen: SeenEvents, stored: list[EventKey], refused: list[EventKey]) -> None:
     try:
         await seen.settle(stored, refused)
     except (RedisError, OSError) as exc:  # the claims expire instead: a retry after that sends the events again
         log.warning("ingested event ids not recorded", extra={"events": len(stored) + len(refused), "error": str(exc)})
 
 
-def _record_when_delivered(app: FastAPI, seen: SeenEvents, late: list[tuple[uuid.UUID, asyncio.Future[None]]]) -> None:
+def _record_when_delivered(app: FastAPI, seen: SeenEvents, late: list[tuple[EventKey, asyncio.Future[None]]]) -> None:
     """Record the fate of events Kafka confirms (or refuses) after their request was answered."""
 
     async def record() -> None:

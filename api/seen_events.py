@@ -2,7 +2,8 @@
 
 A caller whose request failed (a 503 while Kafka is away, a dropped connection) sends the same batch again,
 and the first copy may still land later: each event id is therefore *claimed* before its event is sent.
-Per event id, one Redis string ``{prefix}:ingested:{event_id}``:
+Per event id, one Redis string ``{prefix}:ingested:{tenant}/{event_id}`` (the tenant's, so a token of another
+tenant cannot claim an id first and have a tenant's own event taken for a copy):
 
 - ``p`` (pending): an API process is sending it. Set with ``SET NX``, so of two requests carrying the id only
   one sends it; it lives as long as the producer may take to deliver (`pending_s`), so an id whose sender
@@ -25,6 +26,9 @@ from redis.asyncio import Redis
 
 PENDING, STORED = b"p", b"s"
 
+EventKey = tuple[str, uuid.UUID]
+"""An event's tenant and id: what a copy is recognised by."""
+
 
 class Seen(enum.Enum):
     NEW = "new"
@@ -42,10 +46,10 @@ class SeenEvents:
         self._window_ms = int(window_s * 1000)
         self._pending_ms = int(pending_s * 1000)
 
-    def _key(self, event_id: uuid.UUID) -> str:
-        return f"{self._prefix}:ingested:{event_id.hex}"
+    def _key(self, event: EventKey) -> str:
+        return f"{self._prefix}:ingested:{event[0]}/{event[1].hex}"
 
-    async def claim(self, event_ids: list[uuid.UUID]) -> list[Seen]:
+    async def claim(self, event_ids: list[EventKey]) -> list[Seen]:
         """Claim each id not seen yet (one round trip); what each one is."""
         if not event_ids:
             return []
@@ -57,7 +61,7 @@ class SeenEvents:
         return [Seen.NEW if claimed else Seen.STORED if held == STORED else Seen.PENDING
                 for claimed, held in zip(replies[::2], replies[1::2], strict=True)]  # fmt: skip
 
-    async def settle(self, stored: list[uuid.UUID], refused: list[uuid.UUID]) -> None:
+    async def settle(self, stored: list[EventKey], refused: list[EventKey]) -> None:
         """Record what Kafka answered: stored ids are kept for the window, refused ones are freed."""
         if not stored and not refused:
             return

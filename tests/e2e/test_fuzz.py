@@ -41,6 +41,7 @@ CHECKS = [not_a_server_error, response_schema_conformance, content_type_conforma
 
 FUZZ_TENANT = "fuzz"
 SCOPED_INGEST = "ingest-token-of-the-fuzz-tenant"
+GATEWAY_INGEST = "gateway-token-of-the-fuzz-tenant"
 
 
 @dataclass
@@ -55,7 +56,8 @@ class Target:
 def target(service_addresses: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     kafka, redis_url = service_addresses
     sandbox = Sandbox(kafka_bootstrap=kafka, redis_url=redis_url, root=Path(tmp_path_factory.mktemp("fuzz")))
-    run, gateway, api_url, _ = start_deployment(sandbox, extra_ingest=f"fuzz-gateway:{FUZZ_TENANT}:{SCOPED_INGEST}")
+    run, gateway, api_url, _ = start_deployment(sandbox, extra_ingest=f"fuzz-upload:{FUZZ_TENANT}:{SCOPED_INGEST},"
+                                                                  f"fuzz-edge;gateway:{FUZZ_TENANT}:{GATEWAY_INGEST}")
     try:
         with httpx.Client(base_url=api_url, timeout=10) as api:
             wait_healthy(api, run)
@@ -120,28 +122,42 @@ def within_a_key_holders_scope(key_id: str) -> Callable[[Any, Response, Case[Any
     return check
 
 
-def within_an_ingest_tokens_scope(ctx: Any, response: Response, case: Case[Any]) -> None:
-    """An ingest token for one tenant sends that tenant's events and can do nothing else."""
-    path, granted = case.operation.path, 200 <= response.status_code < 300
-    if path in PUBLIC:
-        return
-    if path != "/v1/events":
-        assert not granted, f"an ingest token got {response.status_code} from {case.method} {path}"
-    elif granted:
-        rejected = {error["index"] for error in response.json()["errors"]}
-        items = case.body if isinstance(case.body, list) else []
-        foreign = [n for n, item in enumerate(items) if not (isinstance(item, dict) and item.get("tenant") == FUZZ_TENANT)]
-        assert not set(foreign) - rejected, f"events for other tenants accepted: {set(foreign) - rejected}"
+def within_an_ingest_tokens_scope(*, gateway: bool) -> Callable[[Any, Response, Case[Any]], None]:
+    """An ingest token for one tenant sends that tenant's events within its bounds, and can do nothing else; an
+    upload token's events never set a client address or an edge refusal."""
+
+    def check(ctx: Any, response: Response, case: Case[Any]) -> None:
+        path, granted = case.operation.path, 200 <= response.status_code < 300
+        if path in PUBLIC:
+            return
+        if path != "/v1/events":
+            assert not granted, f"an ingest token got {response.status_code} from {case.method} {path}"
+        elif granted:
+            rejected = {error["index"] for error in response.json()["errors"]}
+            items = case.body if isinstance(case.body, list) else []
+            refusable = [n for n, item in enumerate(items) if _outside_the_scope(item, gateway=gateway)]
+            assert not set(refusable) - rejected, f"events outside the token's scope accepted: {set(refusable) - rejected}"
+
+    return check
 
 
-@pytest.mark.parametrize("identity", ["admin", "key holder", "ingest token"])
+def _outside_the_scope(item: Any, *, gateway: bool) -> bool:
+    if not isinstance(item, dict) or item.get("tenant") != FUZZ_TENANT:
+        return True
+    cost = item.get("cost", 0)
+    return not isinstance(cost, int) or cost > 1000 or (not gateway and bool(item.get("client_ip") or item.get("edge_blocked")))
+
+
+@pytest.mark.parametrize("identity", ["admin", "key holder", "upload token", "gateway token"])
 def test_no_server_error_and_every_answer_matches_the_schema_and_the_callers_scope(target: Target, identity: str) -> None:
     headers, checks, examples = {
         "admin": (admin(), CHECKS, FUZZ_EXAMPLES),
         "key holder": ({"x-api-key": target.key}, [*CHECKS, within_a_key_holders_scope(target.key_id)],
                        max(FUZZ_EXAMPLES // 2, 1)),
-        "ingest token": ({"authorization": f"Bearer {SCOPED_INGEST}"}, [*CHECKS, within_an_ingest_tokens_scope],
+        "upload token": ({"authorization": f"Bearer {SCOPED_INGEST}"}, [*CHECKS, within_an_ingest_tokens_scope(gateway=False)],
                          max(FUZZ_EXAMPLES // 2, 1)),
+        "gateway token": ({"authorization": f"Bearer {GATEWAY_INGEST}"}, [*CHECKS, within_an_ingest_tokens_scope(gateway=True)],
+                          max(FUZZ_EXAMPLES // 4, 1)),
     }[identity]  # fmt: skip
     results = list(target.schema.get_all_operations())
     assert all(isinstance(result, Ok) for result in results), "the OpenAPI document has invalid operations"
