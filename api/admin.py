@@ -107,6 +107,12 @@ class PlansInForce(Plans):
     version: int = _VERSION
 
 
+class PlansChanged(PlansInForce):
+    keys_not_moved: list[str] = Field(
+        default_factory=list, description="with move_keys_to: keys a concurrent change kept from moving (move them by PATCH)"
+    )
+
+
 class PoliciesInForce(Policies):
     origin: Literal["file", "registry"] = Field(description="where they come from: the policy file until one is put here")
     version: int = _VERSION
@@ -216,7 +222,7 @@ def _revoked() -> HTTPException:
 
 def _if_match(header: str | None, held: int, what: str = "key") -> int:
     """The version a change is made on top of: the If-Match header's, else the one held here."""
-    if header is None:
+    if header is None or header.strip() == "*":
         return held
     try:
         return int(header.strip().removeprefix("W/").strip('"'))
@@ -333,9 +339,16 @@ async def _put_document(request: Request, policies: PolicySet, expected_version:
         raise HTTPException(status_code=409, detail=str(exc)) from None
     except RegistryLag as exc:
         raise HTTPException(status_code=503, detail=f"{exc}: read the plans and policies again before retrying") from None
-    source: PolicySource = request.app.state.policy_source
-    await source.registry_changed(policies)
+    if _registry(request).policies_version == version:  # (the follower may have applied a later one already)
+        source: PolicySource = request.app.state.policy_source
+        await source.registry_changed(policies)
     return version
+
+
+def _document(request: Request) -> PolicySet:
+    """The plans and policies of `Registry.policies_version`: the registry's document once there is one (the
+    handlers that apply it elsewhere in this process may not have run yet), else the policy file's."""
+    return _registry(request).policies or _policies(request)
 
 
 def _tagged(response: Response, version: int) -> int:
@@ -345,13 +358,13 @@ def _tagged(response: Response, version: int) -> int:
 
 @router.get("/plans", response_model=PlansInForce, summary="The plans in force (ETag: their version)")
 async def get_plans(request: Request, response: Response) -> PlansInForce:
-    policies = _policies(request)
+    policies = _document(request)
     version = _tagged(response, _registry(request).policies_version)
     return PlansInForce(plans=policies.plans, default_plan=policies.default_plan, version=version)
 
 
 @router.put(
-    "/plans", response_model=PlansInForce, summary="Replace the plans (validated with the policies in force)",
+    "/plans", response_model=PlansChanged, summary="Replace the plans (validated with the policies in force)",
     description="Made only on top of the version read (If-Match: the `version` of GET /plans or /policies, else the one "
     "this process holds): 409 if another change landed first. A plan that keys still use is removed only with "
     "`move_keys_to`, a plan of the new document that those keys then move to; without it, 409 names the plan.",
@@ -359,8 +372,8 @@ async def get_plans(request: Request, response: Response) -> PlansInForce:
 async def put_plans(
     request: Request, response: Response, body: Plans, actor: Admin, if_match: Annotated[str | None, Header()] = None,
     move_keys_to: Annotated[str | None, Query(description="the plan the keys of removed plans move to")] = None,
-) -> PlansInForce:  # fmt: skip
-    current = _policies(request)
+) -> PlansChanged:  # fmt: skip
+    current = _document(request)
     expected = _if_match(if_match, _document_version(request, body.version), "plans and policies")
     policies = _validated({**current.model_dump(mode="json"), **body.model_dump(mode="json", exclude={"version"})})
     stranded = _keys_of_removed_plans(request, set(current.plans) - set(policies.plans))
@@ -371,10 +384,14 @@ async def put_plans(
     if stranded and move_keys_to not in policies.plans:
         raise HTTPException(status_code=422, detail=f"move_keys_to: {move_keys_to!r} is not a plan of the new document")
     version = _tagged(response, await _put_document(request, policies, expected))
-    after = PlansInForce(plans=policies.plans, default_plan=policies.default_plan, version=version)
+    after = PlansChanged(plans=policies.plans, default_plan=policies.default_plan, version=version)
     await _audit(request, actor, "plans.replace", "plans", Plans(plans=current.plans, default_plan=current.default_plan), after)
     for record in stranded:  # each key moves on top of the version read, like PATCH /keys/{key_id}
-        moved = await _store_key(request, msgspec.structs.replace(record, plan=move_keys_to or ""), record.version)
+        try:
+            moved = await _store_key(request, msgspec.structs.replace(record, plan=move_keys_to or ""), record.version)
+        except HTTPException:  # changed or revoked meanwhile, or Kafka away: the plans stand; say which key stayed
+            after.keys_not_moved.append(record.key_id)
+            continue
         await _audit(request, actor, "key.change", record.key_id, key_info(record), key_info(moved))
     return after
 
@@ -395,7 +412,7 @@ def _keys_of_removed_plans(request: Request, removed: set[str]) -> list[KeyRecor
 async def get_policies(request: Request, response: Response) -> PoliciesInForce:
     source: PolicySource = request.app.state.policy_source
     version = _tagged(response, _registry(request).policies_version)
-    return PoliciesInForce(policies=_policies(request).policies, origin=source.origin, version=version)
+    return PoliciesInForce(policies=_document(request).policies, origin=source.origin, version=version)
 
 
 @router.put(
@@ -405,7 +422,7 @@ async def get_policies(request: Request, response: Response) -> PoliciesInForce:
 async def put_policies(
     request: Request, response: Response, body: Policies, actor: Admin, if_match: Annotated[str | None, Header()] = None
 ) -> PoliciesInForce:
-    current = _policies(request)
+    current = _document(request)
     expected = _if_match(if_match, _document_version(request, body.version), "plans and policies")
     policies = _validated({**current.model_dump(mode="json"), "policies": [p.model_dump(mode="json") for p in body.policies]})
     version = _tagged(response, await _put_document(request, policies, expected))

@@ -88,6 +88,8 @@ def create_app(
                 await cancel_and_wait(preparing)
             if app.state.producer is not None:
                 await app.state.producer.stop()
+                if app.state.recording:  # the fate of events its last flush delivered, before Redis closes
+                    await asyncio.wait(app.state.recording, timeout=5)
                 await app.state.exact_usage.stop()
             if app.state.analyst_sql is not None:
                 await app.state.analyst_sql.close()

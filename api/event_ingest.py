@@ -20,6 +20,7 @@ from typing import Annotated
 
 import msgspec
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from confluent_kafka import KafkaError, KafkaException
 from pydantic import BaseModel, Field
 from redis.exceptions import RedisError
 
@@ -104,7 +105,7 @@ async def ingest_events(request: Request, sender: Annotated[Credential, Depends(
         valid.append((index, msgspec.structs.replace(event, source=source)))
     unique: dict[tuple[str, uuid.UUID], tuple[int, UsageEvent]] = {}
     for index, event in valid:  # a copy within the batch is a duplicate like one of an earlier batch
-        unique.setdefault((event.tenant, event.event_id), (index, event))
+        unique.setdefault((f"{event.tenant}/{sender.name}", event.event_id), (index, event))
     seen: SeenEvents = request.app.state.seen_events
     try:
         claims = await seen.claim(list(unique))
@@ -119,13 +120,13 @@ async def ingest_events(request: Request, sender: Annotated[Credential, Depends(
     late: list[tuple[EventKey, asyncio.Future[None]]] = []
     for (index, event), delivery in zip(sending, deliveries, strict=True):
         if isinstance(delivery, asyncio.Future) and not delivery.done():
-            late.append(((event.tenant, event.event_id), delivery))
+            late.append(((f"{event.tenant}/{sender.name}", event.event_id), delivery))
             continue
         error = delivery if isinstance(delivery, BaseException) else delivery.exception()
         if error is None:
-            stored.append((event.tenant, event.event_id))
+            stored.append((f"{event.tenant}/{sender.name}", event.event_id))
         else:
-            refused.append((event.tenant, event.event_id))
+            (stored if _maybe_stored(error) else refused).append((f"{event.tenant}/{sender.name}", event.event_id))
             errors.append(Rejection(index=index, reason=f"not stored: Kafka error {type(error).__name__}"))
     await _record(seen, stored, refused)
     if late:
@@ -155,13 +156,21 @@ async def _record(seen: SeenEvents, stored: list[EventKey], refused: list[EventK
         log.warning("ingested event ids not recorded", extra={"events": len(stored) + len(refused), "error": str(exc)})
 
 
+def _maybe_stored(error: BaseException) -> bool:
+    """Whether Kafka may hold an event it did not confirm: one that timed out may have been written (its
+    acknowledgement lost), so its id is kept as stored and a copy is not sent again (never counted twice)."""
+    reason = error.args[0] if isinstance(error, KafkaException) and error.args else None
+    return isinstance(reason, KafkaError) and reason.code() == KafkaError._MSG_TIMED_OUT
+
+
 def _record_when_delivered(app: FastAPI, seen: SeenEvents, late: list[tuple[EventKey, asyncio.Future[None]]]) -> None:
     """Record the fate of events Kafka confirms (or refuses) after their request was answered."""
 
     async def record() -> None:
         await asyncio.wait([delivery for _, delivery in late])
-        stored = [event_id for event_id, delivery in late if delivery.exception() is None]
-        await _record(seen, stored, [event_id for event_id, delivery in late if delivery.exception() is not None])
+        failed = [(event, delivery.exception()) for event, delivery in late]
+        stored = [event for event, error in failed if error is None or _maybe_stored(error)]
+        await _record(seen, stored, [event for event, error in failed if error is not None and not _maybe_stored(error)])
 
     task = asyncio.create_task(record(), name="throttlex-ingest-late-deliveries")
     app.state.recording.add(task)

@@ -2,8 +2,9 @@
 
 A caller whose request failed (a 503 while Kafka is away, a dropped connection) sends the same batch again,
 and the first copy may still land later: each event id is therefore *claimed* before its event is sent.
-Per event id, one Redis string ``{prefix}:ingested:{tenant}/{event_id}`` (the tenant's, so a token of another
-tenant cannot claim an id first and have a tenant's own event taken for a copy):
+Per event id, one Redis string ``{prefix}:ingested:{tenant}/{token name}/{event_id}``: a copy is one the same
+token sends again for the same tenant, so no other token can claim an id first and have an event taken for
+a copy:
 
 - ``p`` (pending): an API process is sending it. Set with ``SET NX``, so of two requests carrying the id only
   one sends it; it lives as long as the producer may take to deliver (`pending_s`), so an id whose sender
@@ -11,10 +12,13 @@ tenant cannot claim an id first and have a tenant's own event taken for a copy):
 - ``s`` (stored): Kafka acknowledged it. Kept for the dedup window (`window_s`); a copy arriving within it is
   answered as accepted and not sent again.
 - gone: never seen, the window has passed, or Kafka refused it for good (the claim is dropped so a retry
-  sends it anew).
+  sends it anew). An event whose delivery timed out may have been written (its acknowledgement lost): it is
+  kept as stored, so it is never counted twice, at the risk of being lost.
 
 A copy sent after the window is a new event as far as ingest can tell, and is counted again. The worker, the
 sink and the rollups all read what Kafka holds, so an event sent once there is counted once everywhere.
+The ids carry a TTL, so a Redis whose eviction policy evicts keys with one (``volatile-*``, ``allkeys-*``)
+under memory pressure, or that restarts empty, forgets them early: give it the memory the window needs.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from redis.asyncio import Redis
 PENDING, STORED = b"p", b"s"
 
 EventKey = tuple[str, uuid.UUID]
-"""An event's tenant and id: what a copy is recognised by."""
+"""``<tenant>/<token name>`` and the event id: what a copy is recognised by."""
 
 
 class Seen(enum.Enum):

@@ -34,8 +34,8 @@ class EventProducer:
     Events are keyed by ``api_key_id`` and partitioned with Kafka's default (Java-compatible murmur2)
     partitioner, as every other ThrottleX producer does, so every event of one key lands in one
     partition and one worker sees all of them. Delivery is ``acks=all`` with the idempotent producer,
-    so the client's retries never duplicate an event, and there is no delivery timeout: while Kafka is
-    out of reach (a broker restart) events wait in the queue and are sent when it is back.
+    so the client's retries never duplicate an event, and a gateway's producer has no delivery timeout:
+    while Kafka is out of reach (a broker restart) events wait in the queue and are sent when it is back.
 
     At most ``buffer_max_events`` events are held accepted but not yet delivered; beyond that the
     gateway sheds events (the request itself is served as usual): each is counted in

@@ -138,6 +138,8 @@ class Registry:
         self.policies_version = 0
         """The version of the document in force: 0 until a versioned one is written (the policy file, or a document
         an earlier release wrote)."""
+        self._policy_winners: dict[int, str] = {}
+        """Version -> the Kafka key of the record that won it (the first of that version in the log)."""
         self._on_policies: Callable[[PolicySet], Awaitable[None]] | None = None
         self._next_offset = 0
         """The offset after the last record applied."""
@@ -261,15 +263,21 @@ class Registry:
         the version this process holds), and return its version once it is in force here. `PoliciesConflict` if
         that is not the version in force or another change landed first; `KafkaError` if Kafka refuses."""
         base = self.policies_version
+        if expected_version is not None and expected_version > base:
+            raise RegistryLag(f"version {expected_version} was read elsewhere and this process has not read it yet")
         if expected_version is not None and expected_version != base:
             raise PoliciesConflict(base)
         document = policies.model_dump_json(exclude_defaults=True).encode()
-        writer = secrets.token_hex(8)
-        await self._write(f"{_POLICIES_VERSION}{base + 1}/{writer}", document)
+        name = f"{_POLICIES_VERSION}{base + 1}/{secrets.token_hex(8)}"
+        await self._write(name, document)
+        won = self._policy_winners.get(base + 1) == name  # (later records may have been read already)
         await self._tombstone([stale for stale, owner in self._stale.items() if owner == POLICIES])
-        if not self._in_force.get(POLICIES, "").endswith(f"/{writer}"):
+        if not won:
             raise PoliciesConflict(self.policies_version)
-        await self._started[0].send_and_wait(self._topic, document, key=POLICIES.encode())  # for the release before
+        try:  # for processes of the release before, during a rolling upgrade: the change stands without it
+            await self._started[0].send_and_wait(self._topic, document, key=POLICIES.encode())
+        except KafkaError as exc:
+            log.warning("unversioned copy of the policy document not written", extra={"error": str(exc)})
         return base + 1
 
     async def _read(self, *, timeout_ms: int) -> int:
@@ -299,6 +307,7 @@ class Registry:
                     if (replaced := self._in_force.get(POLICIES)) is not None:
                         self._stale[replaced] = POLICIES
                     self._in_force[POLICIES] = name
+                    self._policy_winners[version] = name
                     self.policies_version = version
                     await self._apply_policies(record.value.decode())
                 else:

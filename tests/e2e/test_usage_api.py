@@ -60,7 +60,7 @@ def api(service_addresses: tuple[str, str], tmp_path_factory: pytest.TempPathFac
         sandbox,
         ["run", "--policy-file", str(sandbox.write_policy(1_000_000, 60, monthly_units=PLAN_UNITS)), "--api-port", str(port)],
         {"THROTTLEX_ADMIN_TOKENS": f"root:{ADMIN},second:another-admin",
-         "THROTTLEX_INGEST_TOKENS": f"billing-import;gateway;past=400d:*:{INGEST},eu-gateways;gateway;past=120d:acme:{EU_INGEST},acme-upload:acme:{UPLOAD}"},
+         "THROTTLEX_INGEST_TOKENS": f"billing-import;gateway;past=36500d:*:{INGEST},eu-gateways;gateway;past=36500d:acme:{EU_INGEST},acme-upload:acme:{UPLOAD}"},
     )
     salt = sandbox.env["THROTTLEX_KEY_SALT"].encode()
     key_ids = {key: key_id_for(key, salt) for key in API_KEYS}
@@ -379,3 +379,15 @@ async def test_a_tenants_upload_token_cannot_block_others_bill_nothing_or_rewrit
     finally:
         await consumer.stop()
     assert landed == {sent[4].event_id: "other"}
+
+
+async def test_an_event_sent_again_is_a_copy_only_from_the_same_token(api: UsageApi, client: httpx.AsyncClient) -> None:
+    """The same batch from the same token is counted once; another token cannot claim a tenant's event ids
+    first and have that tenant's own events taken for copies."""
+    event = make_event(event_id=uuid.uuid4(), api_key_id="copied", tenant="acme", client_ip="", event_time_ms=int(time.time() * 1000))
+    first = await client.post("/v1/events", content=as_array([event, event]), headers={"authorization": f"Bearer {UPLOAD}"})
+    assert (first.json()["accepted"], first.json()["duplicates"]) == (2, 1), first.text
+    again = await client.post("/v1/events", content=as_array([event]), headers={"authorization": f"Bearer {UPLOAD}"})
+    assert (again.json()["accepted"], again.json()["duplicates"]) == (1, 1), again.text
+    other = await client.post("/v1/events", content=as_array([event]), headers={"authorization": f"Bearer {EU_INGEST}"})
+    assert (other.json()["accepted"], other.json()["duplicates"]) == (1, 0), other.text

@@ -38,7 +38,8 @@ async def test_a_batch_sent_again_after_a_503_is_counted_once_everywhere(sandbox
     run = start_role(
         sandbox, ["run", "--policy-file", str(sandbox.write_policy(1_000_000, 3600, monthly_units=1_000_000)), "--api-port", str(port)],
         {"THROTTLEX_ADMIN_TOKENS": f"root:{ADMIN}", "THROTTLEX_INGEST_TOKENS": f"edge;gateway:acme:{INGEST}",
-         "THROTTLEX_INGEST_DEADLINE_S": str(DEADLINE_S)},
+         "THROTTLEX_INGEST_DEADLINE_S": str(DEADLINE_S),  # and longer than the broker may take to come back:
+         "THROTTLEX_INGEST_DELIVERY_TIMEOUT_S": "600", "THROTTLEX_INGEST_DEDUP_WINDOW_S": "1200"},
     )  # fmt: skip
     ingest, admin = {"authorization": f"Bearer {INGEST}"}, {"authorization": f"Bearer {ADMIN}"}
     first, second = batch(key_id, 20), batch(key_id, 30)

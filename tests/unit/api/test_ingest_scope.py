@@ -76,3 +76,14 @@ def test_an_uploads_unknown_route_is_counted_under_other_and_a_gateways_only_onc
     assert admit(upload_event(route="/wp-admin/8841"), UPLOAD, Bounds(1000, 3600, 60), NOW_MS, None).route == OTHER_ROUTE
     assert admit(upload_event(route="/wp-admin/8841"), GATEWAY, BOUNDS, NOW_MS, None).route == OTHER_ROUTE
     assert admit(upload_event(route="/own/{template}"), GATEWAY, Bounds(1000, 3600, 60), NOW_MS, None).route == "/own/{template}"
+
+
+def test_an_event_whose_delivery_timed_out_is_kept_as_stored_and_one_kafka_refused_is_freed() -> None:
+    """A timed-out event may have been written (its acknowledgement lost): a copy must not be sent again."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    from throttlex.api.event_ingest import _maybe_stored
+
+    assert _maybe_stored(KafkaException(KafkaError(KafkaError._MSG_TIMED_OUT)))
+    assert not _maybe_stored(KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)))
+    assert not _maybe_stored(BufferError("queue full"))
