@@ -258,13 +258,26 @@ class Registry:
         except TimeoutError:
             raise RegistryLag(f"the change was written but not read back within {_READ_BACK_S:g} s") from None
 
+    async def _catch_up(self) -> None:
+        """Read the topic to its end now; `RegistryLag` if that takes longer than `_READ_BACK_S`."""
+        consumer = self._started[1]
+        end = (await consumer.end_offsets([self._partition]))[self._partition]
+        try:
+            async with asyncio.timeout(_READ_BACK_S):
+                while self._next_offset < end:
+                    async with self._reading:
+                        if self._next_offset < end:
+                            await self._read(timeout_ms=200)
+        except TimeoutError:
+            raise RegistryLag(f"the registry was not read to its end within {_READ_BACK_S:g} s") from None
+
     async def put_policies(self, policies: PolicySet, *, expected_version: int | None = None) -> int:
         """Store a validated policy document as the next version, made on top of ``expected_version`` (default:
         the version this process holds), and return its version once it is in force here. `PoliciesConflict` if
         that is not the version in force or another change landed first; `KafkaError` if Kafka refuses."""
+        if expected_version is not None and expected_version > self.policies_version:
+            await self._catch_up()  # read elsewhere, perhaps, and not here yet
         base = self.policies_version
-        if expected_version is not None and expected_version > base:
-            raise RegistryLag(f"version {expected_version} was read elsewhere and this process has not read it yet")
         if expected_version is not None and expected_version != base:
             raise PoliciesConflict(base)
         document = policies.model_dump_json(exclude_defaults=True).encode()

@@ -187,3 +187,18 @@ async def test_of_two_processes_changing_the_policy_document_at_once_the_first_i
         await asyncio.gather(*following, return_exceptions=True)
     async with open_registry(settings) as later:
         assert (later.policies, later.policies_version) == (documents[won], base + 1)
+
+
+async def test_a_policy_change_on_top_of_a_version_read_elsewhere_is_judged_once_this_process_has_read_it(
+    sandbox: Sandbox,
+) -> None:
+    """A change whose expected version another process wrote a moment ago is made on top of it (this process reads
+    the topic to its end first); one on top of a version nobody wrote is a conflict naming the version in force."""
+    settings = sandbox.settings(ConnectionSettings)
+    documents = [parse_policies(f"policies: []\nplans: {{p{n}: {{monthly_units: 5}}}}\ndefault_plan: p{n}", "test") for n in range(3)]
+    async with open_registry(settings) as behind, open_registry(settings) as ahead:
+        written = await ahead.put_policies(documents[0])
+        assert behind.policies_version == written - 1  # not following: it has not read the change
+        assert await behind.put_policies(documents[1], expected_version=written) == written + 1
+        with pytest.raises(PoliciesConflict, match=f"version {written + 1} is in force"):
+            await behind.put_policies(documents[2], expected_version=written + 7)
