@@ -351,6 +351,19 @@ def _document(request: Request) -> PolicySet:
     return _registry(request).policies or _policies(request)
 
 
+async def _document_at(request: Request, expected: int) -> PolicySet:
+    """The document a change made on top of ``expected`` is merged into: when another process wrote that version
+    and this one has not read it yet, it reads the registry to its end first (else the change would carry the
+    older document's other half, and undo what that version changed)."""
+    registry = _registry(request)
+    if expected > registry.policies_version:
+        try:
+            await registry.catch_up()
+        except RegistryLag as exc:
+            raise HTTPException(status_code=503, detail=f"{exc}: retry") from None
+    return _document(request)
+
+
 def _tagged(response: Response, version: int) -> int:
     response.headers["ETag"] = f'"{version}"'
     return version
@@ -373,8 +386,8 @@ async def put_plans(
     request: Request, response: Response, body: Plans, actor: Admin, if_match: Annotated[str | None, Header()] = None,
     move_keys_to: Annotated[str | None, Query(description="the plan the keys of removed plans move to")] = None,
 ) -> PlansChanged:  # fmt: skip
-    current = _document(request)
     expected = _if_match(if_match, _document_version(request, body.version), "plans and policies")
+    current = await _document_at(request, expected)
     policies = _validated({**current.model_dump(mode="json"), **body.model_dump(mode="json", exclude={"version"})})
     stranded = _keys_of_removed_plans(request, set(current.plans) - set(policies.plans))
     if stranded and move_keys_to is None:
@@ -422,8 +435,8 @@ async def get_policies(request: Request, response: Response) -> PoliciesInForce:
 async def put_policies(
     request: Request, response: Response, body: Policies, actor: Admin, if_match: Annotated[str | None, Header()] = None
 ) -> PoliciesInForce:
-    current = _document(request)
     expected = _if_match(if_match, _document_version(request, body.version), "plans and policies")
+    current = await _document_at(request, expected)
     policies = _validated({**current.model_dump(mode="json"), "policies": [p.model_dump(mode="json") for p in body.policies]})
     version = _tagged(response, await _put_document(request, policies, expected))
     await _audit(request, actor, "policies.replace", "policies", Policies(policies=current.policies), Policies(policies=policies.policies))

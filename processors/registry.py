@@ -258,7 +258,7 @@ class Registry:
         except TimeoutError:
             raise RegistryLag(f"the change was written but not read back within {_READ_BACK_S:g} s") from None
 
-    async def _catch_up(self) -> None:
+    async def catch_up(self) -> None:
         """Read the topic to its end now; `RegistryLag` if that takes longer than `_READ_BACK_S`."""
         consumer = self._started[1]
         end = (await consumer.end_offsets([self._partition]))[self._partition]
@@ -276,7 +276,7 @@ class Registry:
         the version this process holds), and return its version once it is in force here. `PoliciesConflict` if
         that is not the version in force or another change landed first; `KafkaError` if Kafka refuses."""
         if expected_version is not None and expected_version > self.policies_version:
-            await self._catch_up()  # read elsewhere, perhaps, and not here yet
+            await self.catch_up()  # read elsewhere, perhaps, and not here yet
         base = self.policies_version
         if expected_version is not None and expected_version != base:
             raise PoliciesConflict(base)
