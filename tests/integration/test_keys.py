@@ -169,22 +169,14 @@ async def test_of_two_processes_changing_the_policy_document_at_once_the_first_i
     settings = sandbox.settings(ConnectionSettings)
     documents = [parse_policies(f"policies: []\nplans: {{{name}: {{monthly_units: 5}}}}\ndefault_plan: {name}", "test")
                  for name in ("left", "right")]  # fmt: skip
-    async def applied(policies: object) -> None:
-        pass
-
     async with open_registry(settings) as one, open_registry(settings) as other:
         base = one.policies_version
         assert other.policies_version == base
-        # Both follow the topic as API processes do, so either may read the other's record before its own.
-        following = [asyncio.create_task(registry.follow(applied)) for registry in (one, other)]
         outcomes = await asyncio.gather(one.put_policies(documents[0]), other.put_policies(documents[1]), return_exceptions=True)
         [won] = [n for n, outcome in enumerate(outcomes) if outcome == base + 1]
         [lost] = [outcome for outcome in outcomes if isinstance(outcome, PoliciesConflict)]
         assert lost.version == base + 1
         await eventually(lambda: one.policies == other.policies == documents[won], timeout_s=10, what="both to hold the winner")
-        for task in following:
-            task.cancel()
-        await asyncio.gather(*following, return_exceptions=True)
     async with open_registry(settings) as later:
         assert (later.policies, later.policies_version) == (documents[won], base + 1)
 
