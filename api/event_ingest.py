@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import uuid
 from typing import Annotated
 
 import msgspec
@@ -82,7 +81,7 @@ async def ingest_events(request: Request, sender: Annotated[Credential, Depends(
     errors: list[Rejection] = []
     source = sender.name if sender.name.startswith("admin:") else f"ingest:{sender.name}"
     registry = request.app.state.registry
-    bounds, now_ms = settings.ingest_bounds(), wall_clock_ms()
+    bounds, now_ms = settings.ingest_bounds, wall_clock_ms()
     for index, raw in enumerate(items):
         try:
             event = decode(bytes(raw))
@@ -103,7 +102,7 @@ async def ingest_events(request: Request, sender: Annotated[Credential, Depends(
             errors.append(Rejection(index=index, reason=str(exc)))
             continue
         valid.append((index, msgspec.structs.replace(event, source=source)))
-    unique: dict[tuple[str, uuid.UUID], tuple[int, UsageEvent]] = {}
+    unique: dict[EventKey, tuple[int, UsageEvent]] = {}
     for index, event in valid:  # a copy within the batch is a duplicate like one of an earlier batch
         unique.setdefault((f"{event.tenant}/{sender.name}", event.event_id), (index, event))
     seen: SeenEvents = request.app.state.seen_events
@@ -111,22 +110,22 @@ async def ingest_events(request: Request, sender: Annotated[Credential, Depends(
         claims = await seen.claim(list(unique))
     except (RedisError, OSError) as exc:
         raise _retry_later(settings, f"the store of ingested event ids (Redis) did not answer ({type(exc).__name__})")
-    sending = [entry for entry, claim in zip(unique.values(), claims, strict=True) if claim is Seen.NEW]
+    sending = [(key, *entry) for (key, entry), claim in zip(unique.items(), claims, strict=True) if claim is Seen.NEW]
     elsewhere = claims.count(Seen.PENDING)
-    deliveries = producer.send([event for _, event in sending])
+    deliveries = producer.send([event for _, _, event in sending])
     await producer.settle([d for d in deliveries if isinstance(d, asyncio.Future)], settings.ingest_deadline_s)
     stored: list[EventKey] = []
     refused: list[EventKey] = []
     late: list[tuple[EventKey, asyncio.Future[None]]] = []
-    for (index, event), delivery in zip(sending, deliveries, strict=True):
+    for (key, index, _), delivery in zip(sending, deliveries, strict=True):
         if isinstance(delivery, asyncio.Future) and not delivery.done():
-            late.append(((f"{event.tenant}/{sender.name}", event.event_id), delivery))
+            late.append((key, delivery))
             continue
         error = delivery if isinstance(delivery, BaseException) else delivery.exception()
         if error is None:
-            stored.append((f"{event.tenant}/{sender.name}", event.event_id))
+            stored.append(key)
         else:
-            (stored if _maybe_stored(error) else refused).append((f"{event.tenant}/{sender.name}", event.event_id))
+            (stored if _maybe_stored(error) else refused).append(key)
             errors.append(Rejection(index=index, reason=f"not stored: Kafka error {type(error).__name__}"))
     await _record(seen, stored, refused)
     if late:

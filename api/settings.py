@@ -62,6 +62,7 @@ class ApiSettings(WorkerSettings, SinkSettings):
     analyst_max_memory_bytes: int = Field(1024**3, ge=1, description="most memory an analyst SQL query may use")
     analyst_max_threads: int = Field(2, ge=1, description="most threads an analyst SQL query may use (the sink needs some)")
 
+    @cached_property
     def ingest_bounds(self) -> Bounds:
         routes = tuple(route.strip() for route in self.ingest_routes.split(",") if route.strip())
         return Bounds(self.ingest_max_cost, self.ingest_max_past_s, self.ingest_max_future_s, routes)
