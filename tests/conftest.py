@@ -332,6 +332,13 @@ async def stored_events(sandbox: Sandbox) -> tuple[int, int]:
     return rows, unique
 
 
+async def events_stored_twice(sandbox: Sandbox) -> list[tuple[object, ...]]:
+    """Each event id stored more than once, with the Kafka offsets its rows came from: the same offset
+    twice is the sink inserting a record again, two offsets are the record written to Kafka twice."""
+    return await stored_events_where(sandbox, "SELECT event_id, groupArray((kafka_partition, kafka_offset)) FROM usage_events "
+                                              "GROUP BY event_id HAVING count() > 1 LIMIT 20")
+
+
 async def owns_partitions(port: int, at_least: int) -> bool:
     """Whether the worker serving metrics on ``port`` owns ``at_least`` input partitions."""
     return (await role_metrics(port)).get(("throttlex_worker_assigned_partitions", ()), 0.0) >= at_least

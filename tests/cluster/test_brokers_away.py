@@ -18,8 +18,8 @@ from throttlex.ingest import metrics
 from throttlex.ingest.producer import EventProducer
 from throttlex.ingest.settings import GatewaySettings
 from tests.cluster.conftest import LocalCluster, on_cluster
-from tests.conftest import (RoleProcess, Sandbox, eventually, free_port, owns_partitions, register_keys, stored_events,
-                            wait_until_sink_committed)  # fmt: skip
+from tests.conftest import (RoleProcess, Sandbox, eventually, events_stored_twice, free_port, owns_partitions, register_keys,
+                            stored_events, wait_until_sink_committed)  # fmt: skip
 from tests.faults.test_broker_restart import REQUEST_TIMEOUT_S, Load, accounted_for, counter, gateway_counters
 
 pytestmark = pytest.mark.cluster
@@ -95,7 +95,8 @@ async def test_two_brokers_away_shed_past_the_bound_and_lose_no_acknowledged_eve
     assert shed_while_away > 0, "nothing was shed: the brokers' absence did not hold writes back"
     assert counter(metrics.EVENTS_FAILED) - before["failed"] == 0
     assert produced + shed == requests, (produced, shed, requests)
-    assert await stored_events(sandbox) == (produced, produced)
+    stored = await stored_events(sandbox)
+    assert stored == (produced, produced), (stored, await events_stored_twice(sandbox), sink.log()[-6000:])
     print(f"two brokers away {back_at - stopped_at:.1f} s: {requests} requests, {shed:.0f} events shed past the bound of "
           f"{BUFFER_MAX_EVENTS} (buffer at most {max(buffered)}), {produced:.0f} delivered and stored once; slowest "
           f"request {slowest * 1000:.1f} ms; backlog delivered {drained_s:.1f} s after the brokers were back")
