@@ -10,11 +10,16 @@ export THROTTLEX_REDIS_URL       ?= redis://127.0.0.1:$(or $(THROTTLEX_REDIS_POR
 # Local trials and tests may start with the development salt; a deployment must set its own secrets.
 export THROTTLEX_ALLOW_DEV_SECRETS ?= 1
 
-.PHONY: help install services cluster tools demo test test-image image typecheck bench bench-sink down clean
+# The Envoy rate-limit service (ingest/rls) is Go: the toolchain on PATH, or where Go's tarball installs it.
+GO  ?= $(or $(shell command -v go 2>/dev/null),/usr/local/go/bin/go)
+RLS := ingest/rls
+RLS_SOURCES := $(shell find $(RLS) -name '*.go' -o -name go.mod -o -name go.sum)
+
+.PHONY: help install services cluster tools demo test test-go test-image image typecheck bench bench-sink down clean
 
 help:
 	@echo "make demo      run the whole pipeline locally with traffic; shows blocked keys and a quota report"
-	@echo "make test      type-check and run the whole test suite against local Kafka, Redis and chDB"
+	@echo "make test      type-check and run the whole test suite (Python and Go) against local Kafka, Redis and chDB"
 	@echo "make image     build the container image throttlex:local (deploy/Dockerfile; docs/deploying.md)"
 	@echo "make test-image  build the image and run each role from it, and the compose file of local images"
 	@echo "make bench     every benchmark beside the alternatives (writes BENCHMARKS.md, tests/perf/results.json)"
@@ -30,7 +35,17 @@ $(BIN)/throttlex: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[server,test,bench]'
 	@touch $@
 
-install: $(BIN)/throttlex
+# throttlex-rls beside the Python command line, so both are on the same PATH once .venv/bin is.
+$(BIN)/throttlex-rls: $(BIN)/throttlex $(RLS_SOURCES)
+	@test -x "$(GO)" || { echo "throttlex-rls (the Envoy rate-limit service) needs Go 1.26 or later: install it from https://go.dev/dl/ into /usr/local/go, or set GO=/path/to/go" >&2; exit 1; }
+	cd $(RLS) && $(GO) build -trimpath -o $(abspath $(BIN))/throttlex-rls ./cmd/throttlex-rls
+
+install: $(BIN)/throttlex $(BIN)/throttlex-rls
+
+# The Go side's own checks: formatting, vet, and its tests (the conformance vectors in tests/conformance included).
+test-go: install
+	@unformatted="$$(cd $(RLS) && $(dir $(GO))gofmt -l .)"; test -z "$$unformatted" || { echo "not gofmt-formatted: $$unformatted" >&2; exit 1; }
+	cd $(RLS) && $(GO) vet ./... && $(GO) test ./...
 
 services:
 	deploy/local/services.sh up
@@ -49,7 +64,7 @@ typecheck: install
 tools:
 	deploy/local/tools.sh
 
-test: install services tools typecheck
+test: install services tools typecheck test-go
 	$(BIN)/pytest -m "not image"
 	@echo "Kafka and Redis are still running for the next run; 'make down' stops them."
 

@@ -10,7 +10,7 @@ import hashlib
 import os
 import random
 import uuid
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -56,6 +56,11 @@ class UsageEvent(msgspec.Struct, tag_field="v", tag=SCHEMA_VERSION, frozen=True,
     """Who sent the event: ``gateway:<name>`` from a gateway's middleware (``THROTTLEX_GATEWAY_NAME``, the host
     name by default), ``ingest:<token name>`` for events posted to ``POST /v1/events`` (set by the API from the
     credential, whatever the body says); empty from a middleware given no name."""
+    stage: Literal["response", "check"] = "response"
+    """``response``: the gateway saw the response (``status``, ``latency_ms`` and ``response_bytes`` are the
+    upstream's). ``check``: a rate-limit check made before the upstream answered (``throttlex-rls``, asked by
+    Envoy): ``status`` is what the check decided (200 admitted, 429 refused) and the latency and size are 0.
+    Limits and billing count both alike; latency and error figures read ``response`` events only."""
 
     @property
     def schema_version(self) -> int:

@@ -37,12 +37,13 @@ EVENT_SCHEMA = pa.schema([
     ("edge_blocked", pa.bool_()),
     ("plan", pa.string()),
     ("source", pa.string()),
+    ("stage", pa.string()),
     ("schema_version", pa.uint8()),
     ("kafka_partition", pa.uint16()),
     ("kafka_offset", pa.uint64()),
     ("appended_at", pa.timestamp("ms", tz="UTC")),  # when Kafka appended the record (the brokers' clock)
 ])  # fmt: skip
-"""The columns the sink inserts, named as in ``usage_events``; the first 14 are `UsageEvent`'s fields in order."""
+"""The columns the sink inserts, named as in ``usage_events``; the first 15 are `UsageEvent`'s fields in order."""
 
 class _Row(UsageEvent, tag=SCHEMA_VERSION, frozen=True, kw_only=True, gc=False):
     """`UsageEvent` with its id kept as the text it came as: the contract's constraints on every other field,
@@ -53,10 +54,10 @@ class _Row(UsageEvent, tag=SCHEMA_VERSION, frozen=True, kw_only=True, gc=False):
 
 
 _decode_row = msgspec.json.Decoder(_Row).decode
-_TYPES = [field.type for field in EVENT_SCHEMA][1:14]
+_TYPES = [field.type for field in EVENT_SCHEMA][1:15]
 """The Arrow type of each column after ``event_id``, in `UsageEvent`'s field order."""
 assert UsageEvent.__struct_fields__ == _Row.__struct_fields__ == (
-    "event_id", "event_time_ms", *EVENT_SCHEMA.names[2:14]
+    "event_id", "event_time_ms", *EVENT_SCHEMA.names[2:15]
 ), "UsageEvent's fields changed: update EVENT_SCHEMA"  # fmt: skip
 
 

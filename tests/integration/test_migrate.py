@@ -25,7 +25,7 @@ async def test_migrations_apply_once(tmp_path: Path) -> None:
     assert first.returncode == 0, first.stderr
     assert first.stdout.strip() == ("applied: 0001_usage_events.sql, 0002_exactly_once_and_rollups.sql, 0003_key_plan.sql, "
                                     "0004_units_per_minute.sql, 0005_deduplication_bounds.sql, 0006_event_source.sql, "
-                                    "0007_append_time_and_sink_progress.sql")  # fmt: skip
+                                    "0007_append_time_and_sink_progress.sql, 0008_event_stage.sql")  # fmt: skip
     again = throttlex("migrate", env=env)
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip() == "schema is up to date"
@@ -124,28 +124,31 @@ async def test_two_processes_migrating_at_once_apply_each_migration_once(tmp_pat
         await first.close()
 
 
-async def test_a_sink_of_the_previous_version_keeps_inserting_after_this_versions_migration(tmp_path: Path) -> None:
-    """0007 only expands: an insert without ``appended_at`` (what a sink of the previous version sends while a newer
-    one has migrated) is stored, the column taking its insert time; a new sink's insert stores Kafka's time."""
+async def test_sinks_of_earlier_versions_keep_inserting_after_this_versions_migrations(tmp_path: Path) -> None:
+    """0007 and 0008 only expand: an insert without ``appended_at`` and ``stage`` (what a sink of an earlier version
+    sends while a newer one has migrated) is stored, ``appended_at`` taking its insert time and ``stage`` 'response';
+    a new sink's insert stores Kafka's time and the event's stage."""
     store = UsageStore(f"chdb://{tmp_path / 'chdb'}")
     await store.open()
     try:
         await store.migrate()
-        old, new = make_event(event_id=uuid.uuid4(), api_key_id="old"), make_event(event_id=uuid.uuid4(), api_key_id="new")
+        old = make_event(event_id=uuid.uuid4(), api_key_id="old")
+        new = make_event(event_id=uuid.uuid4(), api_key_id="new", stage="check")
         rows, _ = event_rows([encode(old)], [0], 0)
-        previous = pa.Table.from_batches([rows]).drop_columns(["appended_at"])
+        previous = pa.Table.from_batches([rows]).drop_columns(["appended_at", "stage"])
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, previous.schema) as writer:
             writer.write_table(previous)
         await store.insert_formatted("usage_events", sink.getvalue().to_pybytes(), previous.schema.names, "ArrowStream")
         rows, _ = event_rows([encode(new)], [1], 0, [1_800_000_000_000])
         await store.insert_arrow("usage_events", arrow_stream(pa.Table.from_batches([rows])), EVENT_SCHEMA.names)
-        stored = dict(await store.query(
-            "SELECT api_key_id, toUnixTimestamp64Milli(appended_at) - toUnixTimestamp64Milli(inserted_at) FROM usage_events"))  # fmt: skip
+        stored = {key: (lag, stage) for key, lag, stage in await store.query(
+            "SELECT api_key_id, toUnixTimestamp64Milli(appended_at) - toUnixTimestamp64Milli(inserted_at), stage "
+            "FROM usage_events")}  # fmt: skip
         [(appended,)] = await store.query("SELECT toUnixTimestamp64Milli(appended_at) FROM usage_events WHERE api_key_id = 'new'")
     finally:
         await store.close()
-    assert stored["old"] == 0 and appended == 1_800_000_000_000
+    assert stored["old"] == (0, "response") and stored["new"][1] == "check" and appended == 1_800_000_000_000
 
 
 async def test_a_migration_waits_while_another_process_holds_the_lock(tmp_path: Path) -> None:
@@ -159,7 +162,7 @@ async def test_a_migration_waits_while_another_process_holds_the_lock(tmp_path: 
             with pytest.raises(MigrationLockTimeout, match="held by the-holder"):
                 await waiter.migrate(lock_wait_s=1)
             assert await waiter.query("SELECT count() FROM throttlex_schema_migrations") == [(0,)]  # nothing applied
-        assert len(await waiter.migrate()) == 7  # released: all of them now
+        assert len(await waiter.migrate()) == 8  # released: all of them now
     finally:
         await waiter.close()
         await holder.close()
