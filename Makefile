@@ -35,10 +35,11 @@ $(BIN)/throttlex: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[server,test,bench]'
 	@touch $@
 
-# throttlex-rls beside the Python command line, so both are on the same PATH once .venv/bin is.
+# throttlex-rls beside the Python command line, so both are on the same PATH once .venv/bin is; rls-client
+# (Envoy's RLS client, for the tests, the benchmark and a smoke test of a deployment) beside it.
 $(BIN)/throttlex-rls: $(BIN)/throttlex $(RLS_SOURCES)
 	@test -x "$(GO)" || { echo "throttlex-rls (the Envoy rate-limit service) needs Go 1.26 or later: install it from https://go.dev/dl/ into /usr/local/go, or set GO=/path/to/go" >&2; exit 1; }
-	cd $(RLS) && $(GO) build -trimpath -o $(abspath $(BIN))/throttlex-rls ./cmd/throttlex-rls
+	cd $(RLS) && $(GO) build -trimpath -o $(abspath $(BIN))/ ./cmd/throttlex-rls ./cmd/rls-client
 
 install: $(BIN)/throttlex $(BIN)/throttlex-rls
 

@@ -187,6 +187,45 @@ def create_key(
     _run(create())
 
 
+policies_cli = typer.Typer(help="Work with policy files.", no_args_is_help=True)
+cli.add_typer(policies_cli, name="policies")
+
+
+@policies_cli.command("import-envoy")
+def import_envoy(
+    file: Annotated[Path, typer.Argument(help="an envoyproxy/ratelimit configuration (domain, descriptors)")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="write the policies here (default: print them)")] = None,
+    partial: Annotated[
+        bool, typer.Option("--partial", help="write what can be carried over even if some descriptors are refused")
+    ] = False,
+) -> None:
+    """Turn an envoyproxy/ratelimit configuration into ThrottleX policies (docs/envoy.md says how each part maps).
+
+    Descriptors that cannot be carried over are listed with their line and the reason; unless --partial, nothing is
+    written then and the exit status is 1."""
+    from throttlex.api.envoy_import import EnvoyImportError, import_envoy as translate, roles_from
+
+    try:
+        imported = translate(file.read_text(), str(file), roles_from(os.environ.get("THROTTLEX_RLS_DESCRIPTORS", "")))
+    except OSError as exc:
+        _fail(f"{file}: {exc.strerror}")
+    except EnvoyImportError as exc:
+        _fail(str(exc))
+    for note in imported.notes:
+        typer.echo(f"note: {note}", err=True)
+    for refusal in imported.refused:
+        typer.echo(f"refused: {refusal}", err=True)
+    if imported.refused and not partial:
+        typer.echo(f"throttlex: {len(imported.refused)} descriptor(s) refused; nothing written (--partial writes the rest)",
+                   err=True)  # fmt: skip
+        raise typer.Exit(1)
+    if output is None:
+        typer.echo(imported.document(), nl=False)
+    else:
+        output.write_text(imported.document())
+        typer.echo(f"wrote {len(imported.policies)} policies to {output}", err=True)
+
+
 @cli.command()
 def gateway(
     port: Annotated[int, typer.Option(help="port of the demo gateway")] = 8090,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from aiokafka.partitioner import murmur2
 
+from throttlex.api.envoy_import import DESCRIPTOR_ROLES
 from throttlex.ingest import events
 from throttlex.ingest.client_address import ClientAddress
 from throttlex.ingest.denylist_entries import Block, encode_block, request_limit_key
@@ -73,6 +74,7 @@ def vectors() -> dict[str, object]:
         "events": [json.loads(events.encode(event)) for event in EVENTS],
         "partitions": [{"key": key, "partitions": count, "partition": (murmur2(key.encode()) & 0x7FFFFFFF) % count}
                        for key in PARTITION_KEYS for count in PARTITION_COUNTS],  # fmt: skip
+        "descriptor_roles": DESCRIPTOR_ROLES,
         "client_addresses": [
             {"trusted_proxies": trusted, "peer": peer, "x_forwarded_for": xff, "forwarded": forwarded,
              "client": ClientAddress(trusted).of(peer, xff, forwarded)}
