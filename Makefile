@@ -15,7 +15,7 @@ GO  ?= $(or $(shell command -v go 2>/dev/null),/usr/local/go/bin/go)
 RLS := ingest/rls
 RLS_SOURCES := $(shell find $(RLS) -name '*.go' -o -name go.mod -o -name go.sum)
 
-.PHONY: help install services cluster tools demo test test-go test-image image typecheck bench bench-sink down clean
+.PHONY: help install services cluster tools demo test test-go test-image image rls-image-binary typecheck bench bench-sink down clean
 
 help:
 	@echo "make demo      run the whole pipeline locally with traffic; shows blocked keys and a quota report"
@@ -69,7 +69,12 @@ test: install services tools typecheck test-go
 	$(BIN)/pytest -m "not image"
 	@echo "Kafka and Redis are still running for the next run; 'make down' stops them."
 
-image:
+# A static throttlex-rls for the container image (copied in by deploy/Dockerfile).
+rls-image-binary:
+	@test -x "$(GO)" || { echo "the image's throttlex-rls is built on the host and needs Go 1.26 or later (https://go.dev/dl/)" >&2; exit 1; }
+	cd $(RLS) && CGO_ENABLED=0 $(GO) build -trimpath -ldflags="-s -w" -o $(abspath build/image)/throttlex-rls ./cmd/throttlex-rls
+
+image: rls-image-binary
 	deploy/local/image.sh build
 
 test-image: install services tools image

@@ -21,15 +21,17 @@ def test_the_stack_has_every_part_and_prometheus_scrapes_every_role() -> None:
         ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config"], capture_output=True, text=True, check=True
     ).stdout
     services = yaml.safe_load(rendered)["services"]
-    assert {"kafka", "redis", "clickhouse", "prometheus", "grafana", "worker", "sink", "api", "gateway", "loadgen"} <= set(services)
+    assert {"kafka", "redis", "clickhouse", "prometheus", "grafana", "worker", "sink", "api", "gateway", "rls", "loadgen"} <= set(services)
     assert services["loadgen"]["profiles"] == ["load"]
-    for name in ("worker", "sink", "api", "gateway"):
+    for name in ("worker", "sink", "api", "gateway", "rls"):
         assert "healthcheck" in services[name] or "depends_on" in services[name]
 
     scrape = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
     targets = {target for job in scrape["scrape_configs"] for config in job["static_configs"] for target in config["targets"]}
     metrics_port = "9101"  # THROTTLEX_METRICS_PORT's default, for roles without the API
-    assert targets == {f"worker:{metrics_port}", f"sink:{metrics_port}", "api:8080", "gateway:8090"}
+    rls_metrics_port = "9102"  # THROTTLEX_RLS_METRICS_ADDR's default
+    assert targets == {f"worker:{metrics_port}", f"sink:{metrics_port}", "api:8080", "gateway:8090", f"rls:{rls_metrics_port}"}
+    assert services["rls"]["entrypoint"] == ["throttlex-rls"] and services["rls"]["environment"]["THROTTLEX_RLS_GRPC_ADDR"].endswith(":8081")
     assert services["gateway"]["command"][-1] == "8090"
 
 

@@ -68,6 +68,10 @@ def test_workers_match_partitions_and_probes_call_real_endpoints() -> None:
         for probe in ("livenessProbe", "readinessProbe"):
             assert container[probe]["httpGet"]["path"] in routes
         assert container["resources"]["requests"]
+    [rls] = resources[("Deployment", "throttlex-rls")]["spec"]["template"]["spec"]["containers"]
+    grpc_port = next(port["containerPort"] for port in rls["ports"] if port["name"] == "grpc")
+    assert rls["readinessProbe"]["grpc"] == {"port": grpc_port, "service": "envoy.service.ratelimit.v3.RateLimitService"}
+    assert {"name": "THROTTLEX_RLS_GRPC_ADDR", "value": f"0.0.0.0:{grpc_port}"} in rls["env"]
 
 
 async def api_routes() -> set[str]:

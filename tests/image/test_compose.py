@@ -4,6 +4,7 @@ event is stored, and `down -v` leaves no container, network or volume behind."""
 
 from __future__ import annotations
 
+import json
 import secrets
 import subprocess
 from collections.abc import Iterator
@@ -21,12 +22,12 @@ HOT_KEY_LIMIT = 50  # per-key-10s in the image's policy file (deploy/config/poli
 
 
 class Stack:
-    def __init__(self, project: str, api_port: int, gateway_port: int) -> None:
-        self.project, self.api_port, self.gateway_port = project, api_port, gateway_port
+    def __init__(self, project: str, api_port: int, gateway_port: int, rls_port: int) -> None:
+        self.project, self.api_port, self.gateway_port, self.rls_port = project, api_port, gateway_port, rls_port
 
     def compose(self, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "THROTTLEX_COMPOSE_API_PORT": str(self.api_port),
-               "THROTTLEX_COMPOSE_GATEWAY_PORT": str(self.gateway_port)}  # fmt: skip
+               "THROTTLEX_COMPOSE_GATEWAY_PORT": str(self.gateway_port), "THROTTLEX_COMPOSE_RLS_PORT": str(self.rls_port)}  # fmt: skip
         return subprocess.run(["docker-compose", "-p", self.project, "-f", str(COMPOSE_FILE), *args],
                               capture_output=True, text=True, timeout=timeout_s, env=env)  # fmt: skip
 
@@ -45,7 +46,7 @@ def service_images(image: str) -> None:
 
 @pytest.fixture
 def stack(service_images: None) -> Iterator[Stack]:
-    stack = Stack(f"throttlex-test-{secrets.token_hex(4)}", free_port(), free_port())
+    stack = Stack(f"throttlex-test-{secrets.token_hex(4)}", free_port(), free_port(), free_port())
     try:
         yield stack
     finally:
@@ -73,13 +74,27 @@ async def test_the_stack_of_local_images_refuses_a_hot_key_stores_its_events_and
 
         await eventually(refused, timeout_s=60, what="the hot key to be refused")
     assert statuses.count(200) >= HOT_KEY_LIMIT and set(statuses) == {200, 429}, statuses
+    # The stack's Envoy rate-limit service refuses the key the gateway's traffic got blocked; each answer is an event.
+    call = json.dumps({"domain": "throttlex", "descriptors": [[["api_key", "compose-hot-key"], ["method", "GET"]]]})
+    answers: list[str] = []
+
+    def rls_refuses() -> bool:
+        asked = subprocess.run([str(ROOT / ".venv/bin/rls-client"), "check", "-addr", f"127.0.0.1:{stack.rls_port}"],
+                               input=call + "\n", capture_output=True, text=True, timeout=30)  # fmt: skip
+        answer = json.loads(asked.stdout or "{}") if asked.returncode == 0 else {}
+        if "code" in answer:
+            answers.append(answer["code"])
+        return answer.get("code") == "OVER_LIMIT"
+
+    await eventually(rls_refuses, timeout_s=60, what="the stack's throttlex-rls to refuse the hot key")
+    rls_checks = len(answers)
 
     def stored() -> int:
         query = stack.compose("exec", "-T", "throttlex", "throttlex", "sql", "--format", "csv", "SELECT count() FROM usage_events")
         last = query.stdout.strip().splitlines()[-1:] if query.returncode == 0 else []  # after the CSV header
         return int(last[0]) if last and last[0].isdigit() else -1
 
-    await eventually(lambda: stored() == len(statuses), timeout_s=60, what="every request's event to be stored")
+    await eventually(lambda: stored() == len(statuses) + rls_checks, timeout_s=60, what="every request's event to be stored")
     stopped = stack.compose("down", "--volumes", "--timeout", "30")
     assert stopped.returncode == 0, stopped.stderr
     assert stack.left_behind() == []

@@ -42,6 +42,13 @@ def test_help_and_a_refused_placeholder_secret_are_as_on_the_host(image: str) ->
         on_host.returncode, on_host.stderr.strip().splitlines()[-1])  # fmt: skip
 
 
+def test_the_envoy_rate_limit_service_is_in_the_image_and_refuses_a_placeholder_salt(image: str) -> None:
+    shown = docker("run", "--rm", "--entrypoint", "throttlex-rls", image, "--help")
+    assert shown.returncode == 0 and "ShouldRateLimit" in shown.stderr + shown.stdout, shown.stdout + shown.stderr
+    refused = docker("run", "--rm", "--entrypoint", "throttlex-rls", "--env=THROTTLEX_KEY_SALT=change-me", image)
+    assert refused.returncode == 2 and "THROTTLEX_KEY_SALT" in refused.stderr, refused.stderr
+
+
 async def test_run_answers_its_health_check_and_stops_within_its_grace_period(
     image: str, sandbox: Sandbox, containers: list[Container], volume: str
 ) -> None:

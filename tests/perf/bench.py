@@ -17,7 +17,9 @@ Debian). Scenarios, each with medians over ``--runs`` runs, alternatives measure
 6. CPU per request for the whole system beside `limits`' moving window (`bench_system`);
 7. 100 edges resynchronising at once over 100,000 keys, this release beside the previous one (`bench_resync`);
 8. the plan ledger's CPU with N API replicas: the sink's rollups beside every replica reading every raw
-   event, the previous release's way (`bench_ledger`).
+   event, the previous release's way (`bench_ledger`);
+9. Envoy's rate-limit call: throttlex-rls beside envoyproxy/ratelimit, same Redis, same descriptors, same Go
+   client (`bench_envoy`).
 
 Prints a table per scenario, writes tests/perf/results.json and BENCHMARKS.md.
 """
@@ -39,14 +41,16 @@ from typing import Any
 
 from throttlex.processors.topics import ensure_topics
 from tests.previous_release import LEDGER_BEFORE_ROLLUPS, PREVIOUS_RELEASE, previous_release
-from tests.perf import (bench_detection, bench_edge, bench_engine, bench_floor, bench_gateway, bench_ledger, bench_pipeline,
-                        bench_quota, bench_resync, bench_sink, bench_system)
+from tests.perf import (bench_detection, bench_edge, bench_engine, bench_envoy, bench_floor, bench_gateway, bench_ledger,
+                        bench_pipeline, bench_quota, bench_resync, bench_sink, bench_system)
 
 ROOT = Path(__file__).parents[2]
 RESULTS = Path(__file__).with_name("results.json")
 LEDGER_REPLICAS = 4
 """API replicas the plan ledger's goal is checked for (the ledger table gives 1 to 8)."""
 REPORT = ROOT / "BENCHMARKS.md"
+ENVOY_RUN_S = 8
+"""Seconds per Envoy load measurement (scenario 9)."""
 
 
 def machine() -> dict[str, Any]:
@@ -263,6 +267,9 @@ def main() -> None:
     parser.add_argument("--only-ledger", action="store_true",
                         help="measure the plan ledger with N API replicas (8.), this release's and the previous one's, "
                              "alone and put it in results.json; the report says when it was measured apart")  # fmt: skip
+    parser.add_argument("--only-envoy", action="store_true",
+                        help="measure throttlex-rls beside envoyproxy/ratelimit (9.) alone and put it in results.json; "
+                             "the report says when it was measured apart")  # fmt: skip
     args = parser.parse_args()
     if args.report_only:
         REPORT.write_text(report(json.loads(RESULTS.read_text())))
@@ -287,29 +294,34 @@ def main() -> None:
     if args.only_worker:
         remeasure_worker(bootstrap, redis_url, runs, args.quick)
         return
+    if args.only_envoy:
+        remeasure_envoy(bootstrap, redis_url, runs, args.quick)
+        return
 
-    print("1/8 edge check", flush=True)
+    print("1/9 edge check", flush=True)
     edge = asyncio.run(bench_edge.run(redis_url, runs, 5_000 if args.quick else 20_000))
-    print("2/8 gateway", flush=True)
+    print("2/9 gateway", flush=True)
     gateway = measure_gateway(gateway_runs, 5 if args.quick else GATEWAY_RUN_S)
     gateway_wsgi = measure_gateway(gateway_runs, 5 if args.quick else GATEWAY_RUN_S, wsgi=True)
-    print("3/8 policy engine", flush=True)
+    print("3/9 policy engine", flush=True)
     engine = bench_engine.measure_all(keys=5_000 if args.quick else 20_000, events=20_000 if args.quick else 100_000, runs=runs)
-    print("4/8 pipeline", flush=True)
+    print("4/9 pipeline", flush=True)
     floors = bench_floor.run(bootstrap, runs, 100_000 if args.quick else 300_000)
     with tempfile.TemporaryDirectory() as tmp:
         worker = asyncio.run(bench_pipeline.run(bootstrap, redis_url, runs, 150_000 if args.quick else 400_000,
                                                 previous=previous_release(Path(tmp))))  # fmt: skip
     sink_by_batch, sink_formats, quota = accounting(bootstrap, runs, args.quick)
     sink_rows = sink_by_batch[SINK_BATCHES]
-    print("5/8 detection", flush=True)
+    print("5/9 detection", flush=True)
     detection = asyncio.run(bench_detection.run(bootstrap, redis_url, [1_000, 10_000, 20_000]))
-    print("6/8 whole system", flush=True)
+    print("6/9 whole system", flush=True)
     system = asyncio.run(bench_system.run(bootstrap, redis_url, runs, 20_000 if args.quick else 100_000))
-    print("7/8 edge resync", flush=True)
+    print("7/9 edge resync", flush=True)
     resync = measure_resync(runs)
-    print("8/8 plan ledger with N API replicas", flush=True)
+    print("8/9 plan ledger with N API replicas", flush=True)
     ledger = measure_ledger(bootstrap, runs, args.quick)
+    print("9/9 Envoy's rate-limit call", flush=True)
+    envoy = bench_envoy.run(bootstrap, redis_url, runs, 5 if args.quick else ENVOY_RUN_S)
 
     limits_moving = edge["limits_moving_window"]["checks_per_s"]
     throttlex_cpu = {"gateway": system["throttlex_gateway"]["cpu_us"],
@@ -333,6 +345,7 @@ def main() -> None:
         "detection": detection_results(detection),
         "resync": resync,
         "ledger": ledger,
+        "envoy": envoy,
         "system_cpu_us_per_request": {
             "throttlex": {**{k: round(v, 1) for k, v in throttlex_cpu.items()}, "total": round(sum(throttlex_cpu.values()), 1)},
             "limits_moving_window": {k: round(v, 1) for k, v in system["limits_moving_window"].items()},
@@ -505,6 +518,8 @@ def report(r: dict[str, Any]) -> str:
                            f"event time, sink batches of {v['batch_events']:,}; previous release {v['previous_release']}: "
                            f"every replica reads every event; medians of {v['runs']} rounds{when})",
                            ["keys", "part", "CPU-µs per event", "vs one replica of the previous release"], rows))  # fmt: skip
+    if "envoy" in r:
+        parts.append(envoy_report(r["envoy"], r.get("envoy_measured_apart")))
     parts.append(table("Goals", ["goal", "measured", "met"], goals(r)))
     parts.append(PROFILE)
     return "\n".join(parts)
@@ -585,8 +600,70 @@ def goals(r: dict[str, Any]) -> list[list[str]]:
            f"{r['ledger'][name]['replicas'][str(LEDGER_REPLICAS)]['this_release_vs_one_previous']:.2f}×",
            r["ledger"][name]["replicas"][str(LEDGER_REPLICAS)]["this_release_vs_one_previous"] <= 1.2)
           for name, label in (("zipf_10k_keys", "Zipf keys"), ("uniform_1m_keys", "uniform keys")) if "ledger" in r],
+        *(envoy_goals(r["envoy"]) if "envoy" in r else []),
     ]  # fmt: skip
     return [[goal, measured, "yes" if met else "no"] for goal, measured, met in rows]
+
+
+RLS, INCUMBENT = "throttlex-rls", "envoyproxy/ratelimit"
+
+
+def _service_cpu(row: dict[str, float]) -> float:
+    return row["service_cpu_us"] + row["redis_cpu_us"]
+
+
+def envoy_report(v: dict[str, Any], apart: str | None) -> str:
+    when = f"; measured apart from the rest, {apart}" if apart else ""
+    rows = []
+    for concurrency in map(str, bench_envoy.CONCURRENCY):
+        c = v[concurrency]
+        for name in (INCUMBENT, RLS):
+            closed, opened = c["closed"][name], c["open"][name]
+            whole = _service_cpu(opened) + (c["broker_cpu_us_per_event"] + c["worker_cpu_us_per_event"] if name == RLS else 0)
+            rows.append([concurrency, name, f"{closed['checks_per_s']:,.0f}", f"{closed['p50_us']:,.0f} / {closed['p99_us']:,.0f}",
+                         f"{c['offered_per_s']:,.0f}", f"{opened['p50_us']:,.0f} / {opened['p99_us']:,.0f}",
+                         f"{opened['redis_commands_per_check']:.2f}",
+                         f"{opened['service_cpu_us']:.1f} + {opened['redis_cpu_us']:.1f} = {_service_cpu(opened):.1f}",
+                         f"{whole:.1f}"])  # fmt: skip
+    text = table(f"9. Envoy's rate-limit call: throttlex-rls beside envoyproxy/ratelimit (same Redis, same descriptors, "
+                 f"same Go client `rls-client load`; {v['seconds']:.0f} s per measurement, medians of {v['runs']} runs{when})",
+                 ["callers", "service", "checks/s (closed loop)", "p50 / p99 µs", "offered load /s", "p50 / p99 µs at it",
+                  "Redis commands per check", "CPU-µs per check: service + Redis", "+ broker and worker per event"],
+                 rows)  # fmt: skip
+    return text + (
+        "\nThe last column adds, for throttlex-rls, what it moves off the check: the Kafka broker's CPU per event "
+        f"({v['4']['broker_cpu_us_per_event']:.1f} µs at 4 callers) and the stream worker's ({v['4']['worker_cpu_us_per_event']:.1f} µs), "
+        "measured while a `throttlex worker` consumed the run's events. envoyproxy/ratelimit does its counting in Redis on "
+        "the check itself, so its two columns are the same. The load client runs on the same two cores as the services.\n"
+    )
+
+
+def envoy_goals(v: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    rows = []
+    for concurrency in map(str, bench_envoy.CONCURRENCY):
+        opened = v[concurrency]["open"]
+        ours, theirs = opened[RLS], opened[INCUMBENT]
+        share = _service_cpu(ours) / _service_cpu(theirs)
+        rows += [
+            (f"Envoy, {concurrency} callers: 0 Redis commands per check", f"{ours['redis_commands_per_check']:.2f}",
+             ours["redis_commands_per_check"] < 0.005),
+            (f"Envoy, {concurrency} callers: service + Redis CPU ≤ 2/3 of envoyproxy/ratelimit's (stretch 1/2)",
+             f"{share:.2f} of it", share <= 2 / 3),
+            (f"Envoy, {concurrency} callers: p99 below envoyproxy/ratelimit's at {v[concurrency]['offered_per_s']:,.0f}/s",
+             f"{ours['p99_us']:,.0f} vs {theirs['p99_us']:,.0f} µs", ours["p99_us"] < theirs["p99_us"]),
+        ]  # fmt: skip
+    return rows
+
+
+def remeasure_envoy(bootstrap: str, redis_url: str, runs: int, quick: bool) -> None:
+    """Scenario 9 alone, added to or replaced in results.json."""
+    results = json.loads(RESULTS.read_text())
+    results["envoy"] = bench_envoy.run(bootstrap, redis_url, runs, 5 if quick else ENVOY_RUN_S)
+    results["envoy_measured_apart"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    REPORT.write_text(report(results))
+    print(REPORT.read_text())
+    print(f"wrote {RESULTS} and {REPORT}")
 
 
 if __name__ == "__main__":
