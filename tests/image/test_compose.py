@@ -76,18 +76,18 @@ async def test_the_stack_of_local_images_refuses_a_hot_key_stores_its_events_and
     assert statuses.count(200) >= HOT_KEY_LIMIT and set(statuses) == {200, 429}, statuses
     # The stack's Envoy rate-limit service refuses the key the gateway's traffic got blocked; each answer is an event.
     call = json.dumps({"domain": "throttlex", "descriptors": [[["api_key", "compose-hot-key"], ["method", "GET"]]]})
-    answers: list[str] = []
+    rls_answers: list[str] = []
 
     def rls_refuses() -> bool:
         asked = subprocess.run([str(ROOT / ".venv/bin/rls-client"), "check", "-addr", f"127.0.0.1:{stack.rls_port}"],
                                input=call + "\n", capture_output=True, text=True, timeout=30)  # fmt: skip
         answer = json.loads(asked.stdout or "{}") if asked.returncode == 0 else {}
         if "code" in answer:
-            answers.append(answer["code"])
+            rls_answers.append(answer["code"])
         return answer.get("code") == "OVER_LIMIT"
 
     await eventually(rls_refuses, timeout_s=60, what="the stack's throttlex-rls to refuse the hot key")
-    rls_checks = len(answers)
+    rls_checks = len(rls_answers)
 
     def stored() -> int:
         query = stack.compose("exec", "-T", "throttlex", "throttlex", "sql", "--format", "csv", "SELECT count() FROM usage_events")
