@@ -107,17 +107,17 @@ async def test_envoy_checks_are_answered_from_the_denylist_and_each_request_is_s
     calm: list[dict[str, Any]] = []
     requests: dict[str, set[str]] = {"hot-key": set(), "calm-key": set()}
     started = time.monotonic()
-    while time.monotonic() - started < 4:
+    while time.monotonic() - started < 4 or len(calm) < 4:
         request_id = str(uuid.uuid4())
         requests["hot-key"].add(request_id)
         answer = await rls.ask("hot-key", request_id=request_id)
         again = await rls.ask("hot-key", request_id=request_id)  # a second filter or stage checks the same request
         assert again["code"] == answer["code"]
         hot.append((time.monotonic(), answer))
-        if len(hot) % 10 == 0:
+        if len(hot) % 25 == 0 and len(calm) < 4:  # 4 requests of cost 2: 8 of the 20 units its window holds
             request_id = str(uuid.uuid4())
             requests["calm-key"].add(request_id)
-            calm.append(await rls.ask("calm-key", request_id=request_id, hits=3))  # costs 3: 6 units a second
+            calm.append(await rls.ask("calm-key", request_id=request_id, hits=2))
         await asyncio.sleep(0.02)
 
     admitted = [t for t, answer in hot if answer["code"] == "OK"]
@@ -130,7 +130,7 @@ async def test_envoy_checks_are_answered_from_the_denylist_and_each_request_is_s
         assert 0 < reset_ms <= WINDOW_S * 1000
         assert int(answer["headers"]["retry-after"]) == -(-reset_ms // 1000)
         assert json.loads(answer["body"])["policy"] == "test-limit"
-    assert [answer["code"] for answer in calm] == ["OK"] * len(calm) and len(calm) >= 10
+    assert [answer["code"] for answer in calm] == ["OK"] * 4
 
     # A block the Python side caused (a gateway's traffic) is honoured here.
     gateway = HttpServer(create_gateway_app(sandbox.settings(GatewaySettings)), "127.0.0.1", free_port())
@@ -164,7 +164,7 @@ async def test_envoy_checks_are_answered_from_the_denylist_and_each_request_is_s
     stored = {key_id: rest for key_id, *rest in rows}
     hot_ids, calm_ids = ids["hot-key"], ids["calm-key"]
     assert stored[hot_ids][:4] == [len(requests["hot-key"]), len(requests["hot-key"]), len(requests["hot-key"]), len(refused)]
-    assert stored[calm_ids][:4] == [len(requests["calm-key"]), len(requests["calm-key"]), 3 * len(requests["calm-key"]), 0]
+    assert stored[calm_ids][:4] == [len(requests["calm-key"]), len(requests["calm-key"]), 2 * len(requests["calm-key"]), 0]
     assert stored[hot_ids][4:] == [["check"], ["rls:rls-test"]]
     log = rls.log.read_text()
     assert "hot-key" not in log and "calm-key" not in log, "a plain API key appears in the log"

@@ -633,7 +633,8 @@ def envoy_report(v: dict[str, Any], apart: str | None) -> str:
     return text + (
         "\nThe last column adds, for throttlex-rls, what it moves off the check: the Kafka broker's CPU per event "
         f"({v['4']['broker_cpu_us_per_event']:.1f} µs at 4 callers) and the stream worker's ({v['4']['worker_cpu_us_per_event']:.1f} µs), "
-        "measured while a `throttlex worker` consumed the run's events. envoyproxy/ratelimit does its counting in Redis on "
+        "measured in one more run at the same offered load with a `throttlex worker` following the events live. "
+        "envoyproxy/ratelimit does its counting in Redis on "
         "the check itself, so its two columns are the same. The load client runs on the same two cores as the services.\n"
     )
 
