@@ -38,8 +38,8 @@ async def test_migrations_apply_once(tmp_path: Path) -> None:
     finally:
         await store.close()
     assert "event_time" in columns and "cost" in columns and "edge_blocked" in columns and "source" in columns
-    assert "appended_at" in columns
-    assert sorted(versions) == [(1,), (2,), (3,), (4,), (5,), (6,), (7,)]
+    assert "appended_at" in columns and "stage" in columns
+    assert sorted(versions) == [(n,) for n in range(1, 9)]
 
     with_retention = throttlex("migrate", env={**env, "THROTTLEX_RAW_RETENTION_DAYS": "400"})
     assert with_retention.returncode == 0, with_retention.stderr
@@ -110,10 +110,10 @@ async def test_two_processes_migrating_at_once_apply_each_migration_once(tmp_pat
     try:
         applied = await asyncio.gather(first.migrate(), second.migrate())
         versions = await first.query("SELECT version, count() FROM throttlex_schema_migrations GROUP BY version ORDER BY version")
-        assert versions == [(n, 1) for n in range(1, 8)]  # each applied once
+        assert versions == [(n, 1) for n in range(1, 9)]  # each applied once
         assert sorted(applied[0] + applied[1]) == [f"000{n}_{name}.sql" for n, name in enumerate(
             ["usage_events", "exactly_once_and_rollups", "key_plan", "units_per_minute", "deduplication_bounds",
-             "event_source", "append_time_and_sink_progress"], start=1)]  # fmt: skip
+             "event_source", "append_time_and_sink_progress", "event_stage"], start=1)]  # fmt: skip
         assert [] in applied  # one applied them all; the other waited, then found nothing left
         turns = await first.query("SELECT turn, groupArray(state) FROM throttlex_migration_lock GROUP BY turn ORDER BY turn")
         # One turn each at most (the second store may take the lock after the first released it, to find nothing

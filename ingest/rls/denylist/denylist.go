@@ -23,8 +23,6 @@ import (
 	"github.com/throttlex/throttlex/ingest/rls/stats"
 )
 
-const snapshotChunk = 500
-
 type kind struct {
 	dims  []string
 	count int
@@ -227,29 +225,21 @@ func (f *Follower) snapshot(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("reading the block index: %w", err)
 	}
+	names := make([]string, len(limitKeys))
+	for i, key := range limitKeys {
+		names[i] = contract.BlockKey(f.Prefix, key)
+	}
 	blocks := make([]contract.Block, 0, len(limitKeys))
-	for start := 0; start < len(limitKeys); start += snapshotChunk {
-		chunk := limitKeys[start:min(start+snapshotChunk, len(limitKeys))]
-		names := make([]string, len(chunk))
-		for i, key := range chunk {
-			names[i] = contract.BlockKey(f.Prefix, key)
-		}
-		raws, err := f.Client.MGet(ctx, names...).Result()
+	err = redisconn.MGet(ctx, f.Client, names, func(value string) { // a key ended or lifted since the index was read is skipped
+		block, err := contract.DecodeBlock([]byte(value))
 		if err != nil {
-			return fmt.Errorf("reading the blocks in force: %w", err)
+			f.Cache.metrics.RedisErrors.WithLabelValues("bad_entry").Inc()
+			return
 		}
-		for _, raw := range raws {
-			text, ok := raw.(string)
-			if !ok {
-				continue // ended or lifted since the index was read
-			}
-			block, err := contract.DecodeBlock([]byte(text))
-			if err != nil {
-				f.Cache.metrics.RedisErrors.WithLabelValues("bad_entry").Inc()
-				continue
-			}
-			blocks = append(blocks, block)
-		}
+		blocks = append(blocks, block)
+	})
+	if err != nil {
+		return fmt.Errorf("reading the blocks in force: %w", err)
 	}
 	f.Cache.replace(blocks)
 	f.Cache.Synchronised()

@@ -178,27 +178,23 @@ func (c *Cache) refresh(ctx context.Context) error {
 	c.unknown = map[string]time.Time{}
 	ids := append([]string(nil), c.order...)
 	c.mu.Unlock()
-	for start := 0; start < len(ids); start += 500 {
-		chunk := ids[start:min(start+500, len(ids))]
-		names := make([]string, len(chunk))
-		for i, id := range chunk {
-			names[i] = contract.KeyView(c.prefix, id)
-		}
-		raws, err := c.client.MGet(ctx, names...).Result()
+	names := make([]string, len(ids))
+	for i, id := range ids {
+		names[i] = contract.KeyView(c.prefix, id)
+	}
+	err := redisconn.MGet(ctx, c.client, names, func(value string) {
+		record, err := decode([]byte(value))
 		if err != nil {
-			return fmt.Errorf("rereading key records: %w", err)
+			return
 		}
 		c.mu.Lock()
-		for _, raw := range raws {
-			if text, ok := raw.(string); ok {
-				if record, err := decode([]byte(text)); err == nil {
-					if cached, held := c.known[record.KeyID]; !held || record.Supersedes(cached) {
-						c.remember(record)
-					}
-				}
-			}
+		defer c.mu.Unlock()
+		if cached, held := c.known[record.KeyID]; !held || record.Supersedes(cached) {
+			c.remember(record)
 		}
-		c.mu.Unlock()
+	})
+	if err != nil {
+		return fmt.Errorf("rereading key records: %w", err)
 	}
 	return nil
 }

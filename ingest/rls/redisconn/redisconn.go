@@ -169,3 +169,22 @@ func Listen(ctx context.Context, pubsub *redis.PubSub, silence time.Duration, ap
 		}
 	}
 }
+
+// chunk is how many keys one MGET reads: a snapshot of thousands of keys in a few round trips, none long.
+const chunk = 500
+
+// MGet reads keys in chunks of 500 and hands each value found to each (missing keys are skipped).
+func MGet(ctx context.Context, client redis.UniversalClient, keys []string, each func(value string)) error {
+	for start := 0; start < len(keys); start += chunk {
+		values, err := client.MGet(ctx, keys[start:min(start+chunk, len(keys))]...).Result()
+		if err != nil {
+			return err
+		}
+		for _, value := range values {
+			if text, ok := value.(string); ok {
+				each(text)
+			}
+		}
+	}
+	return nil
+}

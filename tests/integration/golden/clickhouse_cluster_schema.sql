@@ -190,3 +190,7 @@ FROM usage_events
 GROUP BY kafka_partition
 SETTINGS distributed_foreground_insert = 1;
 
+ALTER TABLE usage_events_local ON CLUSTER throttlex ADD COLUMN IF NOT EXISTS stage LowCardinality(String) DEFAULT 'response' AFTER source;
+
+ALTER TABLE usage_events ON CLUSTER throttlex ADD COLUMN IF NOT EXISTS stage LowCardinality(String) DEFAULT 'response' AFTER source;
+
