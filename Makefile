@@ -39,7 +39,7 @@ $(BIN)/throttlex: pyproject.toml
 # (Envoy's RLS client, for the tests, the benchmark and a smoke test of a deployment) beside it.
 $(BIN)/throttlex-rls: $(BIN)/throttlex $(RLS_SOURCES)
 	@test -x "$(GO)" || { echo "throttlex-rls (the Envoy rate-limit service) needs Go 1.26 or later: install it from https://go.dev/dl/ into /usr/local/go, or set GO=/path/to/go" >&2; exit 1; }
-	cd $(RLS) && $(GO) build -trimpath -o $(abspath $(BIN))/ ./cmd/throttlex-rls ./cmd/rls-client
+	cd $(RLS) && $(GO) build -trimpath -buildvcs=false -o $(abspath $(BIN))/ ./cmd/throttlex-rls ./cmd/rls-client
 
 install: $(BIN)/throttlex $(BIN)/throttlex-rls
 
@@ -72,7 +72,7 @@ test: install services tools typecheck test-go
 # A static throttlex-rls for the container image (copied in by deploy/Dockerfile).
 rls-image-binary:
 	@test -x "$(GO)" || { echo "the image's throttlex-rls is built on the host and needs Go 1.26 or later (https://go.dev/dl/)" >&2; exit 1; }
-	cd $(RLS) && CGO_ENABLED=0 $(GO) build -trimpath -ldflags="-s -w" -o $(abspath build/image)/throttlex-rls ./cmd/throttlex-rls
+	cd $(RLS) && CGO_ENABLED=0 $(GO) build -trimpath -buildvcs=false -ldflags="-s -w" -o $(abspath build/image)/throttlex-rls ./cmd/throttlex-rls
 
 image: rls-image-binary
 	deploy/local/image.sh build
