@@ -46,7 +46,7 @@ install: $(BIN)/throttlex $(BIN)/throttlex-rls
 # The Go side's own checks: formatting, vet, and its tests (the conformance vectors in tests/conformance included).
 test-go: install
 	@unformatted="$$(cd $(RLS) && $(dir $(GO))gofmt -l .)"; test -z "$$unformatted" || { echo "not gofmt-formatted: $$unformatted" >&2; exit 1; }
-	cd $(RLS) && $(GO) vet ./... && $(GO) test ./...
+	cd $(RLS) && $(GO) vet ./... && $(GO) test -race ./...
 
 services:
 	deploy/local/services.sh up

@@ -44,8 +44,12 @@ DESCRIPTOR_ROLES: dict[str, str] = {
 """Descriptor entry key -> what throttlex-rls reads from it (its defaults; tests/conformance holds both sides)."""
 
 UNIT_SECONDS = {"second": 1, "minute": 60, "hour": 3_600, "day": 86_400, "week": 604_800}
+ROLES = {"api_key", "tenant", "ip", "route", "method", "request_id", "forwarded_for", "forwarded", "ignore"}
+"""What a descriptor entry may carry (throttlex-rls refuses any other role in THROTTLEX_RLS_DESCRIPTORS)."""
 _MATCHES = {"route": "routes", "method": "methods", "tenant": "tenants"}
 _IGNORED = {"detailed_metric", "value_to_metric", "name"}
+_DESCRIPTOR_FIELDS = {"key", "value", "rate_limit", "shadow_mode", "descriptors", *_IGNORED}
+_LIMIT_FIELDS = {"unit", "requests_per_unit", "unlimited", "name", "replaces"}
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -55,8 +59,8 @@ def roles_from(setting: str) -> dict[str, str]:
     roles = dict(DESCRIPTOR_ROLES)
     for pair in filter(None, (part.strip() for part in setting.split(","))):
         entry, _, role = pair.partition("=")
-        if not entry.strip() or not role.strip():
-            raise EnvoyImportError(f"THROTTLEX_RLS_DESCRIPTORS: {pair!r} is not entry=role")
+        if not entry.strip() or role.strip() not in ROLES:
+            raise EnvoyImportError(f"THROTTLEX_RLS_DESCRIPTORS: {pair!r} is not entry=role (roles: {', '.join(sorted(ROLES))})")
         roles[entry.strip()] = role.strip()
     return roles
 
@@ -91,6 +95,8 @@ def import_envoy(text: str, source: str, roles: dict[str, str] | None = None) ->
     if "descriptors" not in top:
         raise EnvoyImportError(f"{source}: no descriptors")
     out = Imported()
+    out.notes.append(f"{source}: domain {domain}: ThrottleX policies apply to every request throttlex-rls checks, "
+                     "whatever its domain")  # fmt: skip
     _walk(top["descriptors"], [], domain, roles, source, out)
     if out.policies:
         try:
@@ -117,6 +123,8 @@ def _walk(node: yaml.Node, path: list[_Step], domain: str, roles: dict[str, str]
             out.refused.append(f"{where}: a descriptor is a mapping with a key")
             continue
         fields = _mapping(item)
+        for name in sorted(set(fields) - _DESCRIPTOR_FIELDS):
+            out.notes.append(f"{source}:{fields[name].start_mark.line + 1}: unknown field {name!r} left aside")
         key, value = _scalar(fields.get("key")), _scalar(fields.get("value"))
         dimension = roles.get(key or "")
         if not key:
@@ -126,14 +134,17 @@ def _walk(node: yaml.Node, path: list[_Step], domain: str, roles: dict[str, str]
             reason = "not a dimension ThrottleX counts by" if dimension else "unknown descriptor key"
             out.refused.append(f"{where}: descriptor key {key!r}: {reason} (known: {', '.join(sorted(roles))}); "
                                "map it with THROTTLEX_RLS_DESCRIPTORS or drop it")  # fmt: skip
+            _refuse_nested(fields, where, out)
             continue
         if any(step.dimension == dimension for step in path):
             out.refused.append(f"{where}: descriptor key {key!r} names {dimension}, already on this path: nested beyond "
                                "ThrottleX's dimensions")  # fmt: skip
+            _refuse_nested(fields, where, out)
             continue
         if value is not None and dimension not in _MATCHES:
             out.refused.append(f"{where}: a limit for one {dimension} value ({key}: {value}) has no policy form; "
                                "give that key its own plan or policy match instead")  # fmt: skip
+            _refuse_nested(fields, where, out)
             continue
         here = [*path, _Step(key, dimension, value)]
         for name in sorted(set(fields) & _IGNORED):
@@ -144,12 +155,38 @@ def _walk(node: yaml.Node, path: list[_Step], domain: str, roles: dict[str, str]
             _walk(fields["descriptors"], here, domain, roles, source, out)
 
 
-def _policy(node: yaml.Node, shadow: yaml.Node | None, path: list[_Step], domain: str, where: str, out: Imported) -> None:
+def _refuse_nested(fields: dict[str, yaml.Node], where: str, out: Imported) -> None:
+    """A refused descriptor's nested descriptors go with it: said, not dropped."""
+    nested = fields.get("descriptors")
+    if isinstance(nested, yaml.SequenceNode) and nested.value:
+        lines = ", ".join(str(item.start_mark.line + 1) for item in nested.value)
+        out.refused.append(f"{where}: its nested descriptors (lines {lines}) are refused with it")
+
+
+def _boolean(node: yaml.Node | None, name: str, where: str, out: Imported) -> bool | None:
+    """A YAML boolean (envoyproxy/ratelimit reads YAML 1.1: true, yes, on…); None, with a refusal, if it is not one."""
+    if node is None:
+        return False
+    if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:bool":
+        value: bool = yaml.safe_load(node.value)
+        return value
+    out.refused.append(f"{where}: {name} must be true or false, not {_scalar(node)!r}")
+    return None
+
+
+def _policy(node: yaml.Node, shadow_node: yaml.Node | None, path: list[_Step], domain: str, where: str, out: Imported) -> None:
     limit = _mapping(node) if isinstance(node, yaml.MappingNode) else {}
+    for name in sorted(set(limit) - _LIMIT_FIELDS):
+        out.notes.append(f"{where}: unknown rate_limit field {name!r} left aside")
+    if "name" in limit:
+        out.notes.append(f"{where}: rate_limit name left aside (the policy is named after its path)")
     if "replaces" in limit:
         out.refused.append(f"{where}: replaces has no ThrottleX form: every matching policy applies")
         return
-    if _scalar(limit.get("unlimited")) in ("true", "True"):
+    unlimited, shadow = _boolean(limit.get("unlimited"), "unlimited", where, out), _boolean(shadow_node, "shadow_mode", where, out)
+    if unlimited is None or shadow is None:
+        return
+    if unlimited:
         out.notes.append(f"{where}: unlimited: no policy")
         return
     unit = (_scalar(limit.get("unit")) or "").lower()
@@ -175,7 +212,7 @@ def _policy(node: yaml.Node, shadow: yaml.Node | None, path: list[_Step], domain
         policy["match"] = match
     policy["key"] = [step.dimension for step in path]
     policy["algorithm"] = {"type": "fixed_window", "limit": per_unit, "window_s": UNIT_SECONDS[unit]}
-    if shadow is not None and _scalar(shadow) in ("true", "True"):
+    if shadow:
         policy["shadow"] = True
     if any(p["name"] == name for p in out.policies):
         out.refused.append(f"{where}: a second descriptor path named {name}")

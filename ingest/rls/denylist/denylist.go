@@ -195,7 +195,7 @@ func (f *Follower) Run(ctx context.Context) {
 func (f *Follower) follow(ctx context.Context) error {
 	pubsub := f.Client.Subscribe(ctx, contract.BlockChannel(f.Prefix))
 	defer pubsub.Close()
-	if _, err := pubsub.Receive(ctx); err != nil { // the subscription is confirmed before the snapshot is read
+	if _, err := pubsub.ReceiveTimeout(ctx, f.Silence); err != nil { // confirmed before the snapshot is read
 		return fmt.Errorf("subscribing to the blocks channel: %w", err)
 	}
 	if err := f.snapshot(ctx); err != nil {

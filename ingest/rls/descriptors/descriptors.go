@@ -85,7 +85,8 @@ func (m Mapping) take(facts *Facts, key, value string) error {
 		return nil
 	}
 	if *field != "" && *field != value {
-		return fmt.Errorf("descriptor entries %q name two values for the request's %s: %q and %q", key, role, *field, value)
+		// the values themselves are not quoted: one may be an API key, which never leaves the process
+		return fmt.Errorf("descriptor entries %q name two different values for the request's %s", key, role)
 	}
 	*field = value
 	return nil

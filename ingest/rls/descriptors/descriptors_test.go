@@ -53,7 +53,7 @@ func TestRead(t *testing.T) {
 			want:    Facts{APIKey: "k1", HasAPIKey: true, Tenant: "acme", Cost: 1}},
 		{name: "two API keys in one call are refused",
 			request: &ratelimitv3.RateLimitRequest{Descriptors: []*commonv3.RateLimitDescriptor{descriptor("api_key", "k1"), descriptor("api_key", "k2")}},
-			err:     "two values for the request's api_key"},
+			err:     "two different values for the request's api_key"},
 		{name: "a refund is refused",
 			request: &ratelimitv3.RateLimitRequest{Descriptors: []*commonv3.RateLimitDescriptor{{IsNegativeHits: true}}},
 			err:     "is_negative_hits"},

@@ -89,6 +89,7 @@ func securityOptions(s settings.Settings) ([]kgo.Opt, error) {
 
 // Emit queues one event; it never waits.
 func (p *Producer) Emit(event *contract.Event) {
+	p.metrics.Emitted.Inc()
 	value, err := event.Encode()
 	if err != nil {
 		p.metrics.Failed.WithLabelValues("encode").Inc()

@@ -218,7 +218,7 @@ func (c *Cache) Follow(ctx context.Context, silence, reconnectDelay time.Duratio
 func (c *Cache) follow(ctx context.Context, silence time.Duration) error {
 	pubsub := c.client.Subscribe(ctx, contract.KeyChannel(c.prefix))
 	defer pubsub.Close()
-	if _, err := pubsub.Receive(ctx); err != nil {
+	if _, err := pubsub.ReceiveTimeout(ctx, silence); err != nil {
 		return fmt.Errorf("subscribing to the keys channel: %w", err)
 	}
 	if err := c.refresh(ctx); err != nil {

@@ -35,7 +35,7 @@ func Connect(rawURL string, timeout time.Duration) (redis.UniversalClient, error
 	case scheme == "redis+sentinel" || scheme == "rediss+sentinel":
 		return sentinel(rawURL, scheme == "rediss+sentinel", timeout)
 	case scheme == "redis" || scheme == "rediss" || scheme == "unix":
-		caFile, stripped, err := takeCAFile(rawURL)
+		files, stripped, err := takeTLSFiles(rawURL)
 		if err != nil {
 			return nil, err
 		}
@@ -43,8 +43,8 @@ func Connect(rawURL string, timeout time.Duration) (redis.UniversalClient, error
 		if err != nil {
 			return nil, fmt.Errorf("THROTTLEX_REDIS_URL: %w", err)
 		}
-		if options.TLSConfig != nil && caFile != "" {
-			if options.TLSConfig.RootCAs, err = pool(caFile); err != nil {
+		if options.TLSConfig != nil {
+			if err := files.apply(options.TLSConfig); err != nil {
 				return nil, err
 			}
 		}
@@ -60,19 +60,45 @@ func bound(options *redis.Options, timeout time.Duration) {
 	options.MaxRetries = -1 // the followers reconnect and resynchronise themselves; nothing waits behind a backoff
 }
 
-// takeCAFile removes ssl_ca_certs (the Python client's name for the CA file) from the query, which go-redis
-// does not know.
-func takeCAFile(rawURL string) (string, string, error) {
+// tlsFiles are the TLS options of a URL's query, by the Python client's names: the CA that signed the
+// server's certificate, and a client certificate and its key.
+type tlsFiles struct{ ca, cert, key string }
+
+func (f tlsFiles) apply(config *tls.Config) error {
+	if f.ca != "" {
+		certs, err := pool(f.ca)
+		if err != nil {
+			return err
+		}
+		config.RootCAs = certs
+	}
+	if f.cert != "" || f.key != "" {
+		pair, err := tls.LoadX509KeyPair(f.cert, f.key)
+		if err != nil {
+			return fmt.Errorf("ssl_certfile and ssl_keyfile in THROTTLEX_REDIS_URL: %w", err)
+		}
+		config.Certificates = []tls.Certificate{pair}
+	}
+	return nil
+}
+
+// takeTLSFiles removes the Python client's TLS options from the query, which go-redis does not know. An
+// ssl_cert_reqs other than required is refused: this service always verifies the server.
+func takeTLSFiles(rawURL string) (tlsFiles, string, error) {
 	parsed, err := url.Parse(rawURL)
 	if err != nil {
-		return "", "", fmt.Errorf("THROTTLEX_REDIS_URL: %w", err)
+		return tlsFiles{}, "", fmt.Errorf("THROTTLEX_REDIS_URL: %w", err)
 	}
 	query := parsed.Query()
-	caFile := query.Get("ssl_ca_certs")
-	query.Del("ssl_ca_certs")
-	query.Del("ssl_cert_reqs")
+	files := tlsFiles{query.Get("ssl_ca_certs"), query.Get("ssl_certfile"), query.Get("ssl_keyfile")}
+	if reqs := query.Get("ssl_cert_reqs"); reqs != "" && reqs != "required" {
+		return tlsFiles{}, "", fmt.Errorf("THROTTLEX_REDIS_URL: ssl_cert_reqs=%s: throttlex-rls always verifies the server's certificate", reqs)
+	}
+	for _, name := range []string{"ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs"} {
+		query.Del(name)
+	}
 	parsed.RawQuery = query.Encode()
-	return caFile, parsed.String(), nil
+	return files, parsed.String(), nil
 }
 
 func pool(caFile string) (*x509.CertPool, error) {
@@ -122,12 +148,9 @@ func sentinel(rawURL string, useTLS bool, timeout time.Duration) (redis.Universa
 	options.SentinelPassword = query.Get("sentinel_password")
 	if useTLS {
 		options.TLSConfig = &tls.Config{MinVersion: tls.VersionTLS12}
-		if caFile := query.Get("ssl_ca_certs"); caFile != "" {
-			certs, err := pool(caFile)
-			if err != nil {
-				return nil, err
-			}
-			options.TLSConfig.RootCAs = certs
+		files := tlsFiles{query.Get("ssl_ca_certs"), query.Get("ssl_certfile"), query.Get("ssl_keyfile")}
+		if err := files.apply(options.TLSConfig); err != nil {
+			return nil, err
 		}
 	}
 	options.DialTimeout, options.ReadTimeout, options.WriteTimeout = timeout, timeout, timeout

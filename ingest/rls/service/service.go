@@ -161,7 +161,7 @@ func (s *Service) emit(event *contract.Event, requestID string) {
 	if requestID == "" {
 		event.EventID = contract.NewEventID()
 	} else {
-		if s.Seen.Repeated(requestID) {
+		if s.Seen.Repeated(event.APIKeyID, requestID) {
 			s.Metrics.RepeatedChecks.Inc()
 			return
 		}

@@ -197,8 +197,10 @@ func TestARequestCheckedTwiceIsAccountedOnce(t *testing.T) {
 		svc.ShouldRateLimit(context.Background(), call("api_key", "good-key", "request_id", "req-7"))
 	}
 	svc.ShouldRateLimit(context.Background(), call("api_key", "good-key", "request_id", "req-8"))
-	if len(out.events) != 2 {
-		t.Fatalf("%d events for two requests", len(out.events))
+	svc.Keys = nil                                                                                   // any key passes
+	svc.ShouldRateLimit(context.Background(), call("api_key", "another-key", "request_id", "req-7")) // another key's request
+	if len(out.events) != 3 {
+		t.Fatalf("%d events for three requests", len(out.events))
 	}
 	if id, _ := contract.EventIDFor("req-7", salt); out.events[0].EventID != id {
 		t.Fatalf("event id %s, want the request's %s", out.events[0].EventID, id)

@@ -16,7 +16,6 @@ type Settings struct {
 	GRPCAddr    string // THROTTLEX_RLS_GRPC_ADDR: where Envoy calls ShouldRateLimit (and the gRPC health service)
 	MetricsAddr string // THROTTLEX_RLS_METRICS_ADDR: Prometheus /metrics; empty: none
 	Name        string // THROTTLEX_GATEWAY_NAME: this service's name on its events (source rls:<name>)
-	Domain      string // THROTTLEX_RLS_DOMAIN: the rate-limit domain answered; empty: any
 
 	RedisURL     string        // THROTTLEX_REDIS_URL
 	RedisPrefix  string        // THROTTLEX_REDIS_PREFIX
@@ -83,7 +82,6 @@ func parse(lookup func(string) (string, bool)) (Settings, error) {
 		GRPCAddr:          r.str("THROTTLEX_RLS_GRPC_ADDR", "0.0.0.0:8081"),
 		MetricsAddr:       r.str("THROTTLEX_RLS_METRICS_ADDR", "0.0.0.0:9102"),
 		Name:              r.str("THROTTLEX_GATEWAY_NAME", host),
-		Domain:            r.str("THROTTLEX_RLS_DOMAIN", ""),
 		RedisURL:          r.str("THROTTLEX_REDIS_URL", "redis://127.0.0.1:6379/0"),
 		RedisPrefix:       r.str("THROTTLEX_REDIS_PREFIX", "throttlex"),
 		RedisTimeout:      r.seconds("THROTTLEX_REDIS_TIMEOUT_S", 1),
@@ -127,6 +125,12 @@ func (s Settings) check() error {
 		return fmt.Errorf("THROTTLEX_EDGE_FAIL_MODE is %q: open or closed", s.FailMode)
 	case s.ProducerBufferMax < 1:
 		return fmt.Errorf("THROTTLEX_PRODUCER_BUFFER_MAX_EVENTS must be at least 1")
+	case s.ResyncInterval <= 0 || s.ResyncInterval > time.Minute:
+		return fmt.Errorf("THROTTLEX_EDGE_RESYNC_INTERVAL_S must be more than 0 and at most 60")
+	case s.RequestWindow <= 0:
+		return fmt.Errorf("THROTTLEX_RLS_REQUEST_ID_WINDOW_S must be more than 0")
+	case s.RedisTimeout <= 0:
+		return fmt.Errorf("THROTTLEX_REDIS_TIMEOUT_S must be more than 0")
 	}
 	switch s.KafkaProtocol {
 	case "PLAINTEXT", "SSL":

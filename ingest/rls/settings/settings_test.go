@@ -56,6 +56,7 @@ func TestBadSettingsAreRefusedNamingTheVariable(t *testing.T) {
 		"seconds that are not a number":           {with("THROTTLEX_EDGE_FAIL_AFTER_S", "soon"), "THROTTLEX_EDGE_FAIL_AFTER_S"},
 		"SASL without credentials":                {with("THROTTLEX_KAFKA_SECURITY_PROTOCOL", "SASL_SSL"), "THROTTLEX_KAFKA_SASL_MECHANISM"},
 		"a descriptor mapping to no role":         {with("THROTTLEX_RLS_DESCRIPTORS", "x-user=user"), "THROTTLEX_RLS_DESCRIPTORS"},
+		"a resync that never waits":               {with("THROTTLEX_EDGE_RESYNC_INTERVAL_S", "0"), "THROTTLEX_EDGE_RESYNC_INTERVAL_S"},
 		"a buffer of nothing":                     {with("THROTTLEX_PRODUCER_BUFFER_MAX_EVENTS", "0"), "THROTTLEX_PRODUCER_BUFFER_MAX_EVENTS"},
 	}
 	for name, tt := range tests {

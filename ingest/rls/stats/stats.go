@@ -13,6 +13,7 @@ type Metrics struct {
 	DenylistAge    prometheus.GaugeFunc
 	DenylistSize   prometheus.Gauge
 	RedisErrors    *prometheus.CounterVec // by kind
+	Emitted        prometheus.Counter
 	Produced       prometheus.Counter
 	Dropped        prometheus.Counter
 	Failed         *prometheus.CounterVec // by reason
@@ -55,6 +56,9 @@ func New(denylistAge func() float64, buffered func() float64) *Metrics {
 		RedisErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "throttlex_rls_redis_errors_total", Help: "Redis failures of the denylist and key followers, by kind",
 		}, []string{"kind"}),
+		Emitted: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "throttlex_rls_events_emitted_total", Help: "usage events made by checks, before Kafka has them",
+		}),
 		Produced: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "throttlex_rls_events_produced_total", Help: "usage events Kafka acknowledged",
 		}),
@@ -79,7 +83,7 @@ func New(denylistAge func() float64, buffered func() float64) *Metrics {
 			Help: "descriptor entries whose key THROTTLEX_RLS_DESCRIPTORS does not map, by key",
 		}, []string{"key"}),
 	}
-	m.Registry.MustRegister(m.Checks, m.CheckSeconds, m.DenylistAge, m.DenylistSize, m.RedisErrors, m.Produced,
+	m.Registry.MustRegister(m.Checks, m.CheckSeconds, m.DenylistAge, m.DenylistSize, m.RedisErrors, m.Emitted, m.Produced,
 		m.Dropped, m.Failed, m.Buffered, m.KeyLookups, m.RepeatedChecks, m.IgnoredEntries)
 	return m
 }

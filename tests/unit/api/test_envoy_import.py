@@ -76,6 +76,30 @@ def test_what_has_no_policy_form_is_refused_with_its_line_and_reason(descriptors
     assert refusal.startswith(f"rl.yaml:{line}:") and reason in refusal, refusal
 
 
+@pytest.mark.parametrize(("written", "shadow"), [("yes", True), ("on", True), ("TRUE", True), ("no", False), ("false", False)])
+def test_yaml_booleans_are_read_as_envoyproxy_ratelimit_reads_them(written: str, shadow: bool) -> None:
+    config = f"domain: d\ndescriptors:\n  - key: api_key\n    shadow_mode: {written}\n    rate_limit: {{unit: second, requests_per_unit: 3}}\n"
+    [policy] = import_envoy(config, "rl").policies
+    assert policy.get("shadow", False) is shadow
+
+
+def test_a_shadow_mode_that_is_no_boolean_is_refused_not_enforced() -> None:
+    config = "domain: d\ndescriptors:\n  - key: api_key\n    shadow_mode: maybe\n    rate_limit: {unit: second, requests_per_unit: 3}\n"
+    imported = import_envoy(config, "rl")
+    assert imported.policies == [] and "shadow_mode must be true or false" in imported.refused[0]
+
+
+def test_a_refused_descriptors_nested_ones_are_refused_with_it_and_unknown_fields_noted() -> None:
+    config = ("domain: d\ndescriptors:\n  - key: header_match\n    descriptors:\n      - key: api_key\n"
+              "        rate_limit: {unit: second, requests_per_unit: 3, burst: 9}\n  - key: api_key\n    colour: blue\n"
+              "    rate_limit: {unit: second, requests_per_unit: 3, burst: 9}\n")  # fmt: skip
+    imported = import_envoy(config, "rl")
+    assert any("nested descriptors (lines 5) are refused with it" in refusal for refusal in imported.refused)
+    assert any("unknown field 'colour'" in note for note in imported.notes)
+    assert any("unknown rate_limit field 'burst'" in note for note in imported.notes)
+    assert any("whatever its domain" in note for note in imported.notes)
+
+
 def test_a_deployments_own_descriptor_mapping_is_used() -> None:
     config = "domain: d\ndescriptors:\n  - key: x-user\n    rate_limit: {unit: second, requests_per_unit: 3}\n"
     assert import_envoy(config, "rl").refused
@@ -83,6 +107,8 @@ def test_a_deployments_own_descriptor_mapping_is_used() -> None:
     assert [policy["key"] for policy in imported.policies] == [["api_key"]]
     with pytest.raises(EnvoyImportError, match="not entry=role"):
         roles_from("x-user")
+    with pytest.raises(EnvoyImportError, match="not entry=role"):
+        roles_from("x-user=user")
 
 
 @pytest.mark.parametrize("text", ["descriptors: [", "- just\n- a list\n", "domain: d\n"])

@@ -112,7 +112,7 @@ func run(s settings.Settings) error {
 	go follower.Run(ctx)
 	svc := &service.Service{Denylist: cache, Events: producer, Mapping: s.Descriptors, Clients: clients,
 		Salt: s.KeySalt, Tenant: s.Tenant, Source: "rls:" + s.Name, Now: wallClockMS, Metrics: metrics,
-		Seen: service.NewRequestIDs(s.RequestWindow, 1_000_000, time.Now)}
+		Seen: service.NewRequestIDs(s.RequestWindow, 250_000, time.Now)} // 16-byte digests: a few tens of MB at most
 	if s.EdgeKeys == "registry" {
 		keyCache := keys.NewCache(client, s.RedisPrefix, wallClockMS, s.UnknownKeyTTL, 100_000, metrics)
 		go keyCache.Follow(ctx, time.Second, 500*time.Millisecond)
@@ -130,7 +130,7 @@ func run(s settings.Settings) error {
 	if err != nil {
 		return fmt.Errorf("THROTTLEX_RLS_GRPC_ADDR %s: %w", s.GRPCAddr, err)
 	}
-	server := grpc.NewServer()
+	server := grpc.NewServer(grpc.ForceServerCodecV2(service.NewCodec()))
 	ratelimitv3.RegisterRateLimitServiceServer(server, svc)
 	healthServer := health.NewServer()
 	healthpb.RegisterHealthServer(server, healthServer)
